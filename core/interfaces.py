@@ -1,0 +1,78 @@
+"""The two axes of a distillation method: a Divergence and a SamplingPolicy; and the Recipe preset.
+
+Plugins implement these structurally (no base class needed). ``p`` is the teacher's next-token
+distribution, ``q`` the student's; both come from logits over the whole vocabulary ``V``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping, Protocol, runtime_checkable
+
+import torch
+
+from distill.params import Params
+
+Source = Literal["dataset", "teacher", "student", "replay"]
+"""Where an optimizer step's sequences came from (the ``source`` column of metrics.jsonl)."""
+
+
+@runtime_checkable
+class Divergence(Protocol):
+    """A divergence D(p, q) between teacher and student next-token distributions.
+
+    ``__call__`` maps ``student_logits [N, V]`` and ``teacher_logits [N, V]`` (float32, finite,
+    temperature already applied by the core) to ``[N]`` float32 per-token values: a true divergence,
+    0 when p = q and >= 0 always. No masking, chunking or reduction: the core owns those
+    (``distill.divergence_loss``).
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]]
+
+    def __init__(self, params: Params) -> None: ...
+
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class SamplingPolicy(Protocol):
+    """Where the sequences of each training step come from.
+
+    Each step the engine calls ``choose``; the policy answers with the source of this step's
+    sequences. All randomness must come from a generator seeded identically on every process, so
+    that every rank takes the same branch (generation under sharded training is entered together).
+    ``observe_eval`` receives the student's validation loss at each evaluation. ``state_dict`` /
+    ``load_state_dict`` carry everything needed to resume exactly (probabilities, buffers,
+    generator state).
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]]
+
+    def __init__(self, params: Params) -> None: ...
+
+    def choose(self, step: int, total_steps: int) -> Source: ...
+
+    def observe_eval(self, step: int, val_loss: float) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named preset: a divergence and a policy with their parameters, plus config overrides.
+
+    Any field can be overridden by a config file or a command-line flag.
+    """
+
+    name: str
+    description: str
+    divergence: str
+    policy: str
+    divergence_params: Mapping[str, Any] = field(default_factory=dict)
+    policy_params: Mapping[str, Any] = field(default_factory=dict)
+    config: Mapping[str, Any] = field(default_factory=dict)
+    note: str = ""
