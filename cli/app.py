@@ -39,6 +39,41 @@ class Kind(str, Enum):
     recipes = "recipes"
 
 
+@app.command("run")
+def run(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML, TOML or JSON config file."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Preset (distill list recipes); default distillm."),
+    divergence: Optional[str] = typer.Option(None, "--divergence", help="Divergence name (distill list divergences)."),
+    divergence_params: list[str] = typer.Option([], "-D", help="Divergence parameter key=value (repeatable)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Sampling policy name (distill list policies)."),
+    policy_params: list[str] = typer.Option([], "-P", help="Policy parameter key=value (repeatable)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model directory or hub id."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student model directory or hub id."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data (JSON Lines with prompt/response or messages)."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where the run's files go."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    settings: list[str] = typer.Option([], "--set", help="Any config key: dotted.key=value (repeatable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in --output-dir."),
+) -> None:
+    """Distil a teacher into a student. Precedence: recipe < config file < flags."""
+    from distill.cli.run_cmd import RichReporter, flag_layer, resolve_config, summary_table
+    from distill.engine import train
+
+    flags = flag_layer(
+        recipe=recipe, divergence=divergence, divergence_params=divergence_params, policy=policy,
+        policy_params=policy_params, teacher=teacher, student=student, data=data, output_dir=output_dir,
+        max_steps=max_steps, seed=seed, settings=settings,
+    )
+    resolved = resolve_config(config, flags)
+    reporter = RichReporter(console, resolved.train.max_steps)
+    try:
+        result = train(resolved, report=reporter, overwrite=overwrite)
+    finally:
+        reporter.progress.stop()
+    console.print(summary_table(result))
+
+
 @app.command("list")
 def list_plugins(
     kind: Optional[Kind] = typer.Argument(None, help="Show only divergences, policies or recipes."),

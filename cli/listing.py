@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from rich.table import Table
+from rich.text import Text
 
 from distill import Registry
 
@@ -21,7 +22,10 @@ def describe_field(name: str, field: FieldInfo) -> str:
             value = getattr(item, attr, None)
             if value is not None:
                 bounds.append(f"{symbol}{value}")
-    text = f"{name}={field.default!r}" if not field.is_required() else f"{name} (required)"
+    if field.is_required():
+        text = f"{name} (required)"
+    else:  # a default_factory field has no `default`; show what the factory makes
+        text = f"{name}={field.get_default(call_default_factory=True)!r}"
     if bounds:
         text += f" [{', '.join(bounds)}]"
     if field.description:
@@ -38,6 +42,11 @@ def _mapping(values: Any) -> str:
     return ", ".join(f"{k}={v}" for k, v in dict(values).items())
 
 
+def _row(table: Table, *cells: str) -> None:
+    # plain Text: plugin docstrings and descriptions such as "[decreasing|constant]" are not rich markup
+    table.add_row(*(Text(cell) for cell in cells))
+
+
 def render_listing(registry: Registry, kind: str) -> Table:
     """One table of every registration of ``kind`` ("divergences", "policies" or "recipes")."""
     entries = registry.entries(_KIND[kind])
@@ -52,7 +61,7 @@ def render_listing(registry: Registry, kind: str) -> Table:
             sets = _mapping(recipe.config) or "-"
             if recipe.note:
                 sets += f"\nnote: {recipe.note}"
-            table.add_row(entry.name, divergence, policy, sets, entry.provider)
+            _row(table, entry.name, divergence, policy, sets, entry.provider)
         return table
     for column in ("name", "parameters", "aliases", "description", "provided by"):
         table.add_column(column)
@@ -61,5 +70,5 @@ def render_listing(registry: Registry, kind: str) -> Table:
         if kind == "divergences":
             params += "\ntemperature=1.0 [>0]: divides both logits (core)"
         doc = (entry.obj.__doc__ or "").strip().splitlines()
-        table.add_row(entry.name, params.strip(), ", ".join(entry.aliases) or "-", doc[0] if doc else "-", entry.provider)
+        _row(table, entry.name, params.strip(), ", ".join(entry.aliases) or "-", doc[0] if doc else "-", entry.provider)
     return table

@@ -37,14 +37,18 @@ class Divergence(Protocol):
 
 @runtime_checkable
 class SamplingPolicy(Protocol):
-    """Where the sequences of each training step come from.
+    """Where the sequences of each optimizer step come from.
 
-    Each step the engine calls ``choose``; the policy answers with the source of this step's
-    sequences. All randomness must come from a generator seeded identically on every process, so
-    that every rank takes the same branch (generation under sharded training is entered together).
-    ``observe_eval`` receives the student's validation loss at each evaluation. ``state_dict`` /
-    ``load_state_dict`` carry everything needed to resume exactly (probabilities, buffers,
-    generator state).
+    ``sample`` receives the step's dataset examples (``grad_accum x batch_size`` of them, as
+    ``distill.data.Example``: prompt and response token ids) and a ``distill.policy.SamplingContext``
+    whose ``generate_student`` / ``generate_teacher`` return the same prompts with freshly sampled
+    responses. It returns the examples to train on and their ``Source``. All randomness must come
+    from a generator seeded identically on every process (the engine calls ``reseed(seed)`` when the
+    policy has it), so that every rank takes the same branch and generation under sharded training
+    is entered together. ``observe_eval`` receives the student's validation loss at each evaluation
+    (step 0 is before training). ``state_dict`` / ``load_state_dict`` carry everything needed to
+    resume exactly (probabilities, buffers, generator state). A policy may expose ``sgo_prob``
+    (logged per step). ``distill.policy.RandomPolicy`` is a convenient base class.
     """
 
     name: ClassVar[str]
@@ -52,7 +56,7 @@ class SamplingPolicy(Protocol):
 
     def __init__(self, params: Params) -> None: ...
 
-    def choose(self, step: int, total_steps: int) -> Source: ...
+    def sample(self, step: int, total_steps: int, examples: list[Any], context: Any) -> tuple[list[Any], Source]: ...
 
     def observe_eval(self, step: int, val_loss: float) -> None: ...
 

@@ -18,7 +18,7 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+def describe_validation_error(error: ValidationError, prefix: str = "", extra: str = "unknown key") -> str:
     """One line per failing field: ``prefix.field: message (got value)``."""
     lines = []
     for item in error.errors():
@@ -26,7 +26,7 @@ def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
         where = f"{prefix}.{where}" if prefix and where else (prefix or where)
         message = item.get("msg", "invalid")
         if item.get("type") == "extra_forbidden":
-            message = "unknown parameter"
+            message = extra
         got = item.get("input")
         suffix = "" if item.get("type") in ("missing", "extra_forbidden") else f" (got {got!r})"
         lines.append(f"{where}: {message}{suffix}")
@@ -38,4 +38,4 @@ def validate_params(params_cls: type[Params], values: dict[str, Any], prefix: st
     try:
         return params_cls(**values)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, prefix)) from None
+        raise ConfigError(describe_validation_error(error, prefix, "unknown parameter")) from None

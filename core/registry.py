@@ -9,6 +9,7 @@ builds one on first use, and tests build their own with ``Registry.build``.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import os
@@ -30,12 +31,14 @@ AUTOLOAD_ENV = "DISTILL_DISABLE_PLUGIN_AUTOLOAD"
 
 BUILTIN_PLUGINS = (
     "distill.plugins.divergences",
+    "distill.plugins.policies",
+    "distill.plugins.recipes",
 )
 BUILTIN_PROVIDER = "distill (built-in)"
 
 KINDS = {"divergence": "register_divergences", "policy": "register_policies", "recipe": "register_recipes"}
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
-_POLICY_METHODS = ("choose", "observe_eval", "state_dict", "load_state_dict")
+_POLICY_METHODS = ("sample", "observe_eval", "state_dict", "load_state_dict")
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,19 @@ class Registry:
             name = getattr(plugin, "__name__", None) or type(plugin).__name__
             add(plugin, name, getattr(plugin, "__name__", name))
 
+        try:  # a misspelt hook (`register_divergence`) would otherwise be silently ignored
+            pm.check_pending()
+        except pluggy.PluginValidationError as error:
+            name = pm.get_name(error.plugin) or ""
+            raise PluginError(f"plugin {name} ({providers.get(name, name)}): {error}") from None
+
         registry = cls()
         for kind, hook_name in KINDS.items():
             for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
                 label = providers.get(impl.plugin_name, impl.plugin_name)
-                impl.function(register=lambda obj, _kind=kind, _label=label: registry.add(_kind, obj, _label))
+                register = functools.partial(registry.add, kind, provider=label)
+                # pluggy lets an implementation declare fewer arguments than the spec
+                impl.function(**{arg: register for arg in impl.argnames})
         return registry
 
     def add(self, kind: str, obj: Any, provider: str) -> Registration:
@@ -124,12 +135,21 @@ class Registry:
             params = getattr(obj, "Params", None)
             if not (inspect.isclass(params) and issubclass(params, BaseModel)):
                 raise PluginError(f"{provider}: {kind} {name!r} needs a pydantic `Params` class (subclass distill.Params)")
-            if kind == "divergence" and not callable(getattr(obj, "__call__", None)):
+            if params.model_config.get("extra") != "forbid":  # else a misspelt parameter is silently dropped
+                raise PluginError(
+                    f"{provider}: {kind} {name!r}: its `Params` must reject unknown keys "
+                    f"(subclass distill.Params, or set extra='forbid')"
+                )
+            # every class is callable (type.__call__ builds instances), so look for the method itself
+            if kind == "divergence" and not any("__call__" in vars(base) for base in obj.__mro__):
                 raise PluginError(f"{provider}: divergence {name!r} must define __call__")
             missing = [m for m in _POLICY_METHODS if kind == "policy" and not callable(getattr(obj, m, None))]
             if missing:
                 raise PluginError(f"{provider}: policy {name!r} lacks {', '.join(missing)}")
-        aliases = tuple(getattr(obj, "aliases", ()) or ())
+        aliases = getattr(obj, "aliases", ()) or ()
+        if not isinstance(aliases, (tuple, list)) or not all(isinstance(a, str) and _NAME.match(a) for a in aliases):
+            raise PluginError(f"{provider}: {kind} {name!r}: `aliases` must be a tuple of lowercase names, got {aliases!r}")
+        aliases = tuple(aliases)
         registration = Registration(kind, name, obj, aliases, provider)
         for key in (name, *aliases):
             other = self._lookup[kind].get(key)

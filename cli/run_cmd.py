@@ -1,0 +1,106 @@
+"""``distill run``: flags -> config layers -> the engine, with a rich progress bar and a summary."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import distill
+from distill.config import build_config, parse_assignments, read_config_file, recipe_layer, set_dotted
+
+DEFAULT_RECIPE = "distillm"
+
+
+def flag_layer(
+    *, recipe: Optional[str], divergence: Optional[str], divergence_params: list[str], policy: Optional[str],
+    policy_params: list[str], teacher: Optional[str], student: Optional[str], data: Optional[str],
+    output_dir: Optional[str], max_steps: Optional[int], seed: Optional[int], settings: list[str],
+) -> dict[str, Any]:
+    """The command-line flags as a config layer (highest precedence)."""
+    layer: dict[str, Any] = {}
+    for dotted, value in (
+        ("recipe", recipe), ("divergence.name", divergence), ("policy.name", policy), ("teacher", teacher),
+        ("student", student), ("data.path", data), ("output_dir", output_dir), ("train.max_steps", max_steps),
+        ("train.seed", seed),
+    ):
+        if value is not None:
+            set_dotted(layer, dotted, value)
+    for key, value in parse_assignments(divergence_params, "-D").items():
+        set_dotted(layer, f"divergence.params.{key}", value)
+    for key, value in parse_assignments(policy_params, "-P").items():
+        set_dotted(layer, f"policy.params.{key}", value)
+    for key, value in parse_assignments(settings, "--set").items():
+        set_dotted(layer, key, value)
+    return layer
+
+
+def resolve_config(config_file: Optional[str], flags: dict[str, Any], registry=None) -> distill.config.RunConfig:
+    """recipe defaults < config file < flags. Without a recipe anywhere, ``distillm`` is the base."""
+    registry = registry or distill.default_registry()
+    file_layer = read_config_file(config_file) if config_file else {}
+    recipe_name = flags.get("recipe") or file_layer.get("recipe") or DEFAULT_RECIPE
+    recipe = registry.get_recipe(recipe_name)
+    config = build_config([recipe_layer(recipe), file_layer, flags])
+    # fail on unknown names or bad params now, with the flag in the message
+    registry.get_divergence(config.divergence.name, temperature=config.divergence.temperature, **config.divergence.params)
+    registry.get_policy(config.policy.name, **config.policy.params)
+    return config
+
+
+class RichReporter:
+    """Progress bar (step, loss, source, phi, tokens/s, ETA) and evaluation lines."""
+
+    def __init__(self, console: Console, total_steps: int) -> None:
+        self.console = console
+        self.total = total_steps
+        self.progress = Progress(
+            TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+        )
+        self.task = None
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def __call__(self, kind: str, record: dict[str, Any]) -> None:
+        if kind == "start":
+            dropped = ", ".join(f"{n} dropped ({why})" for why, n in record["dropped"].items() if n)
+            self.console.print(
+                f"[bold]distill[/] {record['train_examples']} training / {record['val_examples']} validation examples"
+                + (f"; {dropped}" if dropped else "") + f" -> {record['output_dir']}"
+            )
+        elif kind == "eval":
+            shown = "  ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
+            self.console.print(f"  eval @ step {record['step']}: {shown}")
+            if self.task is None:
+                self.progress.start()
+                self.task = self.progress.add_task("train", total=self.total, info="")
+        elif kind == "step":
+            self.tokens += record["tokens"]
+            rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+            info = f"loss {record['loss']:.4f}  {record['source']:<7}"
+            if "sgo_prob" in record:
+                info += f"  phi {record['sgo_prob']:.2f}"
+            info += f"  {rate:,.0f} tok/s"
+            self.progress.update(self.task, completed=record["step"], info=info)
+        elif kind == "end":
+            self.progress.stop()
+
+
+def summary_table(result) -> Table:
+    """Before/after numbers of a finished run."""
+    table = Table(title="distill run summary", title_justify="left")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key in result.before:
+        table.add_row(key, f"{result.before[key]:.4f}", f"{result.after.get(key, float('nan')):.4f}")
+    sources = ", ".join(f"{k} {v}" for k, v in sorted(result.sources.items()))
+    table.add_row("steps by source", "", sources)
+    table.add_row("student-output share", "", f"{100 * result.student_share:.0f}%")
+    table.add_row("wall time", "", f"{result.seconds:.1f} s")
+    table.add_row("output", "", str(result.output_dir))
+    return table

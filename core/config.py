@@ -1,0 +1,214 @@
+"""The typed run configuration, and how recipe defaults, a config file and flags combine.
+
+Precedence: recipe defaults < config file < command-line flags. Every section forbids unknown keys,
+and every error names the dotted field (``train.lr: Input should be greater than 0 (got -1)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distill.errors import ConfigError
+from distill.params import describe_validation_error
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DivergenceSpec(_Section):
+    name: str = Field("kl", description="registered divergence name or alias (distill list divergences)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the divergence's parameters")
+    temperature: float = Field(1.0, gt=0, description="divides teacher and student logits")
+
+
+class PolicySpec(_Section):
+    name: str = Field("offpolicy", description="registered sampling policy (distill list policies)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the policy's parameters")
+
+
+class DataConfig(_Section):
+    path: str | None = Field(None, description="JSON Lines with prompt/response or messages, or anything datasets.load_dataset reads")
+    validation: str | None = Field(None, description="separate validation file; default: a split of `path`")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of `path` held out when `validation` is unset")
+    val_max: int = Field(256, ge=1, description="at most this many validation examples")
+    split: str = Field("train", description="dataset split when loading through datasets")
+    prompt_template: str | None = Field(None, description="format string with {prompt}, used when the tokenizer has no chat template")
+    max_prompt_tokens: int = Field(256, ge=1, description="longer prompts are dropped (counted and reported)")
+    max_response_tokens: int = Field(256, ge=1, description="responses are cut to this many tokens (EOS included)")
+    lm_path: str | None = Field(None, description="plain-text corpus (.txt or JSON Lines with `text`) for the auxiliary LM loss")
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(100, gt=0, description="optimizer steps")
+    batch_size: int = Field(8, gt=0, description="sequences per micro-batch per process")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 = off")
+    ce_weight: float = Field(0.0, ge=0, description="weight of the student's cross-entropy on the same response tokens")
+    lm_weight: float = Field(0.0, ge=0, description="weight of the LM loss on data.lm_path")
+    seed: int = Field(0, ge=0)
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class EvalConfig(_Section):
+    every: int = Field(50, ge=0, description="evaluate every N steps (0 = only before and after training)")
+    batch_size: int = Field(8, gt=0)
+    rouge_samples: int = Field(0, ge=0, description="validation prompts answered greedily for ROUGE-L (0 = no generation eval)")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
+    keep: int = Field(2, ge=1, description="newest checkpoints kept")
+
+
+class RunConfig(_Section):
+    recipe: str | None = Field(None, description="preset applied under the file and flags")
+    teacher: str | None = Field(None, description="teacher: local directory or hub id")
+    student: str | None = Field(None, description="student: local directory or hub id")
+    tokenizer: str | None = Field(None, description="default: the teacher's tokenizer")
+    output_dir: str = "runs/latest"
+    divergence: DivergenceSpec = Field(default_factory=DivergenceSpec)
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+
+# --- reading files and flags
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML, TOML or JSON file as a dict; syntax errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot read ({error.strerror or error})") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML ({error})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(error, 'problem', None) or error})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """A flag value as YAML scalar (``3`` -> int, ``1e-4`` -> float, ``true`` -> bool), else the string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _looks_numeric(value):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _looks_numeric(text: str) -> bool:
+    return any(c.isdigit() for c in text) and all(c in "0123456789.eE+-" for c in text)
+
+
+def parse_assignments(items: list[str], flag: str) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}``; a malformed item names the flag."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {item!r}: expected key=value")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree["a"]["b"] = value`` for ``"a.b"``, creating sections on the way."""
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def merge_layer(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``layer`` over ``base``. Choosing another divergence or policy drops the old params."""
+    out = copy.deepcopy(base)
+    for section in ("divergence", "policy"):
+        new = layer.get(section)
+        old = out.get(section)
+        if isinstance(new, dict) and isinstance(old, dict) and "name" in new and new["name"] != old.get("name"):
+            old.pop("params", None)
+    _deep_merge(out, layer)
+    return out
+
+
+def _deep_merge(into: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+
+
+def recipe_layer(recipe) -> dict[str, Any]:
+    """A Recipe as a config layer."""
+    layer: dict[str, Any] = {
+        "recipe": recipe.name,
+        "divergence": {"name": recipe.divergence, "params": dict(recipe.divergence_params)},
+        "policy": {"name": recipe.policy, "params": dict(recipe.policy_params)},
+    }
+    for dotted, value in recipe.config.items():
+        set_dotted(layer, dotted, value)
+    return layer
+
+
+def build_config(layers: list[Mapping[str, Any]]) -> RunConfig:
+    """Validate the merge of ``layers`` (lowest precedence first)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = merge_layer(merged, layer)
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML (what ``config.yaml`` holds; enough to reproduce the run)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

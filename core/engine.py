@@ -1,0 +1,186 @@
+"""The training loop: a frozen teacher supervises a student, step by step, on Accelerate.
+
+Read ``train`` top to bottom: set-up, an evaluation before training, then one optimizer step per
+iteration (the policy picks the sequences, the divergence is summed over response tokens and
+normalised once by the global token count), evaluation and checkpoints once in a while, ``final/``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from distill.config import RunConfig, dump_config
+from distill.data import BatchSampler, collate, load_examples, load_lm_corpus
+from distill.evaluation import Evaluator
+from distill.generation import ResponseGenerator
+from distill.models import check_vocabularies, load_model, load_tokenizer
+from distill.objective import loss_denominator, micro_batch_loss, response_logits, token_cross_entropy
+from distill.outputs import RunFiles, prepare_output_dir
+from distill.policy import SamplingContext
+from distill.registry import Registry, default_registry
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also in the output folder's files)."""
+
+    output_dir: Path
+    steps: int
+    seconds: float
+    before: dict[str, float]
+    after: dict[str, float]
+    sources: dict[str, int] = field(default_factory=dict)
+    final_loss: float = math.nan
+
+    @property
+    def student_share(self) -> float:
+        """Share of steps trained on student-generated outputs (fresh or replayed)."""
+        total = sum(self.sources.values())
+        return (self.sources.get("student", 0) + self.sources.get("replay", 0)) / total if total else 0.0
+
+
+Reporter = Callable[[str, dict[str, Any]], None]
+
+
+def train(config: RunConfig, *, registry: Registry | None = None, report: Reporter | None = None, overwrite: bool = False) -> RunResult:
+    """Run the distillation described by ``config``; ``report(kind, record)`` sees every event."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    report = report or (lambda kind, record: None)
+    registry = registry or default_registry()
+    cfg, seed = config, config.train.seed
+    # --- build everything that can fail on bad input before touching the output folder
+    divergence = registry.get_divergence(cfg.divergence.name, temperature=cfg.divergence.temperature, **cfg.divergence.params)
+    policy = registry.get_policy(cfg.policy.name, **cfg.policy.params)
+    accelerator = Accelerator()
+    set_seed(seed)
+    if hasattr(policy, "reseed"):
+        policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)
+    teacher, student = load_model(cfg.teacher, "teacher"), load_model(cfg.student, "student")
+    check_vocabularies(teacher, student, tokenizer)
+    train_set, val_set, dropped = load_examples(cfg.data, tokenizer, seed)
+    lm_blocks = load_lm_corpus(cfg.data.lm_path, tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) if cfg.data.lm_path and cfg.train.lm_weight > 0 else None
+    sampler = BatchSampler(len(train_set), cfg.train.batch_size, seed, accelerator.process_index, accelerator.num_processes)
+    out = prepare_output_dir(cfg.output_dir, overwrite=overwrite) if accelerator.is_main_process else Path(cfg.output_dir)
+    files = RunFiles(out, accelerator.is_main_process)
+    files.write_text("config.yaml", dump_config(cfg))
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    schedule = "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps)
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    teacher.eval().requires_grad_(False)
+    unwrap = accelerator.unwrap_model
+    synced = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and accelerator.num_processes > 1
+    generate = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced)
+    context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
+    evaluate = Evaluator(val_set, tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator)
+    report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out), "processes": accelerator.num_processes})
+
+    # --- evaluate before training: the "before" numbers and the adaptive policy's reference loss
+    before = evaluate(student, teacher)
+    policy.observe_eval(0, before["val_loss"])
+    files.append("eval.jsonl", {"step": 0, **before})
+    report("eval", {"step": 0, **before})
+
+    batches, lm_rng = iter(sampler), random.Random(seed + accelerator.process_index)
+    sources: dict[str, int] = {}
+    started, last_loss, after = time.perf_counter(), math.nan, before
+    for step in range(1, cfg.train.max_steps + 1):
+        tick = time.perf_counter()
+        # --- the policy picks this step's sequences (one draw, the same on every rank)
+        examples = [train_set[i] for _ in range(cfg.train.grad_accum) for i in next(batches)]
+        examples, source = policy.sample(step, cfg.train.max_steps, examples, context)
+        micro = [collate(examples[i: i + cfg.train.batch_size], tokenizer.pad_token_id).to(accelerator.device) for i in range(0, len(examples), cfg.train.batch_size)]
+        # --- one optimizer step; the loss is normalised once, by the global response-token count
+        denominator = loss_denominator([b.n_tokens for b in micro], accelerator)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(micro):
+            # each backward() adds to the gradients, so only the last micro-batch synchronises them
+            with accelerator.no_sync(student) if i < len(micro) - 1 else nullcontext():
+                loss, _ = micro_batch_loss(student, teacher, batch, divergence, denominator, cfg.train.ce_weight, unwrap)
+                if lm_blocks is not None:
+                    loss = loss + cfg.train.lm_weight * _lm_loss(student, lm_blocks, lm_rng, cfg.train.batch_size, accelerator) / len(micro)
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+        if cfg.train.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # --- log one line per optimizer step
+        last_loss = float(accelerator.reduce(step_loss, reduction="mean"))
+        n_tokens = int(round(denominator * accelerator.num_processes))
+        sources[source] = sources.get(source, 0) + 1
+        record = {"step": step, "loss": last_loss, "source": source, "tokens": n_tokens, "seconds": time.perf_counter() - tick, "lr": scheduler.get_last_lr()[0]}
+        if getattr(policy, "sgo_prob", None) is not None:
+            record["sgo_prob"] = policy.sgo_prob
+        files.append("metrics.jsonl", record)
+        report("step", record)
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(f"step {step}: the loss is {last_loss}; lower train.lr or check the data")
+        # --- evaluate once in a while (and at the end)
+        if step == cfg.train.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):
+            after = evaluate(student, teacher)
+            policy.observe_eval(step, after["val_loss"])
+            files.append("eval.jsonl", {"step": step, **after})
+            report("eval", {"step": step, **after})
+        # --- checkpoint once in a while
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
+            _save_checkpoint(files, accelerator, student, optimizer, scheduler, policy, sampler, tokenizer, step, cfg.checkpoint.keep)
+            report("checkpoint", {"step": step})
+
+    # --- the final student, loadable with AutoModelForCausalLM.from_pretrained
+    state = accelerator.get_state_dict(student)
+    files.write_folder("final", lambda d: (unwrap(student).save_pretrained(d, state_dict=state), tokenizer.save_pretrained(d)))
+    accelerator.wait_for_everyone()
+    result = RunResult(out, cfg.train.max_steps, time.perf_counter() - started, before, after, sources, last_loss)
+    report("end", {"output_dir": str(out), "seconds": result.seconds})
+    return result
+
+
+def _lm_loss(student, blocks: list[list[int]], rng: random.Random, batch_size: int, accelerator) -> torch.Tensor:
+    """Student cross-entropy on a batch of plain-text blocks (the auxiliary LM loss)."""
+    ids = torch.tensor([blocks[rng.randrange(len(blocks))] for _ in range(batch_size)], device=accelerator.device)
+    logits = student(input_ids=ids, use_cache=False).logits[:, :-1]
+    mask = torch.ones(ids[:, 1:].shape, dtype=torch.bool, device=ids.device)
+    return token_cross_entropy(logits, ids[:, 1:], mask)
+
+
+def _save_checkpoint(files: RunFiles, accelerator, student, optimizer, scheduler, policy, sampler, tokenizer, step: int, keep: int) -> None:
+    """Everything needed to continue: weights, optimizer, scheduler, policy, data position, RNGs."""
+    state = accelerator.get_state_dict(student)
+
+    def fill(folder: Path) -> None:
+        accelerator.unwrap_model(student).save_pretrained(folder / "student", state_dict=state)
+        tokenizer.save_pretrained(folder / "student")
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "policy": policy.state_dict(),
+                "sampler": sampler.state_dict(),
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+            },
+            folder / "trainer_state.pt",
+        )
+
+    files.write_folder(f"checkpoints/step-{step}", fill)
+    files.prune_checkpoints(keep)
+    accelerator.wait_for_everyone()
+
+
+__all__ = ["RunResult", "train", "response_logits"]

@@ -1,0 +1,62 @@
+"""Batched sampling of responses from the teacher or the student (left-padded prompts, KV cache)."""
+
+from __future__ import annotations
+
+import torch
+
+from distill.data import Example, collate_prompts
+
+
+class ResponseGenerator:
+    """Generates responses for examples' prompts in batches; returns new Examples (token ids).
+
+    Generated responses end at the first EOS, which is kept: it is a label, even when pad == eos.
+    Under sharded training (FSDP, ZeRO-3) every process must call ``generate`` together
+    (``synced_gpus``); the sampling policies guarantee that with a rank-synchronised draw.
+    """
+
+    def __init__(self, tokenizer, generation_cfg, batch_size: int, unwrap=lambda m: m, synced: bool = False) -> None:
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.cfg = generation_cfg
+        self.batch_size = batch_size
+        self.unwrap = unwrap
+        self.synced = synced
+
+    def __call__(self, model, examples: list[Example], *, greedy: bool = False, max_new_tokens: int | None = None) -> list[Example]:
+        model = self.unwrap(model)
+        was_training = model.training
+        model.eval()
+        sample = not greedy and self.cfg.temperature > 0
+        options = dict(
+            do_sample=sample,
+            max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            use_cache=True,
+        )
+        if sample:
+            options.update(temperature=self.cfg.temperature, top_k=self.cfg.top_k, top_p=self.cfg.top_p)
+        else:
+            options.update(temperature=None, top_k=None, top_p=None)
+        if self.synced:
+            options["synced_gpus"] = True
+        device = next(model.parameters()).device
+        out: list[Example] = []
+        try:
+            for start in range(0, len(examples), self.batch_size):
+                chunk = examples[start: start + self.batch_size]
+                ids, attention = collate_prompts(chunk, self.pad_id)
+                with torch.no_grad():
+                    sequences = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), **options)
+                for example, new in zip(chunk, sequences[:, ids.shape[1]:].tolist()):
+                    out.append(Example(example.prompt_ids, self._cut(new), reference=example.reference))
+        finally:
+            model.train(was_training)
+        return out
+
+    def _cut(self, tokens: list[int]) -> list[int]:
+        """Up to and including the first EOS; without one, all tokens (the cap was reached)."""
+        if self.eos_id is not None and self.eos_id in tokens:
+            return tokens[: tokens.index(self.eos_id) + 1]
+        return tokens or [self.eos_id]

@@ -1,0 +1,177 @@
+"""Built-in sampling policies: where each optimizer step's training sequences come from.
+
+``offpolicy`` (the dataset), ``teacher`` (SeqKD), ``onpolicy`` (fresh student outputs), ``mixed``
+(GKD / ImitKD) and ``adaptive_offpolicy`` (DistiLLM's scheduler with replay).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+from pydantic import Field
+
+import distill
+from distill.data import Example
+from distill.policy import RandomPolicy, ReplayBuffer, SamplingContext
+
+
+class _NoParams(distill.Params):
+    pass
+
+
+class OffPolicy(RandomPolicy):
+    """The dataset's responses (teacher-labelled or gold): plain KD."""
+
+    name = "offpolicy"
+    Params = _NoParams
+
+    def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
+        return examples, "dataset"
+
+
+class TeacherPolicy(RandomPolicy):
+    """Responses sampled from the teacher for the batch's prompts (sequence-level KD)."""
+
+    name = "teacher"
+    Params = _NoParams
+
+    def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
+        return context.generate_teacher(examples), "teacher"
+
+
+class OnPolicy(RandomPolicy):
+    """Responses sampled from the current student for the batch's prompts, every step."""
+
+    name = "onpolicy"
+    Params = _NoParams
+
+    def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
+        return context.generate_student(examples), "student"
+
+
+class Mixed(RandomPolicy):
+    """With probability ``prob`` student generations, else the dataset (GKD's lambda).
+
+    With ``replay``, fresh generations go into a FIFO buffer and the step trains on a uniform
+    sample of it (ImitKD as DistiLLM's baseline runs it).
+    """
+
+    name = "mixed"
+
+    class Params(distill.Params):
+        prob: float = Field(0.5, ge=0, le=1, description="probability of a student-generated step (lambda)")
+        replay: bool = Field(False, description="train on a sample of a replay buffer of student outputs")
+        capacity: int = Field(1000, ge=1, description="replay buffer size in sequences")
+
+    def __init__(self, params: "Mixed.Params") -> None:
+        super().__init__(params)
+        self.buffer = ReplayBuffer(params.capacity) if params.replay else None
+
+    def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
+        if self.draw() >= self.params.prob:
+            return examples, "dataset"
+        fresh = context.generate_student(examples)
+        if self.buffer is None:
+            return fresh, "student"
+        self.buffer.add(fresh)
+        return self.buffer.sample(len(examples), self.generator), "replay"
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.buffer is not None:
+            state["buffer"] = self.buffer.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.buffer is not None:
+            self.buffer.load_state_dict(state["buffer"])
+
+
+class AdaptiveOffPolicy(RandomPolicy):
+    """DistiLLM's adaptive off-policy scheduler, as its official code runs it.
+
+    phi (``sgo_prob``) starts at ``init_prob``; the reference loss is the validation loss before
+    training. At each evaluation, a loss >= reference + ``loss_eps`` raises phi by ``prob_step`` and
+    makes that loss the reference (an improvement never lowers it). Each step draws r ~ U(0, 1):
+    r < s (s = phi scaled by ``replay_schedule``), or r < phi while the buffer is not full, generates
+    fresh student outputs (pushed to the buffer); else r < phi replays a buffer sample; else the
+    dataset batch is used.
+    """
+
+    name = "adaptive_offpolicy"
+
+    class Params(distill.Params):
+        init_prob: float = Field(0.0, ge=0, le=1, description="initial probability phi of student-generated outputs")
+        prob_step: float = Field(0.1, ge=0, le=1, description="increase of phi when the validation loss rises")
+        loss_eps: float = Field(0.1, ge=0, description="rise of the validation loss over the reference that raises phi")
+        capacity: int = Field(1000, ge=1, description="replay buffer size in sequences")
+        replay_schedule: Literal["decreasing", "increasing", "constant"] = Field(
+            "decreasing", description="share of phi spent on fresh generations: phi*(1-t/T), phi*t/T or phi/2"
+        )
+
+    def __init__(self, params: "AdaptiveOffPolicy.Params") -> None:
+        super().__init__(params)
+        self.prob = params.init_prob
+        self.reference_loss: float | None = None
+        self.buffer = ReplayBuffer(params.capacity)
+
+    @property
+    def sgo_prob(self) -> float:
+        return self.prob
+
+    def fresh_share(self, step: int, total_steps: int) -> float:
+        """s: the probability of fresh generations at this step."""
+        progress = step / max(1, total_steps)
+        schedule = self.params.replay_schedule
+        if schedule == "decreasing":
+            return self.prob * (1.0 - progress)
+        if schedule == "increasing":
+            return self.prob * progress
+        return self.prob / 2.0
+
+    def choose(self, step: int, total_steps: int) -> str:
+        """The source of this step: "student" (fresh), "replay" or "dataset". One draw per call."""
+        r = self.draw()
+        if r < self.fresh_share(step, total_steps) or (r < self.prob and not self.buffer.full):
+            return "student"
+        if r < self.prob:
+            return "replay"
+        return "dataset"
+
+    def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
+        source = self.choose(step, total_steps)
+        if source == "student":
+            fresh = context.generate_student(examples)
+            self.buffer.add(fresh)
+            return fresh, "student"
+        if source == "replay":
+            return self.buffer.sample(len(examples), self.generator), "replay"
+        return examples, "dataset"
+
+    def observe_eval(self, step: int, val_loss: float) -> None:
+        if self.reference_loss is None:
+            self.reference_loss = val_loss
+        elif val_loss >= self.reference_loss + self.params.loss_eps:
+            self.prob = min(self.prob + self.params.prob_step, 1.0)
+            self.reference_loss = val_loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "prob": self.prob,
+            "reference_loss": self.reference_loss,
+            "buffer": self.buffer.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.prob = float(state["prob"])
+        self.reference_loss = state["reference_loss"]
+        self.buffer.load_state_dict(state["buffer"])
+
+
+@distill.hookimpl
+def register_policies(register) -> None:
+    for policy in (OffPolicy, TeacherPolicy, OnPolicy, Mixed, AdaptiveOffPolicy):
+        register(policy)

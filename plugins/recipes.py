@@ -1,0 +1,34 @@
+"""Named presets: DistiLLM and the baselines as (divergence, policy) pairs. Flags override any field."""
+
+from __future__ import annotations
+
+import distill
+
+RECIPES = (
+    distill.Recipe("kd", "word-level KD on the dataset's responses", "kl", "offpolicy"),
+    distill.Recipe("seqkd", "sequence-level KD: train on teacher generations", "kl", "teacher"),
+    distill.Recipe(
+        "imitkd", "ImitKD: student generations through a replay buffer", "kl", "mixed",
+        policy_params={"prob": 1.0, "replay": True},
+    ),
+    distill.Recipe(
+        "gkd", "GKD: generalised JSD, student generations half of the time", "jsd", "mixed",
+        divergence_params={"beta": 0.5}, policy_params={"prob": 0.5},
+    ),
+    distill.Recipe(
+        "minillm", "reverse KL on student generations", "rkl", "onpolicy",
+        note="approximation: MiniLLM proper optimises reverse KL by policy gradient with "
+        "teacher-mixed sampling and length normalisation; this trains token-level reverse KL "
+        "on pure student samples",
+    ),
+    distill.Recipe(
+        "distillm", "DistiLLM: skew KL with adaptive off-policy sampling and replay", "skew_kl",
+        "adaptive_offpolicy", divergence_params={"alpha": 0.1},
+    ),
+)
+
+
+@distill.hookimpl
+def register_recipes(register) -> None:
+    for recipe in RECIPES:
+        register(recipe)

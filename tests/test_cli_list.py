@@ -1,0 +1,188 @@
+"""`distill list`: names, aliases, parameter ranges and providers of what is installed."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import Field
+from rich.console import Console
+from typer.testing import CliRunner
+
+import distill
+from distill import registry as registry_module
+from distill.cli.listing import render_listing
+from distill.registry import AUTOLOAD_ENV, BUILTIN_PROVIDER, Registry
+
+cli_app = importlib.import_module("distill.cli.app")  # the module (distill.cli.app is also the Typer object)
+runner = CliRunner()
+
+
+def fake_plugin() -> types.ModuleType:
+    """A plugin module with one divergence, one policy and one recipe whose texts contain brackets."""
+
+    class Bracketed:
+        """Weights [teacher] first; closes [/bold] nothing."""
+
+        name = "bracketed"
+        aliases = ("brk",)
+
+        class Params(distill.Params):
+            weights: list[float] = Field(default_factory=lambda: [0.25, 0.75], description="one of [low|high]")
+            floor: float = Field(..., gt=0.0, description="required, positive")
+
+        def __init__(self, params) -> None:
+            self.params = params
+
+        def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(student_logits.shape[0])
+
+    class Always:
+        """Always the dataset."""
+
+        name = "always"
+
+        class Params(distill.Params):
+            schedule: str = Field("constant", description="[decreasing|increasing|constant]")
+
+        def __init__(self, params) -> None:
+            self.params = params
+
+        def sample(self, step: int, total_steps: int, examples: list, context) -> tuple[list, str]:
+            return examples, "dataset"
+
+        def observe_eval(self, step: int, val_loss: float) -> None:
+            pass
+
+        def state_dict(self) -> dict:
+            return {}
+
+        def load_state_dict(self, state) -> None:
+            pass
+
+    recipe = distill.Recipe(
+        name="bracket_kd", description="test", divergence="bracketed", policy="always",
+        divergence_params={"floor": 0.5}, policy_params={"schedule": "constant"},
+        config={"train.lr": 0.001}, note="see [docs]",
+    )
+    module = types.ModuleType("acme_distill")
+    module.register_divergences = distill.hookimpl(lambda register: register(Bracketed))
+    module.register_policies = distill.hookimpl(lambda register: register(Always))
+    module.register_recipes = distill.hookimpl(lambda register: register(recipe))
+    return module
+
+
+@pytest.fixture
+def wide(monkeypatch):
+    """A wide console for the app, so that table cells are not wrapped mid-text."""
+    monkeypatch.setattr(cli_app, "console", Console(width=250, color_system=None))
+
+
+@pytest.fixture
+def builtins_only(monkeypatch, wide):
+    monkeypatch.setenv(AUTOLOAD_ENV, "1")
+    monkeypatch.setattr(registry_module, "_default", None)
+
+
+@pytest.fixture
+def with_fake_plugin(monkeypatch, wide):
+    monkeypatch.setattr(registry_module, "_default", Registry.build(plugins=[fake_plugin()], autoload=False))
+
+
+def rows(output: str) -> dict[str, str]:
+    """The first line of each table row, by name (``│ kl │ ... │``)."""
+    found = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if cells and cells[0]:
+            found[cells[0]] = " | ".join(cells)
+    return found
+
+
+def test_list_divergences_shows_names_aliases_ranges_and_provider(builtins_only):
+    result = runner.invoke(cli_app.app, ["list", "divergences"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    table = rows(out)
+    for name in ("kl", "rkl", "jsd", "tvd", "skew_kl", "skew_rkl"):
+        assert name in table, out
+        assert table[name].endswith(BUILTIN_PROVIDER)
+    assert "fkl" in table["kl"]
+    assert "skl, sfkl" in table["skew_kl"]
+    assert "srkl" in table["skew_rkl"]
+    assert "alpha=0.1 [>=0.0, <=1.0]" in out
+    assert "beta=0.5 [>0.0, <1.0]" in out
+    assert "temperature=1.0 [>0]" in out
+    assert "policies" not in out and "recipes" not in out
+
+
+def test_list_everything_shows_three_tables(builtins_only):
+    result = runner.invoke(cli_app.app, ["list"])
+    assert result.exit_code == 0, result.output
+    titles = [line.strip() for line in result.output.splitlines() if line.strip() in ("divergences", "policies", "recipes")]
+    assert titles == ["divergences", "policies", "recipes"]
+    assert "skew_rkl" in result.output
+
+
+@pytest.mark.parametrize("kind", ["divergence", "models", "DIVERGENCES"])
+def test_invalid_kind_exits_nonzero(builtins_only, kind):
+    result = runner.invoke(cli_app.app, ["list", kind])
+    assert result.exit_code == 2
+    assert "divergences" in result.output  # the usage error lists the valid choices
+
+
+def test_third_party_plugin_rows_with_brackets_and_factories(with_fake_plugin):
+    result = runner.invoke(cli_app.app, ["list"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "weights=[0.25, 0.75]: one of [low|high]" in out  # default_factory shown, brackets kept
+    assert "floor (required) [>0.0]: required, positive" in out
+    assert "Weights [teacher] first; closes [/bold] nothing." in out  # docstrings are not rich markup
+    assert "schedule='constant': [decreasing|increasing|constant]" in out
+    table = rows(out)
+    assert table["bracketed"].endswith("acme_distill") and "brk" in table["bracketed"]
+    assert table["always"].endswith("acme_distill")
+    assert table["bracket_kd"].startswith("bracket_kd | bracketed (floor=0.5) | always (schedule=constant)")
+    assert "train.lr=0.001" in out and "note: see [docs]" in out
+
+
+def test_render_listing_of_each_kind():
+    registry = Registry.build(plugins=[fake_plugin()], autoload=False)
+    for kind, name in (("divergences", "bracketed"), ("policies", "always"), ("recipes", "bracket_kd")):
+        buffer = io.StringIO()
+        Console(file=buffer, width=250, color_system=None).print(render_listing(registry, kind))
+        assert buffer.getvalue().splitlines()[0].strip() == kind
+        assert name in rows(buffer.getvalue())
+
+
+def test_plugin_error_is_one_line_and_exit_code_2(monkeypatch, capsys):
+    def broken() -> Registry:
+        raise distill.PluginError("divergence name 'kl' is registered twice: by a (kl) and by b (kl)")
+
+    monkeypatch.setattr(distill, "default_registry", broken)
+    with pytest.raises(SystemExit) as info:
+        distill.cli.main(["list"])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "error: divergence name 'kl' is registered twice: by a (kl) and by b (kl)"
+    assert "Traceback" not in captured.err
+
+
+def test_console_script_lists_divergences():
+    """The installed `distill` command, end to end (built-ins only)."""
+    script = Path(sys.executable).parent / "distill"
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "PYTHONPATH")}
+    env.update({AUTOLOAD_ENV: "1", "COLUMNS": "200", "NO_COLOR": "1"})
+    result = subprocess.run([str(script), "list", "divergences"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    table = rows(result.stdout)
+    assert {"kl", "rkl", "jsd", "tvd", "skew_kl", "skew_rkl"} <= set(table)
+    assert re.search(r"skl, sfkl", table["skew_kl"])

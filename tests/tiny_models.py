@@ -1,0 +1,75 @@
+"""Tiny teacher/student models and data, built from configs (no downloads), for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = "zero one two three four five six seven eight nine ten".split()
+
+
+def make_records(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        a, b = rng.randrange(5), rng.randrange(5)
+        kind = rng.choice(["add", "name", "list"])
+        if kind == "add":
+            records.append({"prompt": f"What is {a} plus {b}?", "response": f"{WORDS[a]} plus {WORDS[b]} is {WORDS[a + b]}."})
+        elif kind == "name":
+            records.append({"prompt": f"Spell the number {a}.", "response": f"The number {a} is spelled {WORDS[a]}."})
+        else:
+            records.append({"prompt": f"Count from {a} to {a + b}.", "response": " ".join(WORDS[a: a + b + 1]) + "."})
+    return records
+
+
+def write_data(path: Path, n: int = 48, seed: int = 0) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_records(n, seed)))
+    return path
+
+
+def make_tokenizer(folder: Path, *, pad_token: str | None = None):
+    """A byte-level BPE tokenizer trained on the synthetic data, with a chat template; EOS = <|im_end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|im_start|>", "<|im_end|>"] + ([pad_token] if pad_token else [])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [r["prompt"] + " " + r["response"] for r in make_records(400, seed=1)] + ["user assistant system"]
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token=pad_token)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_model(folder: Path, vocab_size: int, layers: int, hidden: int = 32, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return model
+
+
+def make_pair(root: Path, *, student_vocab: int | None = None, pad_token: str | None = None) -> dict[str, Path]:
+    """teacher/ (2 layers) and student/ (1 layer) folders, both with the tokenizer, and data.jsonl."""
+    teacher, student = root / "teacher", root / "student"
+    tokenizer = make_tokenizer(teacher, pad_token=pad_token)
+    tokenizer.save_pretrained(student)
+    make_model(teacher, len(tokenizer), layers=2, seed=1)
+    make_model(student, student_vocab or len(tokenizer), layers=1, seed=2)
+    return {"teacher": teacher, "student": student, "data": write_data(root / "data.jsonl")}
