@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from enum import Enum
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import distill
 from distill.cli.listing import render_listing
@@ -33,6 +35,20 @@ def root(
         raise typer.Exit()
 
 
+def user_errors(command):
+    """Turn a DistillError into one red line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except distill.DistillError as error:
+            errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
 class Kind(str, Enum):
     divergences = "divergences"
     policies = "policies"
@@ -40,6 +56,7 @@ class Kind(str, Enum):
 
 
 @app.command("run")
+@user_errors
 def run(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML, TOML or JSON config file."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Preset (distill list recipes); default distillm."),
@@ -57,8 +74,13 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in --output-dir."),
 ) -> None:
     """Distil a teacher into a student. Precedence: recipe < config file < flags."""
+    from transformers.utils import logging as hf_logging
+
     from distill.cli.run_cmd import RichReporter, flag_layer, resolve_config, summary_table
     from distill.engine import train
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
     flags = flag_layer(
         recipe=recipe, divergence=divergence, divergence_params=divergence_params, policy=policy,
@@ -75,6 +97,7 @@ def run(
 
 
 @app.command("list")
+@user_errors
 def list_plugins(
     kind: Optional[Kind] = typer.Argument(None, help="Show only divergences, policies or recipes."),
 ) -> None:
@@ -90,5 +113,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except distill.DistillError as error:
-        errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -1,0 +1,140 @@
+"""End-to-end runs of every recipe on tiny models, and the engine's contracts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from distill.cli import app
+from tiny_models import make_pair
+
+runner = CliRunner()
+SMALL = ["--set", "train.batch_size=4", "--set", "eval.batch_size=8", "--set", "generation.max_new_tokens=12", "--set", "eval.every=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    return make_pair(tmp_path_factory.mktemp("tiny"))
+
+
+def run_cli(tiny, out: Path, *args: str):
+    result = runner.invoke(
+        app,
+        ["run", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]),
+         "--output-dir", str(out), *SMALL, *args],
+    )
+    return result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+EXPECTED_SOURCES = {
+    "kd": {"dataset"},
+    "seqkd": {"teacher"},
+    "imitkd": {"replay"},
+    "gkd": {"dataset", "student"},
+    "minillm": {"student"},
+}
+
+
+@pytest.mark.parametrize("recipe", ["kd", "seqkd", "imitkd", "gkd", "minillm", "distillm"])
+def test_every_recipe_trains_evaluates_and_saves(tiny, tmp_path, recipe):
+    extra = ["-P", "init_prob=1", "-P", "capacity=8"] if recipe == "distillm" else []
+    result = run_cli(tiny, tmp_path / "run", "--recipe", recipe, "--max-steps", "4", "--set", "checkpoint.every=2", *extra)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "run"
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all({"step", "loss", "source", "tokens", "seconds"} <= m.keys() for m in metrics)
+    sources = [m["source"] for m in metrics]
+    if recipe == "distillm":
+        # phi = 1: fresh student outputs until the buffer (8 = 2 steps x 4) is full, then fresh or replay
+        assert sources[:2] == ["student", "student"]
+        assert set(sources[2:]) <= {"student", "replay"}
+        assert all(m["sgo_prob"] == 1.0 for m in metrics)
+    else:
+        assert set(sources) <= EXPECTED_SOURCES[recipe]
+        assert "sgo_prob" not in metrics[0]
+    evals = read_jsonl(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert all("val_loss" in e and "val_divergence" in e for e in evals)
+    assert (out / "checkpoints" / "step-2" / "trainer_state.pt").is_file()
+    config = (out / "config.yaml").read_text()
+    assert f"recipe: {recipe}" in config
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    generated = model.generate(torch.tensor([tokenizer("What is 1 plus 2?").input_ids]), max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] > 0
+
+
+def test_divergence_and_policy_flags_as_the_user_wrote_them(tiny, tmp_path):
+    result = run_cli(
+        tiny, tmp_path / "run", "--divergence", "skew_kl", "--policy", "adaptive_offpolicy", "-D", "alpha=0.2",
+        "--max-steps", "3", "--set", "eval.rouge_samples=2",
+    )
+    assert result.exit_code == 0, result.output
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "name: skew_kl" in config and "alpha: 0.2" in config and "name: adaptive_offpolicy" in config
+    evals = read_jsonl(tmp_path / "run" / "eval.jsonl")
+    assert all(0.0 <= e["rouge_l"] <= 100.0 for e in evals)
+    assert "distill run summary" in result.output
+
+
+def test_loss_decreases_with_a_few_steps_of_kd(tiny, tmp_path):
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "8", "--set", "train.lr=3e-3", "--set", "eval.every=0")
+    assert result.exit_code == 0, result.output
+    evals = read_jsonl(tmp_path / "run" / "eval.jsonl")
+    assert evals[-1]["val_divergence"] < evals[0]["val_divergence"]
+
+
+def test_ce_weight_and_auxiliary_lm_loss(tiny, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one two three four five six seven eight nine ten. " * 40)
+    result = run_cli(
+        tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "2", "--set", "train.ce_weight=0.5",
+        "--set", f"data.lm_path={corpus}", "--set", "train.lm_weight=1.0", "--set", "data.max_prompt_tokens=24",
+        "--set", "data.max_response_tokens=24",
+    )
+    assert result.exit_code == 0, result.output
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
+
+
+def test_chat_messages_data(tiny, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w}."}]} for w in "one two three four five six seven eight nine ten".split()] * 2
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["run", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(data), "--output-dir", str(tmp_path / "run"), "--recipe", "kd", "--max-steps", "2", *SMALL])
+    assert result.exit_code == 0, result.output
+
+
+def test_vocabulary_mismatch_fails_before_training_with_both_sizes(tmp_path):
+    paths = make_pair(tmp_path, student_vocab=320)
+    result = runner.invoke(app, ["run", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]), "--data", str(paths["data"]), "--output-dir", str(tmp_path / "run"), "--max-steps", "2"])
+    assert result.exit_code == 2
+    assert "320" in result.output and "teacher has" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_divergence_is_one_line_with_suggestion(tiny, tmp_path):
+    result = run_cli(tiny, tmp_path / "run", "--divergence", "skew_kll")
+    assert result.exit_code == 2
+    assert "did you mean skew_kl?" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_previous_run_is_not_overwritten_without_flag(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(tiny, out, "--recipe", "kd", "--max-steps", "1").exit_code == 0
+    before = (out / "metrics.jsonl").read_text()
+    result = run_cli(tiny, out, "--recipe", "kd", "--max-steps", "2")
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (out / "metrics.jsonl").read_text() == before
+    assert run_cli(tiny, out, "--recipe", "kd", "--max-steps", "2", "--overwrite").exit_code == 0
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2

@@ -1,0 +1,111 @@
+"""Token normalisation, labels and logits positions of the training objective."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import distill
+from distill.config import DataConfig, GenerationConfig
+from distill.data import Example, collate, encode_records
+from distill.generation import ResponseGenerator
+from distill.objective import loss_denominator, micro_batch_loss, response_logits
+from tiny_models import make_pair
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    paths = make_pair(tmp_path_factory.mktemp("objective"))
+    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"]).eval()
+    student = AutoModelForCausalLM.from_pretrained(paths["student"])
+    tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
+    return teacher, student, tokenizer
+
+
+def examples() -> list[Example]:
+    return [Example([3, 4, 5, 6, 7], [8, 9, 1]), Example([3, 4], [10, 11, 12, 13, 14, 1])]
+
+
+def gradients(student, teacher, micro: list[list[Example]], divergence) -> list[torch.Tensor]:
+    student.zero_grad()
+    denominator = loss_denominator([collate(m, 0).n_tokens for m in micro])
+    for m in micro:
+        loss, _ = micro_batch_loss(student, teacher, collate(m, 0), divergence, denominator, ce_weight=0.3)
+        loss.backward()
+    return [p.grad.clone() for p in student.parameters()]
+
+
+@pytest.mark.parametrize("name", ["kl", "skew_kl", "jsd"])
+def test_one_micro_batch_of_two_equals_two_micro_batches_of_one(models, name):
+    teacher, student, _ = models
+    divergence = distill.get_divergence(name)
+    together = gradients(student, teacher, [examples()], divergence)
+    split = gradients(student, teacher, [[examples()[0]], [examples()[1]]], divergence)
+    for a, b in zip(together, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_is_the_mean_over_all_response_tokens(models):
+    """Against an independent computation on full logits: sum of per-token KL / number of tokens."""
+    teacher, student, _ = models
+    divergence = distill.get_divergence("kl")
+    batch = collate(examples(), 0)
+    student.zero_grad()
+    loss, _ = micro_batch_loss(student, teacher, batch, divergence, loss_denominator([batch.n_tokens]))
+    loss.backward()
+    ours = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    full_s = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    with torch.no_grad():
+        full_t = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    r = batch.response_mask.shape[1]
+    s, t = full_s[:, -r - 1:-1][batch.response_mask], full_t[:, -r - 1:-1][batch.response_mask]
+    reference = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
+    reference.backward()
+    torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-5, atol=1e-6)
+    for a, p in zip(ours, student.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_response_logits_predict_the_response_tokens(models):
+    teacher, _, _ = models
+    batch = collate(examples(), 0)
+    logits = response_logits(teacher, batch)
+    assert logits.shape[:2] == batch.response_mask.shape
+    full = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    p = batch.input_ids.shape[1] - batch.response_mask.shape[1]
+    torch.testing.assert_close(logits, full[:, p - 1:-1])
+
+
+def test_eos_is_a_label_and_prompt_tokens_are_not(models):
+    _, _, tokenizer = models
+    assert tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id
+    tokenizer.pad_token = tokenizer.eos_token  # pad == eos, the case peers got wrong
+    records = [{"prompt": "What is 2 plus 2?", "response": "two plus two is four."}, {"prompt": "Hi", "response": "one."}]
+    encoded, _ = encode_records(records, tokenizer, DataConfig(), "test")
+    batch = collate(encoded, tokenizer.pad_token_id)
+    for row, example in enumerate(encoded):
+        labels = batch.labels[row][batch.response_mask[row]].tolist()
+        assert labels == example.response_ids
+        assert labels[-1] == tokenizer.eos_token_id
+        prompt_text = tokenizer.decode(example.prompt_ids)
+        assert "<|im_start|>assistant" in prompt_text  # chat template applied to the prompt only
+    # padding (also the eos id) is never a label
+    assert int(batch.response_mask.sum()) == sum(len(e.response_ids) for e in encoded)
+
+
+def test_generated_responses_keep_eos_and_nothing_after(models):
+    _, student, tokenizer = models
+    tokenizer.pad_token = tokenizer.eos_token
+    generate = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=5), batch_size=2)
+    eos = tokenizer.eos_token_id
+    assert generate._cut([5, 6, eos, eos, eos]) == [5, 6, eos]
+    assert generate._cut([5, 6, 7]) == [5, 6, 7]
+    out = generate(student, examples(), greedy=True, max_new_tokens=5)
+    assert [e.prompt_ids for e in out] == [e.prompt_ids for e in examples()]
+    assert all(1 <= len(e.response_ids) <= 5 for e in out)
+    assert all(eos not in e.response_ids[:-1] for e in out)
+
