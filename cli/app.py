@@ -25,14 +25,17 @@ console = Console()
 errors = Console(stderr=True)
 
 
-@app.callback()
-def root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-) -> None:
-    """Knowledge distillation for language models."""
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         console.print(f"distill {distill.__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Knowledge distillation for language models."""
 
 
 def user_errors(command):

@@ -114,7 +114,7 @@ class Registry:
 
         registry = cls()
         for kind, hook_name in KINDS.items():
-            for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order: built-ins first
                 label = providers.get(impl.plugin_name, impl.plugin_name)
                 register = functools.partial(registry.add, kind, provider=label)
                 # pluggy lets an implementation declare fewer arguments than the spec
@@ -176,12 +176,11 @@ class Registry:
         found = self._lookup[kind].get(name)
         if found is not None:
             return found
-        parts = [f"{kind} {name!r} is unknown"]
+        message = f"{kind} {name!r}: unknown;"
         close = difflib.get_close_matches(name, list(self._lookup[kind]), n=1, cutoff=0.5)
         if close:
-            parts.append(f"did you mean {self._lookup[kind][close[0]].name}?")
-        parts.append(f"installed: {', '.join(self.names(kind)) or 'none'}")
-        raise UnknownPluginError("; ".join(parts))
+            message += f" did you mean {self._lookup[kind][close[0]].name}?"
+        raise UnknownPluginError(f"{message} installed: {', '.join(self.names(kind)) or 'none'}")
 
     def get_divergence(self, name: str, *, temperature: float = 1.0, **params: Any):
         """The divergence ``name`` built with ``params``, applying ``temperature`` to both logits."""
