@@ -65,7 +65,11 @@ def divergence_loss(
         chunk_size = default_chunk_size(student_logits.shape[-1])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if count and not denominator > 0:
+        raise ValueError(f"n_tokens must be > 0 when positions count, got {denominator}")
     scale = 0.0 if count == 0 else 1.0 / denominator
+    if not torch.is_grad_enabled():  # e.g. evaluation: no graph, so no gradient buffer or local backward
+        student_logits, teacher_logits = student_logits.detach(), teacher_logits.detach()
     return _ChunkedDivergenceLoss.apply(student_logits, teacher_logits, divergence, index, int(chunk_size), scale)
 
 
@@ -91,7 +95,7 @@ class _ChunkedDivergenceLoss(torch.autograd.Function):
                     if chunk_grad is not None:
                         grad.index_put_(rows, chunk_grad)
             total += chunk_total.detach()
-        ctx.grads = grads if count else [None, None]
+        ctx.grads = grads  # zeros when no position counts: a real zero gradient, never None
         return total * scale
 
     @staticmethod

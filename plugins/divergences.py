@@ -107,8 +107,8 @@ class _SkewParams(distill.Params):
 
 def _skew(log_a: torch.Tensor, log_b: torch.Tensor, alpha: float) -> torch.Tensor:
     """KL(a || alpha*a + (1-alpha)*b) from log-probabilities."""
-    if alpha >= 1.0:  # identically 0, but keep the graph so that backward() works (zero gradient)
-        return log_a.exp().sum(-1) * 0.0
+    if alpha >= 1.0:  # identically 0; stays in the graph of both inputs so backward() gives zero gradients
+        return 0.0 * (log_a.exp() + log_b.exp()).sum(-1)
     if alpha <= 0.0:
         return _kl(log_a, log_b)
     return _kl(log_a, _log_mix(log_a, log_b, alpha))

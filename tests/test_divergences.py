@@ -48,6 +48,7 @@ PLUGIN_CLASSES = {
     "kl": ForwardKL, "rkl": ReverseKL, "jsd": JSD, "tvd": TVD, "skew_kl": SkewKL, "skew_rkl": SkewReverseKL,
 }
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 specs = pytest.mark.parametrize("name, params", SPECS, ids=SPEC_IDS)
 
 
@@ -278,7 +279,8 @@ def test_jsd_refuses_beta_outside_the_open_interval(beta):
 @given(logit_pairs(bound=1e4))
 def test_tvd_lies_in_unit_interval(logits):
     values = distill.get_divergence("tvd")(*logits)
-    assert ((values >= 0) & (values <= 1)).all(), values
+    # 1/2 sum |p - q| of two float32 distributions can round a few ulps above 1 (disjoint p and q)
+    assert ((values >= 0) & (values <= 1 + 1e-6)).all(), values
 
 
 def test_tvd_is_one_on_disjoint_distributions():
@@ -437,3 +439,22 @@ def test_vocabulary_mismatch_names_both_sizes(name):
     with pytest.raises(distill.ConfigError, match=r"student logits have 5 .* teacher logits 6"):
         distill.get_divergence(name)(torch.zeros(2, 5), torch.zeros(2, 6))
 
+
+
+def test_values_are_float32_whatever_the_plugin_returns():
+    class Float64Hellinger:
+        name = "hellinger64"
+
+        class Params(distill.Params):
+            pass
+
+        def __init__(self, params) -> None:
+            self.params = params
+
+        def __call__(self, student_logits, teacher_logits):
+            p, q = teacher_logits.double().softmax(-1), student_logits.double().softmax(-1)
+            return 0.5 * ((p.sqrt() - q.sqrt()) ** 2).sum(-1)
+
+    d = distill.ConfiguredDivergence.wrap(Float64Hellinger(Float64Hellinger.Params()))
+    values = d(torch.randn(3, 5, dtype=torch.bfloat16), torch.randn(3, 5, dtype=torch.bfloat16))
+    assert values.dtype == torch.float32 and values.shape == (3,)
