@@ -83,7 +83,9 @@ def collate_prompts(examples: list[Example], pad_id: int) -> tuple[torch.Tensor,
 
 def read_records(path: str, split: str = "train") -> list[dict[str, Any]]:
     """Rows of a JSON Lines / JSON file, or of anything ``datasets.load_dataset(path)`` reads."""
-    local = Path(path)
+    from distill.builtin import builtin_data
+
+    local = builtin_data(path) or Path(path)
     if local.suffix in (".jsonl", ".json") or local.is_file():
         if not local.is_file():
             raise ConfigError(f"data file {path} does not exist")
@@ -142,8 +144,9 @@ def split_record(record: dict[str, Any], where: str) -> tuple[list[dict[str, str
     response = record.get("response", record.get("output"))
     if not isinstance(prompt, str) or not isinstance(response, str):
         raise ConfigError(f"{where}: needs string fields `prompt` and `response` (or a `messages` list)")
-    if record.get("input"):
-        prompt = f"{prompt}\n\n{record['input']}"
+    context = record.get("input") or record.get("context")  # Alpaca's `input`, Dolly's `context`
+    if context:
+        prompt = f"{prompt}\n\n{context}"
     return [{"role": "user", "content": prompt}], response
 
 

@@ -1,38 +1,43 @@
 """Loading teacher, student and tokenizer from a model reference, and checking they fit together.
 
-A reference is a local Hugging Face directory, a hub id (where the network allows), or a name that a
-resolver registered with ``register_model_resolver`` understands (built-in models).
+A reference is a local Hugging Face directory, a hub id (where the network allows), a built-in name
+(``smollm2-135m-instruct``), or, for the student, ``prune:K`` (the teacher with K evenly spaced
+layers) or ``prune:K:REF``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from distill.builtin import load_builtin_model, load_builtin_tokenizer
 from distill.errors import ConfigError
-
-_RESOLVERS: list[Callable[[str, str], "torch.nn.Module | None"]] = []
-
-
-def register_model_resolver(resolver: Callable[[str, str], "torch.nn.Module | None"]) -> None:
-    """Add ``resolver(ref, role) -> model or None``; tried before Hugging Face loading."""
-    _RESOLVERS.append(resolver)
+from distill.pruning import prune_layers
 
 
 def _looks_local(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or Path(ref).exists() or ref.count("/") > 1
 
 
-def load_model(ref: str | None, role: str, dtype: torch.dtype = torch.float32):
-    """The causal LM for ``ref``; ``role`` ("teacher"/"student") names the flag in errors."""
+def load_model(ref: str | None, role: str, dtype: torch.dtype = torch.float32, *, teacher=None):
+    """The causal LM for ``ref``; ``role`` ("teacher"/"student") names the flag in errors.
+
+    ``prune:K`` derives the model from ``teacher`` (already loaded) by keeping K of its layers.
+    """
     if not ref:
         raise ConfigError(f"{role}: required; pass --{role} DIR (a Hugging Face model directory or hub id)")
-    for resolver in _RESOLVERS:
-        model = resolver(ref, role)
-        if model is not None:
-            return model
+    if ref.startswith("prune:"):
+        _, count, *base = ref.split(":", 2)
+        if not count.isdigit():
+            raise ConfigError(f"--{role} {ref}: expected prune:K or prune:K:REF with K a number of layers")
+        source = load_model(base[0], role, dtype) if base else teacher
+        if source is None:
+            raise ConfigError(f"--{role} {ref}: prune:K needs a teacher to derive from")
+        return prune_layers(source, int(count))
+    builtin = load_builtin_model(ref, dtype)
+    if builtin is not None:
+        return builtin
     from transformers import AutoModelForCausalLM
 
     path = Path(ref).expanduser()
@@ -53,6 +58,10 @@ def load_tokenizer(ref: str | None):
         raise ConfigError("tokenizer: required; pass --teacher DIR or set tokenizer")
     from transformers import AutoTokenizer
 
+    tokenizer = load_builtin_tokenizer(ref)
+    if tokenizer is not None:
+        return _with_pad(tokenizer, ref)
+
     path = Path(ref).expanduser()
     if _looks_local(ref) and not path.exists():
         raise ConfigError(f"tokenizer {ref}: no such directory")
@@ -60,6 +69,10 @@ def load_tokenizer(ref: str | None):
         tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else ref)
     except (OSError, ValueError) as error:
         raise ConfigError(f"tokenizer {ref}: cannot load ({str(error).splitlines()[0]})") from None
+    return _with_pad(tokenizer, ref)
+
+
+def _with_pad(tokenizer, ref: str):
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"tokenizer {ref}: has neither a pad nor an EOS token; add one")

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ "$#" -eq 0 ]; then set -- list; fi
+if [ "$#" -eq 0 ]; then set -- run; fi
 exec .venv/bin/distill "$@"

