@@ -39,17 +39,27 @@ def root(
 
 
 def user_errors(command):
-    """Turn a DistillError into one red line on stderr and exit code 2 (no traceback)."""
+    """Turn a DistillError into one red line on stderr and exit code 2 (no traceback); a stopped
+    run exits with its own code (130 Ctrl-C, 143 SIGTERM, 3 non-finite loss)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except distill.DistillError as error:
-            errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(_print_error(error)) from None
+        except KeyboardInterrupt:  # before training starts, or a second Ctrl-C
+            errors.print("[bold red]interrupted[/]", highlight=False)
+            raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _print_error(error: Exception) -> int:
+    """Print ``error`` as one line on stderr; return the exit code (2 for a user error)."""
+    label = "stopped" if isinstance(error, distill.RunStopped) else "error"
+    errors.print(f"[bold red]{label}:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    return getattr(error, "exit_code", 2)
 
 
 class Kind(str, Enum):
@@ -75,11 +85,12 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     settings: list[str] = typer.Option([], "--set", help="Any config key: dotted.key=value (repeatable)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in --output-dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its newest checkpoint, with its saved config."),
 ) -> None:
     """Distil a teacher into a student. Precedence: recipe < config file < flags."""
     from transformers.utils import logging as hf_logging
 
-    from distill.cli.run_cmd import RichReporter, flag_layer, resolve_config, summary_table
+    from distill.cli.run_cmd import RichReporter, flag_layer, resolve_config, resolve_resume_config, summary_table
     from distill.engine import train
 
     hf_logging.disable_progress_bar()
@@ -90,10 +101,10 @@ def run(
         policy_params=policy_params, teacher=teacher, student=student, data=data, output_dir=output_dir,
         max_steps=max_steps, seed=seed, settings=settings,
     )
-    resolved = resolve_config(config, flags)
+    resolved = resolve_resume_config(config, flags, overwrite) if resume else resolve_config(config, flags)
     reporter = RichReporter(console, resolved.train.max_steps)
     try:
-        result = train(resolved, report=reporter, overwrite=overwrite)
+        result = train(resolved, report=reporter, overwrite=overwrite, resume=resume)
     finally:
         reporter.progress.stop()
     console.print(summary_table(result))
@@ -116,5 +127,4 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except distill.DistillError as error:
-        errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(_print_error(error))

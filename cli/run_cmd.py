@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 import distill
-from distill.config import build_config, parse_assignments, read_config_file, recipe_layer, set_dotted
+from distill.config import build_config, merge_layer, parse_assignments, read_config_file, recipe_layer, set_dotted
 
 DEFAULT_RECIPE = "distillm"
 
@@ -51,6 +51,20 @@ def resolve_config(config_file: Optional[str], flags: dict[str, Any], registry=N
     return config
 
 
+def resolve_resume_config(config_file: Optional[str], flags: dict[str, Any], overwrite: bool = False) -> distill.config.RunConfig:
+    """``--resume``: the config saved in ``--output-dir``; the file and flags may only change the
+    fields in ``distill.checkpoint.RESUMABLE_FIELDS`` (or repeat the saved values)."""
+    from distill.checkpoint import resume_config
+
+    if overwrite:
+        raise distill.ConfigError("--resume continues the run in --output-dir, --overwrite replaces it; pass one of them")
+    file_layer = read_config_file(config_file) if config_file else {}
+    out = flags.get("output_dir") or file_layer.get("output_dir")
+    if not out:
+        raise distill.ConfigError("--resume needs --output-dir DIR: the folder of the run to continue")
+    return resume_config(out, merge_layer(file_layer, flags))
+
+
 class RichReporter:
     """Progress bar (step, loss, source, phi, tokens/s, ETA) and evaluation lines."""
 
@@ -75,19 +89,29 @@ class RichReporter:
         elif kind == "eval":
             shown = "  ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
             self.console.print(f"  eval @ step {record['step']}: {shown}")
-            if self.task is None:
-                self.progress.start()
-                self.task = self.progress.add_task("train", total=self.total, info="")
+            self._start_progress(record["step"])
+        elif kind == "resume":
+            self.console.print(f"  resuming after step {record['step']} from {record['path']}", soft_wrap=True)
+            self._start_progress(record["step"])
+        elif kind == "checkpoint":
+            size = record["bytes"]
+            self.console.print(f"  checkpoint @ step {record['step']}: {record['path']} ({size / 1e6:,.1f} MB, {size} bytes)", soft_wrap=True)
         elif kind == "step":
             self.tokens += record["tokens"]
             rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
-            info = f"loss {record['loss']:.4f}  {record['source']:<7}"
+            info = f"loss {record['loss']:.4f}" if record["loss"] is not None else "loss not finite, step skipped"
+            info += f"  {record['source']:<7}"
             if "sgo_prob" in record:
                 info += f"  phi {record['sgo_prob']:.2f}"
             info += f"  {rate:,.0f} tok/s"
             self.progress.update(self.task, completed=record["step"], info=info)
         elif kind == "end":
             self.progress.stop()
+
+    def _start_progress(self, step: int) -> None:
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=self.total, completed=step, info="")
 
 
 def summary_table(result) -> Table:
@@ -101,6 +125,8 @@ def summary_table(result) -> Table:
     sources = ", ".join(f"{k} {v}" for k, v in sorted(result.sources.items()))
     table.add_row("steps by source", "", sources)
     table.add_row("student-output share", "", f"{100 * result.student_share:.0f}%")
+    if result.skipped:
+        table.add_row("steps skipped (loss not finite)", "", str(result.skipped))
     table.add_row("wall time", "", f"{result.seconds:.1f} s")
     table.add_row("output", "", str(result.output_dir))
     return table

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from distill.divergence import ConfiguredDivergence
-from distill.errors import ConfigError, DistillError, PluginError, UnknownPluginError
+from distill.errors import ConfigError, DistillError, PluginError, RunStopped, UnknownPluginError
 from distill.hookspecs import hookimpl
 from distill.interfaces import Divergence, Recipe, SamplingPolicy, Source
 from distill.loss import default_chunk_size, divergence_loss
@@ -47,6 +47,7 @@ __all__ = [
     "PluginError",
     "Recipe",
     "Registry",
+    "RunStopped",
     "SamplingPolicy",
     "Source",
     "UnknownPluginError",

@@ -58,6 +58,7 @@ class TrainConfig(_Section):
     ce_weight: float = Field(0.0, ge=0, description="weight of the student's cross-entropy on the same response tokens")
     lm_weight: float = Field(0.0, ge=0, description="weight of the LM loss on data.lm_path")
     seed: int = Field(0, ge=0)
+    skip_nonfinite: bool = Field(False, description="skip (and count) steps whose loss or gradients are not finite instead of stopping")
 
 
 class GenerationConfig(_Section):
@@ -74,7 +75,7 @@ class EvalConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
+    every: int = Field(0, ge=0, description="checkpoint every N steps, and always at the end (0 = only at the end)")
     keep: int = Field(2, ge=1, description="newest checkpoints kept")
 
 

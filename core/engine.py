@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -17,13 +18,15 @@ from typing import Any, Callable
 
 import torch
 
+from distill.checkpoint import RunState, StopSignals, capture_rng, latest_checkpoint, rank_state, reapply_schedule, restore_rng, resume_point, save_checkpoint
 from distill.config import RunConfig, dump_config
 from distill.data import BatchSampler, collate, load_examples, load_lm_corpus
 from distill.evaluation import Evaluator
 from distill.generation import ResponseGenerator
 from distill.models import check_vocabularies, load_model, load_tokenizer
 from distill.objective import loss_denominator, micro_batch_loss, response_logits, token_cross_entropy
-from distill.outputs import RunFiles, prepare_output_dir
+from distill.errors import RunStopped
+from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
 from distill.policy import SamplingContext
 from distill.registry import Registry, default_registry
 
@@ -39,6 +42,8 @@ class RunResult:
     after: dict[str, float]
     sources: dict[str, int] = field(default_factory=dict)
     final_loss: float = math.nan
+    skipped: int = 0
+    """Steps skipped because the loss or the gradients were not finite (``train.skip_nonfinite``)."""
 
     @property
     def student_share(self) -> float:
@@ -50,8 +55,12 @@ class RunResult:
 Reporter = Callable[[str, dict[str, Any]], None]
 
 
-def train(config: RunConfig, *, registry: Registry | None = None, report: Reporter | None = None, overwrite: bool = False) -> RunResult:
-    """Run the distillation described by ``config``; ``report(kind, record)`` sees every event."""
+def train(config: RunConfig, *, registry: Registry | None = None, report: Reporter | None = None, overwrite: bool = False, resume: bool = False) -> RunResult:
+    """Run the distillation described by ``config``; ``report(kind, record)`` sees every event.
+
+    ``resume``: continue the run in ``config.output_dir`` from its newest checkpoint (see
+    ``distill.checkpoint``); the steps after it are the ones an uninterrupted run takes.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -60,19 +69,29 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     registry = registry or default_registry()
     cfg, seed = config, config.train.seed
     # --- build everything that can fail on bad input before touching the output folder
+    checkpoint = resume_point(cfg) if resume else None
     divergence = registry.get_divergence(cfg.divergence.name, temperature=cfg.divergence.temperature, **cfg.divergence.params)
     policy = registry.get_policy(cfg.policy.name, **cfg.policy.params)
     accelerator = Accelerator()
     set_seed(seed)
     if hasattr(policy, "reseed"):
         policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
+    teacher = load_model(cfg.teacher, "teacher")  # first: a wrong --teacher is named as such, not as a tokenizer
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)
-    teacher, student = load_model(cfg.teacher, "teacher"), load_model(cfg.student, "student")
+    student = load_model(checkpoint.student_ref(cfg.student) if checkpoint else cfg.student, "student", teacher=teacher)
     check_vocabularies(teacher, student, tokenizer)
     train_set, val_set, dropped = load_examples(cfg.data, tokenizer, seed)
     lm_blocks = load_lm_corpus(cfg.data.lm_path, tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) if cfg.data.lm_path and cfg.train.lm_weight > 0 else None
     sampler = BatchSampler(len(train_set), cfg.train.batch_size, seed, accelerator.process_index, accelerator.num_processes)
-    out = prepare_output_dir(cfg.output_dir, overwrite=overwrite) if accelerator.is_main_process else Path(cfg.output_dir)
+    saved = checkpoint.load() if checkpoint else None
+    if saved is not None:
+        rank_state(saved, accelerator)  # fails now if the number of processes changed
+    if not accelerator.is_main_process:
+        out = Path(cfg.output_dir)
+    elif checkpoint:
+        out = reopen_output_dir(cfg.output_dir, checkpoint.step)
+    else:  # a new run, or a resumed one that never reached its first checkpoint: start over
+        out = prepare_output_dir(cfg.output_dir, overwrite=overwrite or resume)
     files = RunFiles(out, accelerator.is_main_process)
     files.write_text("config.yaml", dump_config(cfg))
 
@@ -87,68 +106,112 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     generate = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced)
     context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
     evaluate = Evaluator(val_set, tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator)
+    lm_rng = random.Random(seed + accelerator.process_index)
     report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out), "processes": accelerator.num_processes})
 
-    # --- evaluate before training: the "before" numbers and the adaptive policy's reference loss
-    before = evaluate(student, teacher)
-    policy.observe_eval(0, before["val_loss"])
-    files.append("eval.jsonl", {"step": 0, **before})
-    report("eval", {"step": 0, **before})
+    if saved is None:
+        # --- evaluate before training: the "before" numbers and the adaptive policy's reference loss
+        before = evaluate(student, teacher)
+        policy.observe_eval(0, before["val_loss"])
+        files.append("eval.jsonl", {"step": 0, **before})
+        report("eval", {"step": 0, **before})
+        run = RunState(before=before, after=before)
+    else:
+        # --- or continue exactly where the checkpoint left off (last of all, the random generators)
+        run = RunState.from_state_dict(saved["run"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        reapply_schedule(scheduler)
+        sampler.load_state_dict(saved["sampler"])
+        local = rank_state(saved, accelerator)
+        policy.load_state_dict(local["policy"])
+        lm_rng.setstate(local["lm_rng"])
+        restore_rng(local["rng"])
+        report("resume", {"step": run.step, "path": str(checkpoint.path)})
 
-    batches, lm_rng = iter(sampler), random.Random(seed + accelerator.process_index)
-    sources: dict[str, int] = {}
-    started, last_loss, after = time.perf_counter(), math.nan, before
-    for step in range(1, cfg.train.max_steps + 1):
-        tick = time.perf_counter()
-        # --- the policy picks this step's sequences (one draw, the same on every rank)
-        examples = [train_set[i] for _ in range(cfg.train.grad_accum) for i in next(batches)]
-        examples, source = policy.sample(step, cfg.train.max_steps, examples, context)
-        micro = [collate(examples[i: i + cfg.train.batch_size], tokenizer.pad_token_id).to(accelerator.device) for i in range(0, len(examples), cfg.train.batch_size)]
-        # --- one optimizer step; the loss is normalised once, by the global response-token count
-        denominator = loss_denominator([b.n_tokens for b in micro], accelerator)
-        step_loss = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(micro):
-            # each backward() adds to the gradients, so only the last micro-batch synchronises them
-            with accelerator.no_sync(student) if i < len(micro) - 1 else nullcontext():
-                loss, _ = micro_batch_loss(student, teacher, batch, divergence, denominator, cfg.train.ce_weight, unwrap)
-                if lm_blocks is not None:
-                    loss = loss + cfg.train.lm_weight * _lm_loss(student, lm_blocks, lm_rng, cfg.train.batch_size, accelerator) / len(micro)
-                accelerator.backward(loss)
-            step_loss += loss.detach()
-        if cfg.train.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        # --- log one line per optimizer step
-        last_loss = float(accelerator.reduce(step_loss, reduction="mean"))
-        n_tokens = int(round(denominator * accelerator.num_processes))
-        sources[source] = sources.get(source, 0) + 1
-        record = {"step": step, "loss": last_loss, "source": source, "tokens": n_tokens, "seconds": time.perf_counter() - tick, "lr": scheduler.get_last_lr()[0]}
-        if getattr(policy, "sgo_prob", None) is not None:
-            record["sgo_prob"] = policy.sgo_prob
-        files.append("metrics.jsonl", record)
-        report("step", record)
-        if not math.isfinite(last_loss):
-            raise FloatingPointError(f"step {step}: the loss is {last_loss}; lower train.lr or check the data")
-        # --- evaluate once in a while (and at the end)
-        if step == cfg.train.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):
-            after = evaluate(student, teacher)
-            policy.observe_eval(step, after["val_loss"])
-            files.append("eval.jsonl", {"step": step, **after})
-            report("eval", {"step": step, **after})
-        # --- checkpoint once in a while
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.max_steps:
-            _save_checkpoint(files, accelerator, student, optimizer, scheduler, policy, sampler, tokenizer, step, cfg.checkpoint.keep)
-            report("checkpoint", {"step": step})
+    def save(step: int) -> Path:
+        shared = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "run": run.state_dict()}
+        local = {"policy": policy.state_dict(), "lm_rng": lm_rng.getstate(), "rng": capture_rng()}
+        path, size = save_checkpoint(files, accelerator, student, tokenizer, step, shared, local, cfg.checkpoint.keep)
+        report("checkpoint", {"step": step, "path": str(path), "bytes": size})
+        return path
+
+    batches = iter(sampler)
+    started = time.perf_counter()
+    with StopSignals() as stop:
+        for step in range(run.step + 1, cfg.train.max_steps + 1):
+            tick = time.perf_counter()
+            # --- the policy picks this step's sequences (one draw, the same on every rank)
+            examples = [train_set[i] for _ in range(cfg.train.grad_accum) for i in next(batches)]
+            examples, source = policy.sample(step, cfg.train.max_steps, examples, context)
+            micro = [collate(examples[i: i + cfg.train.batch_size], tokenizer.pad_token_id).to(accelerator.device) for i in range(0, len(examples), cfg.train.batch_size)]
+            # --- forward and backward; the loss is normalised once, by the global response-token count
+            denominator = loss_denominator([b.n_tokens for b in micro], accelerator)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(micro):
+                # each backward() adds to the gradients, so only the last micro-batch synchronises them
+                with accelerator.no_sync(student) if i < len(micro) - 1 else nullcontext():
+                    loss, _ = micro_batch_loss(student, teacher, batch, divergence, denominator, cfg.train.ce_weight, unwrap)
+                    if lm_blocks is not None:
+                        loss = loss + cfg.train.lm_weight * _lm_loss(student, lm_blocks, lm_rng, cfg.train.batch_size, accelerator) / len(micro)
+                    accelerator.backward(loss)
+                step_loss += loss.detach()
+            # --- one optimizer step, never with a non-finite loss or gradient (that would ruin the weights)
+            step_loss = float(accelerator.reduce(step_loss, reduction="mean"))  # the same on every rank
+            norm = accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm) if cfg.train.max_grad_norm > 0 else None
+            finite = math.isfinite(step_loss) and (norm is None or math.isfinite(float(norm)))
+            if finite:
+                optimizer.step()
+            elif cfg.train.skip_nonfinite:
+                run.skipped += 1
+            else:
+                raise _nonfinite_stop(step, step_loss, norm, out)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            # --- log one line per optimizer step
+            run.step, run.last_loss = step, step_loss if finite else run.last_loss
+            run.sources[source] = run.sources.get(source, 0) + 1
+            n_tokens = int(round(denominator * accelerator.num_processes))
+            record = {"step": step, "loss": step_loss if finite else None, "source": source, "tokens": n_tokens, "seconds": time.perf_counter() - tick, "lr": scheduler.get_last_lr()[0]}
+            if getattr(policy, "sgo_prob", None) is not None:
+                record["sgo_prob"] = policy.sgo_prob
+            if not finite:
+                record["skipped"] = True
+            files.append("metrics.jsonl", record)
+            report("step", record)
+            # --- evaluate once in a while (and at the end)
+            if step == cfg.train.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):
+                run.after = evaluate(student, teacher)
+                policy.observe_eval(step, run.after["val_loss"])
+                files.append("eval.jsonl", {"step": step, **run.after})
+                report("eval", {"step": step, **run.after})
+            # --- checkpoint once in a while, at the end, and when asked to stop (Ctrl-C, SIGTERM)
+            signum = stop.requested(accelerator)
+            if step == cfg.train.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or signum:
+                path = save(step)
+            if signum:
+                name = signal.Signals(signum).name
+                raise RunStopped(f"{name} after step {step}; checkpoint saved to {path}; continue with: distill run --resume --output-dir {out}", 128 + signum)
 
     # --- the final student, loadable with AutoModelForCausalLM.from_pretrained
     state = accelerator.get_state_dict(student)
     files.write_folder("final", lambda d: (unwrap(student).save_pretrained(d, state_dict=state), tokenizer.save_pretrained(d)))
     accelerator.wait_for_everyone()
-    result = RunResult(out, cfg.train.max_steps, time.perf_counter() - started, before, after, sources, last_loss)
-    report("end", {"output_dir": str(out), "seconds": result.seconds})
+    result = RunResult(out, cfg.train.max_steps, time.perf_counter() - started, run.before, run.after, run.sources, run.last_loss, run.skipped)
+    report("end", {"output_dir": str(out), "seconds": result.seconds, "skipped": run.skipped})
     return result
+
+
+def _nonfinite_stop(step: int, loss: float, norm, out: Path) -> RunStopped:
+    """The one-line stop at a non-finite step (exit code 3), naming the checkpoint to go back to."""
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {float(norm)}"
+    last = latest_checkpoint(out)
+    where = f"last good checkpoint: {last.path}" if last else "no checkpoint was written yet"
+    return RunStopped(
+        f"step {step}: {what}; stopped without updating the weights; {where}. Lower train.lr and start again, "
+        f"or skip such steps: distill run --resume --output-dir {out} --set train.skip_nonfinite=true",
+        3,
+    )
 
 
 def _lm_loss(student, blocks: list[list[int]], rng: random.Random, batch_size: int, accelerator) -> torch.Tensor:
@@ -157,30 +220,6 @@ def _lm_loss(student, blocks: list[list[int]], rng: random.Random, batch_size: i
     logits = student(input_ids=ids, use_cache=False).logits[:, :-1]
     mask = torch.ones(ids[:, 1:].shape, dtype=torch.bool, device=ids.device)
     return token_cross_entropy(logits, ids[:, 1:], mask)
-
-
-def _save_checkpoint(files: RunFiles, accelerator, student, optimizer, scheduler, policy, sampler, tokenizer, step: int, keep: int) -> None:
-    """Everything needed to continue: weights, optimizer, scheduler, policy, data position, RNGs."""
-    state = accelerator.get_state_dict(student)
-
-    def fill(folder: Path) -> None:
-        accelerator.unwrap_model(student).save_pretrained(folder / "student", state_dict=state)
-        tokenizer.save_pretrained(folder / "student")
-        torch.save(
-            {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "policy": policy.state_dict(),
-                "sampler": sampler.state_dict(),
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
-            },
-            folder / "trainer_state.pt",
-        )
-
-    files.write_folder(f"checkpoints/step-{step}", fill)
-    files.prune_checkpoints(keep)
-    accelerator.wait_for_everyone()
 
 
 __all__ = ["RunResult", "train", "response_logits"]

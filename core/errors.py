@@ -20,3 +20,12 @@ class UnknownPluginError(DistillError, KeyError):
 
 class PluginError(DistillError):
     """A plugin is broken or conflicts with another plugin (e.g. two plugins register one name)."""
+
+
+class RunStopped(DistillError):
+    """Training stopped before ``train.max_steps`` (a signal, a non-finite loss); the message says
+    where the last checkpoint is. ``exit_code`` is what the command line exits with."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -24,7 +24,7 @@ def prepare_output_dir(path: str | Path, *, overwrite: bool = False) -> Path:
     if previous and not overwrite:
         raise ConfigError(
             f"--output-dir {out} holds a previous run ({', '.join(previous)}); "
-            "pass --overwrite to replace it or choose another --output-dir"
+            "pass --resume to continue it, --overwrite to replace it, or choose another --output-dir"
         )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir {out} is a file, not a folder")
@@ -33,6 +33,33 @@ def prepare_output_dir(path: str | Path, *, overwrite: bool = False) -> Path:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def reopen_output_dir(path: str | Path, step: int) -> Path:
+    """Make a run folder look as it did when its checkpoint at ``step`` was written: JSON lines past
+    ``step`` (and a line cut short by a kill) go, and half-written temporary folders are removed."""
+    out = Path(path)
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        _truncate_jsonl(out / name, step)
+    for tmp in [*out.glob(".*.tmp"), *out.glob(".*.old"), *out.glob("checkpoints/.*.tmp"), *out.glob("checkpoints/.*.old")]:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    return out
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a killed run may be cut short
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 class RunFiles:

@@ -1,0 +1,287 @@
+"""Checkpoints a run resumes from exactly, the config a resumed run may change, and stopping on a signal.
+
+A checkpoint ``checkpoints/step-N/`` holds ``student/`` (weights and tokenizer; ``from_pretrained``
+loads it) and ``trainer_state.pt``: the step, optimizer, scheduler, data position and the run's
+counters (evaluations so far, steps by source, skipped steps), and for every process its sampling
+policy state (draw generator, phi, reference loss, replay buffer as token ids) and every random
+generator (Python, NumPy, torch, CUDA, the LM-corpus sampler). The folder is written under a
+temporary name and renamed, so a folder named ``step-N`` is always complete.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from distill.config import RunConfig, build_config, merge_layer, read_config_file
+from distill.errors import ConfigError
+from distill.outputs import RunFiles
+
+STATE_FILE = "trainer_state.pt"
+
+RESUMABLE_FIELDS = (
+    "train.max_steps",
+    "train.skip_nonfinite",
+    "eval.every",
+    "eval.batch_size",
+    "eval.rouge_samples",
+    "checkpoint.every",
+    "checkpoint.keep",
+)
+"""Config fields ``--resume`` may change: they decide how long to train and what to report, not
+what one step computes. Anything else would make the resumed steps differ from the saved ones."""
+
+
+@dataclass
+class RunState:
+    """The run's counters that a resumed run continues from (saved in every checkpoint)."""
+
+    step: int = 0
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    """Optimizer steps skipped because the loss or the gradients were not finite."""
+    last_loss: float = float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> "RunState":
+        return cls(**state)
+
+
+# --- finding and reading checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint folder ``checkpoints/step-N``."""
+
+    path: Path
+    step: int
+
+    @property
+    def student_dir(self) -> Path:
+        return self.path / "student"
+
+    def student_ref(self, configured: Any) -> Any:
+        """The configured student (a reference, or a spec with a dtype) pointed at these weights."""
+        path = str(self.student_dir)
+        return configured.model_copy(update={"ref": path}) if hasattr(configured, "model_copy") else path
+
+    def load(self) -> dict[str, Any]:
+        # weights_only: the file holds tensors and plain Python values only (no pickled objects)
+        return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def checkpoints(out: str | Path) -> list[Checkpoint]:
+    """The complete checkpoints in a run folder, oldest first (temporary folders are ignored)."""
+    found = []
+    for path in (Path(out) / "checkpoints").glob("step-*"):
+        number = path.name.removeprefix("step-")
+        if number.isdigit() and (path / STATE_FILE).is_file():
+            found.append(Checkpoint(path, int(number)))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_checkpoint(out: str | Path) -> Checkpoint | None:
+    found = checkpoints(out)
+    return found[-1] if found else None
+
+
+def resume_point(config: RunConfig) -> Checkpoint | None:
+    """The checkpoint ``--resume`` continues from (None: none yet, start over); refuses a finished run."""
+    out = Path(config.output_dir)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        return None
+    max_steps = config.train.max_steps
+    if checkpoint.step > max_steps or (checkpoint.step == max_steps and (out / "final").is_dir()):
+        raise ConfigError(
+            f"--resume: the run in {out} already reached step {checkpoint.step} (train.max_steps={max_steps}); "
+            f"pass --max-steps N with N > {checkpoint.step} to train further"
+        )
+    return checkpoint
+
+
+# --- the config of a resumed run
+
+
+def saved_config(out: str | Path) -> dict[str, Any]:
+    """The resolved config a run saved in ``config.yaml``."""
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume: {out} holds no run to continue (no config.yaml); check --output-dir")
+    return read_config_file(path)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def resume_config(out: str | Path, overrides: Mapping[str, Any]) -> RunConfig:
+    """The saved config of the run in ``out`` with ``overrides`` (a config layer) on top.
+
+    An override of a field outside ``RESUMABLE_FIELDS`` is refused unless it repeats the saved value,
+    so the command line that started a run, plus ``--resume``, continues it.
+    """
+    saved = saved_config(out)
+    overrides = merge_layer({}, overrides)  # the spelling a saved config uses (e.g. `teacher: DIR` -> teacher.ref)
+    flat_saved = _flatten(saved)
+    changed = [
+        key for key, value in _flatten(overrides).items()
+        if key != "output_dir" and key not in RESUMABLE_FIELDS and flat_saved.get(key, object()) != value
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume continues the run with its saved config; cannot change {', '.join(changed)} "
+            f"(allowed: {', '.join(RESUMABLE_FIELDS)}); start a new run with another --output-dir instead"
+        )
+    return build_config([saved, {**overrides, "output_dir": str(out)}])
+
+
+# --- random generators
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every global random generator of this process (plain values: ``torch.load(weights_only=True)``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def reapply_schedule(scheduler) -> None:
+    """Set the learning rate the (restored) schedule gives at its step: a resumed run with another
+    ``train.max_steps`` follows its new schedule from the first step (unchanged otherwise)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate wraps the scheduler
+    if not hasattr(inner, "lr_lambdas"):
+        return
+    for group, base, factor in zip(inner.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
+        group["lr"] = base * factor(inner.last_epoch)
+
+
+# --- writing
+
+
+def save_checkpoint(files: RunFiles, accelerator, student, tokenizer, step: int, shared: dict[str, Any], local: dict[str, Any], keep: int) -> tuple[Path, int]:
+    """Write ``checkpoints/step-{step}`` atomically; returns its path and size in bytes.
+
+    ``shared``: state that is the same on every process (optimizer, scheduler, data position, run
+    counters); ``local``: this process's own state (policy, random generators), gathered to the main
+    process and saved per rank. Every process must call this together.
+    """
+    weights = accelerator.get_state_dict(student)  # a collective call under FSDP / ZeRO-3
+    ranks = [local]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        ranks = gather_object([local])
+
+    def fill(folder: Path) -> None:
+        accelerator.unwrap_model(student).save_pretrained(folder / "student", state_dict=weights)
+        tokenizer.save_pretrained(folder / "student")
+        torch.save({"step": step, **shared, "ranks": ranks}, folder / STATE_FILE)
+
+    path = files.write_folder(f"checkpoints/step-{step}", fill)
+    files.prune_checkpoints(keep)
+    accelerator.wait_for_everyone()
+    size = folder_bytes(path) if files.main else 0
+    return path, size
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def rank_state(state: Mapping[str, Any], accelerator) -> dict[str, Any]:
+    """This process's part of a loaded checkpoint; the number of processes must not change."""
+    ranks = state["ranks"]
+    if len(ranks) != accelerator.num_processes:
+        raise ConfigError(
+            f"--resume: the checkpoint was written by {len(ranks)} process(es), this run has "
+            f"{accelerator.num_processes}; launch it with {len(ranks)}"
+        )
+    return ranks[accelerator.process_index]
+
+
+# --- stopping cleanly on Ctrl-C / SIGTERM
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set ``signum``: the loop finishes the step, saves a
+    checkpoint and stops. A second signal acts at once (the default handlers are back)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def requested(self, accelerator) -> int | None:
+        """The signal received by any process (all ranks must stop at the same step), else None."""
+        signum = self.signum or 0
+        if accelerator.num_processes > 1:
+            signum = int(accelerator.gather(torch.tensor([signum], device=accelerator.device)).max())
+        return signum or None
+
+
+__all__ = [
+    "Checkpoint",
+    "RESUMABLE_FIELDS",
+    "RunState",
+    "StopSignals",
+    "capture_rng",
+    "checkpoints",
+    "latest_checkpoint",
+    "restore_rng",
+    "resume_config",
+    "resume_point",
+    "save_checkpoint",
+]
