@@ -110,6 +110,28 @@ def run(
     console.print(summary_table(result))
 
 
+@app.command("eval")
+@user_errors
+def evaluate(
+    model: str = typer.Option(..., "--model", help="Model directory (e.g. a run's final/) or reference."),
+    teacher: str = typer.Option("smollm2-135m-instruct", "--teacher", help="Teacher reference."),
+    data: str = typer.Option("builtin:val", "--data", help="Prompts with reference responses (JSON Lines)."),
+    rouge_samples: int = typer.Option(64, "--rouge-samples", help="Prompts answered greedily for ROUGE-L (0 = none)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Answer length cap for ROUGE-L."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+) -> None:
+    """Validation CE, token-level KL to the teacher and ROUGE-L of greedy answers."""
+    from transformers.utils import logging as hf_logging
+
+    from distill.cli.eval_cmd import evaluate_model, result_table, write_json
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    result = evaluate_model(model, teacher, data, rouge_samples=rouge_samples, max_new_tokens=max_new_tokens)
+    console.print(result_table(model, result))
+    console.print(write_json(json_path, {"model": model, "teacher": teacher, "data": data, **result}), highlight=False)
+
+
 @app.command("list")
 @user_errors
 def list_plugins(

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 import distill
+from distill.builtin import DEFAULT_RUN
 from distill.config import build_config, merge_layer, parse_assignments, read_config_file, recipe_layer, set_dotted
 
 DEFAULT_RECIPE = "distillm"
@@ -23,8 +24,8 @@ def flag_layer(
     """The command-line flags as a config layer (highest precedence)."""
     layer: dict[str, Any] = {}
     for dotted, value in (
-        ("recipe", recipe), ("divergence.name", divergence), ("policy.name", policy), ("teacher", teacher),
-        ("student", student), ("data.path", data), ("output_dir", output_dir), ("train.max_steps", max_steps),
+        ("recipe", recipe), ("divergence.name", divergence), ("policy.name", policy), ("teacher.ref", teacher),
+        ("student.ref", student), ("data.path", data), ("output_dir", output_dir), ("train.max_steps", max_steps),
         ("train.seed", seed),
     ):
         if value is not None:
@@ -39,12 +40,19 @@ def flag_layer(
 
 
 def resolve_config(config_file: Optional[str], flags: dict[str, Any], registry=None) -> distill.config.RunConfig:
-    """recipe defaults < config file < flags. Without a recipe anywhere, ``distillm`` is the base."""
+    """recipe defaults < config file < flags. Without a recipe anywhere, ``distillm`` is the base;
+    without a teacher anywhere, the embedded default (built-in teacher, pruned student, built-in
+    data) sits between the recipe and the file."""
     registry = registry or distill.default_registry()
     file_layer = read_config_file(config_file) if config_file else {}
     recipe_name = flags.get("recipe") or file_layer.get("recipe") or DEFAULT_RECIPE
     recipe = registry.get_recipe(recipe_name)
-    config = build_config([recipe_layer(recipe), file_layer, flags])
+    layers = [recipe_layer(recipe)]
+    if not (_names_model(flags.get("teacher")) or _names_model(file_layer.get("teacher"))):
+        layers.append(DEFAULT_RUN)
+    if not (flags.get("output_dir") or file_layer.get("output_dir")):  # never reuse a folder by accident
+        layers.append({"output_dir": f"runs/{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"})
+    config = build_config([*layers, file_layer, flags])
     # fail on unknown names or bad params now, with the flag in the message
     registry.get_divergence(config.divergence.name, temperature=config.divergence.temperature, **config.divergence.params)
     registry.get_policy(config.policy.name, **config.policy.params)
@@ -63,6 +71,11 @@ def resolve_resume_config(config_file: Optional[str], flags: dict[str, Any], ove
     if not out:
         raise distill.ConfigError("--resume needs --output-dir DIR: the folder of the run to continue")
     return resume_config(out, merge_layer(file_layer, flags))
+
+
+def _names_model(value: Any) -> bool:
+    """Whether a layer's ``teacher`` entry (a string or a mapping) names a model."""
+    return bool(value.get("ref") if isinstance(value, dict) else value)
 
 
 class RichReporter:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distill.errors import ConfigError
 from distill.params import describe_validation_error
@@ -21,6 +21,18 @@ from distill.params import describe_validation_error
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    """A model to load; a plain string in a file or flag sets ``ref``."""
+
+    ref: str | None = Field(None, description="local directory, hub id, built-in name, or (student) prune:K[:REF]")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the loaded weights")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"ref": value} if isinstance(value, str) else value
 
 
 class DivergenceSpec(_Section):
@@ -58,6 +70,7 @@ class TrainConfig(_Section):
     ce_weight: float = Field(0.0, ge=0, description="weight of the student's cross-entropy on the same response tokens")
     lm_weight: float = Field(0.0, ge=0, description="weight of the LM loss on data.lm_path")
     seed: int = Field(0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="student compute precision (autocast); the divergence math is float32 regardless")
     skip_nonfinite: bool = Field(False, description="skip (and count) steps whose loss or gradients are not finite instead of stopping")
 
 
@@ -81,8 +94,8 @@ class CheckpointConfig(_Section):
 
 class RunConfig(_Section):
     recipe: str | None = Field(None, description="preset applied under the file and flags")
-    teacher: str | None = Field(None, description="teacher: local directory or hub id")
-    student: str | None = Field(None, description="student: local directory or hub id")
+    teacher: ModelSpec = Field(default_factory=ModelSpec, description="the frozen teacher")
+    student: ModelSpec = Field(default_factory=ModelSpec, description="the student being trained")
     tokenizer: str | None = Field(None, description="default: the teacher's tokenizer")
     output_dir: str = "runs/latest"
     divergence: DivergenceSpec = Field(default_factory=DivergenceSpec)
@@ -170,6 +183,7 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def merge_layer(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
     """Deep-merge ``layer`` over ``base``. Choosing another divergence or policy drops the old params."""
     out = copy.deepcopy(base)
+    layer = {k: ({"ref": v} if k in ("teacher", "student") and isinstance(v, str) else v) for k, v in layer.items()}
     for section in ("divergence", "policy"):
         new = layer.get(section)
         old = out.get(section)

@@ -25,7 +25,7 @@ from distill.evaluation import Evaluator
 from distill.generation import ResponseGenerator
 from distill.models import check_vocabularies, load_model, load_tokenizer
 from distill.objective import loss_denominator, micro_batch_loss, response_logits, token_cross_entropy
-from distill.errors import RunStopped
+from distill.errors import ConfigError, RunStopped
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
 from distill.policy import SamplingContext
 from distill.registry import Registry, default_registry
@@ -61,7 +61,6 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     ``resume``: continue the run in ``config.output_dir`` from its newest checkpoint (see
     ``distill.checkpoint``); the steps after it are the ones an uninterrupted run takes.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -72,7 +71,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     checkpoint = resume_point(cfg) if resume else None
     divergence = registry.get_divergence(cfg.divergence.name, temperature=cfg.divergence.temperature, **cfg.divergence.params)
     policy = registry.get_policy(cfg.policy.name, **cfg.policy.params)
-    accelerator = Accelerator()
+    accelerator = _accelerator(cfg.train.precision)
     set_seed(seed)
     if hasattr(policy, "reseed"):
         policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
@@ -105,7 +104,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     synced = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and accelerator.num_processes > 1
     generate = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced)
     context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
-    evaluate = Evaluator(val_set, tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator)
+    evaluate = Evaluator(val_set, tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"))
     lm_rng = random.Random(seed + accelerator.process_index)
     report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out), "processes": accelerator.num_processes})
 
@@ -181,7 +180,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             report("step", record)
             # --- evaluate once in a while (and at the end)
             if step == cfg.train.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):
-                run.after = evaluate(student, teacher)
+                run.after = evaluate(student, teacher, with_rouge=step == cfg.train.max_steps)  # ROUGE: before and after
                 policy.observe_eval(step, run.after["val_loss"])
                 files.append("eval.jsonl", {"step": step, **run.after})
                 report("eval", {"step": step, **run.after})
@@ -212,6 +211,16 @@ def _nonfinite_stop(step: int, loss: float, norm, out: Path) -> RunStopped:
         f"or skip such steps: distill run --resume --output-dir {out} --set train.skip_nonfinite=true",
         3,
     )
+
+
+def _accelerator(precision: str):
+    """An Accelerator with the student's autocast precision; fp16 without a GPU is a user error."""
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
+    except ValueError as error:
+        raise ConfigError(f"train.precision {precision}: {str(error).splitlines()[0]}") from None
 
 
 def _lm_loss(student, blocks: list[list[int]], rng: random.Random, batch_size: int, accelerator) -> torch.Tensor:

@@ -20,11 +20,14 @@ def _looks_local(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or Path(ref).exists() or ref.count("/") > 1
 
 
-def load_model(ref: str | None, role: str, dtype: torch.dtype = torch.float32, *, teacher=None):
-    """The causal LM for ``ref``; ``role`` ("teacher"/"student") names the flag in errors.
+def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=None):
+    """The causal LM for ``ref`` (a string or a ``ModelSpec`` with ``ref`` and ``dtype``); ``role``
+    ("teacher"/"student") names the flag in errors.
 
     ``prune:K`` derives the model from ``teacher`` (already loaded) by keeping K of its layers.
     """
+    if hasattr(ref, "ref"):
+        ref, dtype = ref.ref, getattr(torch, ref.dtype)
     if not ref:
         raise ConfigError(f"{role}: required; pass --{role} DIR (a Hugging Face model directory or hub id)")
     if ref.startswith("prune:"):
@@ -34,7 +37,7 @@ def load_model(ref: str | None, role: str, dtype: torch.dtype = torch.float32, *
         source = load_model(base[0], role, dtype) if base else teacher
         if source is None:
             raise ConfigError(f"--{role} {ref}: prune:K needs a teacher to derive from")
-        return prune_layers(source, int(count))
+        return prune_layers(source, int(count)).to(dtype)
     builtin = load_builtin_model(ref, dtype)
     if builtin is not None:
         return builtin
@@ -53,7 +56,8 @@ def load_model(ref: str | None, role: str, dtype: torch.dtype = torch.float32, *
 
 
 def load_tokenizer(ref: str | None):
-    """The tokenizer at ``ref``, with a pad token (the EOS token when it has none)."""
+    """The tokenizer at ``ref`` (a string or a ``ModelSpec``), with a pad token (EOS when it has none)."""
+    ref = getattr(ref, "ref", ref)
     if not ref:
         raise ConfigError("tokenizer: required; pass --teacher DIR or set tokenizer")
     from transformers import AutoTokenizer
