@@ -98,6 +98,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     schedule = "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    student.train()  # from_pretrained returns eval mode; dropout (GPT-2) belongs to training
     teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
     teacher.eval().requires_grad_(False)
     unwrap = accelerator.unwrap_model

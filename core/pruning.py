@@ -61,5 +61,5 @@ def prune_layers(teacher, keep: int):
         raise RuntimeError(f"pruning left missing={missing[:3]} unexpected={unexpected[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         student.tie_weights()
-    return student
+    return student.eval()  # like from_pretrained; the engine switches to train mode
 
