@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from enum import Enum
 from typing import Optional
 
@@ -95,7 +96,7 @@ def run(
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-
+    started = time.perf_counter()
     flags = flag_layer(
         recipe=recipe, divergence=divergence, divergence_params=divergence_params, policy=policy,
         policy_params=policy_params, teacher=teacher, student=student, data=data, output_dir=output_dir,
@@ -107,7 +108,8 @@ def run(
         result = train(resolved, report=reporter, overwrite=overwrite, resume=resume)
     finally:
         reporter.progress.stop()
-    console.print(summary_table(result))
+    if result.main_process:  # under `accelerate launch`, one summary
+        console.print(summary_table(result, wall_seconds=time.perf_counter() - started))
 
 
 @app.command("eval")

@@ -97,7 +97,8 @@ class RichReporter:
             dropped = ", ".join(f"{n} dropped ({why})" for why, n in record["dropped"].items() if n)
             self.console.print(
                 f"[bold]distill[/] {record['train_examples']} training / {record['val_examples']} validation examples"
-                + (f"; {dropped}" if dropped else "") + f" -> {record['output_dir']}"
+                + (f"; {dropped}" if dropped else "")
+                + (f"; {record['processes']} processes" if record["processes"] > 1 else "") + f" -> {record['output_dir']}"
             )
         elif kind == "eval":
             shown = "  ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
@@ -127,19 +128,23 @@ class RichReporter:
             self.task = self.progress.add_task("train", total=self.total, completed=step, info="")
 
 
-def summary_table(result) -> Table:
-    """Before/after numbers of a finished run."""
+def summary_table(result, wall_seconds: float | None = None) -> Table:
+    """Before/after numbers of a finished run; ``wall_seconds``: the whole command, loading included."""
     table = Table(title="distill run summary", title_justify="left")
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
+    names = {"val_loss": "validation loss (student CE)", "val_divergence": "validation divergence (training loss)",
+             "val_kl": "KL(teacher || student) per token", "rouge_l": "ROUGE-L vs reference answers"}
     for key in result.before:
-        table.add_row(key, f"{result.before[key]:.4f}", f"{result.after.get(key, float('nan')):.4f}")
+        table.add_row(names.get(key, key), f"{result.before[key]:.4f}", f"{result.after.get(key, float('nan')):.4f}")
     sources = ", ".join(f"{k} {v}" for k, v in sorted(result.sources.items()))
     table.add_row("steps by source", "", sources)
     table.add_row("student-output share", "", f"{100 * result.student_share:.0f}%")
     if result.skipped:
         table.add_row("steps skipped (loss not finite)", "", str(result.skipped))
-    table.add_row("wall time", "", f"{result.seconds:.1f} s")
+    table.add_row("training time", "", f"{result.seconds:.1f} s")
+    if wall_seconds is not None:
+        table.add_row("wall time", "", f"{wall_seconds:.1f} s")
     table.add_row("output", "", str(result.output_dir))
     return table

@@ -34,6 +34,8 @@ RESUMABLE_FIELDS = (
     "eval.rouge_samples",
     "checkpoint.every",
     "checkpoint.keep",
+    "log.with",
+    "log.project",
 )
 """Config fields ``--resume`` may change: they decide how long to train and what to report, not
 what one step computes. Anything else would make the resumed steps differ from the saved ones."""
@@ -124,12 +126,13 @@ def saved_config(out: str | Path) -> dict[str, Any]:
     return read_config_file(path)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (an empty section stays one key)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{dotted}."))
+            flat.update(flatten_config(value, f"{dotted}."))
         else:
             flat[dotted] = value
     return flat
@@ -143,9 +146,9 @@ def resume_config(out: str | Path, overrides: Mapping[str, Any]) -> RunConfig:
     """
     saved = saved_config(out)
     overrides = merge_layer({}, overrides)  # the spelling a saved config uses (e.g. `teacher: DIR` -> teacher.ref)
-    flat_saved = _flatten(saved)
+    flat_saved = flatten_config(saved)
     changed = [
-        key for key, value in _flatten(overrides).items()
+        key for key, value in flatten_config(overrides).items()
         if key != "output_dir" and key not in RESUMABLE_FIELDS and flat_saved.get(key, object()) != value
     ]
     if changed:

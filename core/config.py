@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.errors import ConfigError
 from distill.params import describe_validation_error
@@ -23,16 +23,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraSpec(_Section):
+    """LoRA adapters on the student (through ``peft``): only the adapters train, the base is frozen."""
+
+    rank: int = Field(8, gt=0, description="rank r of each adapter")
+    alpha: float = Field(16.0, gt=0, description="scale: the update is (alpha / rank) * B @ A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | str | None = Field(None, description="module names to adapt, or 'all-linear'; default: peft's choice for the architecture")
+    save_merged: bool = Field(False, description="also save final/merged/: the adapters merged into the base weights")
+
+
 class ModelSpec(_Section):
     """A model to load; a plain string in a file or flag sets ``ref``."""
 
     ref: str | None = Field(None, description="local directory, hub id, built-in name, or (student) prune:K[:REF]")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the loaded weights")
+    adapter: str | None = Field(None, description="a PEFT (LoRA) adapter folder, merged into the weights at load")
+    lora: LoraSpec | None = Field(None, description="student only: train LoRA adapters instead of every weight")
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
-        return {"ref": value} if isinstance(value, str) else value
+        if isinstance(value, str):
+            return {"ref": value}
+        if isinstance(value, dict) and isinstance(value.get("lora"), bool):  # `--set student.lora=true`
+            return {**value, "lora": {} if value["lora"] else None}
+        return value
 
 
 class DivergenceSpec(_Section):
@@ -92,6 +108,38 @@ class CheckpointConfig(_Section):
     keep: int = Field(2, ge=1, description="newest checkpoints kept")
 
 
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
+"""Experiment trackers Accelerate's ``log_with`` knows (``accelerate.utils.LoggerType``)."""
+
+
+class LogConfig(_Section):
+    """Experiment trackers; ``metrics.jsonl`` and ``eval.jsonl`` stay the record of a run."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    with_: list[str] = Field(default_factory=list, alias="with", description=f"trackers to log to through Accelerate: none, or a list of {', '.join(TRACKERS)}")
+    project: str = Field("distill", description="project (run group) name in the trackers")
+
+    @field_validator("with_", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and value in (["none"], ["no"]):
+            return []
+        return value
+
+    @field_validator("with_")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker {', '.join(unknown)}; choose none or from {', '.join(TRACKERS)}")
+        return value
+
+
 class RunConfig(_Section):
     recipe: str | None = Field(None, description="preset applied under the file and flags")
     teacher: ModelSpec = Field(default_factory=ModelSpec, description="the frozen teacher")
@@ -105,6 +153,7 @@ class RunConfig(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
 
 # --- reading files and flags
@@ -226,4 +275,4 @@ def build_config(layers: list[Mapping[str, Any]]) -> RunConfig:
 
 def dump_config(config: RunConfig) -> str:
     """The resolved config as YAML (what ``config.yaml`` holds; enough to reproduce the run)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)

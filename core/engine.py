@@ -7,23 +7,25 @@ normalised once by the global token count), evaluation and checkpoints once in a
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from distill.checkpoint import RunState, StopSignals, capture_rng, latest_checkpoint, rank_state, reapply_schedule, restore_rng, resume_point, save_checkpoint
-from distill.config import RunConfig, dump_config
+from distill.checkpoint import RunState, StopSignals, capture_rng, flatten_config, latest_checkpoint, rank_state, reapply_schedule, restore_rng, resume_point, save_checkpoint
+from distill.config import ModelSpec, RunConfig, dump_config
 from distill.data import BatchSampler, collate, load_examples, load_lm_corpus
 from distill.evaluation import Evaluator
 from distill.generation import ResponseGenerator
-from distill.models import check_vocabularies, load_model, load_tokenizer
+from distill.models import add_lora, check_vocabularies, load_model, load_tokenizer, merge_adapter
 from distill.objective import loss_denominator, micro_batch_loss, response_logits, token_cross_entropy
 from distill.errors import ConfigError, RunStopped
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
@@ -44,6 +46,8 @@ class RunResult:
     final_loss: float = math.nan
     skipped: int = 0
     """Steps skipped because the loss or the gradients were not finite (``train.skip_nonfinite``)."""
+    main_process: bool = True
+    """False in the other processes of a multi-process run (they print nothing)."""
 
     @property
     def student_share(self) -> float:
@@ -71,13 +75,15 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     checkpoint = resume_point(cfg) if resume else None
     divergence = registry.get_divergence(cfg.divergence.name, temperature=cfg.divergence.temperature, **cfg.divergence.params)
     policy = registry.get_policy(cfg.policy.name, **cfg.policy.params)
-    accelerator = _accelerator(cfg.train.precision)
+    accelerator = _accelerator(cfg)
+    if not accelerator.is_main_process:
+        report = lambda kind, record: None  # one console: the main process's
     set_seed(seed)
     if hasattr(policy, "reseed"):
         policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
     teacher = load_model(cfg.teacher, "teacher")  # first: a wrong --teacher is named as such, not as a tokenizer
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)
-    student = load_model(checkpoint.student_ref(cfg.student) if checkpoint else cfg.student, "student", teacher=teacher)
+    student = _load_student(cfg.student, checkpoint, teacher)
     check_vocabularies(teacher, student, tokenizer)
     train_set, val_set, dropped = load_examples(cfg.data, tokenizer, seed)
     lm_blocks = load_lm_corpus(cfg.data.lm_path, tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) if cfg.data.lm_path and cfg.train.lm_weight > 0 else None
@@ -93,20 +99,21 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
         out = prepare_output_dir(cfg.output_dir, overwrite=overwrite or resume)
     files = RunFiles(out, accelerator.is_main_process)
     files.write_text("config.yaml", dump_config(cfg))
+    accelerator.init_trackers(cfg.log.project, config=_tracker_config(cfg))  # main process only; none unless log.with
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    trainable = [p for p in student.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     schedule = "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     student.train()  # from_pretrained returns eval mode; dropout (GPT-2) belongs to training
-    teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
-    teacher.eval().requires_grad_(False)
+    teacher = _prepare_teacher(accelerator, teacher)
     unwrap = accelerator.unwrap_model
-    synced = accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") and accelerator.num_processes > 1
-    generate = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced)
+    generate = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced_generation(accelerator), _full_params(accelerator))
     context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
     evaluate = Evaluator(val_set, tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"))
     lm_rng = random.Random(seed + accelerator.process_index)
+    rank_log = _rank_log(accelerator)
     report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out), "processes": accelerator.num_processes})
 
     if saved is None:
@@ -114,6 +121,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
         before = evaluate(student, teacher)
         policy.observe_eval(0, before["val_loss"])
         files.append("eval.jsonl", {"step": 0, **before})
+        accelerator.log(_numbers("eval", before), step=0)
         report("eval", {"step": 0, **before})
         run = RunState(before=before, after=before)
     else:
@@ -150,7 +158,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             step_loss = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(micro):
                 # each backward() adds to the gradients, so only the last micro-batch synchronises them
-                with accelerator.no_sync(student) if i < len(micro) - 1 else nullcontext():
+                with _accumulating(accelerator, student, last=i == len(micro) - 1):
                     loss, _ = micro_batch_loss(student, teacher, batch, divergence, denominator, cfg.train.ce_weight, unwrap)
                     if lm_blocks is not None:
                         loss = loss + cfg.train.lm_weight * _lm_loss(student, lm_blocks, lm_rng, cfg.train.batch_size, accelerator) / len(micro)
@@ -178,12 +186,15 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             if not finite:
                 record["skipped"] = True
             files.append("metrics.jsonl", record)
+            accelerator.log(_numbers("train", record), step=step)
+            rank_log({"step": step, "source": source, "tokens": sum(b.n_tokens for b in micro)})
             report("step", record)
             # --- evaluate once in a while (and at the end)
             if step == cfg.train.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):
                 run.after = evaluate(student, teacher, with_rouge=step == cfg.train.max_steps)  # ROUGE: before and after
                 policy.observe_eval(step, run.after["val_loss"])
                 files.append("eval.jsonl", {"step": step, **run.after})
+                accelerator.log(_numbers("eval", run.after), step=step)
                 report("eval", {"step": step, **run.after})
             # --- checkpoint once in a while, at the end, and when asked to stop (Ctrl-C, SIGTERM)
             signum = stop.requested(accelerator)
@@ -193,11 +204,21 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
                 name = signal.Signals(signum).name
                 raise RunStopped(f"{name} after step {step}; checkpoint saved to {path}; continue with: distill run --resume --output-dir {out}", 128 + signum)
 
-    # --- the final student, loadable with AutoModelForCausalLM.from_pretrained
-    state = accelerator.get_state_dict(student)
-    files.write_folder("final", lambda d: (unwrap(student).save_pretrained(d, state_dict=state), tokenizer.save_pretrained(d)))
+    # --- the final student, loadable with AutoModelForCausalLM.from_pretrained (with LoRA: the adapters, and merged/ on request)
+    state = accelerator.get_state_dict(student)  # a collective call under FSDP / ZeRO-3
+
+    def fill_final(folder: Path) -> None:
+        unwrap(student).save_pretrained(folder, state_dict=state)
+        tokenizer.save_pretrained(folder)
+        if cfg.student.lora is not None and cfg.student.lora.save_merged:
+            merged = merge_adapter(load_model(cfg.student, "student", teacher=unwrap(teacher)), folder, "student")
+            merged.save_pretrained(folder / "merged")
+            tokenizer.save_pretrained(folder / "merged")
+
+    files.write_folder("final", fill_final)
     accelerator.wait_for_everyone()
-    result = RunResult(out, cfg.train.max_steps, time.perf_counter() - started, run.before, run.after, run.sources, run.last_loss, run.skipped)
+    accelerator.end_training()
+    result = RunResult(out, cfg.train.max_steps, time.perf_counter() - started, run.before, run.after, run.sources, run.last_loss, run.skipped, accelerator.is_main_process)
     report("end", {"output_dir": str(out), "seconds": result.seconds, "skipped": run.skipped})
     return result
 
@@ -214,14 +235,123 @@ def _nonfinite_stop(step: int, loss: float, norm, out: Path) -> RunStopped:
     )
 
 
-def _accelerator(precision: str):
-    """An Accelerator with the student's autocast precision; fp16 without a GPU is a user error."""
-    from accelerate import Accelerator
+# --- set-up on Accelerate: precision, trackers, the teacher, generation under sharding
 
+
+def _accelerator(cfg: RunConfig):
+    """An Accelerator with the student's autocast precision and the trackers of ``log.with``.
+
+    User errors, one line each: fp16 without a GPU (Accelerate would silently run float32), a
+    tracker whose package is missing, a launch config this machine cannot run (FSDP without a GPU).
+    """
+    import accelerate.utils
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    precision, trackers = cfg.train.precision, cfg.log.with_
+    for name in trackers:
+        installed = getattr(accelerate.utils, f"is_{name}_available", lambda: True)
+        if not installed():
+            raise ConfigError(f"log.with {name}: the {name} package is not installed; pip install {name}, or drop it from log.with")
+    options = {"log_with": trackers, "project_dir": str(Path(cfg.output_dir) / "trackers")} if trackers else {}
+    AcceleratorState._reset_state()  # another run in this process (tests, a notebook) may use another precision
     try:
-        return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
+        # step_scheduler_with_optimizer=False: the schedule counts optimizer steps; Accelerate would
+        # otherwise step it once per process at each optimizer step (its data loaders scale with them)
+        accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision], step_scheduler_with_optimizer=False, **options)
     except ValueError as error:
         raise ConfigError(f"train.precision {precision}: {str(error).splitlines()[0]}") from None
+    except RuntimeError as error:
+        raise ConfigError(f"Accelerate cannot start with this launch config here: {str(error).splitlines()[0]}") from None
+    if precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError("train.precision fp16: needs a GPU (on CPU Accelerate ignores it and the run would be float32); use bf16 or fp32")
+    return accelerator
+
+
+def synced_generation(accelerator) -> bool:
+    """Whether generation needs ``synced_gpus``: the weights are sharded over processes (FSDP, or
+    DeepSpeed ZeRO-3), so every forward is a collective that every rank must enter, until the
+    longest sequence of any rank is done. DDP and ZeRO-1/2 keep whole weights on every rank."""
+    if accelerator.num_processes < 2:
+        return False
+    kind = accelerator.distributed_type.name
+    if kind == "FSDP":
+        return True
+    if kind == "DEEPSPEED":
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
+def _prepare_teacher(accelerator, teacher):
+    """The frozen teacher for inference only: no gradients, no optimizer state, no DDP wrapper.
+
+    Under FSDP it is sharded like the student (Accelerate's evaluation mode would neither shard it
+    nor move it to the GPU); its forwards are then collectives, which every rank enters together.
+    Elsewhere (DDP, DeepSpeed) every process holds a whole copy.
+    """
+    teacher.eval().requires_grad_(False)
+    if accelerator.distributed_type.name != "FSDP":
+        return accelerator.prepare_model(teacher, evaluation_mode=True)
+    if getattr(accelerator, "is_fsdp2", False):
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, teacher)
+    return accelerator.prepare_model(teacher)
+
+
+def _full_params(accelerator):
+    """For generation under FSDP1: gather the root module's own parameters (embeddings, head); the
+    wrapped layers inside gather theirs in their forward. ``None``: nothing to gather."""
+    if accelerator.distributed_type.name != "FSDP" or getattr(accelerator, "is_fsdp2", False):
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return lambda model: FSDP.summon_full_params(model, writeback=False, recurse=False) if isinstance(model, FSDP) else nullcontext()
+
+
+@contextmanager
+def _accumulating(accelerator, student, *, last: bool):
+    """One micro-batch's backward: before the last one, gradients only add up locally (no DDP
+    all-reduce, and no DeepSpeed optimizer step, which Accelerate's backward takes when
+    ``sync_gradients``)."""
+    accelerator.gradient_state._set_sync_gradients(last)  # what Accelerate's own accumulate() sets
+    with nullcontext() if last else accelerator.no_sync(student):
+        yield
+
+
+def _load_student(spec: ModelSpec, checkpoint, teacher):
+    """The student to train; when resuming, its weights from the checkpoint (with LoRA: the base as
+    configured and the adapters from the checkpoint)."""
+    if spec.lora is None:
+        return load_model(checkpoint.student_ref(spec) if checkpoint else spec, "student", teacher=teacher)
+    return add_lora(load_model(spec, "student", teacher=teacher), spec.lora, checkpoint.student_dir if checkpoint else None)
+
+
+def _tracker_config(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as flat ``section.key`` values that every tracker stores."""
+    flat = flatten_config(cfg.model_dump(mode="json", by_alias=True))
+    return {key: (", ".join(map(str, value)) if isinstance(value, list) else json.dumps(value) if isinstance(value, dict) else value) for key, value in flat.items()}
+
+
+def _numbers(prefix: str, record: dict[str, Any]) -> dict[str, float]:
+    """The numeric fields of a metrics or eval record, as tracker scalars ``prefix/name``."""
+    return {f"{prefix}/{k}": v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _rank_log(accelerator) -> Callable[[dict[str, Any]], None]:
+    """With ``DISTILL_RANK_LOG=DIR``, every process appends its own view of each step (source,
+    local tokens) to ``DIR/rank-<i>.jsonl``: evidence that all ranks took the same branch."""
+    folder = os.environ.get("DISTILL_RANK_LOG")
+    if not folder:
+        return lambda record: None
+    path = Path(folder) / f"rank-{accelerator.process_index}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(record: dict[str, Any]) -> None:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    return write
 
 
 def _lm_loss(student, blocks: list[list[int]], rng: random.Random, batch_size: int, accelerator) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from distill.data import Example, collate_prompts
@@ -12,19 +14,25 @@ class ResponseGenerator:
 
     Generated responses end at the first EOS, which is kept: it is a label, even when pad == eos.
     Under sharded training (FSDP, ZeRO-3) every process must call ``generate`` together
-    (``synced_gpus``); the sampling policies guarantee that with a rank-synchronised draw.
+    (``synced``: ``synced_gpus``); the sampling policies guarantee that with a rank-synchronised draw.
+    ``full_params(model)``: a context in which the unwrapped model's own parameters are whole (FSDP1
+    keeps the root module's sharded outside its forward); none needed otherwise.
     """
 
-    def __init__(self, tokenizer, generation_cfg, batch_size: int, unwrap=lambda m: m, synced: bool = False) -> None:
+    def __init__(self, tokenizer, generation_cfg, batch_size: int, unwrap=lambda m: m, synced: bool = False, full_params=None) -> None:
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
         self.cfg = generation_cfg
         self.batch_size = batch_size
         self.unwrap = unwrap
         self.synced = synced
+        self.full_params = full_params or (lambda model: nullcontext())
 
-    def __call__(self, model, examples: list[Example], *, greedy: bool = False, max_new_tokens: int | None = None) -> list[Example]:
-        model = self.unwrap(model)
+    def __call__(self, model, examples: list[Example], *, greedy: bool = False, max_new_tokens: int | None = None, batch_size: int | None = None) -> list[Example]:
+        with self.full_params(model):
+            return self._generate(self.unwrap(model), examples, greedy, max_new_tokens, batch_size)
+
+    def _generate(self, model, examples: list[Example], greedy: bool, max_new_tokens: int | None, batch_size: int | None) -> list[Example]:
         was_training = model.training
         model.eval()
         sample = not greedy and self.cfg.temperature > 0
@@ -44,8 +52,9 @@ class ResponseGenerator:
         device = next(model.parameters()).device
         out: list[Example] = []
         try:
-            for start in range(0, len(examples), self.batch_size):
-                chunk = examples[start: start + self.batch_size]
+            step = batch_size or self.batch_size
+            for start in range(0, len(examples), step):
+                chunk = examples[start: start + step]
                 ids, attention = collate_prompts(chunk, self.pad_id)
                 with torch.no_grad():
                     sequences = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), **options)

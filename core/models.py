@@ -21,13 +21,17 @@ def _looks_local(ref: str) -> bool:
 
 
 def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=None):
-    """The causal LM for ``ref`` (a string or a ``ModelSpec`` with ``ref`` and ``dtype``); ``role``
-    ("teacher"/"student") names the flag in errors.
+    """The causal LM for ``ref`` (a string or a ``ModelSpec`` with ``ref``, ``dtype`` and an optional
+    ``adapter`` merged at load); ``role`` ("teacher"/"student") names the flag in errors.
 
     ``prune:K`` derives the model from ``teacher`` (already loaded) by keeping K of its layers.
     """
     if hasattr(ref, "ref"):
-        ref, dtype = ref.ref, getattr(torch, ref.dtype)
+        spec = ref
+        if role == "teacher" and spec.lora is not None:
+            raise ConfigError("teacher.lora: the teacher is frozen; to load a LoRA-tuned teacher set teacher.adapter=PATH")
+        model = load_model(spec.ref, role, getattr(torch, spec.dtype), teacher=teacher)
+        return merge_adapter(model, spec.adapter, role) if spec.adapter else model
     if not ref:
         raise ConfigError(f"{role}: required; pass --{role} DIR (a Hugging Face model directory or hub id)")
     if ref.startswith("prune:"):
@@ -53,6 +57,42 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
         return AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else ref, dtype=dtype)
     except (OSError, ValueError) as error:
         raise ConfigError(f"--{role} {ref}: cannot load a causal language model ({str(error).splitlines()[0]})") from None
+
+
+def _peft(setting: str):
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError(f"{setting} needs the peft package: pip install 'distill[lora]' (or pip install peft)") from None
+    return peft
+
+
+def merge_adapter(model, adapter: str | Path, role: str):
+    """``model`` with the PEFT adapter saved in folder ``adapter`` merged into its weights (a plain
+    ``transformers`` model again: no adapter layers, no extra cost per forward)."""
+    peft = _peft(f"{role}.adapter")
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"{role}.adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        return peft.PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise ConfigError(f"{role}.adapter {adapter}: does not fit the {role} ({str(error).strip().splitlines()[0]})") from None
+
+
+def add_lora(model, lora, adapter_dir: str | Path | None = None):
+    """``model`` wrapped by ``peft`` with trainable LoRA adapters as ``lora`` (a ``LoraSpec``) says,
+    every base weight frozen; ``adapter_dir``: continue from adapters saved there (a checkpoint)."""
+    peft = _peft("student.lora")
+    if adapter_dir is not None:
+        return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    config = peft.LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM",
+    )
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as error:
+        raise ConfigError(f"student.lora.target_modules: {str(error).strip().splitlines()[0]}") from None
 
 
 def load_tokenizer(ref: str | None):

@@ -60,7 +60,8 @@ def response_logits(model, batch: Batch, unwrap=lambda m: m) -> torch.Tensor:
     onto the vocabulary where the model supports ``logits_to_keep``.
     """
     r = batch.response_mask.shape[1]
-    inner = type(unwrap(model))
+    inner = unwrap(model)
+    inner = type(inner.get_base_model() if hasattr(inner, "get_base_model") else inner)  # peft passes the argument on
     if inner not in _KEEPS_LOGITS:
         _KEEPS_LOGITS[inner] = "logits_to_keep" in inspect.signature(inner.forward).parameters
     extra = {"logits_to_keep": r + 1} if _KEEPS_LOGITS[inner] else {}

@@ -1,4 +1,4 @@
-"""The files of a run: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/ and final/.
+"""The files of a run: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, final/ and trackers/.
 
 Only the main process writes. Folders are written under a temporary name and renamed into place,
 so a crash never leaves a half-written checkpoint or final model that looks complete.
@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from distill.errors import ConfigError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoints", "final")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "checkpoints", "final", "trackers")
 
 
 def prepare_output_dir(path: str | Path, *, overwrite: bool = False) -> Path:

@@ -24,7 +24,7 @@ def describe_validation_error(error: ValidationError, prefix: str = "", extra: s
     for item in error.errors():
         where = ".".join(str(part) for part in item.get("loc", ()))
         where = f"{prefix}.{where}" if prefix and where else (prefix or where)
-        message = item.get("msg", "invalid")
+        message = item.get("msg", "invalid").removeprefix("Value error, ")
         if item.get("type") == "extra_forbidden":
             message = extra
         got = item.get("input")

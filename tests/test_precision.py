@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -37,3 +38,17 @@ def test_bf16_student_and_teacher_train_and_save_float32(tmp_path):
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     student = AutoModelForCausalLM.from_pretrained(out / "final")
     assert next(student.parameters()).dtype == torch.float32  # master weights stay float32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 needs a GPU; this checks the message without one")
+def test_fp16_without_a_gpu_is_one_line_before_anything_is_written(tmp_path):
+    paths = make_pair(tmp_path)
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "run", "--recipe", "kd", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]),
+        "--data", str(paths["data"]), "--output-dir", str(out), "--max-steps", "1", "--set", "train.precision=fp16",
+    ])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: train.precision fp16: needs a GPU"), result.output
+    assert not out.exists()

@@ -1,0 +1,125 @@
+"""Two real CPU processes (gloo) under `accelerate launch`: the adaptive recipe end to end, the same
+branch on every rank, files written once, metrics over all ranks, and the same training as one
+process with the same global batch. Each launch has a timeout, so a deadlock fails instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from distill.cli import app
+from tiny_models import make_pair
+
+runner = CliRunner()
+TIMEOUT = 240
+SMALL = ["--set", "eval.batch_size=8", "--set", "generation.max_new_tokens=12", "--set", "eval.every=2"]
+ADAPTIVE = ["--recipe", "distillm", "-P", "init_prob=1", "-P", "capacity=8", "--seed", "3", "--max-steps", "6", "--set", "train.batch_size=4", *SMALL]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    return make_pair(tmp_path_factory.mktemp("tiny"))
+
+
+def models(tiny, out: Path) -> list[str]:
+    return ["--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]), "--output-dir", str(out)]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: list[str], *, processes: int = 2, env: dict[str, str] | None = None) -> str:
+    """``accelerate launch`` with ``processes`` CPU processes; returns the output, fails on an error or
+    after ``TIMEOUT`` seconds (killing every process of the launch).
+
+    On a machine without GPUs ``accelerate launch --cpu --num_processes 2`` starts one process (it
+    forks CPU processes only through mpirun), so this uses the torchrun launcher with
+    ``ACCELERATE_USE_CPU=1``, which README's "Scaling out" documents."""
+    command = [
+        str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *script,
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"no result within {TIMEOUT} s (a deadlock?):\n{output[-3000:]}")
+    assert process.returncode == 0, output[-5000:]
+    return output
+
+
+def test_two_processes_take_the_same_branches_and_write_once(tiny, tmp_path):
+    out, ranks = tmp_path / "run", tmp_path / "ranks"
+    output = launch(["-m", "distill", "run", *models(tiny, out), *ADAPTIVE], env={"DISTILL_RANK_LOG": str(ranks)})
+    single = tmp_path / "single"
+    result = runner.invoke(app, ["run", *models(tiny, single), *ADAPTIVE])
+    assert result.exit_code == 0, result.output
+
+    # one console: the start line and the summary come from the main process only
+    assert output.count("2 processes") == 1 and output.count("distill run summary") == 1, output
+    # every process logged its own branch at every step: the same ones, in the same order
+    metrics = read_jsonl(out / "metrics.jsonl")
+    rank0, rank1 = read_jsonl(ranks / "rank-0.jsonl"), read_jsonl(ranks / "rank-1.jsonl")
+    steps = list(range(1, 7))
+    assert [m["step"] for m in metrics] == [r["step"] for r in rank0] == [r["step"] for r in rank1] == steps
+    sources = [m["source"] for m in metrics]
+    assert [r["source"] for r in rank0] == [r["source"] for r in rank1] == sources
+    assert {"student", "replay"} <= set(sources)  # both branches, so agreeing is not trivial
+    # the draws come from the seed alone: one process with the same seed draws the same branches
+    assert sources == [m["source"] for m in read_jsonl(single / "metrics.jsonl")]
+    # `tokens` counts both processes' response tokens
+    assert [m["tokens"] for m in metrics] == [a["tokens"] + b["tokens"] for a, b in zip(rank0, rank1)]
+    # evaluation sums over both halves of the validation set: before training it equals one process's
+    evals, single_evals = read_jsonl(out / "eval.jsonl"), read_jsonl(single / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 2, 4, 6]
+    assert evals[0]["val_loss"] == pytest.approx(single_evals[0]["val_loss"], rel=1e-5)
+    assert evals[0]["val_divergence"] == pytest.approx(single_evals[0]["val_divergence"], rel=1e-5)
+    # written once: one checkpoint with both processes' states, one final model that loads
+    state = torch.load(out / "checkpoints" / "step-6" / "trainer_state.pt", weights_only=True)
+    assert len(state["ranks"]) == 2
+    assert state["ranks"][0]["policy"]["generator"].equal(state["ranks"][1]["policy"]["generator"])
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 1
+
+
+def test_two_processes_train_like_one_process_with_the_same_global_batch(tiny, tmp_path):
+    """2 processes x 2 micro-batches x 2 sequences against 1 process x 1 micro-batch x 8 sequences:
+    the same 8 sequences per step, so the same losses step after step (the gradients are equal)."""
+    kd = ["--recipe", "kd", "--max-steps", "3", "--set", "train.lr=3e-3", "--set", "eval.every=0", *SMALL]
+    out, ranks = tmp_path / "run", tmp_path / "ranks"
+    distill_script = str(Path(sys.executable).with_name("distill"))  # `accelerate launch $(which distill) run ...`
+    launch([distill_script, "run", *models(tiny, out), *kd, "--set", "train.batch_size=2", "--set", "train.grad_accum=2"],
+           env={"DISTILL_RANK_LOG": str(ranks)})
+    single = tmp_path / "single"
+    result = runner.invoke(app, ["run", *models(tiny, single), *kd, "--set", "train.batch_size=8"])
+    assert result.exit_code == 0, result.output
+
+    ours, theirs = read_jsonl(out / "metrics.jsonl"), read_jsonl(single / "metrics.jsonl")
+    assert [m["tokens"] for m in ours] == [m["tokens"] for m in theirs]
+    assert [m["lr"] for m in ours] == pytest.approx([m["lr"] for m in theirs])  # one schedule step per optimizer step
+    rank0, rank1 = read_jsonl(ranks / "rank-0.jsonl"), read_jsonl(ranks / "rank-1.jsonl")
+    assert any(a["tokens"] != b["tokens"] for a, b in zip(rank0, rank1))  # unequal shares: a per-rank mean would be wrong
+    for a, b in zip(ours, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+    after, single_after = read_jsonl(out / "eval.jsonl")[-1], read_jsonl(single / "eval.jsonl")[-1]
+    assert after["val_loss"] == pytest.approx(single_after["val_loss"], rel=1e-5)
+    assert after["val_divergence"] == pytest.approx(single_after["val_divergence"], rel=1e-4)
