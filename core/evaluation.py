@@ -62,7 +62,7 @@ class Evaluator:
         rouge_sum = 0.0
         with_rouge = with_rouge and bool(self.rouge_examples)
         if with_rouge:
-            answers = self.generate(student, self.rouge_examples, greedy=True)
+            answers = self.generate(student, self.rouge_examples, greedy=True, batch_size=self.batch_size)
             texts = [self.tokenizer.decode(a.response_ids, skip_special_tokens=True) for a in answers]
             rouge_sum = sum(rouge_l(texts, [e.reference for e in self.rouge_examples]))
         ce_sum, div_sum, kl_sum, tokens, rouge_sum, rouge_n = self._reduce([ce_sum, div_sum, kl_sum, tokens, rouge_sum, float(len(self.rouge_examples))])
