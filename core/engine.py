@@ -241,14 +241,23 @@ def _nonfinite_stop(step: int, loss: float, norm, out: Path) -> RunStopped:
 def _accelerator(cfg: RunConfig):
     """An Accelerator with the student's autocast precision and the trackers of ``log.with``.
 
-    User errors, one line each: fp16 without a GPU (Accelerate would silently run float32), a
-    tracker whose package is missing, a launch config this machine cannot run (FSDP without a GPU).
+    User errors, one line each: ``accelerate launch --mixed_precision`` other than
+    ``train.precision``, fp16 without a GPU (Accelerate would silently run float32), a tracker whose
+    package is missing, a launch config this machine cannot run (FSDP without a GPU).
     """
     import accelerate.utils
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     precision, trackers = cfg.train.precision, cfg.log.with_
+    mixed_precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", mixed_precision)  # set by `accelerate launch`
+    if launched != mixed_precision:
+        asked = {"no": "fp32"}.get(launched, launched)
+        raise ConfigError(
+            f"accelerate launch asks for mixed precision {launched} but train.precision is {precision}; distill's setting "
+            f"decides: pass --set train.precision={asked}, or launch with --mixed_precision {mixed_precision}"
+        )
     for name in trackers:
         installed = getattr(accelerate.utils, f"is_{name}_available", lambda: True)
         if not installed():
@@ -258,13 +267,15 @@ def _accelerator(cfg: RunConfig):
     try:
         # step_scheduler_with_optimizer=False: the schedule counts optimizer steps; Accelerate would
         # otherwise step it once per process at each optimizer step (its data loaders scale with them)
-        accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision], step_scheduler_with_optimizer=False, **options)
+        accelerator = Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False, **options)
     except ValueError as error:
         raise ConfigError(f"train.precision {precision}: {str(error).splitlines()[0]}") from None
     except RuntimeError as error:
         raise ConfigError(f"Accelerate cannot start with this launch config here: {str(error).splitlines()[0]}") from None
     if precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.precision fp16: needs a GPU (on CPU Accelerate ignores it and the run would be float32); use bf16 or fp32")
+    if accelerator.distributed_type.name == "DEEPSPEED":  # it wants the micro-batch size; we prepare no data loader
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     return accelerator
 
 

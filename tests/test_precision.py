@@ -52,3 +52,19 @@ def test_fp16_without_a_gpu_is_one_line_before_anything_is_written(tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: train.precision fp16: needs a GPU"), result.output
     assert not out.exists()
+
+
+def test_a_launch_precision_other_than_train_precision_is_one_line(tmp_path, monkeypatch):
+    paths = make_pair(tmp_path)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "run", "--recipe", "kd", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]),
+        "--data", str(paths["data"]), "--output-dir", str(out), "--max-steps", "1",
+    ])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "error: accelerate launch asks for mixed precision bf16 but train.precision is fp32; distill's setting decides: "
+        "pass --set train.precision=bf16, or launch with --mixed_precision no"
+    )
+    assert not out.exists()
