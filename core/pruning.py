@@ -14,6 +14,14 @@ from distill.errors import ConfigError
 _LAYER_KEYS = (("model.layers.", "num_hidden_layers"), ("transformer.h.", "n_layer"))
 
 
+def _no_init_weights():
+    try:  # transformers 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def kept_layers(total: int, keep: int) -> list[int]:
     """``keep`` evenly spaced indices in ``range(total)``, first and last included."""
     if not 1 <= keep <= total:
@@ -54,7 +62,8 @@ def prune_layers(teacher, keep: int):
             pruned_state[key] = value.clone()
         elif int(match.group(1)) in new_index:
             pruned_state[f"{prefix}{new_index[int(match.group(1))]}.{match.group(2)}"] = value.clone()
-    student = AutoModelForCausalLM.from_config(config, dtype=next(teacher.parameters()).dtype)
+    with _no_init_weights():  # every weight is overwritten below; random init of 100M+ weights takes long
+        student = AutoModelForCausalLM.from_config(config, dtype=next(teacher.parameters()).dtype)
     missing, unexpected = student.load_state_dict(pruned_state, strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:

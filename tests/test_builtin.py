@@ -84,11 +84,11 @@ def test_embedded_default_runs_two_steps_offline(tmp_path, monkeypatch):
     out = tmp_path / "run"
     result = runner.invoke(app, [
         "run", "--max-steps", "2", "--output-dir", str(out), "--set", "train.batch_size=2", "--set", "eval.rouge_samples=2",
-        "--set", "generation.max_new_tokens=8", "--set", "data.validation=builtin:val", "--set", "eval.batch_size=16",
+        "--set", "generation.max_new_tokens=8", "--set", "data.val_max=8", "--set", "eval.batch_size=8",
     ])
     assert result.exit_code == 0, result.output
     config = (out / "config.yaml").read_text()
-    assert "teacher: smollm2-135m-instruct" in config and "recipe: distillm" in config
+    assert "ref: smollm2-135m-instruct" in config and "recipe: distillm" in config
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all("sgo_prob" in m for m in metrics)
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
