@@ -17,11 +17,14 @@ times. Reported:
 
 - seconds: the best repetition (the machine this was written on is shared and noisy);
 - peak extra MiB: peak RSS during the first repetition minus RSS just before it. The peak is the
-  kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``), cross-checked by
-  sampling ``/proc/self/statm`` every millisecond; with CUDA logits it is
+  kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``), or where that reset
+  is not allowed, ``/proc/self/statm`` sampled every millisecond; with CUDA logits it is
   ``torch.cuda.max_memory_allocated``. The gradient (``student.grad``, one logits-sized tensor) is
   part of both implementations' peaks;
 - the same peaks in units of one ``[N, V]`` float32 tensor ("logits units");
+- a second, allocator-independent peak: the most bytes of tensors alive at once, from the torch
+  profiler's allocation events in one more untimed pass ("tensor ratio"). On CPU the RSS peak also
+  holds what glibc keeps mapped after freeing the chunk-sized temporaries;
 - agreement: relative difference of the two losses, and the largest absolute difference of the
   gradients over 32 evenly spaced rows (counted and masked-out rows alike).
 
@@ -37,7 +40,8 @@ Run (from the repository root; the full grid takes a while on a few CPU cores)::
     .venv/bin/python benchmarks/divergence_memory.py                  # V in {32768, 49152, 151936}, N in {1024, 2048}
     .venv/bin/python benchmarks/divergence_memory.py --quick          # a tiny grid, seconds
     .venv/bin/python benchmarks/divergence_memory.py --vocab 49152 --tokens 2048 --divergences kl jsd
-    nice -n 10 .venv/bin/python benchmarks/divergence_memory.py --device cuda   # on a GPU
+    .venv/bin/python benchmarks/divergence_memory.py --threads 1      # steadier times on a busy machine
+    .venv/bin/python benchmarks/divergence_memory.py --device cuda    # on a GPU
 
 Prints a table and writes ``benchmarks/results/divergence_memory.json`` (``--output`` to change).
 """
@@ -56,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -84,7 +89,7 @@ MiB = 1 << 20
 # divergence and implementation has been measured. Deliberately on the high side.
 DEFAULT_PEAK_UNITS = {"ours": 2.0, "peer": {"jsd": 18.0, "skew_kl": 12.0, "skew_rkl": 12.0}}
 DEFAULT_PEER_UNITS = 10.0
-HEADROOM_BYTES = 1 << 30  # left free for the interpreter, the allocator and the rest of the machine
+HEADROOM_BYTES = 2 << 30  # left free for the interpreter, the allocator and the rest of the machine
 
 
 # --- peer implementations: whole-vocabulary float32 tensors, plain autograd
@@ -241,11 +246,15 @@ def available_bytes() -> int:
 
 
 class PeakRSS:
-    """Peak RSS over a ``with`` block: the kernel's VmHWM (reset on entry) and a 1 ms RSS sampler."""
+    """Peak RSS over a ``with`` block.
+
+    The kernel's high-water mark (VmHWM, reset on entry) where ``/proc/self/clear_refs`` may be
+    written; otherwise RSS sampled every ``interval_s`` by a thread. The sampler is only a fallback:
+    a thread waking every millisecond changes the timing of code made of many small operations.
+    """
 
     def __init__(self, interval_s: float = 0.001) -> None:
         self.interval_s = interval_s
-        self.sampled = 0
         self.peak = 0
         self.exact = False
         self._stop = threading.Event()
@@ -253,20 +262,23 @@ class PeakRSS:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.sampled = max(self.sampled, rss_bytes())
+            self.peak = max(self.peak, rss_bytes())
             time.sleep(self.interval_s)
 
     def __enter__(self) -> "PeakRSS":
-        self.sampled = rss_bytes()
+        self.peak = rss_bytes()
         self.exact = reset_high_water_mark()
-        self._thread.start()
+        if not self.exact:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sampled = max(self.sampled, rss_bytes())
-        self.peak = max(self.sampled, high_water_mark_bytes()) if self.exact else self.sampled
+        if self.exact:
+            self.peak = max(self.peak, high_water_mark_bytes(), rss_bytes())
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, rss_bytes())
 
 
 # --- one case, in a fresh subprocess
@@ -286,8 +298,10 @@ def sampled_rows(tokens: int) -> torch.Tensor:
 
 
 def run_case(divergence: str, implementation: str, vocab: int, tokens: int, repeats: int, seed: int,
-             device: str, grad_path: str) -> dict:
+             device: str, grad_path: str, threads: int | None = None) -> dict:
     """Measure one case in this process; save the gradient's sampled rows to ``grad_path``."""
+    if threads:
+        torch.set_num_threads(threads)
     loss_fn = loss_function(divergence, implementation)
     cuda = device.startswith("cuda")
 
@@ -296,7 +310,7 @@ def run_case(divergence: str, implementation: str, vocab: int, tokens: int, repe
     del warm_student, warm_teacher, warm_mask
 
     student, teacher, mask = make_inputs(vocab, tokens, seed, device)
-    seconds, loss, peak_extra, sampler_extra, exact = [], None, None, None, None
+    seconds, loss, peak_extra, exact = [], None, None, None
     for repeat in range(repeats):
         student.grad = None
         release_free_heap()
@@ -306,7 +320,7 @@ def run_case(divergence: str, implementation: str, vocab: int, tokens: int, repe
             before = torch.cuda.memory_allocated()
         else:
             before = rss_bytes()
-        with PeakRSS() if repeat == 0 and not cuda else _Nothing() as peak:
+        with PeakRSS() if repeat == 0 and not cuda else nullcontext() as peak:
             start = time.perf_counter()
             value = loss_fn(student, teacher, mask)
             value.backward()
@@ -318,25 +332,41 @@ def run_case(divergence: str, implementation: str, vocab: int, tokens: int, repe
             if cuda:
                 peak_extra, exact = torch.cuda.max_memory_allocated() - before, True
             else:
-                peak_extra, sampler_extra, exact = peak.peak - before, peak.sampled - before, peak.exact
+                peak_extra, exact = peak.peak - before, peak.exact
             torch.save(student.grad[sampled_rows(tokens).to(device)].cpu(), grad_path)
         del value
+    student.grad = None
     return {
         "seconds": min(seconds),
         "seconds_all": seconds,
         "peak_extra_bytes": peak_extra,
-        "sampled_peak_extra_bytes": sampler_extra,
         "peak_from": "cuda.max_memory_allocated" if cuda else ("VmHWM" if exact else "RSS sampled every 1 ms"),
+        "tensor_peak_bytes": peak_extra if cuda else tensor_peak_bytes(loss_fn, student, teacher, mask),
         "loss": loss,
     }
 
 
-class _Nothing:
-    def __enter__(self):
-        return None
+def tensor_peak_bytes(loss_fn, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> int | None:
+    """Peak bytes of tensors allocated and alive at once during one more, untimed forward+backward.
 
-    def __exit__(self, *exc) -> None:
+    Read from the torch profiler's allocation events, so it leaves out what the C allocator keeps
+    mapped after a free (heap fragmentation, trim thresholds): on CPU, the part of the RSS peak that a
+    caching GPU allocator would not show. None where the profiler does not expose the events.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss_fn(student, teacher, mask).backward()
+    try:
+        events = prof.profiler.kineto_results.events()
+        changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    except AttributeError:
         return None
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return peak
 
 
 def worker_main(spec: str) -> None:
@@ -389,18 +419,22 @@ def run_grid(args) -> list[dict]:
                     needed = (2 + units) * size + HEADROOM_BYTES  # inputs + peak + headroom
                     if args.device == "cpu" and needed > available_bytes():
                         row[implementation] = {"skipped": "memory", "estimated_peak_mib": units * size / MiB}
-                        print(f"  {divergence:8} {implementation:4} V={vocab} N={tokens}: skipped (memory)", flush=True)
+                        print(f"  {divergence:8} {implementation:4} V={vocab} N={tokens}: skipped (memory): "
+                              f"needs ~{needed / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB available",
+                              flush=True)
                         continue
                     grad_path = os.path.join(scratch, f"{implementation}.pt")
                     spec = {"divergence": divergence, "implementation": implementation, "vocab": vocab,
                             "tokens": tokens, "repeats": args.repeats, "seed": args.seed,
-                            "device": args.device, "grad_path": grad_path}
+                            "device": args.device, "grad_path": grad_path, "threads": args.threads}
                     result = run_in_subprocess(spec)
                     row[implementation] = result
                     if "error" in result:
                         print(f"  {divergence:8} {implementation:4} V={vocab} N={tokens}: {result['error']}", flush=True)
                         continue
                     result["peak_units"] = result["peak_extra_bytes"] / size
+                    if result["tensor_peak_bytes"] is not None:
+                        result["tensor_peak_units"] = result["tensor_peak_bytes"] / size
                     key = (divergence, implementation)
                     measured[key] = max(measured.get(key, 0.0), result["peak_units"])
                     grads[implementation] = torch.load(grad_path)
@@ -419,6 +453,8 @@ def compare(row: dict, grads: dict) -> None:
         return
     row["time_ratio"] = ours["seconds"] / peer["seconds"]
     row["memory_ratio"] = ours["peak_extra_bytes"] / peer["peak_extra_bytes"]
+    if ours["tensor_peak_bytes"] and peer["tensor_peak_bytes"]:
+        row["tensor_memory_ratio"] = ours["tensor_peak_bytes"] / peer["tensor_peak_bytes"]
     row["loss_rel_diff"] = abs(ours["loss"] - peer["loss"]) / max(abs(peer["loss"]), 1e-30)
     row["grad_max_abs_diff"] = float((grads["ours"] - grads["peer"]).abs().max())
     row["grad_max_abs"] = float(grads["peer"].abs().max())
@@ -440,7 +476,8 @@ def print_table(rows: list[dict]) -> None:
         ("divergence", 10), ("V", 7), ("N", 5), ("logits MiB", 10),
         ("ours s", 8), ("peer s", 16), ("time ratio", 10),
         ("ours MiB", 8), ("peer MiB", 16), ("mem ratio", 9),
-        ("ours xlogits", 12), ("peer xlogits", 16), ("loss rel diff", 13), ("grad max diff", 13),
+        ("ours xlogits", 12), ("peer xlogits", 16), ("tensor ratio", 12),
+        ("loss rel diff", 13), ("grad max diff", 13),
     ]
     header = "  ".join(f"{name:>{width}}" for name, width in columns)
     print(header)
@@ -455,10 +492,19 @@ def print_table(rows: list[dict]) -> None:
             cell(ours, "peak_mib", ".0f"), cell(peer, "peak_mib", ".0f"),
             f"{row['memory_ratio']:.1%}" if both else "-",
             cell(ours, "peak_units", ".2f"), cell(peer, "peak_units", ".2f"),
+            f"{row['tensor_memory_ratio']:.1%}" if "tensor_memory_ratio" in row else "-",
             f"{row['loss_rel_diff']:.1e}" if both else "-",
             f"{row['grad_max_abs_diff']:.1e}" if both else "-",
         ]
         print("  ".join(f"{value:>{width}}" for value, (_, width) in zip(values, columns)))
+
+
+LEGEND = (
+    "s: best forward+backward seconds; MiB: peak RSS during it minus RSS before (includes .grad); "
+    "xlogits: that peak / logits MiB;\nratios: ours / peer; tensor ratio: the same for the peak of live "
+    "tensors (profiler), without allocator retention;\nloss rel diff: |ours - peer| / |peer|; grad max diff: "
+    "max |ours - peer| over 32 sampled rows of student.grad"
+)
 
 
 def check_targets(rows: list[dict]) -> dict:
@@ -474,6 +520,7 @@ def check_targets(rows: list[dict]) -> dict:
             "measured": True,
             "memory_ratio": row["memory_ratio"],
             "memory_ok": row["memory_ratio"] <= TARGET["memory_ratio"],
+            "tensor_memory_ratio": row.get("tensor_memory_ratio"),
             "time_ratio": row["time_ratio"],
             "time_ok": row["time_ratio"] <= TARGET["time_ratio"],
         }
@@ -491,7 +538,27 @@ def print_targets(verdicts: dict) -> None:
             continue
         memory = "ok  " if v["memory_ok"] else "MISS"
         speed = "ok  " if v["time_ok"] else "MISS"
-        print(f"  {divergence:8}  memory {v['memory_ratio']:6.1%} {memory}   time {v['time_ratio']:5.2f}x {speed}")
+        tensors = v["tensor_memory_ratio"]
+        tensors = f"(live tensors only: {tensors:.1%})" if tensors is not None else ""
+        print(f"  {divergence:8}  memory {v['memory_ratio']:6.1%} {memory} {tensors:28}  "
+              f"time {v['time_ratio']:5.2f}x {speed}")
+
+
+def source_info() -> dict:
+    """Where the benchmarked ``distill`` was imported from, and its git commit where there is one."""
+    import distill
+
+    folder = os.path.dirname(os.path.abspath(distill.__file__))
+    info = {"path": folder}
+    try:
+        git = ["git", "-C", folder]
+        info["commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        status = subprocess.run(git + ["status", "--porcelain", "."], capture_output=True, text=True, check=True)
+        info["uncommitted_changes"] = bool(status.stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -502,6 +569,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--divergences", nargs="+", choices=list(DIVERGENCES), default=list(DIVERGENCES))
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (best is kept)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads in each case (default: torch's own)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "divergence_memory.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -514,7 +582,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeats must be >= 1")
 
     print(f"distill.divergence_loss vs peer-style whole-vocabulary losses on {args.device}, float32, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of {args.repeats}", flush=True)
+          f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads; best of {args.repeats}",
+          flush=True)
     started = time.time()
     rows = run_grid(args)
     for row in rows:
@@ -524,6 +593,7 @@ def main(argv: list[str] | None = None) -> None:
                 result["peak_mib"] = result["peak_extra_bytes"] / MiB
     print()
     print_table(rows)
+    print(LEGEND)
     verdicts = check_targets(rows)
     print_targets(verdicts)
 
@@ -534,8 +604,9 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        "threads": args.threads or torch.get_num_threads(),
         "device": args.device,
+        "distill": source_info(),
         "dtype": "float32",
         "repeats": args.repeats,
         "mask_fraction": MASK_FRACTION,
