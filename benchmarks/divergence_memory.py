@@ -29,8 +29,9 @@ times. Reported:
   gradients over 32 evenly spaced rows (counted and masked-out rows alike).
 
 A case whose estimated peak (from the same implementation's measured units at smaller sizes, or a
-conservative default) does not fit in the memory available right now is shown as
-``skipped (memory)``.
+conservative default) does not fit in the memory available right now (or in ``--max-gib``) is shown
+as ``skipped (memory)``. The JSON is rewritten after every case, so an interrupted run keeps its
+measurements (``"complete": false``).
 
 Targets reported at N=2048, V=49152: ours' peak <= 25% of the peer's, and ours' time <= 1.0x the
 peer's, for every divergence.
@@ -38,7 +39,7 @@ peer's, for every divergence.
 Run (from the repository root; the full grid takes a while on a few CPU cores)::
 
     .venv/bin/python benchmarks/divergence_memory.py                  # V in {32768, 49152, 151936}, N in {1024, 2048}
-    .venv/bin/python benchmarks/divergence_memory.py --quick          # a tiny grid, seconds
+    .venv/bin/python benchmarks/divergence_memory.py --quick          # a tiny grid, a minute or two
     .venv/bin/python benchmarks/divergence_memory.py --vocab 49152 --tokens 2048 --divergences kl jsd
     .venv/bin/python benchmarks/divergence_memory.py --threads 1      # steadier times on a busy machine
     .venv/bin/python benchmarks/divergence_memory.py --device cuda    # on a GPU
@@ -403,7 +404,8 @@ def run_in_subprocess(spec: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def run_grid(args) -> list[dict]:
+def run_grid(args, save) -> list[dict]:
+    """Every case of the grid, smallest logits first; ``save(rows)`` after each (divergence, V, N)."""
     shapes = sorted(((v, n) for v in args.vocab for n in args.tokens), key=lambda s: (s[0] * s[1], s[0]))
     measured: dict[tuple[str, str], float] = {}
     rows = []
@@ -417,10 +419,11 @@ def run_grid(args) -> list[dict]:
                 for implementation in IMPLEMENTATIONS:
                     units = estimated_units(divergence, implementation, measured)
                     needed = (2 + units) * size + HEADROOM_BYTES  # inputs + peak + headroom
-                    if args.device == "cpu" and needed > available_bytes():
+                    allowed = min(available_bytes(), args.max_gib * 2**30 if args.max_gib else math.inf)
+                    if args.device == "cpu" and needed > allowed:
                         row[implementation] = {"skipped": "memory", "estimated_peak_mib": units * size / MiB}
                         print(f"  {divergence:8} {implementation:4} V={vocab} N={tokens}: skipped (memory): "
-                              f"needs ~{needed / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB available",
+                              f"needs ~{needed / 2**30:.1f} GiB, {allowed / 2**30:.1f} GiB available",
                               flush=True)
                         continue
                     grad_path = os.path.join(scratch, f"{implementation}.pt")
@@ -432,6 +435,7 @@ def run_grid(args) -> list[dict]:
                     if "error" in result:
                         print(f"  {divergence:8} {implementation:4} V={vocab} N={tokens}: {result['error']}", flush=True)
                         continue
+                    result["peak_mib"] = result["peak_extra_bytes"] / MiB
                     result["peak_units"] = result["peak_extra_bytes"] / size
                     if result["tensor_peak_bytes"] is not None:
                         result["tensor_peak_units"] = result["tensor_peak_bytes"] / size
@@ -443,6 +447,7 @@ def run_grid(args) -> list[dict]:
                           flush=True)
                 compare(row, grads)
                 rows.append(row)
+                save(rows)
     return rows
 
 
@@ -570,6 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (best is kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads in each case (default: torch's own)")
+    parser.add_argument("--max-gib", type=float, help="skip CPU cases estimated to need more (default: what is available)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "divergence_memory.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -582,24 +588,23 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeats must be >= 1")
 
     print(f"distill.divergence_loss vs peer-style whole-vocabulary losses on {args.device}, float32, "
-          f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads; best of {args.repeats}",
+          f"torch {torch.__version__}, threads: {args.threads or torch.get_num_threads()}, best of {args.repeats}",
           flush=True)
     started = time.time()
-    rows = run_grid(args)
-    for row in rows:
-        for implementation in IMPLEMENTATIONS:
-            result = row[implementation]
-            if "peak_extra_bytes" in result:
-                result["peak_mib"] = result["peak_extra_bytes"] / MiB
+    rows = run_grid(args, save=lambda rows: write_report(args, rows, started, complete=False))
     print()
     print_table(rows)
     print(LEGEND)
-    verdicts = check_targets(rows)
-    print_targets(verdicts)
+    print_targets(check_targets(rows))
+    write_report(args, rows, started, complete=True)
+    print(f"\nwrote {args.output}")
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+
+def write_report(args, rows: list[dict], started: float, *, complete: bool) -> None:
+    """The JSON result; written after every case too, so that an interrupted run keeps what it measured."""
     report = {
         "benchmark": "divergence_memory",
+        "complete": complete,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -612,11 +617,13 @@ def main(argv: list[str] | None = None) -> None:
         "mask_fraction": MASK_FRACTION,
         "wall_seconds": time.time() - started,
         "targets": TARGET,
-        "verdicts": verdicts,
+        "verdicts": check_targets(rows),
         "cases": rows,
     }
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.output.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(args.output)
 
 
 if __name__ == "__main__":
