@@ -75,4 +75,5 @@ DEFAULT_RUN = {
     "generation": {"max_new_tokens": 128},
     "eval": {"every": 50, "batch_size": 64, "rouge_samples": 64},
 }
-"""The embedded default: what ``distill run`` with no teacher does (offline, about 10 minutes on 2 cores)."""
+"""The embedded default: what ``distill run`` with no teacher does (offline). Sized for 10 minutes on 2
+idle cores; that target has not yet been confirmed by a full uncontended run."""
