@@ -15,7 +15,6 @@ import json
 import random
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from rich.progress import Progress
