@@ -26,7 +26,7 @@ from distill.data import BatchSampler, collate, load_examples, load_lm_corpus
 from distill.evaluation import Evaluator
 from distill.generation import ResponseGenerator
 from distill.models import add_lora, check_vocabularies, load_model, load_tokenizer, merge_adapter
-from distill.objective import loss_denominator, micro_batch_loss, response_logits, token_cross_entropy
+from distill.objective import loss_denominator, micro_batch_loss, token_cross_entropy
 from distill.errors import ConfigError, RunStopped
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
 from distill.policy import SamplingContext
@@ -373,4 +373,4 @@ def _lm_loss(student, blocks: list[list[int]], rng: random.Random, batch_size: i
     return token_cross_entropy(logits, ids[:, 1:], mask)
 
 
-__all__ = ["RunResult", "train", "response_logits"]
+__all__ = ["RunResult", "train"]

@@ -52,25 +52,42 @@ def divergence_loss(
     """
     divergence = ConfiguredDivergence.wrap(divergence)
     check_logits(student_logits, teacher_logits)
-    positions = student_logits.shape[:-1]
+    return chunked_token_mean(divergence, student_logits, teacher_logits, mask, chunk_size=chunk_size, n_tokens=n_tokens)
+
+
+def chunked_token_mean(
+    fn,
+    logits: torch.Tensor,
+    other: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+    n_tokens: int | float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sum over masked positions of fn(logits rows [c, V], other rows) / n_tokens``, chunk by chunk.
+
+    The masking, chunking and reduction behind ``divergence_loss`` (``other`` = teacher logits) and
+    the token cross-entropy (``other`` = labels ``[B, T]``); see ``divergence_loss`` for the arguments.
+    """
+    positions = logits.shape[:-1]
     if mask is None:
-        mask = torch.ones(positions, dtype=torch.bool, device=student_logits.device)
+        mask = torch.ones(positions, dtype=torch.bool, device=logits.device)
     elif mask.shape != positions:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits positions {tuple(positions)}")
-    index = mask.to(device=student_logits.device, dtype=torch.bool).nonzero(as_tuple=True)
+    index = mask.to(device=logits.device, dtype=torch.bool).nonzero(as_tuple=True)
     count = index[0].numel()
     denominator = count if n_tokens is None else n_tokens
     denominator = float(denominator.item() if isinstance(denominator, torch.Tensor) else denominator)
     if chunk_size is None:
-        chunk_size = default_chunk_size(student_logits.shape[-1])
+        chunk_size = default_chunk_size(logits.shape[-1])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if count and not denominator > 0:
         raise ValueError(f"n_tokens must be > 0 when positions count, got {denominator}")
     scale = 0.0 if count == 0 else 1.0 / denominator
     if not torch.is_grad_enabled():  # e.g. evaluation: no graph, so no gradient buffer or local backward
-        student_logits, teacher_logits = student_logits.detach(), teacher_logits.detach()
-    return _ChunkedDivergenceLoss.apply(student_logits, teacher_logits, divergence, index, int(chunk_size), scale)
+        logits, other = logits.detach(), other.detach()
+    return _ChunkedDivergenceLoss.apply(logits, other, fn, index, int(chunk_size), scale)
 
 
 class _ChunkedDivergenceLoss(torch.autograd.Function):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.data import Batch
-from distill.loss import _ChunkedDivergenceLoss, default_chunk_size, divergence_loss
+from distill.loss import chunked_token_mean, divergence_loss
 
 
 def loss_denominator(local_counts: list[int], accelerator=None) -> float:
@@ -42,12 +42,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.
     Chunked like ``divergence_loss`` (the same autograd function), so no whole-vocabulary
     log-softmax is kept.
     """
-    index = mask.nonzero(as_tuple=True)
-    count = index[0].numel()
-    denominator = float(count if n_tokens is None else n_tokens)
-    chunk = chunk_size or default_chunk_size(logits.shape[-1])
-    scale = 0.0 if count == 0 else 1.0 / denominator
-    return _ChunkedDivergenceLoss.apply(logits, labels, _cross_entropy_rows, index, chunk, scale)
+    return chunked_token_mean(_cross_entropy_rows, logits, labels, mask, chunk_size=chunk_size, n_tokens=n_tokens)
 
 
 _KEEPS_LOGITS: dict[type, bool] = {}

@@ -21,6 +21,7 @@ import distill
 from distill import registry as registry_module
 from distill.cli.listing import render_listing
 from distill.registry import AUTOLOAD_ENV, BUILTIN_PROVIDER, Registry
+from tiny_models import table_rows as rows
 
 cli_app = importlib.import_module("distill.cli.app")  # the module (distill.cli.app is also the Typer object)
 runner = CliRunner()
@@ -97,14 +98,6 @@ def with_fake_plugin(monkeypatch, wide):
     monkeypatch.setattr(registry_module, "_default", Registry.build(plugins=[fake_plugin()], autoload=False))
 
 
-def rows(output: str) -> dict[str, str]:
-    """The first line of each table row, by name (``│ kl │ ... │``)."""
-    found = {}
-    for line in output.splitlines():
-        cells = [c.strip() for c in line.split("│")[1:-1]]
-        if cells and cells[0]:
-            found[cells[0]] = " | ".join(cells)
-    return found
 
 
 def test_list_divergences_shows_names_aliases_ranges_and_provider(builtins_only):

@@ -22,6 +22,7 @@ import torch
 
 import distill
 from distill.registry import AUTOLOAD_ENV, BUILTIN_PROVIDER, Registry
+from tiny_models import table_rows as rows
 
 PACKAGES = Path(__file__).resolve().parent / "plugin_pkgs"
 FIXTURES = {"hellinger": "distill-hellinger", "kl_clash": "distill-kl-clash", "fork": "distill-hellinger-fork"}
@@ -79,14 +80,6 @@ def run(args: list[str], *folders: Path, disable_autoload: bool = False) -> subp
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
 
 
-def rows(output: str) -> dict[str, str]:
-    """``distill list`` table rows by name: the first line of each row, cells joined by ' | '."""
-    found = {}
-    for line in output.splitlines():
-        cells = [c.strip() for c in line.split("│")[1:-1]]
-        if cells and cells[0]:
-            found[cells[0]] = " | ".join(cells)
-    return found
 
 
 def squared_hellinger(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -73,3 +73,13 @@ def make_pair(root: Path, *, student_vocab: int | None = None, pad_token: str | 
     make_model(teacher, len(tokenizer), layers=2, seed=1)
     make_model(student, student_vocab or len(tokenizer), layers=1, seed=2)
     return {"teacher": teacher, "student": student, "data": write_data(root / "data.jsonl")}
+
+
+def table_rows(output: str) -> dict[str, str]:
+    """``distill list`` table rows by name: the first line of each row, cells joined by ' | '."""
+    found = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if cells and cells[0]:
+            found[cells[0]] = " | ".join(cells)
+    return found
