@@ -28,6 +28,7 @@ STATE_FILE = "trainer_state.pt"
 
 RESUMABLE_FIELDS = (
     "train.max_steps",
+    "train.max_seconds",
     "train.skip_nonfinite",
     "eval.every",
     "eval.batch_size",

@@ -76,6 +76,7 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     max_steps: int = Field(100, gt=0, description="optimizer steps")
+    max_seconds: float = Field(0.0, ge=0, description="time budget: stop after the step at which this invocation's training time (optimizer steps only, not evaluation or checkpoints) reaches it, then evaluate and save as at max_steps (0 = no limit)")
     batch_size: int = Field(8, gt=0, description="sequences per micro-batch per process")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")

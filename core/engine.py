@@ -146,6 +146,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
 
     batches = iter(sampler)
     started = time.perf_counter()
+    trained_seconds = 0.0  # optimizer steps only, for train.max_seconds
     with StopSignals() as stop:
         for step in range(run.step + 1, cfg.train.max_steps + 1):
             tick = time.perf_counter()
@@ -185,24 +186,28 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
                 record["sgo_prob"] = policy.sgo_prob
             if not finite:
                 record["skipped"] = True
+            trained_seconds += record["seconds"]
+            last = step == cfg.train.max_steps or _budget_spent(cfg.train.max_seconds, trained_seconds, accelerator)
             files.append("metrics.jsonl", record)
             accelerator.log(_numbers("train", record), step=step)
             rank_log({"step": step, "source": source, "tokens": sum(b.n_tokens for b in micro)})
             report("step", record)
             # --- evaluate once in a while (and at the end)
-            if step == cfg.train.max_steps or (cfg.eval.every and step % cfg.eval.every == 0):
-                run.after = evaluate(student, teacher, with_rouge=step == cfg.train.max_steps)  # ROUGE: before and after
+            if last or (cfg.eval.every and step % cfg.eval.every == 0):
+                run.after = evaluate(student, teacher, with_rouge=last)  # ROUGE: before and after
                 policy.observe_eval(step, run.after["val_loss"])
                 files.append("eval.jsonl", {"step": step, **run.after})
                 accelerator.log(_numbers("eval", run.after), step=step)
                 report("eval", {"step": step, **run.after})
             # --- checkpoint once in a while, at the end, and when asked to stop (Ctrl-C, SIGTERM)
             signum = stop.requested(accelerator)
-            if step == cfg.train.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or signum:
+            if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or signum:
                 path = save(step)
             if signum:
                 name = signal.Signals(signum).name
                 raise RunStopped(f"{name} after step {step}; checkpoint saved to {path}; continue with: distill run --resume --output-dir {out}", 128 + signum)
+            if last:  # max_steps, or the train.max_seconds budget is spent
+                break
 
     # --- the final student, loadable with AutoModelForCausalLM.from_pretrained (with LoRA: the adapters, and merged/ on request)
     state = accelerator.get_state_dict(student)  # a collective call under FSDP / ZeRO-3
@@ -218,9 +223,19 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     files.write_folder("final", fill_final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    result = RunResult(out, cfg.train.max_steps, time.perf_counter() - started, run.before, run.after, run.sources, run.last_loss, run.skipped, accelerator.is_main_process)
+    result = RunResult(out, run.step, time.perf_counter() - started, run.before, run.after, run.sources, run.last_loss, run.skipped, accelerator.is_main_process)
     report("end", {"output_dir": str(out), "seconds": result.seconds, "skipped": run.skipped})
     return result
+
+
+def _budget_spent(max_seconds: float, seconds: float, accelerator) -> bool:
+    """Whether ``train.max_seconds`` (0 = no limit) is reached. Processes decide on the mean of their
+    clocks, so that all of them take the same last step."""
+    if max_seconds <= 0:
+        return False
+    if accelerator.num_processes > 1:
+        seconds = float(accelerator.reduce(torch.tensor(seconds, device=accelerator.device), reduction="mean"))
+    return seconds >= max_seconds
 
 
 def _nonfinite_stop(step: int, loss: float, norm, out: Path) -> RunStopped:

@@ -74,6 +74,18 @@ def test_every_recipe_trains_evaluates_and_saves(tiny, tmp_path, recipe):
     assert generated.shape[1] > 0
 
 
+def test_time_budget_ends_the_run_with_the_final_evaluation_and_save(tiny, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(tiny, out, "--recipe", "kd", "--max-steps", "50", "--set", "train.max_seconds=1e-9", "--set", "eval.every=0", "--set", "eval.rouge_samples=2")
+    assert result.exit_code == 0, result.output
+    # any step takes longer than the budget, so the first one is the last
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
+    evals = read_jsonl(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 1] and "rouge_l" in evals[-1]
+    assert (out / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
+    assert (out / "final" / "config.json").is_file()
+
+
 def test_divergence_and_policy_flags_as_the_user_wrote_them(tiny, tmp_path):
     result = run_cli(
         tiny, tmp_path / "run", "--divergence", "skew_kl", "--policy", "adaptive_offpolicy", "-D", "alpha=0.2",
