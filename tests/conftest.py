@@ -8,10 +8,24 @@ into torch and the first build of the plugin registry take far longer than later
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 from hypothesis import settings
+
+# the built-in teacher's plain copy (distill.builtin) goes to a folder of this test session, which
+# training subprocesses inherit: tests never write into the user's cache
+_SESSION_CACHE = None if "DISTILL_CACHE" in os.environ else tempfile.mkdtemp(prefix="distill-test-cache-")
+if _SESSION_CACHE:
+    os.environ["DISTILL_CACHE"] = _SESSION_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
 
 settings.register_profile("default", deadline=None)
 settings.register_profile("thorough", deadline=None, max_examples=1000)

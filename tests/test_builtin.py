@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -96,3 +97,38 @@ def test_embedded_default_runs_two_steps_offline(tmp_path, monkeypatch):
     assert "student-output share" in result.output
     student = AutoModelForCausalLM.from_pretrained(out / "final")
     assert student.config.num_hidden_layers < 30
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "c"))
+    assert builtin.cache_root() == tmp_path / "c"
+    monkeypatch.setenv("DISTILL_CACHE", "off")
+    assert builtin.cache_root() is None
+    monkeypatch.delenv("DISTILL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert builtin.cache_root() == tmp_path / "xdg" / "distill"
+
+
+def test_a_cache_that_cannot_be_written_is_skipped(tmp_path):
+    _, model, _ = next(tiny_models())
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    builtin._write_cache(blocker / "copy", model, tokenizer=None)  # mkdir fails: nothing raised
+    assert not builtin._cached(blocker / "copy")
+
+
+@needs_teacher
+def test_the_teacher_is_cached_as_a_plain_copy_with_the_same_outputs():
+    folder = builtin._cache_dir()  # the test session's cache (conftest sets DISTILL_CACHE)
+    assert folder is not None and str(folder).startswith(os.environ["DISTILL_CACHE"])
+    cached = builtin.load_builtin_model(builtin.SMOLLM2)  # writes the copy unless an earlier test did
+    assert builtin._cached(folder) and (folder / "model.safetensors").is_file()
+    fresh = builtin._from_gguf(torch.float32).eval()
+    ids = torch.tensor([[1, 563, 2240, 314, 253, 1345, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(cached(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=0, atol=0)
+    tokenizer, original = builtin.load_builtin_tokenizer(builtin.SMOLLM2), builtin._tokenizer_from_gguf()
+    chat = [{"role": "user", "content": "Name three colours."}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == original.apply_chat_template(chat, tokenize=False)
+    assert tokenizer("Hello, world! 12 + 30")["input_ids"] == original("Hello, world! 12 + 30")["input_ids"]
+    assert builtin.load_builtin_model(builtin.SMOLLM2, torch.bfloat16).dtype == torch.bfloat16
