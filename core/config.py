@@ -40,6 +40,10 @@ class ModelSpec(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the loaded weights")
     adapter: str | None = Field(None, description="a PEFT (LoRA) adapter folder, merged into the weights at load")
     lora: LoraSpec | None = Field(None, description="student only: train LoRA adapters instead of every weight")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="student only: parameters kept fixed; 'embeddings' (input and output embeddings) or glob patterns over parameter names",
+    )
 
     @model_validator(mode="before")
     @classmethod

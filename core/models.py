@@ -7,6 +7,7 @@ layers) or ``prune:K:REF``.
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 
 import torch
@@ -30,6 +31,10 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
         spec = ref
         if role == "teacher" and spec.lora is not None:
             raise ConfigError("teacher.lora: the teacher is frozen; to load a LoRA-tuned teacher set teacher.adapter=PATH")
+        if role == "teacher" and spec.freeze:
+            raise ConfigError("teacher.freeze: the teacher is always frozen; set student.freeze instead")
+        if spec.lora is not None and spec.freeze:
+            raise ConfigError("student.freeze: with student.lora only the adapters train already; drop one of the two")
         model = load_model(spec.ref, role, getattr(torch, spec.dtype), teacher=teacher)
         return merge_adapter(model, spec.adapter, role) if spec.adapter else model
     if not ref:
@@ -57,6 +62,28 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
         return AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else ref, dtype=dtype)
     except (OSError, ValueError) as error:
         raise ConfigError(f"--{role} {ref}: cannot load a causal language model ({str(error).splitlines()[0]})") from None
+
+
+def freeze(model, patterns: list[str]) -> int:
+    """Stop gradients for the parameters ``patterns`` select: ``embeddings`` (the input and output
+    embeddings, one tensor when tied) or ``fnmatch`` globs over names (``model.layers.0.*``).
+    Returns how many weights stay trainable; a pattern that selects nothing is a ``ConfigError``."""
+    named = dict(model.named_parameters())
+    for pattern in patterns:
+        if pattern == "embeddings":
+            modules = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+            chosen = [p for m in modules for p in m.parameters()]
+        else:
+            chosen = [p for name, p in named.items() if fnmatch.fnmatchcase(name, pattern)]
+        if not chosen:
+            example = next(iter(named), "")
+            raise ConfigError(f"student.freeze {pattern!r}: matches no parameter (names look like {example!r}; or use 'embeddings')")
+        for parameter in chosen:
+            parameter.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if patterns and trainable == 0:
+        raise ConfigError(f"student.freeze {patterns}: freezes every parameter; nothing would train")
+    return trainable
 
 
 def _peft(setting: str):

@@ -152,3 +152,26 @@ def test_previous_run_is_not_overwritten_without_flag(tiny, tmp_path):
     assert (out / "metrics.jsonl").read_text() == before
     assert run_cli(tiny, out, "--recipe", "kd", "--max-steps", "2", "--overwrite").exit_code == 0
     assert len(read_jsonl(out / "metrics.jsonl")) == 2
+
+
+def test_frozen_embeddings_stay_as_they_were_and_the_rest_trains(tiny, tmp_path):
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "2", "--set", "train.lr=1e-2", "--set", "student.freeze=[embeddings, 'model.layers.0.*']")
+    assert result.exit_code == 0, result.output
+    before = AutoModelForCausalLM.from_pretrained(tiny["student"]).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").state_dict()
+    frozen = {k for k in before if k.startswith(("model.embed_tokens.", "lm_head.", "model.layers.0."))}
+    assert frozen and len(frozen) < len(before)
+    for key in before:
+        assert torch.equal(before[key], after[key]) == (key in frozen), key
+    assert "freeze:\n  - embeddings\n  - model.layers.0.*" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("student.freeze=['no.such.*']", "student.freeze 'no.such.*': matches no parameter"),
+    ("student.freeze=['*']", "freezes every parameter"),
+    ("teacher.freeze=[embeddings]", "teacher.freeze: the teacher is always frozen"),
+])
+def test_bad_freeze_settings_are_one_line_errors(tiny, tmp_path, setting, message):
+    result = run_cli(tiny, tmp_path / "run", "--max-steps", "1", "--set", setting)
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "run").exists()
