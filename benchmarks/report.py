@@ -1,0 +1,240 @@
+"""Write ``benchmarks/RESULTS.md`` from the benchmarks' JSON results, after running them with ``--run``.
+
+RESULTS.md states the machine, thread count, date, versions and settings of the runs, the targets of
+issue 7 with the measured numbers and pass / miss, the step-cost and equal-budget tables with their
+plots, and (when ``results/divergence_memory.json`` exists) the divergence memory targets.
+
+Run (from the repository root)::
+
+    .venv/bin/python benchmarks/report.py --run              # step_cost.py, quality_budget.py, then RESULTS.md
+    .venv/bin/python benchmarks/report.py --run --memory     # also divergence_memory.py's full grid (long)
+    .venv/bin/python benchmarks/report.py --run --steps 5 --budget 180 --threads 2
+    .venv/bin/python benchmarks/report.py                    # only rewrite RESULTS.md from the JSON there
+
+``--run`` runs each benchmark in its own process, one after the other, on the embedded default; on a
+2-core CPU machine step_cost takes about half an hour and quality_budget about 6 x (budget + its
+evaluations). RESULTS.md marks results measured on settings other than the embedded default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_benchmarks(args) -> None:
+    """Each benchmark in a fresh process (its own memory, its own torch threads); stop at a failure."""
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    commands = [
+        [HERE / "step_cost.py", "--steps", str(args.steps), "--warmup", str(args.warmup), "--output", str(args.results / "step_cost.json"), *threads],
+        [HERE / "quality_budget.py", "--budget", str(args.budget), "--evals", str(args.evals), "--step-cost", str(args.results / "step_cost.json"),
+         "--output", str(args.results / "quality_budget.json"), *threads],
+    ]
+    if args.memory:
+        commands.append([HERE / "divergence_memory.py", "--output", str(args.results / "divergence_memory.json"), *threads])
+    for command in commands:
+        print(f"$ {' '.join(map(str, command))}", flush=True)
+        started = time.time()
+        done = subprocess.run([sys.executable, *map(str, command)], check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"{Path(command[0]).name} failed (exit {done.returncode}); RESULTS.md not written")
+        print(f"({Path(command[0]).name}: {(time.time() - started) / 60:.1f} min)", flush=True)
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# --- Markdown pieces
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    header, *body = rows
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def verdict(passed: bool | None) -> str:
+    return "not measured" if passed is None else ("**pass**" if passed else "**miss**")
+
+
+def embedded_default_settings() -> dict[str, Any]:
+    """The settings record of the embedded default as the code defines it now."""
+    import distill
+    from common import settings_record
+    from distill.builtin import DEFAULT_RUN
+    from distill.config import build_config, recipe_layer
+
+    return settings_record(build_config([recipe_layer(distill.get_recipe("kd")), DEFAULT_RUN]))
+
+
+def settings_line(settings: dict[str, Any]) -> str:
+    default = embedded_default_settings()
+    differs = [k for k, v in default.items() if settings.get(k) != v]
+    what = (f"teacher `{settings['teacher']}` ({settings['teacher_dtype']}), student `{settings['student']}` ({settings['student_dtype']} weights, "
+            f"{settings['precision']} compute), data `{settings['data']}` (validation `{settings['validation']}`), prompts <= {settings['max_prompt_tokens']} "
+            f"and responses <= {settings['max_response_tokens']} tokens, batch {settings['batch_size']} x {settings['grad_accum']}, "
+            f"max_new_tokens {settings['max_new_tokens']}")
+    if differs:
+        return f"**Not the embedded default** (differs in {', '.join(differs)}): {what}."
+    return f"The embedded default: {what}."
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    commit = env.get("commit", "unknown") + (" with uncommitted changes" if env.get("uncommitted_changes") else "")
+    return (f"{env['date']}; {env['cpu']} ({env['cpu_count']} cores, {env['machine']}), torch threads {env['torch_threads']} "
+            f"(OMP_NUM_THREADS={env.get('omp_num_threads') or 'unset'}), device {env['device']}; Python {env['python']}, torch {env['torch']}, "
+            f"transformers {env['transformers']}, accelerate {env['accelerate']}, trl {env.get('trl') or 'not installed'}; commit {commit}")
+
+
+def targets_section(step: dict | None, quality: dict | None, memory: dict | None) -> list[str]:
+    rows = [["target", "measured", "result", "from"]]
+    for v in (step or {}).get("verdicts", []):
+        measured = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x (limit {v['limit']}x)"
+        rows.append([v["target"], measured, verdict(v["pass"]), "step_cost"])
+    for v in (quality or {}).get("verdicts", []):
+        if "ratio" in v:
+            measured = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x (limit {v['limit']}x)"
+        else:
+            measured = "-" if v["pass"] is None else f"{v['distillm']:.4f} vs {v['other']:.4f} nats/token"
+        rows.append([v["target"], measured, verdict(v["pass"]), "quality_budget"])
+    if memory:
+        for name, v in memory.get("verdicts", {}).items():
+            if not v.get("measured"):
+                continue
+            t = memory["targets"]
+            rows.append([f"divergence_loss {name}: peak memory <= {t['memory_ratio']}x, time <= {t['time_ratio']}x the peer's (N={t['tokens']}, V={t['vocab']})",
+                         f"memory {v['memory_ratio']:.2f}x, time {v['time_ratio']:.2f}x", f"memory {verdict(v['memory_ok'])}, time {verdict(v['time_ok'])}",
+                         "divergence_memory"])
+    return ["## Targets", "", markdown_table(rows), ""]
+
+
+def image(results: Path, out_dir: Path, name: str | None, alt: str) -> list[str]:
+    """A Markdown image of ``results/name``, linked relative to RESULTS.md; nothing if the file is missing."""
+    if not name or not (results / name).is_file():
+        return []
+    return [f"![{alt}]({os.path.relpath(results / name, out_dir)})", ""]
+
+
+def step_cost_section(step: dict, results: Path, out_dir: Path) -> list[str]:
+    from step_cost import format_table
+
+    s = step["settings"]
+    trl = [c for c in step["cases"] if c.get("kind") == "trl"]
+    lines = [
+        "## Seconds per optimizer step (`step_cost.py`)",
+        "",
+        environment_line(step["environment"]) + ".",
+        "",
+        settings_line(s) + (f" {s['warmup']} warm-up steps, then {s['steps']} timed steps per case; "
+                            f"learning rate {s['lr']} ({s['schedule']}); JSD β = {s['jsd_beta']}; sampling temperature {s['generation_temperature']}."),
+        "",
+        markdown_table(format_table(step["cases"])),
+        "",
+        ("Seconds are means over the timed steps (ours: `seconds` in `metrics.jsonl`, which covers the policy's sampling, generation "
+         "included, forward, backward and the optimizer step; TRL: `on_step_begin` to `on_step_end`). \"by source\": mean seconds (steps) "
+         "per source of the sequences. \"x kd\": ratio to `kd`; \"x TRL\": `jsd-offpolicy` to `trl-lmbda0`, `jsd-onpolicy` to "
+         "`trl-lmbda1` (TRL gradient checkpointing off; `-gc`: on, TRL's default). `distillm` runs at its initial φ = 0 here (φ rises "
+         "only at evaluations), so its full-run cost is the equal-budget run's below."),
+    ]
+    if trl:
+        lines += ["", (f"TRL {step['environment'].get('trl')}: `GKDTrainer` with its optimizer `{trl[0].get('optimizer')}`, mixed precision "
+                       f"`{trl[0].get('mixed_precision')}`, the same teacher and student weights and dtypes, the same tokenized batches.")]
+    if step.get("skipped"):
+        lines += ["", f"Not run: {', '.join(step['skipped'])} (trl not installed)."]
+    lines.append("")
+    lines += image(results, out_dir, step.get("plot"), "step cost breakdown")
+    if not step.get("complete"):
+        lines += ["**Incomplete run**: the JSON was written before every case finished.", ""]
+    return lines
+
+
+def quality_section(quality: dict, results: Path, out_dir: Path) -> list[str]:
+    from quality_budget import format_table
+
+    s = quality["settings"]
+    evals = sorted({r["eval_every"] for r in quality["recipes"]})
+    lines = [
+        "## Quality at an equal training budget (`quality_budget.py`)",
+        "",
+        environment_line(quality["environment"]) + ".",
+        "",
+        settings_line(s) + (f" Budget {s['budget_seconds']:g} training seconds per recipe (optimizer steps only; evaluation excluded), "
+                            f"`train.max_steps` from the seconds per step of {' and '.join(quality['seconds_per_step_from'])}, {s['evals']} evaluations "
+                            f"per run (every {', '.join(map(str, evals))} steps), ROUGE-L on {s['rouge_samples']} validation prompts at most; "
+                            f"learning rate {s['lr']} ({s['schedule']}, {s['warmup_steps']} warm-up steps), CE weight {s['ce_weight']}."),
+        "",
+        markdown_table(format_table(quality["recipes"])),
+        "",
+        ("val CE: the student's cross-entropy on the teacher's answers to the validation prompts; token KL: KL(teacher || student) per "
+         "response token on the same; ROUGE-L: the student's greedy answers against the teacher's. s/step: mean over the whole run "
+         "(full-run cost). \"ended by\": `max_steps` (the whole schedule ran within the budget) or `budget` (`train.max_seconds`)."),
+        "",
+    ]
+    for name in quality.get("plots", []):
+        lines += image(results, out_dir, name, name)
+    if not quality.get("complete"):
+        lines += ["**Incomplete run**: the JSON was written before every recipe finished.", ""]
+    return lines
+
+
+def render(step: dict | None, quality: dict | None, memory: dict | None, results: Path, out_dir: Path) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        ("Written by `benchmarks/report.py` from `benchmarks/results/*.json`; regenerate everything with "
+         "`.venv/bin/python benchmarks/report.py --run` (see `benchmarks/report.py`)."),
+        "",
+    ]
+    lines += targets_section(step, quality, memory)
+    if step:
+        lines += step_cost_section(step, results, out_dir)
+    if quality:
+        lines += quality_section(quality, results, out_dir)
+    if memory:
+        lines += ["## Divergence memory (`divergence_memory.py`)", "",
+                  (f"{memory.get('cpu_count')} cores, {memory.get('threads')} threads, torch {memory.get('torch')}, {memory.get('device')}, "
+                   f"{memory.get('wall_seconds', 0) / 60:.0f} min; the full tables are in `results/divergence_memory.json`."), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", action="store_true", help="run step_cost.py and quality_budget.py first")
+    parser.add_argument("--memory", action="store_true", help="with --run: also divergence_memory.py (its full grid)")
+    parser.add_argument("--steps", type=int, default=10, help="step_cost.py --steps")
+    parser.add_argument("--warmup", type=int, default=2, help="step_cost.py --warmup")
+    parser.add_argument("--budget", type=float, default=300.0, help="quality_budget.py --budget (training seconds per recipe)")
+    parser.add_argument("--evals", type=int, default=10, help="quality_budget.py --evals")
+    parser.add_argument("--threads", type=int, help="torch threads in every benchmark")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON results")
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.run:
+        run_benchmarks(args)
+    step, quality = load(args.results / "step_cost.json"), load(args.results / "quality_budget.json")
+    memory = load(args.results / "divergence_memory.json")
+    if step is None and quality is None:
+        raise SystemExit(f"no step_cost.json or quality_budget.json in {args.results}; run with --run")
+    args.output.write_text(render(step, quality, memory, args.results, args.output.resolve().parent))
+    print(f"wrote {args.output}")
+    return args.output
+
+
+if __name__ == "__main__":
+    main()
