@@ -146,6 +146,7 @@ def _version(package: str) -> str | None:
 
 
 def trl_available() -> bool:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKDTrainer lives in trl.experimental, on purpose
     try:
         from trl.experimental.gkd import GKDTrainer  # noqa: F401
     except ImportError:
