@@ -22,6 +22,10 @@ def _no_init_weights():
     return no_init_weights()
 
 
+def _get(settings, key: str):
+    return settings.get(key) if isinstance(settings, dict) else getattr(settings, key, None)
+
+
 def kept_layers(total: int, keep: int) -> list[int]:
     """``keep`` evenly spaced indices in ``range(total)``, first and last included."""
     if not 1 <= keep <= total:
@@ -51,6 +55,11 @@ def prune_layers(teacher, keep: int):
         values = getattr(config, name, None)
         if isinstance(values, list) and len(values) == total:
             setattr(config, name, [values[i] for i in layers])
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None and str(_get(quantization, "quant_method")).lower().endswith("gguf"):
+        # a GGUF-loaded teacher's state holds de-quantized tensors: the copy is a plain model (saved
+        # and reloaded without the GGUF file, and not flagged as quantized)
+        del config.quantization_config
     if getattr(config, "max_window_layers", None) is not None:
         config.max_window_layers = min(config.max_window_layers, len(layers))
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.*)")

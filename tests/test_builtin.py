@@ -123,6 +123,8 @@ def test_the_teacher_is_cached_as_a_plain_copy_with_the_same_outputs():
     assert folder is not None and str(folder).startswith(os.environ["DISTILL_CACHE"])
     cached = builtin.load_builtin_model(builtin.SMOLLM2)  # writes the copy unless an earlier test did
     assert builtin._cached(folder) and (folder / "model.safetensors").is_file()
+    assert "quantization_config" not in (folder / "config.json").read_text()  # a plain model, not a GGUF one
+    assert not getattr(cached, "is_quantized", False)
     fresh = builtin._from_gguf(torch.float32).eval()
     ids = torch.tensor([[1, 563, 2240, 314, 253, 1345, 30]])
     with torch.no_grad():
