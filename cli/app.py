@@ -147,8 +147,31 @@ def list_plugins(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point. Usage mistakes that click catches (an unknown option, a value of
+    the wrong type, a missing argument) are one line too, with exit code 2."""
+    click = _click_exceptions()
     try:
-        app(args=argv, standalone_mode=True)
+        code = app(args=argv, prog_name="distill", standalone_mode=False)
+    except click.NoArgsIsHelpError as usage:  # plain `distill`: the help, as before
+        console.print(usage.ctx.get_help() if usage.ctx else usage.format_message(), highlight=False, markup=False)
+        sys.exit(0)
+    except click.UsageError as usage:
+        command = usage.ctx.command_path if usage.ctx else "distill"
+        sys.exit(_print_error(distill.ConfigError(f"{usage.format_message()} (see {command} --help)")))
+    except click.ClickException as failure:  # e.g. a file option that cannot be opened
+        sys.exit(_print_error(distill.ConfigError(failure.format_message())))
+    except (click.Abort, typer.Abort):
+        errors.print("[bold red]interrupted[/]", highlight=False)
+        sys.exit(130)
     except distill.DistillError as error:
         sys.exit(_print_error(error))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_exceptions():
+    """click's exception classes as this typer raises them (typer 0.2x carries its own click copy)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # older typer: the click package
+        from click import exceptions
+    return exceptions

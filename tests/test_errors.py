@@ -149,3 +149,28 @@ def test_a_tokenizer_without_pad_token_trains(tiny, tmp_path):
     result = runner.invoke(app, ["run", *data(tiny), "--output-dir", str(tmp_path / "run"), "--max-steps", "1", *SMALL])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--max-steps", "abc"], "error: Invalid value for '--max-steps'"),
+    (["run", "--bogus"], "error: No such option: --bogus (see distill run --help)"),
+    (["eval"], "error: Missing option '--model'"),
+    (["list", "nope"], "error: Invalid value for 'kind'"),
+])
+def test_usage_mistakes_are_one_line_with_exit_code_2(capsys, argv, message):
+    from distill.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    captured = capsys.readouterr()
+    assert stopped.value.code == 2 and captured.out == ""
+    assert message in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+
+
+def test_the_entry_point_still_shows_help_and_version(capsys):
+    from distill.cli import main
+
+    for argv, expected in (([], "Usage: distill"), (["--version"], "distill 0.1.0"), (["run", "--help"], "--divergence")):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 0 and expected in capsys.readouterr().out
