@@ -100,6 +100,10 @@ class GenerationConfig(_Section):
     temperature: float = Field(1.0, ge=0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1)
+    inference_copy: bool = Field(
+        True,
+        description="bf16/fp16 runs with whole weights per process: generate with a copy of the student's weights in that dtype, refreshed at every call (faster; one more copy of the weights in memory)",
+    )
 
 
 class EvalConfig(_Section):

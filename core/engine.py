@@ -109,7 +109,9 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     student.train()  # from_pretrained returns eval mode; dropout (GPT-2) belongs to training
     teacher = _prepare_teacher(accelerator, teacher)
     unwrap = accelerator.unwrap_model
-    generate = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced_generation(accelerator), _full_params(accelerator))
+    synced = synced_generation(accelerator)
+    inference_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cfg.generation.inference_copy and not synced else None
+    generate = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced, _full_params(accelerator), inference_dtype)
     context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
     evaluate = Evaluator(val_set, tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"))
     lm_rng = random.Random(seed + accelerator.process_index)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import distill
 from distill.config import DataConfig, GenerationConfig
 from distill.data import Example, collate, encode_records
-from distill.generation import ResponseGenerator
+from distill.generation import InferenceCopies, ResponseGenerator
 from distill.objective import loss_denominator, micro_batch_loss, response_logits
 from tiny_models import make_pair
 
@@ -108,3 +108,27 @@ def test_generated_responses_keep_eos_and_nothing_after(models):
     assert all(1 <= len(e.response_ids) <= 5 for e in out)
     assert all(eos not in e.response_ids[:-1] for e in out)
 
+
+
+def test_inference_copy_follows_the_trained_weights_in_the_compute_dtype(models):
+    teacher, student, tokenizer = models
+    tokenizer.pad_token = tokenizer.eos_token
+    copies = InferenceCopies(torch.bfloat16)
+    copy = copies.get(student)
+    assert copy is not student and copy.dtype == torch.bfloat16 and not any(p.requires_grad for p in copy.parameters())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01)  # a training step
+    assert copies.get(student) is copy  # made once, refreshed at every call
+    for name, value in student.state_dict().items():
+        assert torch.equal(copy.state_dict()[name], value.to(torch.bfloat16)), name
+    bf16_teacher = teacher.to(torch.bfloat16)
+    assert copies.get(bf16_teacher) is bf16_teacher  # already in the compute dtype
+    teacher.float()
+    # generation through the copy: what a plain bf16 model of the same weights generates
+    reference = AutoModelForCausalLM.from_config(student.config).to(torch.bfloat16).eval()
+    reference.load_state_dict(student.state_dict())
+    with_copy = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=6), batch_size=2, inference_dtype=torch.bfloat16)
+    plain = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=6), batch_size=2)
+    assert [e.response_ids for e in with_copy(student, examples(), greedy=True)] == [e.response_ids for e in plain(reference, examples(), greedy=True)]
+    assert student.dtype == torch.float32

@@ -25,17 +25,19 @@ def test_teacher_flag_and_dtype_setting_combine():
     assert config.train.precision == "bf16"
 
 
-def test_bf16_student_and_teacher_train_and_save_float32(tmp_path):
+@pytest.mark.parametrize("inference_copy", [True, False])
+def test_bf16_student_and_teacher_train_and_save_float32(tmp_path, inference_copy):
     paths = make_pair(tmp_path)
     out = tmp_path / "run"
     result = runner.invoke(app, [
-        "run", "--recipe", "gkd", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]),
+        "run", "--recipe", "minillm", "--set", f"generation.inference_copy={str(inference_copy).lower()}", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]),
         "--data", str(paths["data"]), "--output-dir", str(out), "--max-steps", "3", "--set", "train.batch_size=4",
         "--set", "train.precision=bf16", "--set", "teacher.dtype=bfloat16", "--set", "generation.max_new_tokens=8",
     ])
     assert result.exit_code == 0, result.output
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["source"] for m in metrics] == ["student"] * 3  # generated in bf16, by a copy or through autocast
+    assert all(torch.isfinite(torch.tensor([m["loss"] for m in metrics])))
     student = AutoModelForCausalLM.from_pretrained(out / "final")
     assert next(student.parameters()).dtype == torch.float32  # master weights stay float32
 
