@@ -119,7 +119,8 @@ def environment() -> dict[str, Any]:
     try:
         git = ["git", "-C", str(REPO)]
         info["commit"] = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        info["uncommitted_changes"] = bool(subprocess.run(git + ["status", "--porcelain", "core", "plugins", "benchmarks"], capture_output=True, text=True, check=True).stdout.strip())
+        # the code's changes only: the results being written (benchmarks/results/) are not code
+        info["uncommitted_changes"] = bool(subprocess.run(git + ["status", "--porcelain", "core", "plugins", "benchmarks", ":(exclude)benchmarks/results"], capture_output=True, text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         pass
     return info
