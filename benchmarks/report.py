@@ -2,7 +2,8 @@
 
 RESULTS.md states the machine, thread count, date, versions and settings of the runs, the targets of
 issue 7 with the measured numbers and pass / miss, the step-cost and equal-budget tables with their
-plots, and (when ``results/divergence_memory.json`` exists) the divergence memory targets.
+plots, (when ``results/divergence_memory.json`` exists) the divergence memory targets, and last
+``benchmarks/notes.md``: the reading of the last full run, written by hand (update it after a rerun).
 
 Run (from the repository root)::
 
@@ -31,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS
 
 HERE = Path(__file__).resolve().parent
+NOTES = HERE / "notes.md"
+"""Written by hand after a full run: why a target was missed, what the numbers say; appended to RESULTS.md."""
 
 
 def run_benchmarks(args) -> None:
@@ -210,6 +213,8 @@ def render(step: dict | None, quality: dict | None, memory: dict | None, results
         lines += ["## Divergence memory (`divergence_memory.py`)", "",
                   (f"{memory.get('cpu_count')} cores, {memory.get('threads')} threads, torch {memory.get('torch')}, {memory.get('device')}, "
                    f"{memory.get('wall_seconds', 0) / 60:.0f} min; the full tables are in `results/divergence_memory.json`."), ""]
+    if NOTES.is_file():  # the maintainers' reading of the last full run, written by hand
+        lines += [NOTES.read_text().strip(), ""]
     return "\n".join(lines)
 
 
