@@ -88,8 +88,9 @@ class InferenceCopies:
     dtype, refreshed from the trained weights once per generation call, skips that: on 2 CPU cores,
     8 answers of 128 tokens from a 15-layer SmolLM2 student take about 7.5 s instead of 12.4 s.
     The copy is a plain transformers model of the same class (another ``dtype``-sized copy of the
-    weights in memory); models whose weights are already in that dtype (a bf16 teacher), and models
-    that are not plain transformers models (PEFT adapters), are used as they are.
+    weights in memory). Models whose weights are already in that dtype, frozen models (the teacher:
+    a large one would not fit twice) and models that are not plain transformers models (PEFT
+    adapters) are used as they are.
     """
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -100,8 +101,9 @@ class InferenceCopies:
         from transformers import PreTrainedModel
 
         weights = [p for p in model.parameters() if p.is_floating_point()]
-        if not isinstance(model, PreTrainedModel) or all(p.dtype == self.dtype for p in weights) or getattr(model, "peft_config", None):
-            return model
+        if (not isinstance(model, PreTrainedModel) or getattr(model, "peft_config", None)
+                or all(p.dtype == self.dtype for p in weights) or not any(p.requires_grad for p in weights)):
+            return model  # not a plain model, already in the dtype, or frozen (a teacher: no second copy of it)
         copy = self.copies.get(id(model))
         if copy is None:
             copy = self._new_copy(model)

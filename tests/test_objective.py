@@ -122,8 +122,9 @@ def test_inference_copy_follows_the_trained_weights_in_the_compute_dtype(models)
     assert copies.get(student) is copy  # made once, refreshed at every call
     for name, value in student.state_dict().items():
         assert torch.equal(copy.state_dict()[name], value.to(torch.bfloat16)), name
-    bf16_teacher = teacher.to(torch.bfloat16)
-    assert copies.get(bf16_teacher) is bf16_teacher  # already in the compute dtype
+    assert copies.get(teacher.requires_grad_(False)) is teacher  # frozen: never copied
+    bf16 = teacher.to(torch.bfloat16).requires_grad_(True)
+    assert copies.get(bf16) is bf16  # already in the compute dtype
     teacher.float()
     # generation through the copy: what a plain bf16 model of the same weights generates
     reference = AutoModelForCausalLM.from_config(student.config).to(torch.bfloat16).eval()
