@@ -160,5 +160,5 @@ DEFAULT_RUN = {
     "eval": {"every": 50, "batch_size": 64, "rouge_samples": 64},
 }
 """The embedded default: what ``distill run`` with no teacher does (offline). Sized for 10 minutes on 2
-idle cores (measured: 572 s for ``distill run`` on an idle 2-core machine, the first load of the
-teacher included)."""
+idle cores (measured from a fresh clone, the first load of the teacher included: 592 s with the
+machine idle; 741 s in a run whose first half was 1.5x slower on a busy host). Little margin."""
