@@ -210,11 +210,7 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("Equal wall-clock budget: validation against training time")
-    fig.tight_layout()
-    path = folder / "quality_budget_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, folder / "quality_budget_curves.png"))
 
     distillm = next((r for r in rows if r["recipe"] == "distillm"), None)
     if distillm is not None:
@@ -236,12 +232,17 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
         bottom.set_xlabel("step")
         bottom.set_ylabel("source")
         top.set_title("distillm: φ (grey lines: evaluations) and the source of each step")
-        fig.tight_layout()
-        path = folder / "quality_budget_distillm.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, folder / "quality_budget_distillm.png"))
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
