@@ -89,6 +89,16 @@ def settings_record(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (PNG, 120 dpi) and close a matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def set_threads(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, add_setting_flags, case_config, environment, read_jsonl, set_threads, settings_record, write_json
+from common import RESULTS, add_setting_flags, case_config, environment, read_jsonl, save_figure, set_threads, settings_record, write_json
 
 TARGETS = {"distillm_over_kd": 1.3, "distillm_over_gkd": 0.5}
 SOURCES = ("dataset", "teacher", "student", "replay")
@@ -210,7 +210,7 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("Equal wall-clock budget: validation against training time")
-    written.append(_save(fig, folder / "quality_budget_curves.png"))
+    written.append(save_figure(fig, folder / "quality_budget_curves.png"))
 
     distillm = next((r for r in rows if r["recipe"] == "distillm"), None)
     if distillm is not None:
@@ -232,17 +232,8 @@ def plot(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
         bottom.set_xlabel("step")
         bottom.set_ylabel("source")
         top.set_title("distillm: φ (grey lines: evaluations) and the source of each step")
-        written.append(_save(fig, folder / "quality_budget_distillm.png"))
+        written.append(save_figure(fig, folder / "quality_budget_distillm.png"))
     return written
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -72,6 +72,7 @@ from common import (
     environment,
     mean,
     read_jsonl,
+    save_figure,
     set_threads,
     settings_record,
     summarise_parts,
@@ -394,10 +395,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     ax.set_title("Step cost and where it goes (other: loss, backward, clipping, batching)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
