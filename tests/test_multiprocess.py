@@ -45,6 +45,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment holds ``DISTILL_TEST_LAUNCH=marker``."""
+    needle = f"DISTILL_TEST_LAUNCH={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
 def launch(script: list[str], *, processes: int = 2, env: dict[str, str] | None = None) -> str:
     """``accelerate launch`` with ``processes`` CPU processes; returns the output, fails on an error or
     after ``TIMEOUT`` seconds (killing every process of the launch).
@@ -56,13 +68,18 @@ def launch(script: list[str], *, processes: int = 2, env: dict[str, str] | None 
         str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *script,
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    marker = f"{os.getpid()}-{free_port()}"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "DISTILL_TEST_LAUNCH": marker, **(env or {})}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
+        _kill_marked(marker)  # torchrun starts its workers in sessions of their own
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            output = ""
         pytest.fail(f"no result within {TIMEOUT} s (a deadlock?):\n{output[-3000:]}")
     assert process.returncode == 0, output[-5000:]
     return output
