@@ -100,6 +100,10 @@ class RichReporter:
                 + (f"; {dropped}" if dropped else "")
                 + (f"; {record['processes']} processes" if record["processes"] > 1 else "") + f" -> {record['output_dir']}"
             )
+            if record.get("precision"):
+                self.console.print(f"  {record['precision']}", highlight=False, soft_wrap=True)
+        elif kind == "warning":
+            self.console.print(f"[bold yellow]warning:[/] {record['message']}", highlight=False, soft_wrap=True)
         elif kind == "eval":
             shown = "  ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
             self.console.print(f"  eval @ step {record['step']}: {shown}")
@@ -137,7 +141,10 @@ def summary_table(result, wall_seconds: float | None = None) -> Table:
     names = {"val_loss": "validation loss (student CE)", "val_divergence": "validation divergence (training loss)",
              "val_kl": "KL(teacher || student) per token", "rouge_l": "ROUGE-L vs reference answers"}
     for key in result.before:
+        if key.startswith("rouge"):
+            continue
         table.add_row(names.get(key, key), f"{result.before[key]:.4f}", f"{result.after.get(key, float('nan')):.4f}")
+    _rouge_rows(table, result.before, result.after)
     sources = ", ".join(f"{k} {v}" for k, v in sorted(result.sources.items()))
     table.add_row("steps by source", "", sources)
     table.add_row("student-output share", "", f"{100 * result.student_share:.0f}%")
@@ -148,3 +155,16 @@ def summary_table(result, wall_seconds: float | None = None) -> Table:
         table.add_row("wall time", "", f"{wall_seconds:.1f} s")
     table.add_row("output", "", str(result.output_dir))
     return table
+
+
+def _rouge_rows(table: Table, before: dict[str, float], after: dict[str, float]) -> None:
+    """ROUGE-L before and after on the same prompts; the after pass over more prompts on a row of its own."""
+    if "rouge_l" not in after and "rouge_l" not in before:
+        return
+    shown_before = f"{before['rouge_l']:.4f}" if "rouge_l" in before else ""
+    if "rouge_l_subset" in after:
+        table.add_row(f"ROUGE-L vs reference answers, first {before.get('rouge_prompts', '?')} prompts", shown_before, f"{after['rouge_l_subset']:.4f}")
+        table.add_row(f"ROUGE-L vs reference answers, all {after['rouge_prompts']} prompts", "", f"{after['rouge_l']:.4f}")
+    else:
+        prompts = after.get("rouge_prompts", before.get("rouge_prompts"))
+        table.add_row(f"ROUGE-L vs reference answers ({prompts} prompts)", shown_before, f"{after['rouge_l']:.4f}" if "rouge_l" in after else "")

@@ -33,6 +33,7 @@ RESUMABLE_FIELDS = (
     "eval.every",
     "eval.batch_size",
     "eval.rouge_samples",
+    "eval.rouge_before",
     "checkpoint.every",
     "checkpoint.keep",
     "log.with",

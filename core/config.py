@@ -37,7 +37,9 @@ class ModelSpec(_Section):
     """A model to load; a plain string in a file or flag sets ``ref``."""
 
     ref: str | None = Field(None, description="local directory, hub id, built-in name, or (student) prune:K[:REF]")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the loaded weights")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the loaded weights; auto: the teacher's follows train.precision, the student's is float32 (master weights)"
+    )
     adapter: str | None = Field(None, description="a PEFT (LoRA) adapter folder, merged into the weights at load")
     lora: LoraSpec | None = Field(None, description="student only: train LoRA adapters instead of every weight")
     freeze: list[str] = Field(
@@ -75,6 +77,7 @@ class DataConfig(_Section):
     prompt_template: str | None = Field(None, description="format string with {prompt}, used when the tokenizer has no chat template")
     max_prompt_tokens: int = Field(256, ge=1, description="longer prompts are dropped (counted and reported)")
     max_response_tokens: int = Field(256, ge=1, description="responses are cut to this many tokens (EOS included)")
+    group_by_length: bool = Field(True, description="batch examples of similar prompt and response lengths together (less padding); the order still changes every epoch")
     lm_path: str | None = Field(None, description="plain-text corpus (.txt or JSON Lines with `text`) for the auxiliary LM loss")
 
 
@@ -91,7 +94,9 @@ class TrainConfig(_Section):
     ce_weight: float = Field(0.0, ge=0, description="weight of the student's cross-entropy on the same response tokens")
     lm_weight: float = Field(0.0, ge=0, description="weight of the LM loss on data.lm_path")
     seed: int = Field(0, ge=0)
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="student compute precision (autocast); the divergence math is float32 regardless")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="student compute precision (autocast); auto: bf16 where the device computes it natively, else fp32; the divergence math is float32 regardless"
+    )
     skip_nonfinite: bool = Field(False, description="skip (and count) steps whose loss or gradients are not finite instead of stopping")
 
 
@@ -110,6 +115,10 @@ class EvalConfig(_Section):
     every: int = Field(50, ge=0, description="evaluate every N steps (0 = only before and after training)")
     batch_size: int = Field(8, gt=0)
     rouge_samples: int = Field(0, ge=0, description="validation prompts answered greedily for ROUGE-L (0 = no generation eval)")
+    rouge_before: int | None = Field(
+        None, ge=0,
+        description="prompts answered before training: the first N of the rouge_samples prompts (an untrained student answers up to the token cap, so this pass is slow); the final evaluation also reports ROUGE-L on them (rouge_l_subset); default: all",
+    )
 
 
 class CheckpointConfig(_Section):

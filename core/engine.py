@@ -25,7 +25,8 @@ from distill.config import ModelSpec, RunConfig, dump_config
 from distill.data import BatchSampler, collate, load_examples, load_lm_corpus
 from distill.evaluation import Evaluator
 from distill.generation import ResponseGenerator
-from distill.models import add_lora, check_vocabularies, freeze, load_model, load_tokenizer, merge_adapter
+from distill.hardware import resolve_precision
+from distill.models import add_lora, check_vocabularies, contiguous_head_input, freeze, load_model, load_tokenizer, merge_adapter
 from distill.objective import loss_denominator, micro_batch_loss, token_cross_entropy
 from distill.errors import ConfigError, RunStopped
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
@@ -70,7 +71,9 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
 
     report = report or (lambda kind, record: None)
     registry = registry or default_registry()
-    cfg, seed = config, config.train.seed
+    # `auto` precision and dtypes become what this hardware computes fastest; config.yaml keeps the answer
+    cfg, precision, precision_warning = resolve_precision(config)
+    seed = cfg.train.seed
     # --- build everything that can fail on bad input before touching the output folder
     checkpoint = resume_point(cfg) if resume else None
     divergence = registry.get_divergence(cfg.divergence.name, temperature=cfg.divergence.temperature, **cfg.divergence.params)
@@ -78,6 +81,8 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     accelerator = _accelerator(cfg)
     if not accelerator.is_main_process:
         report = lambda kind, record: None  # one console: the main process's
+    if precision_warning:
+        report("warning", {"message": precision_warning})
     set_seed(seed)
     if hasattr(policy, "reseed"):
         policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
@@ -85,9 +90,12 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)
     student = _load_student(cfg.student, checkpoint, teacher)
     check_vocabularies(teacher, student, tokenizer)
+    for model in (teacher, student):
+        contiguous_head_input(model)  # strided head inputs take a slow bf16 matmul path (response and generation logits)
     train_set, val_set, dropped = load_examples(cfg.data, tokenizer, seed)
     lm_blocks = load_lm_corpus(cfg.data.lm_path, tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) if cfg.data.lm_path and cfg.train.lm_weight > 0 else None
-    sampler = BatchSampler(len(train_set), cfg.train.batch_size, seed, accelerator.process_index, accelerator.num_processes)
+    lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if cfg.data.group_by_length else None
+    sampler = BatchSampler(len(train_set), cfg.train.batch_size, seed, accelerator.process_index, accelerator.num_processes, lengths, cfg.train.grad_accum)
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
         rank_state(saved, accelerator)  # fails now if the number of processes changed
@@ -113,14 +121,15 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     inference_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cfg.generation.inference_copy and not synced else None
     generate = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced, _full_params(accelerator), inference_dtype)
     context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
-    evaluate = Evaluator(val_set, tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"))
+    evaluate = Evaluator(val_set, tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"),
+                         rouge_before=cfg.eval.rouge_before)
     lm_rng = random.Random(seed + accelerator.process_index)
     rank_log = _rank_log(accelerator)
-    report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out), "processes": accelerator.num_processes})
+    report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out), "processes": accelerator.num_processes, "precision": precision})
 
     if saved is None:
         # --- evaluate before training: the "before" numbers and the adaptive policy's reference loss
-        before = evaluate(student, teacher)
+        before = evaluate(student, teacher, rouge="before")
         policy.observe_eval(0, before["val_loss"])
         files.append("eval.jsonl", {"step": 0, **before})
         accelerator.log(_numbers("eval", before), step=0)
@@ -183,7 +192,8 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             run.step, run.last_loss = step, step_loss if finite else run.last_loss
             run.sources[source] = run.sources.get(source, 0) + 1
             n_tokens = int(round(denominator * accelerator.num_processes))
-            record = {"step": step, "loss": step_loss if finite else None, "source": source, "tokens": n_tokens, "seconds": time.perf_counter() - tick, "lr": scheduler.get_last_lr()[0]}
+            record = {"step": step, "loss": step_loss if finite else None, "source": source, "tokens": n_tokens, "padding": _padding(micro, accelerator),
+                      "seconds": time.perf_counter() - tick, "lr": scheduler.get_last_lr()[0]}
             if getattr(policy, "sgo_prob", None) is not None:
                 record["sgo_prob"] = policy.sgo_prob
             if not finite:
@@ -228,6 +238,15 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     result = RunResult(out, run.step, time.perf_counter() - started, run.before, run.after, run.sources, run.last_loss, run.skipped, accelerator.is_main_process)
     report("end", {"output_dir": str(out), "seconds": result.seconds, "skipped": run.skipped})
     return result
+
+
+def _padding(micro, accelerator) -> float:
+    """Share of the positions computed in this step (all micro-batches, all processes) that are padding."""
+    counts = torch.tensor([sum(b.n_real for b in micro), sum(b.n_positions for b in micro)], dtype=torch.float64)
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+    real, computed = counts.tolist()
+    return round(1.0 - real / max(computed, 1.0), 4)
 
 
 def _budget_spent(max_seconds: float, seconds: float, accelerator) -> bool:

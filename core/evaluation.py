@@ -21,12 +21,21 @@ def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
 class Evaluator:
     """Evaluates on this process's shard of the validation examples; sums are reduced over ranks."""
 
-    def __init__(self, examples: list[Example], tokenizer, divergence, generate, batch_size: int, rouge_samples: int, accelerator=None, kl=None) -> None:
-        """``kl``: forward KL (``get_divergence("kl")``), reported as ``val_kl`` beside the run's divergence."""
+    def __init__(self, examples: list[Example], tokenizer, divergence, generate, batch_size: int, rouge_samples: int, accelerator=None, kl=None,
+                 rouge_before: int | None = None) -> None:
+        """``kl``: forward KL (``get_divergence("kl")``), reported as ``val_kl`` beside the run's divergence.
+        ``rouge_before``: answer only the first this many of the ``rouge_samples`` prompts in a
+        ``rouge="before"`` pass; a full pass then also reports ROUGE-L on those prompts
+        (``rouge_l_subset``), so that before and after compare the same prompts."""
         rank = accelerator.process_index if accelerator else 0
         world = accelerator.num_processes if accelerator else 1
-        self.examples = examples[rank::world]
-        self.rouge_examples = examples[:rouge_samples][rank::world]
+        # sums do not depend on the order: batch similar lengths together, so little of it is padding
+        self.examples = sorted(examples[rank::world], key=lambda e: (len(e.response_ids), len(e.prompt_ids)))
+        rouge_samples = min(rouge_samples, len(examples))
+        self.rouge_total = rouge_samples
+        self.rouge_indices = list(range(rouge_samples))[rank::world]
+        self.rouge_examples = [examples[i] for i in self.rouge_indices]
+        self.rouge_subset = min(rouge_before, rouge_samples) if rouge_before is not None else rouge_samples
         self.tokenizer = tokenizer
         self.divergence = divergence
         self.kl = None if kl is None or (divergence.name == "kl" and divergence.temperature == 1.0) else kl
@@ -42,9 +51,12 @@ class Evaluator:
         return tensor.tolist()
 
     @torch.no_grad()
-    def __call__(self, student, teacher, *, with_teacher: bool = True, with_rouge: bool = True) -> dict[str, float]:
+    def __call__(self, student, teacher, *, with_teacher: bool = True, with_rouge: bool = True, rouge: str = "all") -> dict[str, float]:
         """``val_loss`` (student CE), ``val_divergence`` (the run's divergence), ``val_kl`` (forward KL
-        to the teacher) per response token, and ``rouge_l`` when ``with_rouge`` and samples are set."""
+        to the teacher) per response token, and ``rouge_l`` when ``with_rouge`` and samples are set:
+        over all ``rouge_samples`` prompts (``rouge="all"``, with ``rouge_l_subset`` over the first
+        ``rouge_before`` when that is fewer), or over the first ``rouge_before`` (``rouge="before"``).
+        ``rouge_prompts`` says how many prompts ``rouge_l`` covers."""
         was_training = student.training
         student.eval()
         ce_sum = div_sum = kl_sum = tokens = 0.0
@@ -59,19 +71,29 @@ class Evaluator:
                 if self.kl is not None:
                     kl_sum += float(divergence_loss(self.kl, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
             tokens += batch.n_tokens
-        rouge_sum = 0.0
-        with_rouge = with_rouge and bool(self.rouge_examples)
-        if with_rouge:
-            answers = self.generate(student, self.rouge_examples, greedy=True, batch_size=self.batch_size)
-            texts = [self.tokenizer.decode(a.response_ids, skip_special_tokens=True) for a in answers]
-            rouge_sum = sum(rouge_l(texts, [e.reference for e in self.rouge_examples]))
-        ce_sum, div_sum, kl_sum, tokens, rouge_sum, rouge_n = self._reduce([ce_sum, div_sum, kl_sum, tokens, rouge_sum, float(len(self.rouge_examples))])
-        student.train(was_training)
+        ce_sum, div_sum, kl_sum, tokens = self._reduce([ce_sum, div_sum, kl_sum, tokens])
         result = {"val_loss": ce_sum / max(tokens, 1.0)}
         if with_teacher:
             result["val_divergence"] = div_sum / max(tokens, 1.0)
             if self.kl is not None or self.divergence.name == "kl":
                 result["val_kl"] = (kl_sum if self.kl is not None else div_sum) / max(tokens, 1.0)
-        if with_rouge:
-            result["rouge_l"] = rouge_sum / rouge_n
+        if with_rouge and (self.rouge_subset if rouge == "before" else self.rouge_total) > 0:  # the same on every rank
+            result.update(self._rouge(rouge, student))
+        student.train(was_training)
+        return result
+
+    def _rouge(self, rouge: str, student=None) -> dict[str, float]:
+        """ROUGE-L of greedy answers: ``rouge_l`` over the pass's prompts, ``rouge_prompts`` their
+        number, ``rouge_l_subset`` over the first ``rouge_before`` in a full pass over more."""
+        chosen = [(i, e) for i, e in zip(self.rouge_indices, self.rouge_examples) if rouge != "before" or i < self.rouge_subset]
+        scores: list[float] = []
+        if chosen:
+            answers = self.generate(student, [e for _, e in chosen], greedy=True, batch_size=self.batch_size)
+            texts = [self.tokenizer.decode(a.response_ids, skip_special_tokens=True) for a in answers]
+            scores = rouge_l(texts, [e.reference for _, e in chosen])
+        subset = [score for (i, _), score in zip(chosen, scores) if i < self.rouge_subset]
+        rouge_sum, rouge_n, subset_sum, subset_n = self._reduce([sum(scores), float(len(scores)), sum(subset), float(len(subset))])
+        result = {"rouge_l": rouge_sum / max(rouge_n, 1.0), "rouge_prompts": int(rouge_n)}
+        if subset_n < rouge_n:
+            result["rouge_l_subset"] = subset_sum / max(subset_n, 1.0)
         return result

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from distill.data import Batch
 from distill.loss import chunked_token_mean, divergence_loss
+from distill.models import contiguous_head_input
 
 
 def loss_denominator(local_counts: list[int], accelerator=None) -> float:
@@ -56,6 +57,7 @@ def response_logits(model, batch: Batch, unwrap=lambda m: m) -> torch.Tensor:
     """
     r = batch.response_mask.shape[1]
     inner = unwrap(model)
+    contiguous_head_input(inner)
     inner = type(inner.get_base_model() if hasattr(inner, "get_base_model") else inner)  # peft passes the argument on
     if inner not in _KEEPS_LOGITS:
         _KEEPS_LOGITS[inner] = "logits_to_keep" in inspect.signature(inner.forward).parameters

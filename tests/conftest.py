@@ -22,6 +22,11 @@ if _SESSION_CACHE:
     os.environ["DISTILL_CACHE"] = _SESSION_CACHE
 
 
+# precision `auto` follows the CPU's native bf16; tests compute in float32 on every machine (so pinned
+# values hold on AVX2 and AMX alike) unless a test forces the detection itself
+os.environ.setdefault("DISTILL_NATIVE_BF16", "0")
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _SESSION_CACHE:
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

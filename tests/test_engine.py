@@ -175,3 +175,47 @@ def test_bad_freeze_settings_are_one_line_errors(tiny, tmp_path, setting, messag
     result = run_cli(tiny, tmp_path / "run", "--max-steps", "1", "--set", setting)
     assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_every_step_logs_its_padding_share_and_grouping_cuts_it(tiny, tmp_path):
+    shares = {}
+    for grouped in ("true", "false"):
+        result = run_cli(tiny, tmp_path / grouped, "--recipe", "kd", "--max-steps", "8", "--set", f"data.group_by_length={grouped}",
+                         "--set", "eval.every=0")
+        assert result.exit_code == 0, result.output
+        metrics = read_jsonl(tmp_path / grouped / "metrics.jsonl")
+        assert all(0.0 <= m["padding"] < 1.0 for m in metrics)
+        shares[grouped] = sum(m["padding"] for m in metrics) / len(metrics)
+    assert shares["true"] < shares["false"]
+
+
+def test_the_pass_before_training_answers_fewer_prompts_and_after_compares_the_same_ones(tiny, tmp_path):
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "2", "--set", "eval.rouge_samples=8",
+                     "--set", "eval.rouge_before=1", "--set", "eval.every=0")  # 2 validation examples
+    assert result.exit_code == 0, result.output
+    before, after = read_jsonl(tmp_path / "run" / "eval.jsonl")
+    assert before["rouge_prompts"] == 1 and "rouge_l_subset" not in before
+    assert after["rouge_prompts"] == 2 and 0.0 <= after["rouge_l_subset"] <= 100.0
+    assert "first 1 prompts" in result.output and "all 2 prompts" in result.output
+
+
+def test_rouge_on_the_same_prompts_before_and_after(tmp_path):
+    """The subset score is the mean over exactly the first rouge_before prompts."""
+    from distill.data import Example
+    from distill.evaluation import Evaluator
+
+    class Echo:  # "generates" each prompt's reference for even prompts, nothing for odd ones
+        def __call__(self, model, examples, **kwargs):
+            return [Example(e.prompt_ids, [1] if e.prompt_ids[0] % 2 == 0 else [0], reference=e.reference) for e in examples]
+
+    class Tokenizer:
+        pad_token_id = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "alpha beta" if ids == [1] else "zzz"
+
+    examples = [Example([i], [1], reference="alpha beta") for i in range(6)]
+    evaluator = Evaluator(examples, Tokenizer(), None, Echo(), 4, rouge_samples=6, rouge_before=3)
+    scores = evaluator._rouge("all")
+    assert scores == {"rouge_l": 50.0, "rouge_prompts": 6, "rouge_l_subset": 100.0 * 2 / 3}
+    assert evaluator._rouge("before") == {"rouge_l": 100.0 * 2 / 3, "rouge_prompts": 3}

@@ -133,3 +133,31 @@ def test_inference_copy_follows_the_trained_weights_in_the_compute_dtype(models)
     plain = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=6), batch_size=2)
     assert [e.response_ids for e in with_copy(student, examples(), greedy=True)] == [e.response_ids for e in plain(reference, examples(), greedy=True)]
     assert student.dtype == torch.float32
+
+
+def test_the_head_gets_a_contiguous_input_and_the_same_logits():
+    """logits_to_keep hands the head a strided slice, which bf16 matmuls take on a slow path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.models import contiguous_head_input
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 50, (3, 9))
+    expected = model(input_ids=ids, logits_to_keep=4).logits
+    seen = []
+
+    def observe(module, args):
+        seen.append(args[0].is_contiguous())
+
+    observer = model.get_output_embeddings().register_forward_pre_hook(observe)
+    model(input_ids=ids, logits_to_keep=4)
+    observer.remove()
+    contiguous_head_input(model)
+    contiguous_head_input(model)  # idempotent: one hook
+    assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
+    model.get_output_embeddings().register_forward_pre_hook(observe)  # runs after ours
+    got = model(input_ids=ids, logits_to_keep=4).logits
+    assert seen == [False, True]  # the slice was strided, the head now multiplies a contiguous copy
+    torch.testing.assert_close(got, expected)
