@@ -77,8 +77,20 @@ def case_config(args, registry, *, recipe: str | None = None, case: dict[str, An
     return build_config([*layers, *base_layers(args), case or {}, bench or {}, overrides(args)])
 
 
+def resolve_auto(cfg: RunConfig) -> tuple[RunConfig, str]:
+    """``cfg`` with ``train.precision: auto`` and model ``dtype: auto`` replaced by what a run on this
+    machine resolves them to (``distill.hardware.resolve_precision``, as ``distill.train`` does), and
+    the start line's text saying how."""
+    from distill.hardware import resolve_precision
+
+    resolved, text, _ = resolve_precision(cfg)
+    return resolved, text
+
+
 def settings_record(cfg: RunConfig) -> dict[str, Any]:
-    """What makes step times comparable between benchmarks: models, data, batch, generation, precision."""
+    """What makes step times comparable between benchmarks: models, data, batch, generation, precision
+    (``auto`` resolved as a run on this machine resolves it)."""
+    cfg, _ = resolve_auto(cfg)
     return {
         "teacher": cfg.teacher.ref, "teacher_dtype": cfg.teacher.dtype,
         "student": cfg.student.ref, "student_dtype": cfg.student.dtype,
@@ -156,13 +168,24 @@ def _version(package: str) -> str | None:
         return None
 
 
-def trl_available() -> bool:
+def trl_trainers() -> set[str]:
+    """TRL's trainers the benchmarks compare against that the installed trl has: ``GKDTrainer``
+    (``trl.experimental.gkd``), ``DistillationTrainer`` (``trl``, stable); empty without trl."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKDTrainer lives in trl.experimental, on purpose
+    found = set()
     try:
         from trl.experimental.gkd import GKDTrainer  # noqa: F401
+
+        found.add("GKDTrainer")
     except ImportError:
-        return False
-    return True
+        pass
+    try:
+        from trl import DistillationConfig, DistillationTrainer  # noqa: F401
+
+        found.add("DistillationTrainer")
+    except ImportError:
+        pass
+    return found
 
 
 # --- files
@@ -228,13 +251,16 @@ class Breakdown:
 
         return timed
 
+    def outermost(self) -> str | None:
+        """The part being timed now (the outermost open timer), or None between parts."""
+        return self._open[0][0] if self._open else None
+
     @contextmanager
     def active(self, patches: list[tuple[object, str, str | Callable[..., str]]] = (), modules: dict[str, torch.nn.Module] | None = None) -> Iterator[Breakdown]:
         """Within: ``owner.attribute`` replaced by a timed wrapper for each patch, the forward of each
         named module timed, and every optimizer's ``step`` timed as "optimizer"."""
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-        saved = []
         handles = [
             register_optimizer_step_pre_hook(lambda *_: self.start("optimizer")),
             register_optimizer_step_post_hook(lambda *_: self.stop()),
@@ -243,21 +269,32 @@ class Breakdown:
             handles.append(module.register_forward_pre_hook(lambda *_, n=name: self.start(n)))
             handles.append(module.register_forward_hook(lambda *_: self.stop()))
         try:
-            for owner, attribute, name in patches:
-                original = owner.__dict__[attribute] if isinstance(owner, type) else getattr(owner, attribute)
-                saved.append((owner, attribute, original))
-                if isinstance(original, staticmethod):
-                    setattr(owner, attribute, staticmethod(self.wrap(original.__func__, name)))
-                else:
-                    setattr(owner, attribute, self.wrap(original, name))
-            yield self
+            with patched([(owner, attribute, lambda f, n=name: self.wrap(f, n)) for owner, attribute, name in patches]):
+                yield self
         finally:
-            for owner, attribute, original in reversed(saved):
-                setattr(owner, attribute, original)
             for handle in handles:
                 handle.remove()
             self._open.clear()
             self.parts = {}
+
+
+@contextmanager
+def patched(patches: list[tuple[object, str, Callable[[Callable], Callable]]]) -> Iterator[None]:
+    """Within: each ``owner.attribute`` (a function, method or staticmethod of a class or module)
+    replaced by ``decorate(original)``; restored on exit, last patch first."""
+    saved = []
+    try:
+        for owner, attribute, decorate in patches:
+            original = owner.__dict__[attribute] if isinstance(owner, type) else getattr(owner, attribute)
+            saved.append((owner, attribute, original))
+            if isinstance(original, staticmethod):
+                setattr(owner, attribute, staticmethod(decorate(original.__func__)))
+            else:
+                setattr(owner, attribute, decorate(original))
+        yield
+    finally:
+        for owner, attribute, original in reversed(saved):
+            setattr(owner, attribute, original)
 
 
 def _now() -> float:

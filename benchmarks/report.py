@@ -1,7 +1,8 @@
 """Write ``benchmarks/RESULTS.md`` from the benchmarks' JSON results, after running them with ``--run``.
 
 RESULTS.md states the machine, thread count, date, versions and settings of the runs, the targets of
-issue 7 with the measured numbers and pass / miss, the step-cost and equal-budget tables with their
+issues 7 and 11 with the measured numbers and pass / miss, the step-cost table (with each case's
+compute floor and how it was computed) and the equal-budget table with their
 plots, (when ``results/divergence_memory.json`` exists) the divergence memory targets, and last
 ``benchmarks/notes.md``: the reading of the last full run, written by hand (update it after a rerun).
 
@@ -151,20 +152,49 @@ def step_cost_section(step: dict, results: Path, out_dir: Path) -> list[str]:
         "",
         ("Seconds are means over the timed steps (ours: `seconds` in `metrics.jsonl`, which covers the policy's sampling, generation "
          "included, forward, backward and the optimizer step; TRL: `on_step_begin` to `on_step_end`). \"by source\": mean seconds (steps) "
-         "per source of the sequences. \"x kd\": ratio to `kd`; \"x TRL\": `jsd-offpolicy` to `trl-lmbda0`, `jsd-onpolicy` to "
-         "`trl-lmbda1` (TRL gradient checkpointing off; `-gc`: on, TRL's default). `distillm` runs at its initial φ = 0 here (φ rises "
+         "per source of the sequences. \"x kd\": ratio to `kd`; \"x TRL GKD\": `jsd-offpolicy` to `trl-lmbda0`, `jsd-onpolicy` to "
+         "`trl-lmbda1` (`GKDTrainer`); \"x TRL Distill\": `jsd-onpolicy` to `trl-distill-onpolicy` (`DistillationTrainer`, on-policy only); "
+         "TRL gradient checkpointing off (`-gc`: on, TRL's default). `distillm` runs at its initial φ = 0 here (φ rises "
          "only at evaluations), so its full-run cost is the equal-budget run's below."),
     ]
+    lines += ["", floor_paragraph(step)] if step.get("matmul_throughput") else []
     if trl:
-        lines += ["", (f"TRL {step['environment'].get('trl')}: `GKDTrainer` with its optimizer `{trl[0].get('optimizer')}`, mixed precision "
-                       f"`{trl[0].get('mixed_precision')}`, the same teacher and student weights and dtypes, the same tokenized batches.")]
+        lines += ["", trl_paragraph(step, trl)]
     if step.get("skipped"):
-        lines += ["", f"Not run: {', '.join(step['skipped'])} (trl not installed)."]
+        lines += ["", f"Not run: {', '.join(step['skipped'])} (trl, or that trainer, not installed)."]
     lines.append("")
     lines += image(results, out_dir, step.get("plot"), "step cost breakdown")
     if not step.get("complete"):
         lines += ["**Incomplete run**: the JSON was written before every case finished.", ""]
     return lines
+
+
+def floor_paragraph(step: dict) -> str:
+    """How "floor s" and "x floor" were computed, with the throughput this run measured."""
+    throughput = step["matmul_throughput"]
+    rates = ", ".join(f"{dtype} {gflops:.1f}" for dtype, gflops in throughput["gflops"].items())
+    return ("\"floor s\": the step's compute floor, the matmul FLOPs of its real tokens (no padding; generated answers up to their "
+            "first EOS) over this machine's matmul throughput; \"x floor\": the step over it. Per token `2·P` for each forward through a "
+            "model (`P`: the weights of its linear layers but the output head, counted on the model objects), `2·H·V` per response "
+            "position for the head; the student's backward adds the input gradients (`2·P`, `2·H·V`) and the weight gradients of its "
+            "trainable weights; generation `2·P` per prompt and new token and `2·H·V` per new token. Attention scores, norms, the loss "
+            "and the optimizer are left out (a lower bound; see `benchmarks/compute_floor.py`). Throughput of `torch.matmul` "
+            f"{throughput['shape']} on {throughput['device']} with {throughput['torch_threads']} threads, measured at the start of the "
+            f"run: {rates} GFLOP/s; each part at the dtype it computes in (ours: from the run's `config.yaml`; TRL's: observed).")
+
+
+def trl_paragraph(step: dict, trl: list[dict]) -> str:
+    """TRL's version, trainers, optimizer and precision, and the dtypes its trainers were seen computing in."""
+    by_trainer: dict[str, dict] = {}
+    for case in trl:
+        by_trainer.setdefault(case.get("trainer", "GKDTrainer"), case)
+    seen = "; ".join(
+        f"`{trainer}`: " + ", ".join(f"{part.replace('_', ' ')} {dtype}" for part, dtype in case["compute_dtypes"].items() if part != "teacher_generation")
+        for trainer, case in by_trainer.items() if case.get("compute_dtypes"))
+    first = trl[0]
+    return (f"TRL {step['environment'].get('trl')}: {' and '.join(f'`{t}`' for t in by_trainer)} with the optimizer `{first.get('optimizer')}`, "
+            f"mixed precision `{first.get('mixed_precision')}`, the same teacher and student weights and dtypes, the same tokenized batches."
+            + (f" Compute dtypes seen: {seen}." if seen else ""))
 
 
 def quality_section(quality: dict, results: Path, out_dir: Path) -> list[str]:

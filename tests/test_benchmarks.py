@@ -25,10 +25,13 @@ def load_script(name: str):
     return module
 
 
-step_cost, quality_budget, report = (load_script(name) for name in ("step_cost", "quality_budget", "report"))
+step_cost, quality_budget, report, compute_floor = (load_script(name) for name in ("step_cost", "quality_budget", "report", "compute_floor"))
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
+TRL_TRAINERS = load_script("common").trl_trainers() if HAS_TRL else set()
+HAS_DISTILLATION_TRAINER = "DistillationTrainer" in TRL_TRAINERS
 PNG = b"\x89PNG"
+DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +52,7 @@ def test_step_cost_times_every_recipe_our_jsd_cases_and_trl(results):
     report_ = json.loads(results["step_cost"].read_text())
     cases = {c["name"]: c for c in report_["cases"]}
     expected = set(distill.default_registry().names("recipe")) | {"jsd-offpolicy", "jsd-onpolicy"}
-    if HAS_TRL:
-        expected |= {"trl-lmbda0", "trl-lmbda1", "trl-lmbda0-gc", "trl-lmbda1-gc"}
+    expected |= {name for name, case in step_cost.TRL_CASES.items() if case["trainer"] in TRL_TRAINERS}
     assert set(cases) == expected
     assert report_["complete"] and report_["settings"]["batch_size"] == 4 and report_["settings"]["max_new_tokens"] == 6
     for case in cases.values():
@@ -69,13 +71,81 @@ def test_step_cost_times_every_recipe_our_jsd_cases_and_trl(results):
 @pytest.mark.skipif(not HAS_TRL, reason="trl is not installed (pip install 'distill[bench]')")
 def test_step_cost_runs_trl_at_both_lambdas_with_and_without_checkpointing(results):
     cases = {c["name"]: c for c in json.loads(results["step_cost"].read_text())["cases"]}
+    report_ = json.loads(results["step_cost"].read_text())
+    precision = report_["settings"]["precision"]  # auto, resolved as a run here resolves it
     for name, lmbda, checkpointing in (("trl-lmbda0", 0.0, False), ("trl-lmbda1", 1.0, False), ("trl-lmbda0-gc", 0.0, True), ("trl-lmbda1-gc", 1.0, True)):
         case = cases[name]
-        assert (case["lmbda"], case["beta"], case["gradient_checkpointing"]) == (lmbda, 0.5, checkpointing)
-        assert case["mixed_precision"] == "bf16" and case["seconds_per_step"] > 0
+        assert (case["trainer"], case["lmbda"], case["beta"], case["gradient_checkpointing"]) == ("GKDTrainer", lmbda, 0.5, checkpointing)
+        assert case["mixed_precision"] == {"fp32": "no"}.get(precision, precision) and case["seconds_per_step"] > 0
+        # GKDTrainer's forwards go through Accelerate's autocast: the observed dtype is the run's precision
+        assert case["compute_dtypes"]["student_forward"] == DTYPE[precision] and case["compute_dtypes_from"].startswith("observed")
     assert cases["trl-lmbda1"]["breakdown"]["generation"] > 0 and cases["trl-lmbda0"]["breakdown"]["generation"] == 0
-    assert cases["jsd-offpolicy"]["ratio_to_trl"] == pytest.approx(cases["jsd-offpolicy"]["seconds_per_step"] / cases["trl-lmbda0"]["seconds_per_step"])
-    assert cases["jsd-onpolicy"]["ratio_to_trl"] == pytest.approx(cases["jsd-onpolicy"]["seconds_per_step"] / cases["trl-lmbda1"]["seconds_per_step"])
+    assert cases["jsd-offpolicy"]["ratio_to_trl"] == {"trl-lmbda0": pytest.approx(cases["jsd-offpolicy"]["seconds_per_step"] / cases["trl-lmbda0"]["seconds_per_step"])}
+    assert cases["jsd-onpolicy"]["ratio_to_trl"]["trl-lmbda1"] == pytest.approx(cases["jsd-onpolicy"]["seconds_per_step"] / cases["trl-lmbda1"]["seconds_per_step"])
+
+
+@pytest.mark.skipif(not HAS_DISTILLATION_TRAINER, reason="this trl has no DistillationTrainer")
+def test_step_cost_runs_trl_distillation_trainer_on_policy_with_and_without_checkpointing(results):
+    report_ = json.loads(results["step_cost"].read_text())
+    cases = {c["name"]: c for c in report_["cases"]}
+    for name, checkpointing in (("trl-distill-onpolicy", False), ("trl-distill-onpolicy-gc", True)):
+        case = cases[name]
+        assert (case["trainer"], case["beta"], case["gradient_checkpointing"], case["temperature"]) == ("DistillationTrainer", 0.5, checkpointing, 1.0)
+        assert (case["max_completion_length"], case["top_k"], case["top_p"]) == (6, 0, 1.0)
+        assert case["sources"] == ["student"] and case["breakdown"]["generation"] > 0
+        assert case["breakdown"]["teacher_forward"] > 0 and case["breakdown"]["student_forward"] > 0
+        assert {"student_forward", "student_generation", "teacher_forward"} <= set(case["compute_dtypes"]) and "student_forward" in case["compute_dtypes_from"]
+    ratio = cases["jsd-onpolicy"]["ratio_to_trl"]["trl-distill-onpolicy"]
+    assert ratio == pytest.approx(cases["jsd-onpolicy"]["seconds_per_step"] / cases["trl-distill-onpolicy"]["seconds_per_step"])
+    targets = {v["target"].split(" (")[0]: v for v in report_["verdicts"]}
+    assert targets["jsd-onpolicy <= 0.6 x trl-distill-onpolicy"]["ratio"] == pytest.approx(ratio)
+
+
+def test_step_cost_counts_the_same_real_tokens_for_the_same_batches_in_every_implementation(results):
+    """kd, jsd-offpolicy and GKD at λ = 0 train on the same dataset batches; every on-policy case
+    starts from the same prompts: their counts, taken by different code, must agree."""
+    report_ = json.loads(results["step_cost"].read_text())
+    work = {c["name"]: c["work_per_step"] for c in report_["cases"]}
+    max_new_tokens, batch = report_["settings"]["max_new_tokens"], report_["settings"]["batch_size"]
+    offpolicy = ["kd", "jsd-offpolicy", "distillm"] + (["trl-lmbda0"] if HAS_TRL else [])
+    for name in offpolicy:
+        assert work[name] == work["kd"] and work[name]["generated_tokens"] == 0
+    assert 0 < work["kd"]["logit_rows"] < work["kd"]["trained_tokens"]
+    onpolicy = ["jsd-onpolicy", "minillm"] + (["trl-lmbda1"] if HAS_TRL else []) + (["trl-distill-onpolicy"] if HAS_DISTILLATION_TRAINER else [])
+    for name in onpolicy:
+        w = work[name]
+        assert w["generated_sequences"] == batch and w["generation_prompt_tokens"] == work["jsd-onpolicy"]["generation_prompt_tokens"]
+        assert batch <= w["generated_tokens"] <= batch * max_new_tokens  # real tokens: up to the first EOS
+        assert w["logit_rows"] == w["generated_tokens"] and w["trained_tokens"] == w["generation_prompt_tokens"] + w["generated_tokens"]
+    assert work["seqkd"]["generated_sequences"] == batch
+
+
+def test_step_cost_reports_each_case_against_its_compute_floor(results):
+    report_ = json.loads(results["step_cost"].read_text())
+    cases = {c["name"]: c for c in report_["cases"]}
+    throughput = report_["matmul_throughput"]
+    assert throughput["gflops"]["float32"] > 0 and throughput["gflops"]["bfloat16"] > 0 and throughput["torch_threads"] == 1
+    precision = report_["settings"]["precision"]
+    for case in cases.values():
+        assert case["floor_seconds"] > 0 and case["ratio_to_floor"] == pytest.approx(case["seconds_per_step"] / case["floor_seconds"])
+        assert sum(case["floor_by_part"].values()) == pytest.approx(case["floor_seconds"])
+        for part, seconds in case["floor_by_part"].items():
+            rate = throughput["gflops"][case["compute_dtypes"][part]]
+            assert seconds == pytest.approx(case["flops_per_step"][part] / (rate * 1e9))
+    # ours: the dtypes of the run's resolved config.yaml
+    assert cases["kd"]["compute_dtypes"]["student_backward"] == DTYPE[precision] and "config.yaml" in cases["kd"]["compute_dtypes_from"]
+    # the tiny student: 1 Llama layer of hidden 32, intermediate 64, untied head over the tokenizer's vocabulary, embeddings frozen
+    student = cases["kd"]["matmul_params"]["student"]
+    vocab = student["config"]["vocab_size"]
+    assert (student["body_params"], student["head_params"], student["head_trainable"]) == (4 * 32 * 32 + 3 * 32 * 64, 32 * vocab, False)
+    assert student["body_input_grad"] == student["body_params"] and student["head_input_grad"]
+    assert cases["kd"]["matmul_params"]["teacher"]["body_trainable"] == 0
+    # off-policy: no generation; on-policy: generation counted with the student, seqkd: with the teacher
+    assert cases["kd"]["flops_per_step"]["student_generation"] == 0 and cases["jsd-onpolicy"]["flops_per_step"]["student_generation"] > 0
+    assert cases["seqkd"]["flops_per_step"]["teacher_generation"] > 0 and cases["seqkd"]["flops_per_step"]["student_generation"] == 0
+    targets = {v["target"].split(" (")[0]: v for v in report_["verdicts"]}
+    assert targets["kd <= 1.5 x its compute floor"]["ratio"] == pytest.approx(cases["kd"]["ratio_to_floor"])
+    assert targets["distillm <= 1.5 x its compute floor"]["ratio"] == pytest.approx(cases["distillm"]["ratio_to_floor"])
 
 
 def test_quality_budget_trains_every_recipe_within_the_budget_and_plots(results):
@@ -102,6 +172,8 @@ def test_report_writes_results_markdown_with_targets_tables_and_plots(results, t
     out = report.main(["--results", str(results["folder"]), "--output", str(tmp_path / "RESULTS.md")])
     text = out.read_text()
     assert "## Targets" in text and "jsd-offpolicy <= 0.6 x trl-lmbda0" in text and "distillm token KL < kd's" in text
+    assert "kd <= 1.5 x its compute floor" in text and "jsd-onpolicy <= 0.6 x trl-distill-onpolicy" in text
+    assert "| floor s | x floor |" in text and "GFLOP/s" in text
     assert "**Not the embedded default**" in text  # tiny models: never mistaken for the real results
     env = json.loads(results["step_cost"].read_text())["environment"]
     assert f"({env['cpu_count']} cores, " in text and f"torch threads {env['torch_threads']} " in text and env["date"] in text
@@ -119,3 +191,92 @@ def test_divergence_memory_still_measures_ours_against_the_peer(tmp_path):
     assert result["complete"] and case["divergence"] == "kl" and (case["vocab"], case["tokens"]) == (256, 32)
     assert case["ours"]["seconds"] > 0 and case["peer"]["seconds"] > 0
     assert case["loss_rel_diff"] < 1e-5 and case["grad_max_abs_diff"] < 1e-6
+
+
+# --- the compute floor's arithmetic against torch's own FLOP counter
+
+
+def tiny_llama(tie: bool = False):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=tie, attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+def counted_matmul_flops(run) -> int:
+    """Matmul FLOPs torch counts while ``run()`` runs (mm and bmm: the linear layers; sdpa attention is not among them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm", "aten.bmm"))
+
+
+@pytest.mark.parametrize("frozen", [["embeddings"], [], ["embeddings", "layer 0"]])
+def test_floor_flops_of_a_forward_and_backward_match_torch_flop_counter(frozen):
+    import torch
+
+    model = tiny_llama()
+    if "embeddings" in frozen:
+        model.get_input_embeddings().requires_grad_(False)
+        model.get_output_embeddings().requires_grad_(False)
+    if "layer 0" in frozen:
+        model.model.layers[0].requires_grad_(False)
+    ids = torch.randint(0, 96, (3, 10))
+    keep = 4  # logits of the last 4 positions of each row: the response
+
+    def step():
+        model(input_ids=ids, logits_to_keep=keep).logits.float().logsumexp(-1).sum().backward()
+
+    matmuls = compute_floor.ModelMatmuls.of(model)
+    n_tokens, n_logit_rows = ids.numel(), 3 * keep
+    expected = matmuls.forward_flops(n_tokens, n_logit_rows) + matmuls.backward_flops(n_tokens, n_logit_rows)
+    assert counted_matmul_flops(step) == expected
+    assert matmuls.head_trainable == ("embeddings" not in frozen)
+    layer = 32 * 32 * 2 + 2 * 32 * 16 + 3 * 32 * 48  # q, o; k, v (2 kv heads of 8); gate, up, down
+    assert (matmuls.body_params, matmuls.head_params) == (2 * layer, 96 * 32)
+    assert matmuls.body_trainable == (layer if "layer 0" in frozen else 2 * layer)
+    # a frozen first layer needs no input gradients; frozen embeddings alone do not spare any (the norms train)
+    assert matmuls.body_input_grad == (layer if "layer 0" in frozen else 2 * layer)
+
+
+def test_floor_flops_of_generation_match_torch_flop_counter():
+    import torch
+
+    model = tiny_llama(tie=True).eval()
+    prompts = torch.randint(2, 96, (2, 7))
+    new = 5
+
+    def generate():
+        with torch.no_grad():
+            model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    assert counted_matmul_flops(generate) == compute_floor.ModelMatmuls.of(model).generation_flops(2, prompts.numel(), 2 * new)
+
+
+def test_dtype_probe_sees_the_dtype_each_part_computes_in():
+    import torch
+
+    model = tiny_llama()
+    breakdown = compute_floor.Breakdown()
+    probe = compute_floor.DtypeProbe(breakdown)
+    ids = torch.randint(0, 96, (1, 5))
+    with probe.active({"student": model}):
+        with breakdown.timing("student_forward"), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids)
+        with breakdown.timing("generation"):
+            model(input_ids=ids)
+    fallback = dict.fromkeys(compute_floor.PARTS, "float16")
+    dtypes, observed = probe.dtypes(fallback)
+    assert (dtypes["student_forward"], dtypes["student_backward"], dtypes["student_generation"]) == ("bfloat16", "bfloat16", "float32")
+    assert dtypes["teacher_forward"] == "float16" and set(observed) == {"student_forward", "student_backward", "student_generation"}
+
+
+def test_matmul_throughput_is_measured_once_per_dtype():
+    throughput = compute_floor.MatmulThroughput(64, 32, 48, "cpu", repeats=2, min_seconds=0.0)
+    rate = throughput.rate("float32")
+    assert rate > 0 and throughput.rate("float32") == rate and set(throughput.gflops) == {"float32"}
+    assert throughput.record()["shape"] == "[64, 32] x [32, 48]"
