@@ -137,6 +137,7 @@ def environment() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
         "trl": _version("trl"),
+        "cpu_path": cpu_path(),
     }
     try:
         git = ["git", "-C", str(REPO)]
@@ -146,6 +147,17 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         pass
     return info
+
+
+def cpu_path() -> str:
+    """Which CPU path this process computes on: native bf16, or not (an AVX2-only CPU, or this one
+    under the ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` emulation)."""
+    from distill.hardware import bf16_support
+
+    support = bf16_support("cpu")
+    emulated = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    path = "native bf16" if support.native else "no native bf16"
+    return f"{path} ({support.why}" + (f"; ONEDNN_MAX_CPU_ISA={emulated}, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'unset')}" if emulated else "") + ")"
 
 
 def _cpu_model() -> str:

@@ -101,16 +101,18 @@ def settings_line(settings: dict[str, Any]) -> str:
 
 def environment_line(env: dict[str, Any]) -> str:
     commit = env.get("commit", "unknown") + (" with uncommitted changes" if env.get("uncommitted_changes") else "")
-    return (f"{env['date']}; {env['cpu']} ({env['cpu_count']} cores, {env['machine']}), torch threads {env['torch_threads']} "
+    path = f", {env['cpu_path']}" if env.get("cpu_path") else ""
+    return (f"{env['date']}; {env['cpu']} ({env['cpu_count']} cores, {env['machine']}{path}), torch threads {env['torch_threads']} "
             f"(OMP_NUM_THREADS={env.get('omp_num_threads') or 'unset'}), device {env['device']}; Python {env['python']}, torch {env['torch']}, "
             f"transformers {env['transformers']}, accelerate {env['accelerate']}, trl {env.get('trl') or 'not installed'}; commit {commit}")
 
 
-def targets_section(step: dict | None, quality: dict | None, memory: dict | None) -> list[str]:
+def targets_section(steps: dict[str, dict], quality: dict | None, memory: dict | None) -> list[str]:
     rows = [["target", "measured", "result", "from"]]
-    for v in (step or {}).get("verdicts", []):
-        measured = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x (limit {v['limit']}x)"
-        rows.append([v["target"], measured, verdict(v["pass"]), "step_cost"])
+    for label, step in steps.items():
+        for v in step.get("verdicts", []):
+            measured = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x (limit {v['limit']}x)"
+            rows.append([v["target"], measured, verdict(v["pass"]), f"step_cost{label}"])
     for v in (quality or {}).get("verdicts", []):
         if "ratio" in v:
             measured = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x (limit {v['limit']}x)"
@@ -135,13 +137,13 @@ def image(results: Path, out_dir: Path, name: str | None, alt: str) -> list[str]
     return [f"![{alt}]({os.path.relpath(results / name, out_dir)})", ""]
 
 
-def step_cost_section(step: dict, results: Path, out_dir: Path) -> list[str]:
+def step_cost_section(step: dict, results: Path, out_dir: Path, label: str = "") -> list[str]:
     from step_cost import format_table
 
     s = step["settings"]
     trl = [c for c in step["cases"] if c.get("kind") == "trl"]
     lines = [
-        "## Seconds per optimizer step (`step_cost.py`)",
+        f"## Seconds per optimizer step (`step_cost.py`){label}",
         "",
         environment_line(step["environment"]) + ".",
         "",
@@ -226,7 +228,9 @@ def quality_section(quality: dict, results: Path, out_dir: Path) -> list[str]:
     return lines
 
 
-def render(step: dict | None, quality: dict | None, memory: dict | None, results: Path, out_dir: Path) -> str:
+def render(steps: dict[str, dict], quality: dict | None, memory: dict | None, results: Path, out_dir: Path) -> str:
+    """``steps``: step_cost results by label ("" for ``step_cost.json``, ", AVX2 path" for
+    ``step_cost-avx2.json``: the same benchmark without native bf16)."""
     lines = [
         "# Benchmark results",
         "",
@@ -234,9 +238,9 @@ def render(step: dict | None, quality: dict | None, memory: dict | None, results
          "`.venv/bin/python benchmarks/report.py --run` (see `benchmarks/report.py`)."),
         "",
     ]
-    lines += targets_section(step, quality, memory)
-    if step:
-        lines += step_cost_section(step, results, out_dir)
+    lines += targets_section(steps, quality, memory)
+    for label, step in steps.items():
+        lines += step_cost_section(step, results, out_dir, label)
     if quality:
         lines += quality_section(quality, results, out_dir)
     if memory:
@@ -246,6 +250,12 @@ def render(step: dict | None, quality: dict | None, memory: dict | None, results
     if NOTES.is_file():  # the maintainers' reading of the last full run, written by hand
         lines += [NOTES.read_text().strip(), ""]
     return "\n".join(lines)
+
+
+STEP_COST_FILES = {"": "step_cost.json", ", without native bf16 (AVX2 path)": "step_cost-avx2.json"}
+"""step_cost results and their section labels: ``step_cost-avx2.json`` is step_cost.py run with
+``--output benchmarks/results/step_cost-avx2.json`` on a CPU without native bf16, or under
+``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``."""
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -262,11 +272,11 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.run:
         run_benchmarks(args)
-    step, quality = load(args.results / "step_cost.json"), load(args.results / "quality_budget.json")
-    memory = load(args.results / "divergence_memory.json")
-    if step is None and quality is None:
+    steps = {label: found for label, name in STEP_COST_FILES.items() if (found := load(args.results / name)) is not None}
+    quality, memory = load(args.results / "quality_budget.json"), load(args.results / "divergence_memory.json")
+    if not steps and quality is None:
         raise SystemExit(f"no step_cost.json or quality_budget.json in {args.results}; run with --run")
-    args.output.write_text(render(step, quality, memory, args.results, args.output.resolve().parent))
+    args.output.write_text(render(steps, quality, memory, args.results, args.output.resolve().parent))
     print(f"wrote {args.output}")
     return args.output
 
