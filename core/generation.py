@@ -1,7 +1,17 @@
-"""Batched sampling of responses from the teacher or the student (left-padded prompts, KV cache)."""
+"""Batched sampling of responses from the teacher or the student (left-padded prompts, KV cache).
+
+Two loops produce the responses. ``decode`` is this module's own: one forward per new token with the
+model's own cache, no logits processors or stopping-criteria objects, an inverse-CDF sampler (one
+uniform draw per row instead of ``torch.multinomial``'s one exponential draw per vocabulary entry),
+and rows that reached EOS leave the batch and the cache. transformers' ``generate`` runs what
+``decode`` does not: synced generation (FSDP, ZeRO-3: every rank runs a forward until all are done)
+and models ``decode`` cannot drive (encoder-decoders, non-transformers modules, PEFT prompt learning).
+``benchmarks/generation_speed.py`` measures one against the other.
+"""
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 
 import torch
@@ -17,16 +27,20 @@ class ResponseGenerator:
     (``synced``: ``synced_gpus``); the sampling policies guarantee that with a rank-synchronised draw.
     ``full_params(model)``: a context in which the unwrapped model's own parameters are whole (FSDP1
     keeps the root module's sharded outside its forward); none needed otherwise.
+    Ids at or past ``len(tokenizer)`` (rows a model's head has beyond the tokenizer) are never generated.
     """
 
     def __init__(self, tokenizer, generation_cfg, batch_size: int, unwrap=lambda m: m, synced: bool = False, full_params=None,
-                 inference_dtype: torch.dtype | None = None) -> None:
+                 inference_dtype: torch.dtype | None = None, *, always_generate: bool = False) -> None:
         """``inference_dtype`` (bf16/fp16 runs with whole weights on every process): generate with a
         copy of a model whose weights are in another dtype, converted to this one and refreshed from
-        the model at every call (see ``InferenceCopies``)."""
+        the model at every call (see ``InferenceCopies``). ``always_generate``: transformers'
+        ``generate`` even where ``decode`` could run (benchmarks compare the two)."""
+        self.always_generate = always_generate
         self.copies = InferenceCopies(inference_dtype) if inference_dtype is not None else None
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
+        self.n_tokens = len(tokenizer)
         self.cfg = generation_cfg
         self.batch_size = batch_size
         self.unwrap = unwrap
@@ -44,19 +58,9 @@ class ResponseGenerator:
         was_training = model.training
         model.eval()
         sample = not greedy and self.cfg.temperature > 0
-        options = dict(
-            do_sample=sample,
-            max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            use_cache=True,
-        )
-        if sample:
-            options.update(temperature=self.cfg.temperature, top_k=self.cfg.top_k, top_p=self.cfg.top_p)
-        else:
-            options.update(temperature=None, top_k=None, top_p=None)
-        if self.synced:
-            options["synced_gpus"] = True
+        pick = TokenPicker(self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.n_tokens) if sample else TokenPicker.greedy(self.n_tokens)
+        max_new_tokens = max_new_tokens or self.cfg.max_new_tokens
+        lean = not (self.synced or self.always_generate) and decodable(model)
         device = next(model.parameters()).device
         out: list[Example] = []
         try:
@@ -64,19 +68,184 @@ class ResponseGenerator:
             for start in range(0, len(examples), step):
                 chunk = examples[start: start + step]
                 ids, attention = collate_prompts(chunk, self.pad_id)
+                ids, attention = ids.to(device), attention.to(device)
                 with torch.no_grad():
-                    sequences = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), **options)
-                for example, new in zip(chunk, sequences[:, ids.shape[1]:].tolist()):
+                    if lean:
+                        responses = decode(model, ids, attention, pick, max_new_tokens, self.eos_id, self.pad_id)
+                    else:
+                        responses = self._transformers_generate(model, ids, attention, sample, max_new_tokens)
+                for example, new in zip(chunk, responses.tolist()):
                     out.append(Example(example.prompt_ids, self._cut(new), reference=example.reference))
         finally:
             model.train(was_training)
         return out
+
+    def _transformers_generate(self, model, ids: torch.Tensor, attention: torch.Tensor, sample: bool, max_new_tokens: int) -> torch.Tensor:
+        """transformers' ``generate`` with the same settings as ``decode``: ``[B, P]`` -> ``[B, <= max_new_tokens]``."""
+        options = dict(do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id, use_cache=True)
+        if sample:
+            options.update(temperature=self.cfg.temperature, top_k=self.cfg.top_k, top_p=self.cfg.top_p)
+        else:
+            options.update(temperature=None, top_k=None, top_p=None)
+        head_rows = _head_rows(model)
+        if head_rows is not None and head_rows > self.n_tokens:
+            options["suppress_tokens"] = list(range(self.n_tokens, head_rows))
+        if self.synced:
+            options["synced_gpus"] = True
+        return model.generate(input_ids=ids, attention_mask=attention, **options)[:, ids.shape[1]:]
 
     def _cut(self, tokens: list[int]) -> list[int]:
         """Up to and including the first EOS; without one, all tokens (the cap was reached)."""
         if self.eos_id is not None and self.eos_id in tokens:
             return tokens[: tokens.index(self.eos_id) + 1]
         return tokens or [self.eos_id]
+
+
+# --- choosing the next token
+
+
+class TokenPicker:
+    """The next token of each row from its logits: greedy (argmax), or sampled from the softmax of
+    ``logits / temperature`` after keeping the ``top_k`` largest logits (0 = all) and then the
+    smallest set of most probable tokens whose probability reaches ``top_p`` (the order and the
+    tie rules of transformers' warpers). Only the first ``n_tokens`` logits count.
+
+    Sampling inverts the cumulative distribution at one uniform draw per row (``torch.rand`` on the
+    logits' device, so the global generator makes it reproducible). ``torch.multinomial`` draws one
+    exponential per vocabulary entry instead: 8 rows x 49152 ids cost ~5 ms a token on 2 CPU cores.
+    """
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, n_tokens: int | None = None, *, sample: bool = True) -> None:
+        self.temperature, self.top_k, self.top_p, self.n_tokens, self.sample = temperature, top_k, top_p, n_tokens, sample
+
+    @classmethod
+    def greedy(cls, n_tokens: int | None = None) -> TokenPicker:
+        return cls(1.0, 0, 1.0, n_tokens, sample=False)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, V]`` -> ``[B]`` token ids (int64)."""
+        if self.n_tokens is not None and logits.shape[-1] > self.n_tokens:
+            logits = logits[:, : self.n_tokens]
+        logits = logits.float()
+        if not self.sample:
+            return logits.argmax(-1)
+        return self._draw(self._filtered(logits / self.temperature).softmax(-1))
+
+    def _filtered(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, V]`` logits with those outside top-k / top-p set to -inf."""
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            probs = ordered.softmax(-1)
+            before = probs.cumsum(-1) - probs  # mass of the more probable tokens; 0 for the first, which always stays
+            drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, before >= self.top_p)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return logits
+
+    @staticmethod
+    def _draw(probs: torch.Tensor) -> torch.Tensor:
+        """One id per row of ``[B, V]`` probabilities: the first whose cumulative sum reaches u in (0, total]."""
+        cdf = probs.cumsum(-1, dtype=torch.float64)  # float32 running sums over 1e5 ids drift by ~1e-7; float64 costs little more
+        total = cdf[:, -1:]
+        if not torch.isfinite(total).all():
+            raise RuntimeError("generation: the model's next-token probabilities are not finite (NaN or inf weights?)")
+        # 1 - U[0, 1) lies in (0, 1]: u is never 0, so an id of probability 0 (filtered) is never drawn
+        u = (1.0 - torch.rand(total.shape, dtype=torch.float64, device=probs.device)) * total
+        return torch.searchsorted(cdf, u).squeeze(1)
+
+
+# --- the decode loop
+
+
+def decodable(model) -> bool:
+    """Whether ``decode`` can drive ``model``: a decoder-only transformers model (or a LoRA-style PEFT
+    model around one) whose forward takes position ids and a cache object."""
+    from transformers import PreTrainedModel
+
+    base = _transformers_model(model)
+    if not isinstance(base, PreTrainedModel) or base.config.is_encoder_decoder:
+        return False
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return False  # prefix/prompt tuning rewrites the inputs and the cache inside PEFT's own generate
+    return {"position_ids", "use_cache"} <= _forward_keywords(base) and _cache_keyword(base) is not None
+
+
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pick: TokenPicker, max_new_tokens: int,
+           eos_id: int | None, pad_id: int) -> torch.Tensor:
+    """New tokens for left-padded prompts: ``[B, P]`` ids and mask -> ``[B, max_new_tokens]`` ids.
+
+    A row ends at its first ``eos_id`` (kept) or at ``max_new_tokens``; after its end a row holds
+    ``pad_id``. A row that ended leaves the batch and the cache, so later forwards run on the rows
+    still going. Positions count real tokens only (left padding takes none), as ``generate``'s do.
+    """
+    base = _transformers_model(model)
+    keywords = _forward_keywords(base)
+    cache_keyword = _cache_keyword(base)
+    cache = _new_cache(base)
+    batch, prompt_length = input_ids.shape
+    device = input_ids.device
+    responses = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)  # the row of `responses` each live row writes to
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    # the mask of every step, sliced; None without padding (what generate does: the model's causal path is faster)
+    attention = None if bool(attention_mask.all()) else torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
+    first = dict(logits_to_keep=1) if "logits_to_keep" in keywords else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask if attention is not None else None, position_ids=positions,
+                   use_cache=True, **{cache_keyword: cache}, **first).logits[:, -1]
+    next_position = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        tokens = pick(logits)
+        responses[rows, step] = tokens
+        if step == max_new_tokens - 1:
+            break
+        if eos_id is not None:
+            going = tokens != eos_id
+            if not bool(going.all()):
+                if not bool(going.any()):
+                    break
+                kept = going.nonzero().squeeze(1)
+                rows, tokens, next_position = rows[kept], tokens[kept], next_position[kept]
+                attention = attention[kept] if attention is not None else None
+                cache.batch_select_indices(kept)
+        step_mask = attention[:, : prompt_length + step + 1] if attention is not None else None
+        logits = model(input_ids=tokens[:, None], attention_mask=step_mask, position_ids=next_position,
+                       use_cache=True, **{cache_keyword: cache}).logits[:, -1]
+        next_position = next_position + 1
+    return responses
+
+
+def _transformers_model(model):
+    """The transformers model inside a PEFT wrapper (``get_base_model``), else ``model``."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _forward_keywords(model) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _cache_keyword(model) -> str | None:
+    """What the forward calls its cache argument: ``cache`` (transformers 5) or ``past_key_values``."""
+    keywords = _forward_keywords(model)
+    return next((k for k in ("cache", "past_key_values") if k in keywords), None)
+
+
+def _new_cache(model):
+    """The model's own growing cache (``DynamicCache``; its config picks sliding-window layers)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # transformers before 4.56: no config argument
+        return DynamicCache()
+
+
+def _head_rows(model) -> int | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return int(head.weight.shape[0]) if head is not None else None
 
 
 class InferenceCopies:
