@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_print_error(distill.ConfigError(f"{usage.format_message()} (see {command} --help)")))
     except click.ClickException as failure:  # e.g. a file option that cannot be opened
         sys.exit(_print_error(distill.ConfigError(failure.format_message())))
-    except (click.Abort, typer.Abort):
+    except (getattr(click, "Abort", typer.Abort), typer.Abort):  # typer's own click copy has no Abort
         errors.print("[bold red]interrupted[/]", highlight=False)
         sys.exit(130)
     except distill.DistillError as error:

@@ -174,3 +174,18 @@ def test_the_entry_point_still_shows_help_and_version(capsys):
         with pytest.raises(SystemExit) as stopped:
             main(argv)
         assert stopped.value.code == 0 and expected in capsys.readouterr().out
+
+
+def test_a_bug_reaches_the_user_as_its_own_traceback(monkeypatch):
+    """main() names exception classes only when one is raised: a missing one would hide the bug
+    behind an AttributeError of its own (typer's click copy has no Abort)."""
+    import importlib
+
+    cli = importlib.import_module("distill.cli.app")  # the module (distill.cli.app is also the Typer app's name)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "app", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["run"])
