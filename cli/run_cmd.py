@@ -139,7 +139,7 @@ def summary_table(result, wall_seconds: float | None = None) -> Table:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     names = {"val_loss": "validation loss (student CE)", "val_divergence": "validation divergence (training loss)",
-             "val_kl": "KL(teacher || student) per token", "rouge_l": "ROUGE-L vs reference answers"}
+             "val_kl": "KL(teacher || student) per token"}
     for key in result.before:
         if key.startswith("rouge"):
             continue

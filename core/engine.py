@@ -26,7 +26,7 @@ from distill.data import BatchSampler, collate, load_examples, load_lm_corpus
 from distill.evaluation import Evaluator
 from distill.generation import ResponseGenerator
 from distill.hardware import resolve_precision
-from distill.models import add_lora, check_vocabularies, contiguous_head_input, freeze, load_model, load_tokenizer, merge_adapter
+from distill.models import add_lora, check_vocabularies, freeze, load_model, load_tokenizer, merge_adapter
 from distill.objective import loss_denominator, micro_batch_loss, token_cross_entropy
 from distill.errors import ConfigError, RunStopped
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
@@ -90,8 +90,6 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)
     student = _load_student(cfg.student, checkpoint, teacher)
     check_vocabularies(teacher, student, tokenizer)
-    for model in (teacher, student):
-        contiguous_head_input(model)  # strided head inputs take a slow bf16 matmul path (response and generation logits)
     train_set, val_set, dropped = load_examples(cfg.data, tokenizer, seed)
     lm_blocks = load_lm_corpus(cfg.data.lm_path, tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) if cfg.data.lm_path and cfg.train.lm_weight > 0 else None
     lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if cfg.data.group_by_length else None

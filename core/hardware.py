@@ -1,9 +1,9 @@
 """Precision chosen by the hardware: ``train.precision: auto`` and model ``dtype: auto``.
 
 bf16 pays only where the device computes it natively: a CUDA device with bf16 support, or a CPU with
-AVX512-BF16 or AMX instructions that torch's oneDNN uses. Elsewhere bf16 is emulated: on an AVX2-only
-CPU a bf16 matmul of the embedded default's shapes is 7.5x (measured on an AMD EPYC) to 30x (under
-``ONEDNN_MAX_CPU_ISA=AVX2``) slower than float32. ``auto`` therefore resolves to bf16 there and to
+AVX512-BF16 or AMX instructions that torch's oneDNN uses. Elsewhere bf16 is emulated: a bf16 matmul
+of the embedded default's shapes was reported 7.5x slower than float32 on an AVX2-only AMD EPYC
+(issue 11), and measured 32x slower under ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AVX512-BF16 EPYC. ``auto`` therefore resolves to bf16 there and to
 fp32 everywhere else; it never chooses fp16 (it needs loss scaling, and on a CPU it does not run).
 
 ``DISTILL_NATIVE_BF16=1`` / ``=0`` forces the answer (tests; measuring the other path on one machine).
@@ -71,9 +71,10 @@ def _cpu_bf16() -> Bf16Support:
     return Bf16Support(False, f"this CPU ({capability}) has no native bf16: emulated bf16 is several times slower than float32")
 
 
-def auto_precision(launched: str | None = None) -> tuple[str, str]:
-    """``(precision, why)`` for ``train.precision: auto``. ``launched``: the mixed precision that
-    ``accelerate launch`` set (``no``, ``bf16``, ``fp16``), which the user chose there."""
+def auto_precision() -> tuple[str, str]:
+    """``(precision, why)`` for ``train.precision: auto``. Under ``accelerate launch`` the mixed
+    precision chosen there (``ACCELERATE_MIXED_PRECISION``: ``no``, ``bf16``, ``fp16``) decides."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launched:
         chosen = {"no": "fp32"}.get(launched, launched)
         return chosen, f"set by accelerate launch --mixed_precision {launched}"
@@ -81,23 +82,30 @@ def auto_precision(launched: str | None = None) -> tuple[str, str]:
     return ("bf16" if support.native else "fp32"), support.why
 
 
+def weights_dtype(dtype: str, role: str, precision: str) -> str:
+    """A model's weights dtype for its spec's ``dtype``: as given, or for ``auto`` the dtype of
+    ``precision`` for the teacher (it computes in it) and float32 for the student (master weights
+    under autocast)."""
+    if dtype != "auto":
+        return dtype
+    return PRECISION_DTYPE[precision] if role == "teacher" else "float32"
+
+
 def resolve_precision(config):
     """``config`` with ``auto`` replaced: ``train.precision`` by the hardware's answer, a model's
-    ``dtype`` by the weights' dtype that goes with it (the teacher computes in it; the student keeps
-    float32 master weights under autocast). Returns ``(resolved config, start-line text, warning or None)``."""
+    ``dtype`` by ``weights_dtype``. Returns ``(resolved config, start-line text, warning or None)``."""
     train = config.train
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if train.precision == "auto":
-        precision, why = auto_precision(launched)
+        precision, why = auto_precision()
         text = f"precision {precision} (auto: {why})"
     else:
         precision = train.precision
         text = f"precision {precision} (train.precision)"
-    teacher_dtype = PRECISION_DTYPE[precision] if config.teacher.dtype == "auto" else config.teacher.dtype
-    student_dtype = "float32" if config.student.dtype == "auto" else config.student.dtype
+    teacher_dtype = weights_dtype(config.teacher.dtype, "teacher", precision)
+    student_dtype = weights_dtype(config.student.dtype, "student", precision)
     text += f"; weights: teacher {teacher_dtype}, student {student_dtype}"
     warning = None
-    uses_bf16 = "bf16" in (precision, PRECISION_DTYPE.get(precision)) or "bfloat16" in (teacher_dtype, student_dtype)
+    uses_bf16 = precision == "bf16" or "bfloat16" in (teacher_dtype, student_dtype)
     if uses_bf16 and device_type() == "cpu":
         support = bf16_support("cpu")
         if not support.native:
@@ -110,4 +118,4 @@ def resolve_precision(config):
     return resolved, text, warning
 
 
-__all__ = ["Bf16Support", "PRECISION_DTYPE", "auto_precision", "bf16_support", "device_type", "resolve_precision"]
+__all__ = ["Bf16Support", "PRECISION_DTYPE", "auto_precision", "bf16_support", "device_type", "resolve_precision", "weights_dtype"]

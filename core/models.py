@@ -8,7 +8,6 @@ layers) or ``prune:K:REF``.
 from __future__ import annotations
 
 import fnmatch
-import os
 from pathlib import Path
 
 import torch
@@ -66,26 +65,25 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
 
 
 def _concrete_dtype(dtype: str, role: str) -> str:
-    """A spec's dtype with ``auto`` resolved as ``distill.hardware.resolve_precision`` does when the
-    precision is ``auto`` too (a run resolves its config before loading; this serves direct calls)."""
+    """A spec's dtype with ``auto`` resolved for the ``auto`` precision (a run resolves its config
+    before loading, with ``distill.hardware.resolve_precision``; this serves direct calls)."""
+    from distill.hardware import auto_precision, weights_dtype
+
     if dtype != "auto":
         return dtype
-    if role != "teacher":
-        return "float32"
-    from distill.hardware import PRECISION_DTYPE, auto_precision
-
-    return PRECISION_DTYPE[auto_precision(os.environ.get("ACCELERATE_MIXED_PRECISION"))[0]]
+    return weights_dtype(dtype, role, auto_precision()[0])
 
 
 def contiguous_head_input(model) -> None:
     """Make the output head's input contiguous before it multiplies it (idempotent).
 
     With ``logits_to_keep`` (and in generation) transformers slices the last positions out of the
-    hidden states, ``[B, T, H] -> [B, K, H]``: a strided view. oneDNN runs a bf16 matmul on a strided
-    input on a slow path: for the embedded default's head ([8, 129, 576] x [576, 49152]) 2.8 s
-    instead of 0.4 s once copied (fp32: 1.25 s against 0.97 s), on one core. This made our teacher
-    forward slower than TRL's, which projects every position. The copy is [B, K, H], small beside
-    the [B, K, V] logits.
+    hidden states, ``[B, T, H] -> [B, K, H]``: a strided view. oneDNN runs a native bf16 matmul on a
+    strided input on a slow path: for the embedded default's head ([8, 129, 576] x [576, 49152], one
+    thread of a 2-core AMD EPYC with AVX512-BF16) 1.2-2.8 s instead of 0.4 s once copied; float32
+    gains less (1.0 s against 0.8 s, also under the AVX2 emulation). This made our teacher forward
+    slower than TRL's, which projects every position. The copy is [B, K, H], small beside the
+    [B, K, V] logits.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(head, "_distill_contiguous", False):
