@@ -13,7 +13,7 @@ from distill.config import DataConfig, GenerationConfig
 from distill.data import encode_records, read_records
 from distill.evaluation import Evaluator
 from distill.generation import ResponseGenerator
-from distill.models import check_vocabularies, load_model, load_tokenizer
+from distill.models import load_model, load_tokenizer, share_vocabulary
 
 
 def evaluate_model(model: str, teacher: str = SMOLLM2, data: str = "builtin:val", *, rouge_samples: int = 64,
@@ -23,7 +23,7 @@ def evaluate_model(model: str, teacher: str = SMOLLM2, data: str = "builtin:val"
     tokenizer = load_tokenizer(model if Path(model).is_dir() else teacher)
     teacher_model = load_model(teacher, "teacher").eval()
     student = load_model(model, "model", teacher=teacher_model).eval()
-    check_vocabularies(teacher_model, student, tokenizer)
+    share_vocabulary(teacher_model, student, tokenizer)
     data_cfg = DataConfig(path=data, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
     examples, _ = encode_records(read_records(data), tokenizer, data_cfg, data)
     generate = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=max_new_tokens), batch_size)

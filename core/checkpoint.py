@@ -54,6 +54,16 @@ class RunState:
     skipped: int = 0
     """Optimizer steps skipped because the loss or the gradients were not finite."""
     last_loss: float = float("nan")
+    tokens_seen: float = 0.0
+    """Response tokens of all optimizer steps so far (all processes), for ``train.step_weight: tokens``."""
+    token_steps: int = 0
+
+    def token_weight(self, tokens: float) -> float:
+        """Records this step's response tokens and returns them over the mean per step so far (this
+        step included): 1 for the first step, and about 1 for every step when batches mix lengths."""
+        self.tokens_seen += tokens
+        self.token_steps += 1
+        return tokens * self.token_steps / max(self.tokens_seen, 1.0)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))

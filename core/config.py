@@ -91,6 +91,11 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 = off")
+    step_weight: Literal["tokens", "equal"] = Field(
+        "tokens", description="how much an optimizer step counts. Its gradient is the mean over its response tokens, clipped; "
+        "tokens: then scaled by the step's response tokens over the run's mean per step, so every token weighs the same "
+        "whichever batch it lands in (length-grouped batches alternate short and long); equal: every step weighs the same"
+    )
     ce_weight: float = Field(0.0, ge=0, description="weight of the student's cross-entropy on the same response tokens")
     lm_weight: float = Field(0.0, ge=0, description="weight of the LM loss on data.lm_path")
     seed: int = Field(0, ge=0)

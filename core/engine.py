@@ -26,7 +26,7 @@ from distill.data import BatchSampler, collate, load_examples, load_lm_corpus
 from distill.evaluation import Evaluator
 from distill.generation import ResponseGenerator
 from distill.hardware import resolve_precision
-from distill.models import add_lora, check_vocabularies, freeze, load_model, load_tokenizer, merge_adapter
+from distill.models import add_lora, check_stop_ids, freeze, load_model, load_tokenizer, merge_adapter, share_vocabulary, stop_ids
 from distill.objective import loss_denominator, micro_batch_loss, token_cross_entropy
 from distill.errors import ConfigError, RunStopped
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
@@ -89,7 +89,10 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     teacher = load_model(cfg.teacher, "teacher")  # first: a wrong --teacher is named as such, not as a tokenizer
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)
     student = _load_student(cfg.student, checkpoint, teacher)
-    check_vocabularies(teacher, student, tokenizer)
+    n_logits = share_vocabulary(teacher, student, tokenizer)
+    stop_warning = check_stop_ids(teacher, student, tokenizer, n_logits)
+    if stop_warning:
+        report("warning", {"message": stop_warning})
     train_set, val_set, dropped = load_examples(cfg.data, tokenizer, seed)
     lm_blocks = load_lm_corpus(cfg.data.lm_path, tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) if cfg.data.lm_path and cfg.train.lm_weight > 0 else None
     lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if cfg.data.group_by_length else None
@@ -119,6 +122,8 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     inference_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cfg.generation.inference_copy and not synced else None
     generate = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced, _full_params(accelerator), inference_dtype)
     context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
+    ends = {"teacher": set(stop_ids(teacher, tokenizer)), "student": set(stop_ids(unwrap(student), tokenizer))}
+    ends["replay"] = ends["student"]
     evaluate = Evaluator(val_set, tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"),
                          rouge_before=cfg.eval.rouge_before)
     lm_rng = random.Random(seed + accelerator.process_index)
@@ -178,7 +183,11 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             step_loss = float(accelerator.reduce(step_loss, reduction="mean"))  # the same on every rank
             norm = accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm) if cfg.train.max_grad_norm > 0 else None
             finite = math.isfinite(step_loss) and (norm is None or math.isfinite(float(norm)))
+            n_tokens = int(round(denominator * accelerator.num_processes))
+            weight = run.token_weight(n_tokens) if cfg.train.step_weight == "tokens" else 1.0
             if finite:
+                if weight != 1.0:
+                    _scale_gradients(optimizer, weight)
                 optimizer.step()
             elif cfg.train.skip_nonfinite:
                 run.skipped += 1
@@ -189,9 +198,14 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             # --- log one line per optimizer step
             run.step, run.last_loss = step, step_loss if finite else run.last_loss
             run.sources[source] = run.sources.get(source, 0) + 1
-            n_tokens = int(round(denominator * accelerator.num_processes))
             record = {"step": step, "loss": step_loss if finite else None, "source": source, "tokens": n_tokens, "padding": _padding(micro, accelerator),
                       "seconds": time.perf_counter() - tick, "lr": scheduler.get_last_lr()[0]}
+            if norm is not None:
+                record["grad_norm"] = round(float(norm), 4)  # before clipping
+            if cfg.train.step_weight == "tokens":
+                record["step_weight"] = round(weight, 4)
+            if source in ends:  # generated responses: the share that reached generation.max_new_tokens
+                record["truncated"] = _share(sum(e.response_ids[-1] not in ends[source] for e in examples), len(examples), accelerator)
             if getattr(policy, "sgo_prob", None) is not None:
                 record["sgo_prob"] = policy.sgo_prob
             if not finite:
@@ -238,13 +252,27 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     return result
 
 
+@torch.no_grad()
+def _scale_gradients(optimizer, weight: float) -> None:
+    """``train.step_weight: tokens``: after clipping, the step's gradient times its token weight (the
+    optimizer's parameters: after ``prepare`` under FSDP these are its flat shards)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, weight)
+
+
 def _padding(micro, accelerator) -> float:
     """Share of the positions computed in this step (all micro-batches, all processes) that are padding."""
-    counts = torch.tensor([sum(b.n_real for b in micro), sum(b.n_positions for b in micro)], dtype=torch.float64)
+    return round(1.0 - _share(sum(b.n_real for b in micro), sum(b.n_positions for b in micro), accelerator), 4)
+
+
+def _share(part: float, whole: float, accelerator) -> float:
+    """``part / whole`` summed over all processes, rounded to 4 places."""
+    counts = torch.tensor([part, whole], dtype=torch.float64)
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
-    real, computed = counts.tolist()
-    return round(1.0 - real / max(computed, 1.0), 4)
+    part, whole = counts.tolist()
+    return round(part / max(whole, 1.0), 4)
 
 
 def _budget_spent(max_seconds: float, seconds: float, accelerator) -> bool:

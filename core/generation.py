@@ -17,13 +17,15 @@ from contextlib import nullcontext
 import torch
 
 from distill.data import Example, collate_prompts
-from distill.models import contiguous_head_input, vocab_size
+from distill.models import contiguous_head_input, stop_ids, vocab_size
 
 
 class ResponseGenerator:
     """Generates responses for examples' prompts in batches; returns new Examples (token ids).
 
-    Generated responses end at the first EOS, which is kept: it is a label, even when pad == eos.
+    Generated responses end at the first stop id of the generating model (``distill.models.stop_ids``:
+    its ``generation_config.eos_token_id``, one id or several, and the tokenizer's EOS), which is
+    kept: it is a label, even when pad == eos.
     Under sharded training (FSDP, ZeRO-3) every process must call ``generate`` together
     (``synced``: ``synced_gpus``); the sampling policies guarantee that with a rank-synchronised draw.
     ``full_params(model)``: a context in which the unwrapped model's own parameters are whole (FSDP1
@@ -41,6 +43,7 @@ class ResponseGenerator:
         self.copies = InferenceCopies(inference_dtype) if inference_dtype is not None else None
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
+        self.tokenizer = tokenizer
         self.n_tokens = len(tokenizer)
         self.cfg = generation_cfg
         self.batch_size = batch_size
@@ -51,12 +54,18 @@ class ResponseGenerator:
     def __call__(self, model, examples: list[Example], *, greedy: bool = False, max_new_tokens: int | None = None, batch_size: int | None = None) -> list[Example]:
         with self.full_params(model):
             model = self.unwrap(model)
+            stops = self.stop_ids(model)  # the model's own generation_config (a copy's may lack it)
             if self.copies is not None:
                 model = self.copies.get(model)
             contiguous_head_input(model)  # generation's last-position logits are a strided slice too
-            return self._generate(model, examples, greedy, max_new_tokens, batch_size)
+            return self._generate(model, examples, greedy, max_new_tokens, batch_size, stops)
 
-    def _generate(self, model, examples: list[Example], greedy: bool, max_new_tokens: int | None, batch_size: int | None) -> list[Example]:
+    def stop_ids(self, model) -> list[int]:
+        """The ids that end the responses ``model`` (wrapped or not) generates."""
+        return stop_ids(self.unwrap(model), self.tokenizer)
+
+    def _generate(self, model, examples: list[Example], greedy: bool, max_new_tokens: int | None, batch_size: int | None,
+                  stops: list[int]) -> list[Example]:
         was_training = model.training
         model.eval()
         sample = not greedy and self.cfg.temperature > 0
@@ -73,18 +82,19 @@ class ResponseGenerator:
                 ids, attention = ids.to(device), attention.to(device)
                 with torch.no_grad():
                     if lean:
-                        responses = decode(model, ids, attention, pick, max_new_tokens, self.eos_id, self.pad_id)
+                        responses = decode(model, ids, attention, pick, max_new_tokens, stops, self.pad_id)
                     else:
-                        responses = self._transformers_generate(model, ids, attention, sample, max_new_tokens)
+                        responses = self._transformers_generate(model, ids, attention, sample, max_new_tokens, stops)
                 for example, new in zip(chunk, responses.tolist()):
-                    out.append(Example(example.prompt_ids, self._cut(new), reference=example.reference))
+                    out.append(Example(example.prompt_ids, self._cut(new, stops), reference=example.reference))
         finally:
             model.train(was_training)
         return out
 
-    def _transformers_generate(self, model, ids: torch.Tensor, attention: torch.Tensor, sample: bool, max_new_tokens: int) -> torch.Tensor:
+    def _transformers_generate(self, model, ids: torch.Tensor, attention: torch.Tensor, sample: bool, max_new_tokens: int,
+                               stops: list[int]) -> torch.Tensor:
         """transformers' ``generate`` with the same settings as ``decode``: ``[B, P]`` -> ``[B, <= max_new_tokens]``."""
-        options = dict(do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_id, use_cache=True)
+        options = dict(do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=stops or None, use_cache=True)
         if sample:
             options.update(temperature=self.cfg.temperature, top_k=self.cfg.top_k, top_p=self.cfg.top_p)
         else:
@@ -96,10 +106,13 @@ class ResponseGenerator:
             options["synced_gpus"] = True
         return model.generate(input_ids=ids, attention_mask=attention, **options)[:, ids.shape[1]:]
 
-    def _cut(self, tokens: list[int]) -> list[int]:
-        """Up to and including the first EOS; without one, all tokens (the cap was reached)."""
-        if self.eos_id is not None and self.eos_id in tokens:
-            return tokens[: tokens.index(self.eos_id) + 1]
+    def _cut(self, tokens: list[int], stops: list[int] | None = None) -> list[int]:
+        """Up to and including the first stop id (default: the tokenizer's EOS); without one, all
+        tokens (the cap was reached)."""
+        stops = set([self.eos_id] if stops is None else stops)
+        end = next((i for i, token in enumerate(tokens) if token in stops), None)
+        if end is not None:
+            return tokens[: end + 1]
         return tokens or [self.eos_id]
 
 
@@ -178,10 +191,10 @@ def decodable(model) -> bool:
 
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pick: TokenPicker, max_new_tokens: int,
-           eos_id: int | None, pad_id: int) -> torch.Tensor:
+           stops: int | list[int] | None, pad_id: int) -> torch.Tensor:
     """New tokens for left-padded prompts: ``[B, P]`` ids and mask -> ``[B, max_new_tokens]`` ids.
 
-    A row ends at its first ``eos_id`` (kept) or at ``max_new_tokens``; after its end a row holds
+    A row ends at its first id in ``stops`` (one id or several; kept) or at ``max_new_tokens``; after its end a row holds
     ``pad_id``. A row that ended leaves the batch and the cache, so later forwards run on the rows
     still going. Positions count real tokens only (left padding takes none), as ``generate``'s do.
     """
@@ -192,6 +205,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pick: T
     batch, prompt_length = input_ids.shape
     device = input_ids.device
     responses = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    stops = [stops] if isinstance(stops, int) else list(stops or [])
+    stop = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
     rows = torch.arange(batch, device=device)  # the row of `responses` each live row writes to
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     # the mask of every step, sliced; None without padding (what generate does: the model's causal path is faster)
@@ -205,8 +220,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pick: T
         responses[rows, step] = tokens
         if step == max_new_tokens - 1:
             break
-        if eos_id is not None:
-            going = tokens != eos_id
+        if stop is not None:
+            going = ~torch.isin(tokens, stop)
             if not bool(going.all()):
                 if not bool(going.any()):
                     break

@@ -191,13 +191,72 @@ def vocab_size(model) -> int:
     return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
-def check_vocabularies(teacher, student, tokenizer) -> None:
-    """Fail before training unless teacher and student produce logits over the same vocabulary."""
-    v_teacher, v_student = vocab_size(teacher), vocab_size(student)
-    if v_teacher != v_student:
-        raise ConfigError(
-            f"teacher and student vocabularies differ: teacher has {v_teacher} logits, student {v_student}; "
-            "distil between models that share a tokenizer"
-        )
-    if len(tokenizer) > v_student:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the models only {v_student} logits")
+def check_vocabularies(teacher, student, tokenizer) -> int:
+    """The number of logits teacher and student are compared over: ``len(tokenizer)``, the first rows
+    of both heads. Heads may have more rows than the tokenizer has tokens (padded to a multiple of 64
+    or 128, as Qwen2.5's are), and differ in that padding; a head smaller than the tokenizer is an error."""
+    n = len(tokenizer)
+    for role, model in (("teacher", teacher), ("student", student)):
+        rows = vocab_size(model)
+        if rows < n:
+            raise ConfigError(f"the tokenizer has {n} tokens but the {role}'s output head only {rows} rows; "
+                              f"use the tokenizer the {role} was trained with (set tokenizer=DIR)")
+    return n
+
+
+def share_vocabulary(teacher, student, tokenizer) -> int:
+    """``check_vocabularies``, then both models give logits over the tokenizer's ids only
+    (``trim_head``). Returns that number of logits."""
+    n = check_vocabularies(teacher, student, tokenizer)
+    for model in (teacher, student):
+        trim_head(model, n)
+    return n
+
+
+def trim_head(model, n: int) -> None:
+    """Make ``model``'s logits the first ``n`` of its output head's rows (idempotent; a no-op when the
+    head has ``n`` rows). Rows past the tokenizer stand for no token: left in, they would take
+    probability mass in every softmax (the divergence, the cross-entropy, generation). The slice is
+    a view of the full projection: the padded rows are still computed (a few per mille of the head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or vocab_size(model) <= n:
+        return
+    registered = getattr(head, "_distill_trim", None) is not None
+    head._distill_trim = n
+    if not registered:
+        head.register_forward_hook(_trimmed_output)
+
+
+def _trimmed_output(module, args, output):
+    n = module._distill_trim
+    return output[..., :n] if isinstance(output, torch.Tensor) and output.shape[-1] > n else None
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """The ids that end a response ``model`` generates: every id of its ``generation_config.eos_token_id``
+    (an int or a list: Llama-3 instruct models end a turn on several) and the tokenizer's EOS."""
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def check_stop_ids(teacher, student, tokenizer, n_logits: int) -> str | None:
+    """A stop id the model cannot emit is a ``ConfigError``; returns a warning when the teacher's and
+    the student's stop ids differ (each model's own end its generated responses)."""
+    found = {role: stop_ids(model, tokenizer) for role, model in (("teacher", teacher), ("student", student))}
+    for role, ids in found.items():
+        outside = [i for i in ids if not 0 <= i < n_logits]
+        if outside:
+            raise ConfigError(f"the {role}'s stop id {outside[0]} (generation_config.eos_token_id) lies outside the {n_logits} "
+                              f"logits it is trained on (the tokenizer's tokens); fix the {role}'s generation_config.json or use its own tokenizer")
+    if set(found["teacher"]) != set(found["student"]):
+        return (f"teacher and student end responses on different ids (teacher {_shown(found['teacher'])}, student {_shown(found['student'])}); "
+                "each model's own ids end the responses it generates")
+    return None
+
+
+def _shown(ids: list[int], most: int = 8) -> str:
+    return str(ids) if len(ids) <= most else f"[{', '.join(map(str, ids[:most]))}, ... ({len(ids)} ids)]"

@@ -44,16 +44,26 @@ EXPECTED_SOURCES = {
 }
 
 
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory) -> dict[str, Path]:
+    """Heads padded past the 300-token tokenizer, differently (as Qwen2.5-7B's 152064 rows and
+    0.5B's 151936 over 151665 tokens)."""
+    return make_pair(tmp_path_factory.mktemp("padded"), teacher_vocab=320, student_vocab=304)
+
+
 @pytest.mark.parametrize("recipe", ["kd", "seqkd", "imitkd", "gkd", "minillm", "distillm"])
-def test_every_recipe_trains_evaluates_and_saves(tiny, tmp_path, recipe):
+def test_every_recipe_trains_evaluates_and_saves(padded, tmp_path, recipe):
+    # on a pair whose heads are padded differently past the tokenizer (the logits compared: its 300)
     extra = ["-P", "init_prob=1", "-P", "capacity=8"] if recipe == "distillm" else []
-    result = run_cli(tiny, tmp_path / "run", "--recipe", recipe, "--max-steps", "4", "--set", "checkpoint.every=2", *extra)
+    result = run_cli(padded, tmp_path / "run", "--recipe", recipe, "--max-steps", "4", "--set", "checkpoint.every=2", *extra)
     assert result.exit_code == 0, result.output
     out = tmp_path / "run"
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all({"step", "loss", "source", "tokens", "seconds"} <= m.keys() for m in metrics)
     sources = [m["source"] for m in metrics]
+    for m in metrics:  # generated responses: the share cut at generation.max_new_tokens
+        assert ("truncated" in m) == (m["source"] != "dataset") and 0.0 <= m.get("truncated", 0.0) <= 1.0
     if recipe == "distillm":
         # phi = 1: fresh student outputs until the buffer (8 = 2 steps x 4) is full, then fresh or replay
         assert sources[:2] == ["student", "student"]
@@ -128,11 +138,11 @@ def test_chat_messages_data(tiny, tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_vocabulary_mismatch_fails_before_training_with_both_sizes(tmp_path):
-    paths = make_pair(tmp_path, student_vocab=320)
+def test_a_head_smaller_than_the_tokenizer_fails_before_training_with_both_sizes(tmp_path):
+    paths = make_pair(tmp_path, student_vocab=250)
     result = runner.invoke(app, ["run", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]), "--data", str(paths["data"]), "--output-dir", str(tmp_path / "run"), "--max-steps", "2"])
     assert result.exit_code == 2
-    assert "320" in result.output and "teacher has" in result.output
+    assert "the tokenizer has 300 tokens but the student's output head only 250 rows" in result.output
     assert not (tmp_path / "run").exists()
 
 
@@ -219,3 +229,49 @@ def test_rouge_on_the_same_prompts_before_and_after(tmp_path):
     scores = evaluator._rouge("all")
     assert scores == {"rouge_l": 50.0, "rouge_prompts": 6, "rouge_l_subset": 100.0 * 2 / 3}
     assert evaluator._rouge("before") == {"rouge_l": 100.0 * 2 / 3, "rouge_prompts": 3}
+
+
+def test_step_weight_tokens_scales_each_clipped_step_by_its_share_of_the_tokens(tiny, tmp_path, monkeypatch):
+    # plain SGD: a step moves the weights by lr x the gradient it is given, so the two modes' second
+    # steps differ exactly by the logged weight (the first step weighs 1 in both)
+    import importlib
+
+    engine = importlib.import_module("distill.engine")
+    monkeypatch.setattr(engine, "_adamw", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    weights = {}
+    for mode, steps in (("equal", 1), ("equal", 2), ("tokens", 2)):
+        out = tmp_path / f"{mode}-{steps}"
+        result = run_cli(tiny, out, "--recipe", "kd", "--max-steps", str(steps), "--set", f"train.step_weight={mode}",
+                         "--set", "eval.every=0", "--set", "eval.rouge_samples=0", "--set", "train.lr=0.1", "--set", "train.schedule=constant")
+        assert result.exit_code == 0, result.output
+        weights[mode, steps] = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+        metrics = read_jsonl(out / "metrics.jsonl")
+    first, second = metrics
+    assert first["step_weight"] == 1.0 and "grad_norm" in first
+    expected = second["tokens"] * 2 / (first["tokens"] + second["tokens"])
+    assert second["step_weight"] == pytest.approx(expected, abs=1e-4) and abs(expected - 1.0) > 0.05, (first["tokens"], second["tokens"])
+    start = weights["equal", 1]
+    for key, value in start.items():
+        equal_move = weights["equal", 2][key] - value
+        tokens_move = weights["tokens", 2][key] - value
+        torch.testing.assert_close(tokens_move, equal_move * second["step_weight"], atol=1e-6, rtol=1e-3)
+
+
+def test_stop_ids_of_each_model_end_its_responses_and_a_difference_is_a_warning(tiny, tmp_path):
+    """The student ends on ids its generation_config lists (Llama-3 style, several) that the teacher's
+    does not: a one-line warning at start, and the student's responses end on them."""
+    import shutil
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny["student"], student)
+    config = json.loads((student / "generation_config.json").read_text())
+    (student / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": list(range(3, 300))}))
+    pair = {**tiny, "student": student}
+    result = run_cli(pair, tmp_path / "run", "--recipe", "distillm", "--max-steps", "2", "-P", "init_prob=1", "--set", "eval.every=0",
+                     "--set", "eval.rouge_samples=0", "--set", "generation.max_new_tokens=40")
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.output.splitlines() if "end responses on different ids" in line]
+    assert len(warning) == 1 and "student [3, 4, 5, 6, 7, 8, 9, 10, ... (298 ids)]" in warning[0] and "teacher [2, 1]" in warning[0], result.output
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    # almost every id ends a student response now; with the tokenizer's and the teacher's ids only, all reach the cap
+    assert [m["source"] for m in metrics] == ["student", "student"] and all(m["truncated"] == 0.0 for m in metrics)

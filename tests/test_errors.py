@@ -36,6 +36,16 @@ def models(tiny) -> list[str]:
     return ["--teacher", str(tiny["teacher"]), "--student", str(tiny["student"])]
 
 
+def with_stop_ids(source: Path, folder: Path, ids) -> str:
+    """A copy of the model folder ``source`` whose generation_config.json ends responses on ``ids``."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": ids}))
+    return str(folder)
+
+
 def write(tmp: Path, name: str, content: str | bytes) -> str:
     path = tmp / name
     path.write_bytes(content.encode() if isinstance(content, str) else content)
@@ -83,9 +93,13 @@ CASES: dict[str, tuple[Case, list[str]]] = {
     # --- models
     "teacher path missing": (lambda t, tmp: ["--teacher", str(tmp / "nowhere"), "--student", str(t["student"]), "--data", str(t["data"])], ["--teacher", "nowhere", "no such directory"]),
     "student is not a model": (lambda t, tmp: ["--teacher", str(t["teacher"]), "--student", str(tmp), "--data", str(t["data"])], ["--student", "not a model directory", "config.json"]),
-    "vocabulary mismatch names both sizes": (
-        lambda t, tmp: (make_model(tmp / "wide", 320, layers=1), ["--teacher", str(t["teacher"]), "--student", str(tmp / "wide"), "--data", str(t["data"])])[1],
-        ["vocabularies differ", "teacher has", "student 320"],
+    "a tokenizer larger than a model's head": (
+        lambda t, tmp: (make_model(tmp / "narrow", 250, layers=1), ["--teacher", str(t["teacher"]), "--student", str(tmp / "narrow"), "--data", str(t["data"])])[1],
+        ["the tokenizer has 300 tokens", "student's output head only 250 rows", "set tokenizer=DIR"],
+    ),
+    "a stop id outside the head": (
+        lambda t, tmp: ["--teacher", with_stop_ids(t["teacher"], tmp / "teacher", [1, 999]), "--student", str(t["student"]), "--data", str(t["data"])],
+        ["the teacher's stop id 999", "outside the 300 logits", "generation_config.json"],
     ),
     # --- output folder and --resume
     "output dir is a file": (lambda t, tmp: [*data(t), "--output-dir", write(tmp, "file.txt", "x")], ["file.txt", "is a file"]),

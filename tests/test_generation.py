@@ -184,7 +184,7 @@ def test_head_rows_past_the_tokenizer_are_never_generated(single_thread):
         assert (model(input_ids=ids, attention_mask=attention).logits[:, -1].argmax(-1) >= VOCAB).all()
         for greedy in (True, False):
             assert all(max(e.response_ids) < VOCAB for e in generator(model, examples, greedy=greedy))
-            assert generator._transformers_generate(model, ids, attention, not greedy, 6).max() < VOCAB
+            assert generator._transformers_generate(model, ids, attention, not greedy, 6, [2]).max() < VOCAB
 
 
 @pytest.mark.parametrize("pad_is_eos", [False, True])
@@ -277,3 +277,49 @@ def test_generation_speed_benchmark_runs_on_tiny_models(tmp_path, monkeypatch, s
         assert batches <= case["decode"]["mean_forwards"] <= 6 * batches and case["decode"]["mean_new_tokens"] <= 6 * prompts
         if case["mode"] == "greedy":
             assert case["same_tokens"], case
+
+
+def two_stop_ids(model) -> list[int]:
+    """Two ids of greedy decoding: ``an_eos`` (ends row 1 early), and one that ends another row first."""
+    free = our_decode(model, None).tolist()
+    first, first_step = an_eos(model)
+    for row in (0, 2, 3):
+        for step in range(1, NEW):
+            token = free[row][step]
+            if token != first and token not in free[row][:step] and first not in free[row][: step + 1] and token not in free[1][: first_step + 1]:
+                return [first, token]
+    raise AssertionError(f"no second stop id in {free}")
+
+
+def test_several_stop_ids_each_end_a_row_as_generate_does(model):
+    stops = two_stop_ids(model)
+    ours, theirs = our_decode(model, stops), generate(model, stops)
+    assert torch.equal(ours[:, : theirs.shape[1]], theirs)
+    free = our_decode(model, None).tolist()
+    for row, done in zip(ours.tolist(), free):
+        end = next((i for i, t in enumerate(done) if t in stops), None)
+        if end is None:
+            assert row == done
+        else:  # the first of either id ends the row and is kept
+            assert row[: end + 1] == done[: end + 1] and set(row[end + 1:]) <= {PAD}
+    assert {row[i] for row in ours.tolist() for i in range(NEW) if row[i] in stops} == set(stops)  # both ids ended a row
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_every_id_of_the_generation_config_and_the_tokenizer_eos_ends_a_response(pad_is_eos, single_thread):
+    """Llama-3 style: generation_config.eos_token_id is a list; the tokenizer's EOS is yet another id."""
+    model = tiny_model("llama")
+    first, second = two_stop_ids(model)
+    free = our_decode(model, None).tolist()
+    tokenizer_eos = next(i for i in range(3, VOCAB) if all(i not in row for row in free))  # never emitted
+    model.generation_config.eos_token_id = [first, second]
+    tokenizer = Tokenizer(tokenizer_eos, tokenizer_eos if pad_is_eos else PAD)
+    generator = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=NEW), batch_size=4)
+    assert generator.stop_ids(model) == [first, second, tokenizer_eos]
+    examples = [Example(p, []) for p in PROMPTS]
+    for always_generate in (False, True):
+        generator.always_generate = always_generate
+        out = generator(model, examples, greedy=True)
+        ends = {e.response_ids[-1] for e in out if len(e.response_ids) < NEW}
+        assert ends == {first, second}, (always_generate, out)  # kept as the last label
+        assert all(not {first, second} & set(e.response_ids[:-1]) for e in out)

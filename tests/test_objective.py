@@ -161,3 +161,42 @@ def test_the_head_gets_a_contiguous_input_and_the_same_logits():
     got = model(input_ids=ids, logits_to_keep=4).logits
     assert seen == [False, True]  # the slice was strided, the head now multiplies a contiguous copy
     torch.testing.assert_close(got, expected)
+
+
+def _padded_copy(model, rows: int, seed: int):
+    """``model`` with ``rows`` more output-head rows of large random weights (a padded head)."""
+    import copy
+
+    padded = copy.deepcopy(model)
+    head = padded.get_output_embeddings()
+    extra = torch.randn(rows, head.weight.shape[1], generator=torch.Generator().manual_seed(seed)) * 5
+    wider = torch.nn.Linear(head.weight.shape[1], head.weight.shape[0] + rows, bias=False)
+    wider.weight.data = torch.cat([head.weight.data, extra])
+    padded.set_output_embeddings(wider)
+    padded.config.vocab_size = wider.weight.shape[0]
+    return padded
+
+
+@pytest.mark.parametrize("name", ["kl", "skew_rkl", "jsd"])
+def test_padded_head_rows_leave_the_loss_and_gradients_as_over_the_real_tokens(models, name):
+    from distill.models import share_vocabulary
+
+    teacher, student, tokenizer = models
+    divergence = distill.get_divergence(name)
+    batch = collate(examples(), 0)
+    padded_teacher, padded_student = _padded_copy(teacher, 20, 0), _padded_copy(student, 4, 1)
+    untrimmed, _ = micro_batch_loss(_padded_copy(student, 20, 1), padded_teacher, batch, divergence, batch.n_tokens, ce_weight=0.5)
+    assert share_vocabulary(padded_teacher, padded_student, tokenizer) == len(tokenizer) == 300
+    results = []
+    for s, t in ((student, teacher), (padded_student, padded_teacher)):
+        s.zero_grad()
+        loss, _ = micro_batch_loss(s, t, batch, divergence, batch.n_tokens, ce_weight=0.5)
+        loss.backward()
+        body = {k: p.grad.clone() for k, p in s.named_parameters() if "lm_head" not in k}
+        results.append((loss.detach(), body, s.get_output_embeddings().weight.grad[:300].clone()))
+    (loss, body, head), (padded_loss, padded_body, padded_head) = results
+    assert abs(float(untrimmed.detach()) - float(loss)) > 1e-3  # the padded rows would count without the trim
+    assert abs(float(padded_loss) - float(loss)) < 1e-6
+    for key in body:
+        torch.testing.assert_close(padded_body[key], body[key], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(padded_head, head, atol=1e-6, rtol=1e-5)

@@ -65,12 +65,13 @@ def make_model(folder: Path, vocab_size: int, layers: int, hidden: int = 32, see
     return model
 
 
-def make_pair(root: Path, *, student_vocab: int | None = None, pad_token: str | None = None) -> dict[str, Path]:
-    """teacher/ (2 layers) and student/ (1 layer) folders, both with the tokenizer, and data.jsonl."""
+def make_pair(root: Path, *, student_vocab: int | None = None, teacher_vocab: int | None = None, pad_token: str | None = None) -> dict[str, Path]:
+    """teacher/ (2 layers) and student/ (1 layer) folders, both with the tokenizer (300 tokens), and
+    data.jsonl. ``*_vocab``: output-head rows, by default the tokenizer's size."""
     teacher, student = root / "teacher", root / "student"
     tokenizer = make_tokenizer(teacher, pad_token=pad_token)
     tokenizer.save_pretrained(student)
-    make_model(teacher, len(tokenizer), layers=2, seed=1)
+    make_model(teacher, teacher_vocab or len(tokenizer), layers=2, seed=1)
     make_model(student, student_vocab or len(tokenizer), layers=1, seed=2)
     return {"teacher": teacher, "student": student, "data": write_data(root / "data.jsonl")}
 
