@@ -94,6 +94,6 @@ class Evaluator:
         subset = [score for (i, _), score in zip(chosen, scores) if i < self.rouge_subset]
         rouge_sum, rouge_n, subset_sum, subset_n = self._reduce([sum(scores), float(len(scores)), sum(subset), float(len(subset))])
         result = {"rouge_l": rouge_sum / max(rouge_n, 1.0), "rouge_prompts": int(rouge_n)}
-        if subset_n < rouge_n:
+        if 0 < subset_n < rouge_n:  # rouge_before: 0 answers none before training: nothing to compare
             result["rouge_l_subset"] = subset_sum / max(subset_n, 1.0)
         return result

@@ -209,6 +209,15 @@ def test_the_pass_before_training_answers_fewer_prompts_and_after_compares_the_s
     assert "first 1 prompts" in result.output and "all 2 prompts" in result.output
 
 
+def test_no_pass_before_training_leaves_no_subset_to_compare(tiny, tmp_path):
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "1", "--set", "eval.rouge_samples=8",
+                     "--set", "eval.rouge_before=0", "--set", "eval.every=0")
+    assert result.exit_code == 0, result.output
+    before, after = read_jsonl(tmp_path / "run" / "eval.jsonl")
+    assert "rouge_l" not in before and after["rouge_prompts"] == 2 and "rouge_l_subset" not in after
+    assert "first" not in result.output and "?" not in result.output  # no "first ? prompts" row
+
+
 def test_rouge_on_the_same_prompts_before_and_after(tmp_path):
     """The subset score is the mean over exactly the first rouge_before prompts."""
     from distill.data import Example
