@@ -102,6 +102,8 @@ class RichReporter:
             )
             if record.get("precision"):
                 self.console.print(f"  {record['precision']}", highlight=False, soft_wrap=True)
+            if record.get("mode"):
+                self.console.print(f"  {record['mode']}", highlight=False, soft_wrap=True)
         elif kind == "warning":
             self.console.print(f"[bold yellow]warning:[/] {record['message']}", highlight=False, soft_wrap=True)
         elif kind == "eval":

@@ -41,6 +41,10 @@ class ModelSpec(_Section):
         "auto", description="dtype of the loaded weights; auto: the teacher's follows train.precision, the student's is float32 (master weights)"
     )
     adapter: str | None = Field(None, description="a PEFT (LoRA) adapter folder, merged into the weights at load")
+    tokenizer: str | None = Field(
+        None, description="student only: its own tokenizer (default: the student folder's, when it has one, else the teacher's); "
+        "one that differs from the teacher's allows sequence-level KD only (--recipe seqkd)"
+    )
     lora: LoraSpec | None = Field(None, description="student only: train LoRA adapters instead of every weight")
     freeze: list[str] = Field(
         default_factory=list,

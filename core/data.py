@@ -27,6 +27,8 @@ class Example:
     response_ids: list[int]
     reference: str = field(default="", compare=False)
     """The response text, for ROUGE-L against generated answers."""
+    messages: list[dict[str, str]] | None = field(default=None, compare=False, repr=False)
+    """The prompt as chat messages, to encode it with another tokenizer (``distill.vocabulary``)."""
 
 
 @dataclass
@@ -198,7 +200,7 @@ def encode_records(records: list[dict[str, Any]], tokenizer, data_cfg, source: s
         if not response_ids:
             dropped["empty response"] += 1
             continue
-        examples.append(Example(prompt_ids, response_ids, reference=response))
+        examples.append(Example(prompt_ids, response_ids, reference=response, messages=messages))
     if not examples:
         reasons = ", ".join(f"{n} {why}" for why, n in dropped.items() if n)
         raise ConfigError(

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import time
+import functools
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from distill.errors import ConfigError, RunStopped
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
 from distill.policy import SamplingContext
 from distill.registry import Registry, default_registry
+from distill.vocabulary import TextBridge, check_data_ids, cross_tokenizer_error, mismatch, student_tokenizer_ref
 
 
 @dataclass
@@ -58,6 +60,10 @@ class RunResult:
 
 
 Reporter = Callable[[str, dict[str, Any]], None]
+
+CROSS_TOKENIZER_NOTE = ("teacher and student tokenizers differ: sequence-level KD; the teacher answers in its own chat template, "
+                        "the student trains with token cross-entropy on that text in its own tokens (no logit-level term); "
+                        "validation: CE and ROUGE-L against the teacher's answers, no KL")
 
 
 def train(config: RunConfig, *, registry: Registry | None = None, report: Reporter | None = None, overwrite: bool = False, resume: bool = False) -> RunResult:
@@ -87,14 +93,24 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     if hasattr(policy, "reseed"):
         policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
     teacher = load_model(cfg.teacher, "teacher")  # first: a wrong --teacher is named as such, not as a tokenizer
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)  # the teacher's
     student = _load_student(cfg.student, checkpoint, teacher)
-    n_logits = share_vocabulary(teacher, student, tokenizer)
-    stop_warning = check_stop_ids(teacher, student, tokenizer, n_logits)
+    own = student_tokenizer_ref(cfg.student, cfg.student.tokenizer)
+    student_tokenizer = load_tokenizer(own) if own else tokenizer
+    # one vocabulary (logit-level), or text in between (sequence-level KD across tokenizers)
+    difference = mismatch(tokenizer, student_tokenizer) if student_tokenizer is not tokenizer else None
+    apart = difference is not None
+    if apart and getattr(policy, "name", None) != "teacher":
+        raise cross_tokenizer_error(difference, cfg.policy.name)
+    n_logits = share_vocabulary(teacher, student, tokenizer, student_tokenizer, shared=not apart)
+    stop_warning = check_stop_ids(teacher, student, tokenizer, n_logits, student_tokenizer if apart else None)
     if stop_warning:
         report("warning", {"message": stop_warning})
-    train_set, val_set, dropped = load_examples(cfg.data, tokenizer, seed)
-    lm_blocks = load_lm_corpus(cfg.data.lm_path, tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) if cfg.data.lm_path and cfg.train.lm_weight > 0 else None
+    data_tokenizer = student_tokenizer if apart else tokenizer
+    train_set, val_set, dropped = load_examples(cfg.data, data_tokenizer, seed)
+    if not apart and len(student_tokenizer) != len(tokenizer):
+        check_data_ids(train_set + val_set, n_logits, "student" if len(student_tokenizer) < len(tokenizer) else "teacher")
+    lm_blocks = load_lm_corpus(cfg.data.lm_path, student_tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) if cfg.data.lm_path and cfg.train.lm_weight > 0 else None
     lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if cfg.data.group_by_length else None
     sampler = BatchSampler(len(train_set), cfg.train.batch_size, seed, accelerator.process_index, accelerator.num_processes, lengths, cfg.train.grad_accum)
     saved = checkpoint.load() if checkpoint else None
@@ -120,15 +136,25 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     unwrap = accelerator.unwrap_model
     synced = synced_generation(accelerator)
     inference_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cfg.generation.inference_copy and not synced else None
-    generate = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced, _full_params(accelerator), inference_dtype)
+    generate = ResponseGenerator(data_tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced, _full_params(accelerator), inference_dtype)
     context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
-    ends = {"teacher": set(stop_ids(teacher, tokenizer)), "student": set(stop_ids(unwrap(student), tokenizer))}
+    ends = {"teacher": set(stop_ids(teacher, tokenizer)), "student": set(stop_ids(unwrap(student), data_tokenizer))}
+    if apart:  # the teacher answers in its own tokens; the student trains on that text in its own
+        generate_teacher = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced, _full_params(accelerator), inference_dtype)
+        bridge = TextBridge(tokenizer, student_tokenizer, cfg.data, stop_ids(teacher, tokenizer))
+        context = SamplingContext(context.generate_student, lambda ex: bridge.generate_teacher(lambda prompts: generate_teacher(teacher, prompts), ex))
+        ends["teacher"] = {student_tokenizer.eos_token_id}
+        # validation: the teacher's greedy answers are the references (val CE and ROUGE-L against them)
+        answers = generate_teacher(teacher, bridge.teacher_prompts(val_set), greedy=True)
+        val_set = [bridge.to_student(e, a) for e, a in zip(val_set, answers)]
     ends["replay"] = ends["student"]
-    evaluate = Evaluator(val_set, tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"),
-                         rouge_before=cfg.eval.rouge_before)
+    evaluator = Evaluator(val_set, data_tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"),
+                          rouge_before=cfg.eval.rouge_before)
+    evaluate = functools.partial(evaluator, with_teacher=not apart)
     lm_rng = random.Random(seed + accelerator.process_index)
     rank_log = _rank_log(accelerator)
-    report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out), "processes": accelerator.num_processes, "precision": precision})
+    report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out), "processes": accelerator.num_processes, "precision": precision,
+                     "mode": CROSS_TOKENIZER_NOTE if apart else None})
 
     if saved is None:
         # --- evaluate before training: the "before" numbers and the adaptive policy's reference loss
@@ -154,7 +180,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     def save(step: int) -> Path:
         shared = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "run": run.state_dict()}
         local = {"policy": policy.state_dict(), "lm_rng": lm_rng.getstate(), "rng": capture_rng()}
-        path, size = save_checkpoint(files, accelerator, student, tokenizer, step, shared, local, cfg.checkpoint.keep)
+        path, size = save_checkpoint(files, accelerator, student, student_tokenizer, step, shared, local, cfg.checkpoint.keep)
         report("checkpoint", {"step": step, "path": str(path), "bytes": size})
         return path
 
@@ -167,14 +193,14 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             # --- the policy picks this step's sequences (one draw, the same on every rank)
             examples = [train_set[i] for _ in range(cfg.train.grad_accum) for i in next(batches)]
             examples, source = policy.sample(step, cfg.train.max_steps, examples, context)
-            micro = [collate(examples[i: i + cfg.train.batch_size], tokenizer.pad_token_id).to(accelerator.device) for i in range(0, len(examples), cfg.train.batch_size)]
+            micro = [collate(examples[i: i + cfg.train.batch_size], data_tokenizer.pad_token_id).to(accelerator.device) for i in range(0, len(examples), cfg.train.batch_size)]
             # --- forward and backward; the loss is normalised once, by the global response-token count
             denominator = loss_denominator([b.n_tokens for b in micro], accelerator)
             step_loss = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(micro):
                 # each backward() adds to the gradients, so only the last micro-batch synchronises them
                 with _accumulating(accelerator, student, last=i == len(micro) - 1):
-                    loss, _ = micro_batch_loss(student, teacher, batch, divergence, denominator, cfg.train.ce_weight, unwrap)
+                    loss, _ = micro_batch_loss(student, None if apart else teacher, batch, divergence, denominator, cfg.train.ce_weight, unwrap)
                     if lm_blocks is not None:
                         loss = loss + cfg.train.lm_weight * _lm_loss(student, lm_blocks, lm_rng, cfg.train.batch_size, accelerator) / len(micro)
                     accelerator.backward(loss)
@@ -238,11 +264,11 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
 
     def fill_final(folder: Path) -> None:
         unwrap(student).save_pretrained(folder, state_dict=state)
-        tokenizer.save_pretrained(folder)
+        student_tokenizer.save_pretrained(folder)
         if cfg.student.lora is not None and cfg.student.lora.save_merged:
             merged = merge_adapter(load_model(cfg.student, "student", teacher=unwrap(teacher)), folder, "student")
             merged.save_pretrained(folder / "merged")
-            tokenizer.save_pretrained(folder / "merged")
+            student_tokenizer.save_pretrained(folder / "merged")
 
     files.write_folder("final", fill_final)
     accelerator.wait_for_everyone()

@@ -31,6 +31,8 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
         spec = ref
         if role == "teacher" and spec.lora is not None:
             raise ConfigError("teacher.lora: the teacher is frozen; to load a LoRA-tuned teacher set teacher.adapter=PATH")
+        if role == "teacher" and spec.tokenizer:
+            raise ConfigError("teacher.tokenizer: the teacher's tokenizer is set by tokenizer=DIR (student.tokenizer is the student's own)")
         if role == "teacher" and spec.freeze:
             raise ConfigError("teacher.freeze: the teacher is always frozen; set student.freeze instead")
         if spec.lora is not None and spec.freeze:
@@ -191,23 +193,29 @@ def vocab_size(model) -> int:
     return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
-def check_vocabularies(teacher, student, tokenizer) -> int:
-    """The number of logits teacher and student are compared over: ``len(tokenizer)``, the first rows
-    of both heads. Heads may have more rows than the tokenizer has tokens (padded to a multiple of 64
-    or 128, as Qwen2.5's are), and differ in that padding; a head smaller than the tokenizer is an error."""
-    n = len(tokenizer)
-    for role, model in (("teacher", teacher), ("student", student)):
-        rows = vocab_size(model)
+def check_vocabularies(teacher, student, tokenizer, student_tokenizer=None) -> int:
+    """The number of logits teacher and student are compared over: the tokenizers' shared ids (one
+    tokenizer: its ``len``), the first rows of both heads. Heads may have more rows than their
+    tokenizer has tokens (padded to a multiple of 64 or 128, as Qwen2.5's are), and differ in that
+    padding; a head smaller than its tokenizer is an error."""
+    student_tokenizer = student_tokenizer or tokenizer
+    for role, model, its_tokenizer in (("teacher", teacher, tokenizer), ("student", student, student_tokenizer)):
+        n, rows = len(its_tokenizer), vocab_size(model)
         if rows < n:
             raise ConfigError(f"the tokenizer has {n} tokens but the {role}'s output head only {rows} rows; "
-                              f"use the tokenizer the {role} was trained with (set tokenizer=DIR)")
-    return n
+                              f"use the tokenizer the {role} was trained with (set {'tokenizer' if role == 'teacher' else 'student.tokenizer'}=DIR)")
+    return min(len(tokenizer), len(student_tokenizer))
 
 
-def share_vocabulary(teacher, student, tokenizer) -> int:
-    """``check_vocabularies``, then both models give logits over the tokenizer's ids only
-    (``trim_head``). Returns that number of logits."""
-    n = check_vocabularies(teacher, student, tokenizer)
+def share_vocabulary(teacher, student, tokenizer, student_tokenizer=None, *, shared: bool = True) -> int:
+    """``check_vocabularies``, then both models give logits over the shared ids only (``trim_head``).
+    Returns that number of logits. ``shared=False`` (tokenizers that differ: text in between): each
+    model's logits are its own tokenizer's ids; returns the student's number."""
+    n = check_vocabularies(teacher, student, tokenizer, student_tokenizer)
+    if not shared:
+        trim_head(teacher, len(tokenizer))
+        trim_head(student, len(student_tokenizer))
+        return len(student_tokenizer)
     for model in (teacher, student):
         trim_head(model, n)
     return n
@@ -243,16 +251,22 @@ def stop_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids))
 
 
-def check_stop_ids(teacher, student, tokenizer, n_logits: int) -> str | None:
+def check_stop_ids(teacher, student, tokenizer, n_logits: int, student_tokenizer=None) -> str | None:
     """A stop id the model cannot emit is a ``ConfigError``; returns a warning when the teacher's and
-    the student's stop ids differ (each model's own end its generated responses)."""
-    found = {role: stop_ids(model, tokenizer) for role, model in (("teacher", teacher), ("student", student))}
+    the student's stop ids differ (each model's own end its generated responses). ``n_logits``: the
+    logits both share; with a ``student_tokenizer`` that differs (text in between), each model's own
+    tokenizer's size, and no warning (their ids mean different tokens)."""
+    apart = student_tokenizer is not None and student_tokenizer is not tokenizer
+    found, limits = {}, {}
+    for role, model, its_tokenizer in (("teacher", teacher, tokenizer), ("student", student, student_tokenizer or tokenizer)):
+        found[role] = stop_ids(model, its_tokenizer)
+        limits[role] = len(its_tokenizer) if apart else n_logits
     for role, ids in found.items():
-        outside = [i for i in ids if not 0 <= i < n_logits]
+        outside = [i for i in ids if not 0 <= i < limits[role]]
         if outside:
-            raise ConfigError(f"the {role}'s stop id {outside[0]} (generation_config.eos_token_id) lies outside the {n_logits} "
+            raise ConfigError(f"the {role}'s stop id {outside[0]} (generation_config.eos_token_id) lies outside the {limits[role]} "
                               f"logits it is trained on (the tokenizer's tokens); fix the {role}'s generation_config.json or use its own tokenizer")
-    if set(found["teacher"]) != set(found["student"]):
+    if not apart and set(found["teacher"]) != set(found["student"]):
         return (f"teacher and student end responses on different ids (teacher {_shown(found['teacher'])}, student {_shown(found['student'])}); "
                 "each model's own ids end the responses it generates")
     return None

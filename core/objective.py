@@ -67,7 +67,12 @@ def response_logits(model, batch: Batch, unwrap=lambda m: m) -> torch.Tensor:
 
 
 def micro_batch_loss(student, teacher, batch: Batch, divergence, denominator: float, ce_weight: float = 0.0, unwrap=lambda m: m) -> tuple[torch.Tensor, dict[str, float]]:
-    """Divergence (+ ``ce_weight`` x student cross-entropy) on the response tokens of one micro-batch."""
+    """Divergence (+ ``ce_weight`` x student cross-entropy) on the response tokens of one micro-batch.
+    Without a teacher (sequence-level KD across tokenizers: no logits in common), the student's
+    cross-entropy alone."""
+    if teacher is None:
+        ce = token_cross_entropy(response_logits(student, batch, unwrap), batch.labels, batch.response_mask, n_tokens=denominator)
+        return ce, {"ce": float(ce.detach())}
     with torch.no_grad():
         teacher_logits = response_logits(teacher, batch, unwrap)
     student_logits = response_logits(student, batch, unwrap)

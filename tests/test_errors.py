@@ -95,7 +95,7 @@ CASES: dict[str, tuple[Case, list[str]]] = {
     "student is not a model": (lambda t, tmp: ["--teacher", str(t["teacher"]), "--student", str(tmp), "--data", str(t["data"])], ["--student", "not a model directory", "config.json"]),
     "a tokenizer larger than a model's head": (
         lambda t, tmp: (make_model(tmp / "narrow", 250, layers=1), ["--teacher", str(t["teacher"]), "--student", str(tmp / "narrow"), "--data", str(t["data"])])[1],
-        ["the tokenizer has 300 tokens", "student's output head only 250 rows", "set tokenizer=DIR"],
+        ["the tokenizer has 300 tokens", "student's output head only 250 rows", "set student.tokenizer=DIR"],
     ),
     "a stop id outside the head": (
         lambda t, tmp: ["--teacher", with_stop_ids(t["teacher"], tmp / "teacher", [1, 999]), "--student", str(t["student"]), "--data", str(t["data"])],

@@ -51,6 +51,29 @@ def make_tokenizer(folder: Path, *, pad_token: str | None = None):
     return fast
 
 
+OTHER_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def make_other_tokenizer(folder: Path):
+    """A tokenizer unlike ``make_tokenizer``'s (280 tokens, other specials and chat template; EOS =
+    </s>), as a student from another model family has."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([r["response"] + " " + r["prompt"] for r in make_records(300, seed=3)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>", pad_token="<unk>")
+    fast.chat_template = OTHER_TEMPLATE
+    fast.save_pretrained(folder)
+    return fast
+
+
 def make_model(folder: Path, vocab_size: int, layers: int, hidden: int = 32, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
