@@ -1,17 +1,19 @@
 """Derive a student from a teacher by keeping K evenly spaced decoder layers (a layer-pruned copy).
 
-Works for Llama-, Qwen-, Mistral- (``model.layers``) and GPT-2-style (``transformer.h``) models:
-the student shares the teacher's tokenizer and vocabulary and starts from copies of its embeddings,
-final norm, output head and the kept layers.
+Works for any causal LM whose decoder layers are one ``ModuleList`` of ``config.num_hidden_layers``
+blocks, wherever the architecture keeps it (``model.layers`` in Llama, Qwen, Mistral, Gemma, Phi-3;
+``transformer.h`` in GPT-2; ``model.decoder.layers`` in OPT): the student shares the teacher's
+tokenizer and vocabulary and starts from copies of its embeddings, final norm, output head and the
+kept layers.
 """
 
 from __future__ import annotations
 
 import re
 
-from distill.errors import ConfigError
+import torch
 
-_LAYER_KEYS = (("model.layers.", "num_hidden_layers"), ("transformer.h.", "n_layer"))
+from distill.errors import ConfigError
 
 
 def _no_init_weights():
@@ -35,22 +37,32 @@ def kept_layers(total: int, keep: int) -> list[int]:
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
+def decoder_layers(model) -> str:
+    """The name of ``model``'s list of decoder layers (``model.layers``, ``transformer.h``, ...): the
+    one ``ModuleList`` of ``config.num_hidden_layers`` modules (GPT-2's config maps the name to ``n_layer``)."""
+    total = getattr(model.config, "num_hidden_layers", None)
+    found = [name for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList) and len(module) == total] if total else []
+    if len(found) == 1:
+        return found[0]
+    if not total:
+        why = "its config has no num_hidden_layers"
+    elif not found:
+        why = f"no list of its {total} decoder layers"
+    else:
+        why = f"{len(found)} lists of {total} modules ({', '.join(found[:3])}), which is the decoder's is unclear"
+    raise ConfigError(f"cannot prune {type(model).__name__} ({model.config.model_type}): {why}; pass a student directory instead of prune:K")
+
+
 def prune_layers(teacher, keep: int):
     """A new model of the teacher's class with ``keep`` of its decoder layers (weights copied)."""
     from transformers import AutoModelForCausalLM
 
     state = teacher.state_dict()
-    prefix = attr = None
-    for candidate, config_attr in _LAYER_KEYS:
-        if any(k.startswith(candidate) for k in state) and hasattr(teacher.config, config_attr):
-            prefix, attr = candidate, config_attr
-            break
-    if prefix is None:
-        raise ConfigError(f"cannot prune {type(teacher).__name__}: only Llama/Qwen/Mistral- and GPT-2-style models are supported")
-    total = getattr(teacher.config, attr)
+    prefix = decoder_layers(teacher) + "."
+    total = teacher.config.num_hidden_layers
     layers = kept_layers(total, keep)
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
-    setattr(config, attr, len(layers))
+    config.num_hidden_layers = len(layers)
     for name in ("layer_types",):  # per-layer settings (sliding windows) follow their layers
         values = getattr(config, name, None)
         if isinstance(values, list) and len(values) == total:

@@ -74,28 +74,69 @@ def make_other_tokenizer(folder: Path):
     return fast
 
 
-def make_model(folder: Path, vocab_size: int, layers: int, hidden: int = 32, seed: int = 0):
+# Tiny configs of the decoder architectures the tests train (``test_architectures.py``): hidden 32,
+# 2 heads, the tokenizer's ids (BOS 0, EOS 1, no pad id: the tokenizer pads with EOS). Sliding windows
+# (8 positions) are shorter than a prompt, so the generation cache's sliding layers really slide.
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=1, tie_word_embeddings=True)),  # tied, as Qwen2.5-0.5B's
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=1, head_dim=8, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=1, sliding_window=8, tie_word_embeddings=False)),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8, sliding_window=8)),
+    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
+                                        final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2, sliding_window=8)),
+    "gpt2": ("GPT2Config", dict(n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "opt": ("OPTConfig", dict(ffn_dim=64, dropout=0.0)),
+}
+
+
+def make_config(architecture: str, vocab_size: int, layers: int, hidden: int = 32):
+    """A tiny config of ``architecture`` (a key of ``ARCHITECTURES``) with ``vocab_size`` head rows."""
+    import transformers
+
+    class_name, settings = ARCHITECTURES[architecture]
+    config_class = getattr(transformers, class_name)
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    if architecture == "gpt2":
+        return config_class(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=2, **ids, **settings)
+    settings = dict(settings)
+    if architecture == "gemma3" and layers != len(settings["layer_types"]):
+        settings["layer_types"] = settings["layer_types"][:layers]
+    sizes = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=512)
+    if architecture != "opt":
+        sizes["intermediate_size"] = 2 * hidden
+    return config_class(vocab_size=vocab_size, **sizes, **ids, **settings)
+
+
+def make_model(folder: Path, vocab_size: int, layers: int, hidden: int = 32, seed: int = 0, architecture: str | None = None):
+    """A random model saved in ``folder``; ``architecture`` None: the Llama every other test uses
+    (transformers' default BOS 1 and EOS 2 in its generation config)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+    if architecture is None:
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        model = AutoModelForCausalLM.from_config(make_config(architecture, vocab_size, layers, hidden))
     model.save_pretrained(folder)
     return model
 
 
-def make_pair(root: Path, *, student_vocab: int | None = None, teacher_vocab: int | None = None, pad_token: str | None = None) -> dict[str, Path]:
-    """teacher/ (2 layers) and student/ (1 layer) folders, both with the tokenizer (300 tokens), and
-    data.jsonl. ``*_vocab``: output-head rows, by default the tokenizer's size."""
+def make_pair(root: Path, *, student_vocab: int | None = None, teacher_vocab: int | None = None, pad_token: str | None = None,
+              architecture: str | None = None) -> dict[str, Path]:
+    """teacher/ (2 layers) and student/ (1 layer) folders of ``architecture``, both with the tokenizer
+    (300 tokens), and data.jsonl. ``*_vocab``: output-head rows, by default the tokenizer's size."""
     teacher, student = root / "teacher", root / "student"
     tokenizer = make_tokenizer(teacher, pad_token=pad_token)
     tokenizer.save_pretrained(student)
-    make_model(teacher, teacher_vocab or len(tokenizer), layers=2, seed=1)
-    make_model(student, student_vocab or len(tokenizer), layers=1, seed=2)
+    make_model(teacher, teacher_vocab or len(tokenizer), layers=2, seed=1, architecture=architecture)
+    make_model(student, student_vocab or len(tokenizer), layers=1, seed=2, architecture=architecture)
     return {"teacher": teacher, "student": student, "data": write_data(root / "data.jsonl")}
 
 
