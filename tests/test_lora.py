@@ -24,7 +24,8 @@ LORA = ["--set", "student.lora.rank=4", "--set", "student.lora.save_merged=true"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    return make_pair(tmp_path_factory.mktemp("tiny"))
+    """Heads padded differently past the 300-token tokenizer (LoRA and resume with padded heads)."""
+    return make_pair(tmp_path_factory.mktemp("tiny"), teacher_vocab=320, student_vocab=304)
 
 
 def run_args(tiny, out: Path, *extra: str) -> list[str]:
@@ -89,6 +90,17 @@ def test_a_lora_run_resumes_from_its_checkpoint(tiny, lora_run, tmp_path):
     reference = [json.loads(line)["loss"] for line in (lora_run / "metrics.jsonl").read_text().splitlines()]
     assert losses[:2] == pytest.approx(reference[:2], abs=1e-7)
     assert len(losses) == 3  # step 3 follows another schedule (max_steps 2 -> 3), so its loss is not compared
+
+
+def test_lora_on_a_padded_output_head_trains_over_the_tokenizers_ids(tiny, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, run_args(tiny, out, "--max-steps", "2", "--set", "student.lora.target_modules=[q_proj,lm_head]",
+                                         "--set", "student.lora.save_merged=false"))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"q_proj", "lm_head"}
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["student"]), out / "final")
+    assert model(batch_ids()).logits.shape[-1] == 304  # the saved model keeps its own head; the trim was the run's
 
 
 def make_teacher_adapter(tiny, folder: Path) -> Path:
