@@ -122,7 +122,7 @@ class RichReporter:
             info = f"loss {record['loss']:.4f}" if record["loss"] is not None else "loss not finite, step skipped"
             info += f"  {record['source']:<7}"
             if "sgo_prob" in record:
-                info += f"  phi {record['sgo_prob']:.2f}"
+                info += f"  sgo_prob {record['sgo_prob']:.2f}"
             info += f"  {rate:,.0f} tok/s"
             self.progress.update(self.task, completed=record["step"], info=info)
         elif kind == "end":

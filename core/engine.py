@@ -90,8 +90,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     if precision_warning:
         report("warning", {"message": precision_warning})
     set_seed(seed)
-    if hasattr(policy, "reseed"):
-        policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
+    policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
     teacher = load_model(cfg.teacher, "teacher")  # first: a wrong --teacher is named as such, not as a tokenizer
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)  # the teacher's
     student = _load_student(cfg.student, checkpoint, teacher)
@@ -232,8 +231,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
                 record["step_weight"] = round(weight, 4)
             if source in ends:  # generated responses: the share that reached generation.max_new_tokens
                 record["truncated"] = _share(sum(e.response_ids[-1] not in ends[source] for e in examples), len(examples), accelerator)
-            if getattr(policy, "sgo_prob", None) is not None:
-                record["sgo_prob"] = policy.sgo_prob
+            record.update(policy.metrics())
             if not finite:
                 record["skipped"] = True
             trained_seconds += record["seconds"]

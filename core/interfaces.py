@@ -43,12 +43,14 @@ class SamplingPolicy(Protocol):
     ``distill.data.Example``: prompt and response token ids) and a ``distill.policy.SamplingContext``
     whose ``generate_student`` / ``generate_teacher`` return the same prompts with freshly sampled
     responses. It returns the examples to train on and their ``Source``. All randomness must come
-    from a generator seeded identically on every process (the engine calls ``reseed(seed)`` when the
-    policy has it), so that every rank takes the same branch and generation under sharded training
-    is entered together. ``observe_eval`` receives the student's validation loss at each evaluation
-    (step 0 is before training). ``state_dict`` / ``load_state_dict`` carry everything needed to
-    resume exactly (probabilities, buffers, generator state). A policy may expose ``sgo_prob``
-    (logged per step). ``distill.policy.RandomPolicy`` is a convenient base class.
+    from a generator seeded identically on every process (the engine calls ``reseed(seed)`` before
+    training), so that every rank takes the same branch and generation under sharded training is
+    entered together. ``observe_eval`` receives the student's validation loss at each evaluation
+    (step 0 is before training). ``metrics()`` returns numbers logged at each step under their own
+    names (the adaptive policy's ``sgo_prob``). ``state_dict`` / ``load_state_dict`` carry
+    everything needed to resume exactly (probabilities, buffers, generator state).
+    ``distill.policy.RandomPolicy`` is the base class: it gives ``reseed``, ``metrics`` (none),
+    ``observe_eval`` (nothing) and the generator's state.
     """
 
     name: ClassVar[str]
@@ -59,6 +61,10 @@ class SamplingPolicy(Protocol):
     def sample(self, step: int, total_steps: int, examples: list[Any], context: Any) -> tuple[list[Any], Source]: ...
 
     def observe_eval(self, step: int, val_loss: float) -> None: ...
+
+    def reseed(self, seed: int) -> None: ...
+
+    def metrics(self) -> dict[str, float]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 

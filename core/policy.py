@@ -77,6 +77,10 @@ class RandomPolicy:
     def observe_eval(self, step: int, val_loss: float) -> None:
         pass
 
+    def metrics(self) -> dict[str, float]:
+        """Numbers to log at each step, by name (none by default)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
 

@@ -38,7 +38,7 @@ BUILTIN_PROVIDER = "distill (built-in)"
 
 KINDS = {"divergence": "register_divergences", "policy": "register_policies", "recipe": "register_recipes"}
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
-_POLICY_METHODS = ("sample", "observe_eval", "state_dict", "load_state_dict")
+_POLICY_METHODS = ("sample", "observe_eval", "reseed", "metrics", "state_dict", "load_state_dict")
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class Registry:
                 raise PluginError(f"{provider}: divergence {name!r} must define __call__")
             missing = [m for m in _POLICY_METHODS if kind == "policy" and not callable(getattr(obj, m, None))]
             if missing:
-                raise PluginError(f"{provider}: policy {name!r} lacks {', '.join(missing)}")
+                raise PluginError(f"{provider}: policy {name!r} lacks {', '.join(missing)} (distill.policy.RandomPolicy gives defaults)")
         aliases = getattr(obj, "aliases", ()) or ()
         if not isinstance(aliases, (tuple, list)) or not all(isinstance(a, str) and _NAME.match(a) for a in aliases):
             raise PluginError(f"{provider}: {kind} {name!r}: `aliases` must be a tuple of lowercase names, got {aliases!r}")

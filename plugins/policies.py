@@ -91,7 +91,7 @@ class Mixed(RandomPolicy):
 class AdaptiveOffPolicy(RandomPolicy):
     """DistiLLM's adaptive off-policy scheduler, as its official code runs it.
 
-    phi (``sgo_prob``) starts at ``init_prob``; the reference loss is the validation loss before
+    phi, the probability of student-generated outputs (``sgo_prob``, logged each step), starts at ``init_prob``; the reference loss is the validation loss before
     training. At each evaluation, a loss >= reference + ``loss_eps`` raises phi by ``prob_step`` and
     makes that loss the reference (an improvement never lowers it). Each step draws r ~ U(0, 1):
     r < s (s = phi scaled by ``replay_schedule``), or r < phi while the buffer is not full, generates
@@ -112,30 +112,29 @@ class AdaptiveOffPolicy(RandomPolicy):
 
     def __init__(self, params: "AdaptiveOffPolicy.Params") -> None:
         super().__init__(params)
-        self.prob = params.init_prob
+        self.sgo_prob = params.init_prob
         self.reference_loss: float | None = None
         self.buffer = ReplayBuffer(params.capacity)
 
-    @property
-    def sgo_prob(self) -> float:
-        return self.prob
+    def metrics(self) -> dict[str, float]:
+        return {"sgo_prob": self.sgo_prob}
 
     def fresh_share(self, step: int, total_steps: int) -> float:
         """s: the probability of fresh generations at this step."""
         progress = step / max(1, total_steps)
         schedule = self.params.replay_schedule
         if schedule == "decreasing":
-            return self.prob * (1.0 - progress)
+            return self.sgo_prob * (1.0 - progress)
         if schedule == "increasing":
-            return self.prob * progress
-        return self.prob / 2.0
+            return self.sgo_prob * progress
+        return self.sgo_prob / 2.0
 
     def choose(self, step: int, total_steps: int) -> str:
         """The source of this step: "student" (fresh), "replay" or "dataset". One draw per call."""
         r = self.draw()
-        if r < self.fresh_share(step, total_steps) or (r < self.prob and not self.buffer.full):
+        if r < self.fresh_share(step, total_steps) or (r < self.sgo_prob and not self.buffer.full):
             return "student"
-        if r < self.prob:
+        if r < self.sgo_prob:
             return "replay"
         return "dataset"
 
@@ -153,20 +152,20 @@ class AdaptiveOffPolicy(RandomPolicy):
         if self.reference_loss is None:
             self.reference_loss = val_loss
         elif val_loss >= self.reference_loss + self.params.loss_eps:
-            self.prob = min(self.prob + self.params.prob_step, 1.0)
+            self.sgo_prob = min(self.sgo_prob + self.params.prob_step, 1.0)
             self.reference_loss = val_loss
 
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
-            "prob": self.prob,
+            "prob": self.sgo_prob,  # the key of earlier checkpoints
             "reference_loss": self.reference_loss,
             "buffer": self.buffer.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        self.prob = float(state["prob"])
+        self.sgo_prob = float(state["prob"])
         self.reference_loss = state["reference_loss"]
         self.buffer.load_state_dict(state["buffer"])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import json
 import subprocess
 import sys
 import types
@@ -91,6 +92,12 @@ class CoinPolicy:
 
     def observe_eval(self, step: int, val_loss: float) -> None:
         self.evals.append((step, val_loss))
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed * 1000 + self.params.seed)
+
+    def metrics(self) -> dict[str, float]:
+        return {"coin_evals": float(len(self.evals))}
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "evals": list(self.evals)}
@@ -350,7 +357,7 @@ class _LoosePolicyParams(BaseModel):  # pydantic, but unknown keys would be igno
         ("divergence", _with(name="x", aliases=("Bad Alias",)), "`aliases` must be a tuple"),
         ("policy", CoinPolicy(CoinPolicy.Params()), "not an instance"),
         ("policy", type("Half", (), {"name": "half", "Params": distill.Params, "observe_eval": lambda s, a, b: None}),
-         "lacks sample, state_dict, load_state_dict"),
+         "lacks sample, reseed, metrics, state_dict, load_state_dict (distill.policy.RandomPolicy gives defaults)"),
         ("recipe", types.SimpleNamespace(name="kd", divergence="kl", policy="offpolicy"), "must be a distill.Recipe"),
     ],
 )
@@ -385,6 +392,21 @@ def test_policy_plugin_is_returned_by_get_policy():
     assert registry.get_policy("coin") is not registry.get_policy("coin"), "each call builds a new policy"
     with pytest.raises(distill.ConfigError, match=r"policy coin\.prob"):
         registry.get_policy("coin", prob=1.5)
+
+
+def test_a_policys_metrics_are_logged_each_step_under_their_own_names(tmp_path):
+    from distill.config import build_config
+    from distill.engine import train
+    from tiny_models import make_pair
+
+    paths = make_pair(tmp_path)
+    registry = build(plugin_module("policy_pkg", policies=[CoinPolicy]))
+    config = build_config([{"teacher": str(paths["teacher"]), "student": str(paths["student"]), "data": {"path": str(paths["data"])},
+                            "divergence": {"name": "kl"}, "policy": {"name": "coin", "params": {"prob": 0.0}}, "output_dir": str(tmp_path / "run"),
+                            "train": {"max_steps": 2, "batch_size": 4}, "eval": {"every": 0, "rouge_samples": 0}}])
+    train(config, registry=registry)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["coin_evals"] for m in metrics] == [1.0, 1.0]  # the evaluation before training, observed
 
 
 def test_policy_state_round_trip():
