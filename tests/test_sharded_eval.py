@@ -34,8 +34,8 @@ def ranks(tiny, tmp_path_factory) -> list[dict]:
     try:
         output, _ = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
+        os.killpg(process.pid, signal.SIGKILL)  # debug_launcher forks its workers into this process group
+        output, _ = process.communicate(timeout=30)
         pytest.fail(f"the 2-process evaluation did not finish within {TIMEOUT} s (a deadlock?):\n{output[-3000:]}")
     assert process.returncode == 0, output[-5000:]
     return [json.loads((out / f"rank-{i}.json").read_text()) for i in range(2)]
