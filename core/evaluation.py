@@ -19,7 +19,12 @@ def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
 
 
 class Evaluator:
-    """Evaluates on this process's shard of the validation examples; sums are reduced over ranks."""
+    """Evaluates on this process's shard of the validation examples; sums are reduced over ranks.
+
+    Every process runs as many batches (model forwards, generation calls) as the largest shard
+    needs: under FSDP and ZeRO-3 each forward is a collective that all ranks enter together, so a
+    process whose shard is shorter runs stand-in batches (the first validation example) that count
+    for nothing. The metrics are those of the real examples, each counted once."""
 
     def __init__(self, examples: list[Example], tokenizer, divergence, generate, batch_size: int, rouge_samples: int, accelerator=None, kl=None,
                  rouge_before: int | None = None) -> None:
@@ -31,6 +36,10 @@ class Evaluator:
         world = accelerator.num_processes if accelerator else 1
         # sums do not depend on the order: batch similar lengths together, so little of it is padding
         self.examples = sorted(examples[rank::world], key=lambda e: (len(e.response_ids), len(e.prompt_ids)))
+        self.world = world
+        self.batch_size = batch_size
+        self.n_batches = self._largest_shard_batches(len(examples))
+        self.stand_in = examples[:1]
         rouge_samples = min(rouge_samples, len(examples))
         self.rouge_total = rouge_samples
         self.rouge_indices = list(range(rouge_samples))[rank::world]
@@ -40,9 +49,13 @@ class Evaluator:
         self.divergence = divergence
         self.kl = None if kl is None or (divergence.name == "kl" and divergence.temperature == 1.0) else kl
         self.generate = generate
-        self.batch_size = batch_size
         self.accelerator = accelerator
         self.unwrap = accelerator.unwrap_model if accelerator else (lambda m: m)
+
+    def _largest_shard_batches(self, n_items: int) -> int:
+        """Batches of the largest shard when ``n_items`` are dealt round-robin to the processes."""
+        largest = -(-n_items // self.world)
+        return -(-largest // self.batch_size)
 
     def _reduce(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64)
@@ -60,13 +73,16 @@ class Evaluator:
         was_training = student.training
         student.eval()
         ce_sum = div_sum = kl_sum = tokens = 0.0
-        for start in range(0, len(self.examples), self.batch_size):
-            batch = collate(self.examples[start: start + self.batch_size], self.tokenizer.pad_token_id)
+        for i in range(self.n_batches):
+            chunk = self.examples[i * self.batch_size: (i + 1) * self.batch_size]
+            batch = collate(chunk or self.stand_in, self.tokenizer.pad_token_id)
             batch = batch.to(next(self.unwrap(student).parameters()).device)
             logits = response_logits(student, batch, self.unwrap)
+            teacher_logits = response_logits(teacher, batch, self.unwrap) if with_teacher else None
+            if not chunk:
+                continue  # a stand-in batch: its forwards match the other processes' (collectives under sharding)
             ce_sum += float(token_cross_entropy(logits, batch.labels, batch.response_mask, n_tokens=1.0))
             if with_teacher:
-                teacher_logits = response_logits(teacher, batch, self.unwrap)
                 div_sum += float(divergence_loss(self.divergence, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
                 if self.kl is not None:
                     kl_sum += float(divergence_loss(self.kl, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
@@ -91,6 +107,11 @@ class Evaluator:
             answers = self.generate(student, [e for _, e in chosen], greedy=True, batch_size=self.batch_size)
             texts = [self.tokenizer.decode(a.response_ids, skip_special_tokens=True) for a in answers]
             scores = rouge_l(texts, [e.reference for _, e in chosen])
+        # as many generation calls as the process with the most prompts makes (one per batch): under
+        # sharding each is a collective; one token is enough, synced generation steps on with the others
+        calls = -(-len(chosen) // self.batch_size)
+        for _ in range(self._largest_shard_batches(self.rouge_subset if rouge == "before" else self.rouge_total) - calls):
+            self.generate(student, self.stand_in, greedy=True, max_new_tokens=1, batch_size=self.batch_size)
         subset = [score for (i, _), score in zip(chosen, scores) if i < self.rouge_subset]
         rouge_sum, rouge_n, subset_sum, subset_n = self._reduce([sum(scores), float(len(scores)), sum(subset), float(len(subset))])
         result = {"rouge_l": rouge_sum / max(rouge_n, 1.0), "rouge_prompts": int(rouge_n)}

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,14 +46,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kill_marked(marker: str) -> None:
-    """SIGKILL every process whose environment holds ``DISTILL_TEST_LAUNCH=marker``."""
+def _signal_marked(marker: str, signum: int, pause: float = 0.0) -> None:
+    """Send ``signum`` to every process whose environment holds ``DISTILL_TEST_LAUNCH=marker``,
+    ``pause`` seconds apart."""
     needle = f"DISTILL_TEST_LAUNCH={marker}".encode()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    os.kill(int(entry.name), signal.SIGKILL)
+                    os.kill(int(entry.name), signum)
+                    time.sleep(pause)
             except (OSError, ProcessLookupError):
                 pass
 
@@ -69,18 +72,23 @@ def launch(script: list[str], *, processes: int = 2, env: dict[str, str] | None 
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *script,
     ]
     marker = f"{os.getpid()}-{free_port()}"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "DISTILL_TEST_LAUNCH": marker, **(env or {})}
+    # PYTHONFAULTHANDLER: on SIGABRT every process prints where each of its threads is
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "DISTILL_TEST_LAUNCH": marker, **(env or {})}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
+        # first the stacks of the stuck processes (into the output), then kill them all: torchrun
+        # starts its workers in sessions of their own, so the process group is not enough
+        _signal_marked(marker, signal.SIGABRT, pause=1.0)  # one at a time: the stacks do not interleave
+        time.sleep(2)
         os.killpg(process.pid, signal.SIGKILL)
-        _kill_marked(marker)  # torchrun starts its workers in sessions of their own
+        _signal_marked(marker, signal.SIGKILL)
         try:
             output, _ = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             output = ""
-        pytest.fail(f"no result within {TIMEOUT} s (a deadlock?):\n{output[-3000:]}")
+        pytest.fail(f"no result within {TIMEOUT} s (a deadlock?):\n{output[-8000:]}")
     assert process.returncode == 0, output[-5000:]
     return output
 
