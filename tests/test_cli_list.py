@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 import distill
 from distill import registry as registry_module
+from distill.policy import RandomPolicy
 from distill.cli.listing import render_listing
 from distill.registry import AUTOLOAD_ENV, BUILTIN_PROVIDER, Registry
 from tiny_models import table_rows as rows
@@ -46,7 +47,7 @@ def fake_plugin() -> types.ModuleType:
         def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
             return torch.zeros(student_logits.shape[0])
 
-    class Always:
+    class Always(RandomPolicy):
         """Always the dataset."""
 
         name = "always"
@@ -54,20 +55,8 @@ def fake_plugin() -> types.ModuleType:
         class Params(distill.Params):
             schedule: str = Field("constant", description="[decreasing|increasing|constant]")
 
-        def __init__(self, params) -> None:
-            self.params = params
-
         def sample(self, step: int, total_steps: int, examples: list, context) -> tuple[list, str]:
             return examples, "dataset"
-
-        def observe_eval(self, step: int, val_loss: float) -> None:
-            pass
-
-        def state_dict(self) -> dict:
-            return {}
-
-        def load_state_dict(self, state) -> None:
-            pass
 
     recipe = distill.Recipe(
         name="bracket_kd", description="test", divergence="bracketed", policy="always",
