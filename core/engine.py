@@ -7,13 +7,13 @@ normalised once by the global token count), evaluation and checkpoints once in a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
 import signal
 import time
-import functools
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path

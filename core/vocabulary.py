@@ -18,17 +18,18 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def student_tokenizer_ref(spec, explicit: str | None) -> str | None:
-    """Where the student's own tokenizer is: ``student.tokenizer``, else the student's folder when it
-    holds tokenizer files; None for ``prune:K`` and built-in students (they use the teacher's)."""
+    """Where the student's own tokenizer is: ``student.tokenizer``; else the student's folder when it
+    holds tokenizer files, the student's hub id or built-in name; None for ``prune:K`` (the teacher's
+    layers, the teacher's tokenizer) and a folder without tokenizer files (the teacher's serves)."""
     if explicit:
         return explicit
     ref = getattr(spec, "ref", spec) or ""
-    if ref.startswith("prune:"):
+    if not ref or ref.startswith("prune:"):
         return None
     path = Path(ref).expanduser()
-    if path.is_dir() and any((path / name).is_file() for name in _TOKENIZER_FILES):
-        return str(path)
-    return None
+    if path.is_dir():
+        return str(path) if any((path / name).is_file() for name in _TOKENIZER_FILES) else None
+    return ref  # a hub id or a built-in name: its own tokenizer
 
 
 def mismatch(teacher_tokenizer, student_tokenizer) -> str | None:

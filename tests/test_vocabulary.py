@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from distill.cli import app
 from distill.config import DataConfig
 from distill.data import Example, encode_records, read_records
-from distill.vocabulary import TextBridge, mismatch
+from distill.vocabulary import TextBridge, mismatch, student_tokenizer_ref
 from tiny_models import make_model, make_other_tokenizer, make_pair
 
 runner = CliRunner()
@@ -100,3 +100,14 @@ def test_student_tokenizer_setting_is_the_students_own(pairs, tmp_path):
     assert result.exit_code == 2 and "tokenizers differ" in result.output, result.output
     result = run(pairs, tmp_path / "run", "--recipe", "kd", "--set", f"teacher.tokenizer={pairs['other']}", student="student")
     assert result.exit_code == 2 and "teacher.tokenizer: the teacher's tokenizer is set by tokenizer=DIR" in result.output, result.output
+
+
+def test_where_the_students_own_tokenizer_is_looked_for(pairs, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    assert student_tokenizer_ref("prune:4", None) is None  # the teacher's layers: the teacher's tokenizer
+    assert student_tokenizer_ref(str(pairs["other"]), None) == str(pairs["other"])
+    assert student_tokenizer_ref(str(bare), None) is None  # no tokenizer files: the teacher's serves
+    assert student_tokenizer_ref("Qwen/Qwen2.5-0.5B-Instruct", None) == "Qwen/Qwen2.5-0.5B-Instruct"  # a hub id: its own
+    assert student_tokenizer_ref("prune:4", str(pairs["other"])) == str(pairs["other"])  # student.tokenizer wins
