@@ -287,8 +287,10 @@ class CaseInputs:
         models.freeze(self.student, cfg.student.freeze)  # the parameters our runs keep fixed (student.freeze)
         train_set, _, _ = load_examples(cfg.data, self.tokenizer, cfg.train.seed)
         # the sampler as distill.train builds it (one process), so the batches come in the same order
-        lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if getattr(cfg.data, "group_by_length", False) else None
-        sampler = iter(BatchSampler(len(train_set), cfg.train.batch_size, cfg.train.seed, lengths=lengths, grad_accum=cfg.train.grad_accum))
+        grouping = cfg.data.group_by_length
+        lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if grouping != "off" else None
+        sampler = iter(BatchSampler(len(train_set), cfg.train.batch_size, cfg.train.seed, lengths=lengths, grad_accum=cfg.train.grad_accum,
+                                    grouping=grouping if lengths else "groups"))
         batches = [next(sampler) for _ in range(cfg.train.max_steps * cfg.train.grad_accum)]
         self.rows = [{"prompt_ids": train_set[i].prompt_ids, "response_ids": train_set[i].response_ids} for batch in batches for i in batch]
 

@@ -81,7 +81,20 @@ class DataConfig(_Section):
     prompt_template: str | None = Field(None, description="format string with {prompt}, used when the tokenizer has no chat template")
     max_prompt_tokens: int = Field(256, ge=1, description="longer prompts are dropped (counted and reported)")
     max_response_tokens: int = Field(256, ge=1, description="responses are cut to this many tokens (EOS included)")
-    group_by_length: bool = Field(True, description="batch examples of similar prompt and response lengths together (less padding); the order still changes every epoch")
+    group_by_length: Literal["step", "groups", "off"] = Field(
+        "step", description="batch examples of similar lengths together (less padding). step: each optimizer step's examples "
+        "are the shuffled order's, sorted by length only to deal them to micro-batches and processes (the step's gradient is "
+        "unchanged; cuts padding when train.grad_accum or the processes split a step); groups: steps drawn from groups of "
+        "similar lengths (cuts padding with one micro-batch too, but each step holds only short or only long examples); "
+        "off: neither. true = groups, false = off"
+    )
+
+    @field_validator("group_by_length", mode="before")
+    @classmethod
+    def _grouping_from_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return "groups" if value else "off"
+        return {"true": "groups", "false": "off"}.get(value, value) if isinstance(value, str) else value
     lm_path: str | None = Field(None, description="plain-text corpus (.txt or JSON Lines with `text`) for the auxiliary LM loss")
 
 

@@ -110,8 +110,9 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     if not apart and len(student_tokenizer) != len(tokenizer):
         check_data_ids(train_set + val_set, n_logits, "student" if len(student_tokenizer) < len(tokenizer) else "teacher")
     lm_blocks = load_lm_corpus(cfg.data.lm_path, student_tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) if cfg.data.lm_path and cfg.train.lm_weight > 0 else None
-    lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if cfg.data.group_by_length else None
-    sampler = BatchSampler(len(train_set), cfg.train.batch_size, seed, accelerator.process_index, accelerator.num_processes, lengths, cfg.train.grad_accum)
+    lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if cfg.data.group_by_length != "off" else None
+    sampler = BatchSampler(len(train_set), cfg.train.batch_size, seed, accelerator.process_index, accelerator.num_processes, lengths, cfg.train.grad_accum,
+                           grouping=cfg.data.group_by_length if lengths else "groups")
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
         rank_state(saved, accelerator)  # fails now if the number of processes changed
