@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import time
 from enum import Enum
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import distill
-from distill.cli.listing import render_listing
+from distill.cli.listing import TABLE_MIN_WIDTH, listing_json, plain_lines, render_blocks, render_listing
 
 app = typer.Typer(
     name="distill",
@@ -138,12 +139,25 @@ def evaluate(
 @user_errors
 def list_plugins(
     kind: Optional[Kind] = typer.Argument(None, help="Show only divergences, policies or recipes."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: names, aliases, providers, parameters with defaults and ranges."),
 ) -> None:
-    """Show installed divergences, sampling policies and recipes, with parameters and providers."""
+    """Show installed divergences, sampling policies and recipes, with parameters and providers.
+    A table on a terminal (one block per plugin below 100 columns), one line per plugin when piped."""
     registry = distill.default_registry()
     kinds = [kind.value] if kind else [k.value for k in Kind]
+    if as_json:
+        typer.echo(json.dumps(listing_json(registry, kinds), indent=2))
+        return
     for name in kinds:
-        console.print(render_listing(registry, name))
+        if not console.is_terminal:  # piped or redirected: greppable lines, a title line only between kinds
+            if len(kinds) > 1:
+                typer.echo(f"# {name}")
+            for line in plain_lines(registry, name):
+                typer.echo(line)
+        elif console.width >= TABLE_MIN_WIDTH:
+            console.print(render_listing(registry, name))
+        else:
+            console.print(render_blocks(registry, name))
 
 
 def main(argv: list[str] | None = None) -> None:
