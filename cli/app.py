@@ -92,7 +92,7 @@ def run(
     """Distil a teacher into a student. Precedence: recipe < config file < flags."""
     from transformers.utils import logging as hf_logging
 
-    from distill.cli.run_cmd import RichReporter, flag_layer, resolve_config, resolve_resume_config, summary_table
+    from distill.cli.run_cmd import flag_layer, make_reporter, resolve_config, resolve_resume_config, summary_table
     from distill.engine import train
 
     hf_logging.disable_progress_bar()
@@ -104,11 +104,11 @@ def run(
         max_steps=max_steps, seed=seed, settings=settings,
     )
     resolved = resolve_resume_config(config, flags, overwrite) if resume else resolve_config(config, flags)
-    reporter = RichReporter(console, resolved.train.max_steps)
+    reporter = make_reporter(console, resolved.train.max_steps)
     try:
         result = train(resolved, report=reporter, overwrite=overwrite, resume=resume)
     finally:
-        reporter.progress.stop()
+        reporter.close()
     if result.main_process:  # under `accelerate launch`, one summary
         console.print(summary_table(result, wall_seconds=time.perf_counter() - started))
 
@@ -127,10 +127,16 @@ def evaluate(
     from transformers.utils import logging as hf_logging
 
     from distill.cli.eval_cmd import evaluate_model, result_table, write_json
+    from distill.cli.run_cmd import make_reporter
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    result = evaluate_model(model, teacher, data, rouge_samples=rouge_samples, max_new_tokens=max_new_tokens)
+    reporter = make_reporter(console, 0)  # validation and ROUGE-L passes: a bar, or plain lines off a terminal
+    try:
+        result = evaluate_model(model, teacher, data, rouge_samples=rouge_samples, max_new_tokens=max_new_tokens,
+                                progress=lambda phase, done, total: reporter("progress", {"phase": phase, "done": done, "total": total}))
+    finally:
+        reporter.close()
     console.print(result_table(model, result))
     console.print(write_json(json_path, {"model": model, "teacher": teacher, "data": data, **result}), highlight=False)
 
