@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import time
 from enum import Enum
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import distill
-from distill.cli.listing import render_listing
+from distill.cli.listing import TABLE_MIN_WIDTH, listing_json, plain_lines, render_blocks, render_listing
 
 app = typer.Typer(
     name="distill",
@@ -91,7 +92,7 @@ def run(
     """Distil a teacher into a student. Precedence: recipe < config file < flags."""
     from transformers.utils import logging as hf_logging
 
-    from distill.cli.run_cmd import RichReporter, flag_layer, resolve_config, resolve_resume_config, summary_table
+    from distill.cli.run_cmd import flag_layer, make_reporter, resolve_config, resolve_resume_config, summary_table
     from distill.engine import train
 
     hf_logging.disable_progress_bar()
@@ -103,11 +104,11 @@ def run(
         max_steps=max_steps, seed=seed, settings=settings,
     )
     resolved = resolve_resume_config(config, flags, overwrite) if resume else resolve_config(config, flags)
-    reporter = RichReporter(console, resolved.train.max_steps)
+    reporter = make_reporter(console, resolved.train.max_steps)
     try:
         result = train(resolved, report=reporter, overwrite=overwrite, resume=resume)
     finally:
-        reporter.progress.stop()
+        reporter.close()
     if result.main_process:  # under `accelerate launch`, one summary
         console.print(summary_table(result, wall_seconds=time.perf_counter() - started))
 
@@ -126,10 +127,16 @@ def evaluate(
     from transformers.utils import logging as hf_logging
 
     from distill.cli.eval_cmd import evaluate_model, result_table, write_json
+    from distill.cli.run_cmd import make_reporter
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    result = evaluate_model(model, teacher, data, rouge_samples=rouge_samples, max_new_tokens=max_new_tokens)
+    reporter = make_reporter(console, 0)  # validation and ROUGE-L passes: a bar, or plain lines off a terminal
+    try:
+        result = evaluate_model(model, teacher, data, rouge_samples=rouge_samples, max_new_tokens=max_new_tokens,
+                                progress=lambda phase, done, total: reporter("progress", {"phase": phase, "done": done, "total": total}))
+    finally:
+        reporter.close()
     console.print(result_table(model, result))
     console.print(write_json(json_path, {"model": model, "teacher": teacher, "data": data, **result}), highlight=False)
 
@@ -138,12 +145,25 @@ def evaluate(
 @user_errors
 def list_plugins(
     kind: Optional[Kind] = typer.Argument(None, help="Show only divergences, policies or recipes."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: names, aliases, providers, parameters with defaults and ranges."),
 ) -> None:
-    """Show installed divergences, sampling policies and recipes, with parameters and providers."""
+    """Show installed divergences, sampling policies and recipes, with parameters and providers.
+    A table on a terminal (one block per plugin below 100 columns), one line per plugin when piped."""
     registry = distill.default_registry()
     kinds = [kind.value] if kind else [k.value for k in Kind]
+    if as_json:
+        typer.echo(json.dumps(listing_json(registry, kinds), indent=2))
+        return
     for name in kinds:
-        console.print(render_listing(registry, name))
+        if not console.is_terminal:  # piped or redirected: greppable lines, a title line only between kinds
+            if len(kinds) > 1:
+                typer.echo(f"# {name}")
+            for line in plain_lines(registry, name):
+                typer.echo(line)
+        elif console.width >= TABLE_MIN_WIDTH:
+            console.print(render_listing(registry, name))
+        else:
+            console.print(render_blocks(registry, name))
 
 
 def main(argv: list[str] | None = None) -> None:

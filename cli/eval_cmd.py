@@ -18,8 +18,9 @@ from distill.models import load_model, load_tokenizer, share_vocabulary
 
 def evaluate_model(model: str, teacher: str = SMOLLM2, data: str = "builtin:val", *, rouge_samples: int = 64,
                    max_new_tokens: int = 128, batch_size: int = 16, max_prompt_tokens: int = 256,
-                   max_response_tokens: int = 256) -> dict[str, float]:
-    """Evaluate the model at ``model`` against ``teacher`` on the responses in ``data``."""
+                   max_response_tokens: int = 256, progress=None) -> dict[str, float]:
+    """Evaluate the model at ``model`` against ``teacher`` on the responses in ``data``;
+    ``progress(phase, done, total)`` sees each batch (``distill.progress.Progress``)."""
     tokenizer = load_tokenizer(model if Path(model).is_dir() else teacher)
     teacher_model = load_model(teacher, "teacher").eval()
     student = load_model(model, "model", teacher=teacher_model).eval()
@@ -28,7 +29,7 @@ def evaluate_model(model: str, teacher: str = SMOLLM2, data: str = "builtin:val"
     examples, _ = encode_records(read_records(data), tokenizer, data_cfg, data)
     generate = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=max_new_tokens), batch_size)
     kl = distill.get_divergence("kl")
-    evaluator = Evaluator(examples, tokenizer, kl, generate, batch_size, rouge_samples)
+    evaluator = Evaluator(examples, tokenizer, kl, generate, batch_size, rouge_samples, progress=progress)
     result = evaluator(student, teacher_model)
     return {"examples": len(examples), **result}
 

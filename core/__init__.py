@@ -6,18 +6,21 @@ Public API (flat re-exports)::
     distill.divergence_loss(d, student_logits, teacher_logits, mask=None, *, chunk_size=None, n_tokens=None)
     distill.get_policy(name, **params), distill.get_recipe(name)
     distill.hookimpl, distill.Params, distill.Divergence, distill.SamplingPolicy, distill.Recipe
+    distill.RandomPolicy, distill.SamplingContext, distill.Example   (for writing a sampling policy)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from distill.data import Example
 from distill.divergence import ConfiguredDivergence
 from distill.errors import ConfigError, DistillError, PluginError, RunStopped, UnknownPluginError
 from distill.hookspecs import hookimpl
 from distill.interfaces import Divergence, Recipe, SamplingPolicy, Source
 from distill.loss import default_chunk_size, divergence_loss
 from distill.params import Params
+from distill.policy import RandomPolicy, SamplingContext
 from distill.registry import Registry, default_registry, reset_default_registry
 
 __version__ = "0.1.0"
@@ -43,11 +46,14 @@ __all__ = [
     "ConfiguredDivergence",
     "DistillError",
     "Divergence",
+    "Example",
     "Params",
     "PluginError",
+    "RandomPolicy",
     "Recipe",
     "Registry",
     "RunStopped",
+    "SamplingContext",
     "SamplingPolicy",
     "Source",
     "UnknownPluginError",

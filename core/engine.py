@@ -138,6 +138,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     inference_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cfg.generation.inference_copy and not synced else None
     generate = ResponseGenerator(data_tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced, _full_params(accelerator), inference_dtype)
     context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
+    progress = lambda phase, done, total: report("progress", {"phase": phase, "done": done, "total": total})  # long passes
     ends = {"teacher": set(stop_ids(teacher, tokenizer)), "student": set(stop_ids(unwrap(student), data_tokenizer))}
     if apart:  # the teacher answers in its own tokens; the student trains on that text in its own
         generate_teacher = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced, _full_params(accelerator), inference_dtype)
@@ -145,11 +146,11 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
         context = SamplingContext(context.generate_student, lambda ex: bridge.generate_teacher(lambda prompts: generate_teacher(teacher, prompts), ex))
         ends["teacher"] = {student_tokenizer.eos_token_id}
         # validation: the teacher's greedy answers are the references (val CE and ROUGE-L against them)
-        answers = generate_teacher(teacher, bridge.teacher_prompts(val_set), greedy=True)
+        answers = generate_teacher(teacher, bridge.teacher_prompts(val_set), greedy=True, progress=functools.partial(progress, "teacher answers (validation)"))
         val_set = [bridge.to_student(e, a) for e, a in zip(val_set, answers)]
     ends["replay"] = ends["student"]
     evaluator = Evaluator(val_set, data_tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"),
-                          rouge_before=cfg.eval.rouge_before)
+                          rouge_before=cfg.eval.rouge_before, progress=progress)
     evaluate = functools.partial(evaluator, with_teacher=not apart)
     lm_rng = random.Random(seed + accelerator.process_index)
     rank_log = _rank_log(accelerator)

@@ -3,11 +3,14 @@ to the teacher on the validation responses, and ROUGE-L of greedy answers agains
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from distill.data import Example, collate
 from distill.loss import divergence_loss
 from distill.objective import response_logits, token_cross_entropy
+from distill.progress import Progress
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
@@ -27,11 +30,12 @@ class Evaluator:
     for nothing. The metrics are those of the real examples, each counted once."""
 
     def __init__(self, examples: list[Example], tokenizer, divergence, generate, batch_size: int, rouge_samples: int, accelerator=None, kl=None,
-                 rouge_before: int | None = None) -> None:
+                 rouge_before: int | None = None, progress: Progress | None = None) -> None:
         """``kl``: forward KL (``get_divergence("kl")``), reported as ``val_kl`` beside the run's divergence.
         ``rouge_before``: answer only the first this many of the ``rouge_samples`` prompts in a
         ``rouge="before"`` pass; a full pass then also reports ROUGE-L on those prompts
-        (``rouge_l_subset``), so that before and after compare the same prompts."""
+        (``rouge_l_subset``), so that before and after compare the same prompts.
+        ``progress(phase, done, total)``: called after each batch of this process's share."""
         rank = accelerator.process_index if accelerator else 0
         world = accelerator.num_processes if accelerator else 1
         # sums do not depend on the order: batch similar lengths together, so little of it is padding
@@ -51,6 +55,7 @@ class Evaluator:
         self.generate = generate
         self.accelerator = accelerator
         self.unwrap = accelerator.unwrap_model if accelerator else (lambda m: m)
+        self.progress = progress
 
     def _largest_shard_batches(self, n_items: int) -> int:
         """Batches of the largest shard when ``n_items`` are dealt round-robin to the processes."""
@@ -73,6 +78,8 @@ class Evaluator:
         was_training = student.training
         student.eval()
         ce_sum = div_sum = kl_sum = tokens = 0.0
+        if self.progress:
+            self.progress("validation examples", 0, len(self.examples))
         for i in range(self.n_batches):
             chunk = self.examples[i * self.batch_size: (i + 1) * self.batch_size]
             batch = collate(chunk or self.stand_in, self.tokenizer.pad_token_id)
@@ -87,6 +94,8 @@ class Evaluator:
                 if self.kl is not None:
                     kl_sum += float(divergence_loss(self.kl, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
             tokens += batch.n_tokens
+            if self.progress:
+                self.progress("validation examples", min((i + 1) * self.batch_size, len(self.examples)), len(self.examples))
         ce_sum, div_sum, kl_sum, tokens = self._reduce([ce_sum, div_sum, kl_sum, tokens])
         result = {"val_loss": ce_sum / max(tokens, 1.0)}
         if with_teacher:
@@ -104,7 +113,8 @@ class Evaluator:
         chosen = [(i, e) for i, e in zip(self.rouge_indices, self.rouge_examples) if rouge != "before" or i < self.rouge_subset]
         scores: list[float] = []
         if chosen:
-            answers = self.generate(student, [e for _, e in chosen], greedy=True, batch_size=self.batch_size)
+            shown = {"progress": functools.partial(self.progress, "ROUGE-L answers")} if self.progress else {}
+            answers = self.generate(student, [e for _, e in chosen], greedy=True, batch_size=self.batch_size, **shown)
             texts = [self.tokenizer.decode(a.response_ids, skip_special_tokens=True) for a in answers]
             scores = rouge_l(texts, [e.reference for _, e in chosen])
         # as many generation calls as the process with the most prompts makes (one per batch): under

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 
@@ -51,21 +52,23 @@ class ResponseGenerator:
         self.synced = synced
         self.full_params = full_params or (lambda model: nullcontext())
 
-    def __call__(self, model, examples: list[Example], *, greedy: bool = False, max_new_tokens: int | None = None, batch_size: int | None = None) -> list[Example]:
+    def __call__(self, model, examples: list[Example], *, greedy: bool = False, max_new_tokens: int | None = None, batch_size: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[Example]:
+        """``progress(done, total)``: called with 0 first, then after each batch with the number of examples answered."""
         with self.full_params(model):
             model = self.unwrap(model)
             stops = self.stop_ids(model)  # the model's own generation_config (a copy's may lack it)
             if self.copies is not None:
                 model = self.copies.get(model)
             contiguous_head_input(model)  # generation's last-position logits are a strided slice too
-            return self._generate(model, examples, greedy, max_new_tokens, batch_size, stops)
+            return self._generate(model, examples, greedy, max_new_tokens, batch_size, stops, progress)
 
     def stop_ids(self, model) -> list[int]:
         """The ids that end the responses ``model`` (wrapped or not) generates."""
         return stop_ids(self.unwrap(model), self.tokenizer)
 
     def _generate(self, model, examples: list[Example], greedy: bool, max_new_tokens: int | None, batch_size: int | None,
-                  stops: list[int]) -> list[Example]:
+                  stops: list[int], progress: Callable[[int, int], None] | None = None) -> list[Example]:
         was_training = model.training
         model.eval()
         sample = not greedy and self.cfg.temperature > 0
@@ -74,6 +77,8 @@ class ResponseGenerator:
         lean = not (self.synced or self.always_generate) and decodable(model)
         device = next(model.parameters()).device
         out: list[Example] = []
+        if progress:
+            progress(0, len(examples))
         try:
             step = batch_size or self.batch_size
             for start in range(0, len(examples), step):
@@ -87,6 +92,8 @@ class ResponseGenerator:
                         responses = self._transformers_generate(model, ids, attention, sample, max_new_tokens, stops)
                 for example, new in zip(chunk, responses.tolist()):
                     out.append(Example(example.prompt_ids, self._cut(new, stops), reference=example.reference))
+                if progress:
+                    progress(len(out), len(examples))
         finally:
             model.train(was_training)
         return out

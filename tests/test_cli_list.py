@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -72,8 +73,8 @@ def fake_plugin() -> types.ModuleType:
 
 @pytest.fixture
 def wide(monkeypatch):
-    """A wide console for the app, so that table cells are not wrapped mid-text."""
-    monkeypatch.setattr(cli_app, "console", Console(width=250, color_system=None))
+    """A wide terminal for the app (tables), so that table cells are not wrapped mid-text."""
+    monkeypatch.setattr(cli_app, "console", Console(width=250, color_system=None, force_terminal=True))
 
 
 @pytest.fixture
@@ -165,6 +166,103 @@ def test_console_script_lists_divergences():
     env.update({AUTOLOAD_ENV: "1", "COLUMNS": "200", "NO_COLOR": "1"})
     result = subprocess.run([str(script), "list", "divergences"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    table = rows(result.stdout)
+    table = rows(result.stdout)  # piped: one line per divergence
     assert {"kl", "rkl", "jsd", "tvd", "skew_kl", "skew_rkl"} <= set(table)
     assert re.search(r"skl, sfkl", table["skew_kl"])
+    assert len(result.stdout.splitlines()) == len(table)
+    policies = subprocess.run([str(script), "list", "policies"], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert [line.split()[0] for line in policies.splitlines() if "adaptive_offpolicy" in line] == ["adaptive_offpolicy"]  # | grep
+
+
+# --- names are never cut: tables, narrow terminals, pipes, JSON
+
+
+def long_named_plugin() -> types.ModuleType:
+    class LongNamed:
+        """A policy whose name is longer than most."""
+
+        name = "adaptive_offpolicy_with_warmup"
+        aliases = ("adaptive_offpolicy_warm",)
+
+        class Params(distill.Params):
+            warmup_steps: int = Field(100, ge=0, description="steps on the dataset before any generation")
+
+        def __init__(self, params) -> None:
+            self.params = params
+
+        def sample(self, step, total_steps, examples, context):
+            return examples, "dataset"
+
+        def observe_eval(self, step, val_loss):
+            pass
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    module = types.ModuleType("acme_long")
+    module.register_policies = distill.hookimpl(lambda register: register(LongNamed))
+    return module
+
+
+@pytest.mark.parametrize("width", [40, 80, 99, 100, 250])
+def test_names_are_never_cut_at_any_terminal_width(monkeypatch, width):
+    registry = Registry.build(plugins=[fake_plugin(), long_named_plugin()], autoload=False)
+    monkeypatch.setattr(registry_module, "_default", registry)
+    monkeypatch.setattr(cli_app, "console", Console(width=width, color_system=None, force_terminal=True))
+    result = runner.invoke(cli_app.app, ["list"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= width
+    for kind in ("divergence", "policy", "recipe"):
+        for name in registry.names(kind):
+            assert re.search(rf"(^|[^\w-]){re.escape(name)}($|[^\w-])", out, re.M), (width, name, out)
+    assert ("┏" in out) == (width >= 100)  # a table where five columns fit, else one block per plugin
+
+
+def test_piped_output_is_one_line_per_plugin(monkeypatch):
+    """CliRunner's output is not a terminal: what `distill list policies | grep NAME` sees."""
+    monkeypatch.setattr(registry_module, "_default", Registry.build(plugins=[fake_plugin(), long_named_plugin()], autoload=False))
+    result = runner.invoke(cli_app.app, ["list", "policies"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line.split()[0] for line in lines] == ["adaptive_offpolicy", "adaptive_offpolicy_with_warmup", "always", "mixed", "offpolicy", "onpolicy", "teacher"]
+    (adaptive,) = [line for line in lines if line.startswith("adaptive_offpolicy ")]
+    assert "init_prob=0.0 [>=0, <=1]" in adaptive and adaptive.endswith(f"provider: {BUILTIN_PROVIDER}")
+    (long,) = [line for line in lines if "adaptive_offpolicy_with_warmup" in line]
+    assert "aliases: adaptive_offpolicy_warm" in long and "warmup_steps=100 [>=0]" in long and long.endswith("provider: acme_long")
+    everything = runner.invoke(cli_app.app, ["list"]).output.splitlines()
+    assert [line for line in everything if line.startswith("#")] == ["# divergences", "# policies", "# recipes"]
+    assert any(line.startswith("bracket_kd  divergence: bracketed (floor=0.5)  policy: always (schedule=constant)") for line in everything)
+
+
+def test_json_lists_names_parameters_ranges_aliases_and_providers(with_fake_plugin):
+    result = runner.invoke(cli_app.app, ["list", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert list(data) == ["divergences", "policies", "recipes"]
+    divergences = {item["name"]: item for item in data["divergences"]}
+    bracketed = divergences["bracketed"]
+    assert set(bracketed) == {"name", "aliases", "provider", "description", "parameters"}
+    assert bracketed["aliases"] == ["brk"] and bracketed["provider"] == "acme_distill"
+    assert bracketed["description"] == "Weights [teacher] first; closes [/bold] nothing."
+    weights, floor, temperature = bracketed["parameters"]
+    assert weights == {"name": "weights", "type": "list[float]", "required": False, "default": [0.25, 0.75], "range": {},
+                       "description": "one of [low|high]", "core": False}
+    assert floor == {"name": "floor", "type": "float", "required": True, "default": None, "range": {"gt": 0.0},
+                     "description": "required, positive", "core": False}
+    assert temperature["name"] == "temperature" and temperature["core"] and temperature["range"] == {"gt": 0}
+    skew = {p["name"]: p for p in divergences["skew_kl"]["parameters"]}
+    assert skew["alpha"]["default"] == 0.1 and skew["alpha"]["range"] == {"ge": 0.0, "le": 1.0}
+    assert divergences["skew_kl"]["aliases"] == ["skl", "sfkl"] and divergences["skew_kl"]["provider"] == BUILTIN_PROVIDER
+    policies = {item["name"]: item for item in data["policies"]}
+    schedule = {p["name"]: p for p in policies["adaptive_offpolicy"]["parameters"]}["replay_schedule"]
+    assert schedule["default"] == "decreasing" and schedule["choices"] == ["decreasing", "increasing", "constant"]
+    (recipe,) = [item for item in data["recipes"] if item["name"] == "bracket_kd"]
+    assert recipe == {"name": "bracket_kd", "aliases": [], "provider": "acme_distill", "description": "test",
+                      "divergence": {"name": "bracketed", "params": {"floor": 0.5}}, "policy": {"name": "always", "params": {"schedule": "constant"}},
+                      "config": {"train.lr": 0.001}, "note": "see [docs]"}
+    only = json.loads(runner.invoke(cli_app.app, ["list", "policies", "--json"]).output)
+    assert list(only) == ["policies"] and only["policies"] == data["policies"]

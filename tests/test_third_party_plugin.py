@@ -93,11 +93,15 @@ def squared_hellinger(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def test_distill_list_shows_the_plugin_and_its_distribution(installed):
     result = run([*DISTILL, "list", "divergences"], installed["hellinger"])
     assert result.returncode == 0, result.stderr
-    table = rows(result.stdout)
-    assert table["hellinger"].startswith("hellinger | - |")  # no parameters of its own
+    table = rows(result.stdout)  # piped: one line per divergence
+    assert table["hellinger"].startswith("hellinger  aliases: -  params: temperature=1.0 [>0]")  # no parameters of its own
     assert table["hellinger"].endswith("distill-hellinger 0.1.0")
-    assert "Squared Hellinger distance" in table["hellinger"]
     assert table["kl"].endswith(BUILTIN_PROVIDER)
+    result = run([*DISTILL, "list", "divergences", "--json"], installed["hellinger"])
+    (hellinger,) = [item for item in json.loads(result.stdout)["divergences"] if item["name"] == "hellinger"]
+    assert hellinger["provider"] == "distill-hellinger 0.1.0" and hellinger["aliases"] == []
+    assert hellinger["description"].startswith("Squared Hellinger distance")
+    assert [p["name"] for p in hellinger["parameters"]] == ["temperature"]
 
 
 def test_get_divergence_from_python(installed):

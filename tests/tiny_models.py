@@ -141,8 +141,14 @@ def make_pair(root: Path, *, student_vocab: int | None = None, teacher_vocab: in
 
 
 def table_rows(output: str) -> dict[str, str]:
-    """``distill list`` table rows by name: the first line of each row, cells joined by ' | '."""
+    """``distill list`` rows by name. A table (a terminal): the first line of each row, cells joined by
+    ' | '. Plain output (not a terminal): each plugin's line, whole (its name is the first word)."""
     found = {}
+    if "│" not in output:
+        for line in output.splitlines():
+            if line.strip() and not line.startswith("#"):
+                found[line.split()[0]] = line
+        return found
     for line in output.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
         if cells and cells[0]:

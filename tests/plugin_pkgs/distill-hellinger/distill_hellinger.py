@@ -16,9 +16,10 @@ class Hellinger:
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """[N, V], [N, V] -> [N] per-token values."""
-        p = teacher_logits.float().softmax(-1)
-        q = student_logits.float().softmax(-1)
-        return 0.5 * ((p.sqrt() - q.sqrt()) ** 2).sum(-1)
+        # sqrt(p) as exp(log(p) / 2): a finite gradient even where a probability is exactly 0
+        sqrt_p = (0.5 * teacher_logits.log_softmax(-1)).exp()
+        sqrt_q = (0.5 * student_logits.log_softmax(-1)).exp()
+        return 0.5 * ((sqrt_p - sqrt_q) ** 2).sum(-1)
 
 @distill.hookimpl
 def register_divergences(register):
