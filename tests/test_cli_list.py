@@ -178,7 +178,7 @@ def test_console_script_lists_divergences():
 
 
 def long_named_plugin() -> types.ModuleType:
-    class LongNamed:
+    class LongNamed(RandomPolicy):
         """A policy whose name is longer than most."""
 
         name = "adaptive_offpolicy_with_warmup"
@@ -187,20 +187,8 @@ def long_named_plugin() -> types.ModuleType:
         class Params(distill.Params):
             warmup_steps: int = Field(100, ge=0, description="steps on the dataset before any generation")
 
-        def __init__(self, params) -> None:
-            self.params = params
-
         def sample(self, step, total_steps, examples, context):
             return examples, "dataset"
-
-        def observe_eval(self, step, val_loss):
-            pass
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
 
     module = types.ModuleType("acme_long")
     module.register_policies = distill.hookimpl(lambda register: register(LongNamed))
