@@ -136,12 +136,14 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     unwrap = accelerator.unwrap_model
     synced = synced_generation(accelerator)
     inference_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cfg.generation.inference_copy and not synced else None
-    generate = ResponseGenerator(data_tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced, _full_params(accelerator), inference_dtype)
+    # generation has no backward to hold memory for: it answers a step's examples (all micro-batches) together
+    generation_batch = cfg.train.batch_size * cfg.train.grad_accum
+    generate = ResponseGenerator(data_tokenizer, cfg.generation, generation_batch, unwrap, synced, _full_params(accelerator), inference_dtype)
     context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
     progress = lambda phase, done, total: report("progress", {"phase": phase, "done": done, "total": total})  # long passes
     ends = {"teacher": set(stop_ids(teacher, tokenizer)), "student": set(stop_ids(unwrap(student), data_tokenizer))}
     if apart:  # the teacher answers in its own tokens; the student trains on that text in its own
-        generate_teacher = ResponseGenerator(tokenizer, cfg.generation, cfg.train.batch_size, unwrap, synced, _full_params(accelerator), inference_dtype)
+        generate_teacher = ResponseGenerator(tokenizer, cfg.generation, generation_batch, unwrap, synced, _full_params(accelerator), inference_dtype)
         bridge = TextBridge(tokenizer, student_tokenizer, cfg.data, stop_ids(teacher, tokenizer))
         context = SamplingContext(context.generate_student, lambda ex: bridge.generate_teacher(lambda prompts: generate_teacher(teacher, prompts), ex))
         ends["teacher"] = {student_tokenizer.eos_token_id}

@@ -284,3 +284,15 @@ def test_stop_ids_of_each_model_end_its_responses_and_a_difference_is_a_warning(
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     # almost every id ends a student response now; with the tokenizer's and the teacher's ids only, all reach the cap
     assert [m["source"] for m in metrics] == ["student", "student"] and all(m["truncated"] == 0.0 for m in metrics)
+
+
+def test_a_step_generates_its_micro_batches_together(tiny, tmp_path, monkeypatch):
+    import importlib
+
+    generation = importlib.import_module("distill.generation")
+    sizes, original = [], generation.decode
+    monkeypatch.setattr(generation, "decode", lambda model, ids, *rest: sizes.append(ids.shape[0]) or original(model, ids, *rest))
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "gkd", "-P", "prob=1", "--max-steps", "2", "--set", "train.batch_size=2",
+                     "--set", "train.grad_accum=2", "--set", "eval.every=0", "--set", "eval.rouge_samples=0")
+    assert result.exit_code == 0, result.output
+    assert sizes == [4, 4]  # one call of 2 x 2 per step, not two of 2
