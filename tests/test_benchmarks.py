@@ -106,7 +106,8 @@ def test_step_cost_counts_the_same_real_tokens_for_the_same_batches_in_every_imp
     starts from the same prompts: their counts, taken by different code, must agree."""
     report_ = json.loads(results["step_cost"].read_text())
     work = {c["name"]: c["work_per_step"] for c in report_["cases"]}
-    max_new_tokens, batch = report_["settings"]["max_new_tokens"], report_["settings"]["batch_size"]
+    settings = report_["settings"]
+    max_new_tokens, batch = settings["max_new_tokens"], settings["batch_size"] * settings["grad_accum"]  # sequences per optimizer step
     offpolicy = ["kd", "jsd-offpolicy", "distillm"] + (["trl-lmbda0"] if HAS_TRL else [])
     for name in offpolicy:
         assert work[name] == work["kd"] and work[name]["generated_tokens"] == 0
