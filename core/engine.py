@@ -27,7 +27,7 @@ from distill.data import BatchSampler, collate, load_examples, load_lm_corpus
 from distill.evaluation import Evaluator
 from distill.generation import ResponseGenerator
 from distill.hardware import resolve_precision
-from distill.models import add_lora, check_stop_ids, freeze, load_model, load_tokenizer, merge_adapter, share_vocabulary, stop_ids
+from distill.models import add_lora, check_stop_ids, freeze, load_model, load_tokenizer, merge_adapter, share_vocabulary, stop_ids, vocab_size
 from distill.objective import loss_denominator, micro_batch_loss, token_cross_entropy
 from distill.errors import ConfigError, RunStopped
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
@@ -101,6 +101,10 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     apart = difference is not None
     if apart and getattr(policy, "name", None) != "teacher":
         raise cross_tokenizer_error(difference, cfg.policy.name)
+    if own is None and not str(cfg.student.ref or "").startswith("prune:") and vocab_size(teacher) != vocab_size(student):
+        report("warning", {"message": f"the student's folder has no tokenizer, so the teacher's is assumed; their heads differ "
+                                      f"({vocab_size(teacher)} and {vocab_size(student)} rows): if the student was trained with "
+                                      "another tokenizer, set student.tokenizer=DIR"})
     n_logits = share_vocabulary(teacher, student, tokenizer, student_tokenizer, shared=not apart)
     stop_warning = check_stop_ids(teacher, student, tokenizer, n_logits, student_tokenizer if apart else None)
     if stop_warning:

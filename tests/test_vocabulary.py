@@ -111,3 +111,11 @@ def test_where_the_students_own_tokenizer_is_looked_for(pairs, tmp_path):
     assert student_tokenizer_ref(str(bare), None) is None  # no tokenizer files: the teacher's serves
     assert student_tokenizer_ref("Qwen/Qwen2.5-0.5B-Instruct", None) == "Qwen/Qwen2.5-0.5B-Instruct"  # a hub id: its own
     assert student_tokenizer_ref("prune:4", str(pairs["other"])) == str(pairs["other"])  # student.tokenizer wins
+
+
+def test_a_student_folder_without_a_tokenizer_and_another_head_size_is_warned_about(pairs, tmp_path):
+    bare = tmp_path / "bare"
+    make_model(bare, 320, layers=1)  # no tokenizer files: the teacher's is assumed
+    result = run(pairs, tmp_path / "run", "--recipe", "kd", "--set", f"student.ref={bare}", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert "the student's folder has no tokenizer, so the teacher's is assumed; their heads differ (300 and 320 rows)" in " ".join(result.output.split())
