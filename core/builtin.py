@@ -156,9 +156,10 @@ DEFAULT_RUN = {
     # saturates near -log(alpha) and gives little gradient; the cross-entropy on the teacher's answers
     # pulls it into range (measured with prune:6: KL after 20 steps 5.4 with it, 8.8 without)
     # 8 sequences a step, in 4 micro-batches of 2 sorted by length (data.group_by_length: step): the
-    # steps of random batches with a quarter of their padding (37% -> 10%). Steps drawn from length
-    # groups (groups: 8%) train worse here: ROUGE-L 16.4 with every step weighing the same, 18.6
-    # with train.step_weight tokens, against 21.2 for random batches (seed 0)
+    # steps of random batches with a quarter of their padding (37% -> 10%; 4.8 s a step, ROUGE-L
+    # 19.98). Steps drawn from length groups (groups: 8%, 4.1 s) trained worse: ROUGE-L 16.4 with
+    # every step weighing the same, 18.6 with train.step_weight tokens; random batches of 8: 21.2
+    # at 5.8 s a step (bf16, seed 0 each)
     "train": {"max_steps": 100, "batch_size": 2, "grad_accum": 4, "lr": 1e-3, "warmup_steps": 5, "schedule": "cosine", "ce_weight": 1.0},  # precision auto
     "generation": {"max_new_tokens": 128},
     # the untrained student answers every prompt up to the cap: before training, 16 of the 64 prompts
@@ -167,4 +168,4 @@ DEFAULT_RUN = {
 }
 """The embedded default: what ``distill run`` with no teacher does (offline). Sized for 10 minutes on 2
 idle cores where bf16 is native and 15 where it is not (measured from a clean clone with an empty
-cache on an AMD EPYC: 566 s in bf16, 805 s in float32 under the AVX2 emulation)."""
+cache on an AMD EPYC: 621 s in bf16, 867 s in float32 under the AVX2 emulation)."""
