@@ -101,11 +101,12 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     apart = difference is not None
     if apart and getattr(policy, "name", None) != "teacher":
         raise cross_tokenizer_error(difference, cfg.policy.name)
-    if own is None and not str(cfg.student.ref or "").startswith("prune:") and vocab_size(teacher) != vocab_size(student):
-        report("warning", {"message": f"the student's folder has no tokenizer, so the teacher's is assumed; their heads differ "
-                                      f"({vocab_size(teacher)} and {vocab_size(student)} rows): if the student was trained with "
-                                      "another tokenizer, set student.tokenizer=DIR"})
+    heads = (vocab_size(teacher), vocab_size(student))
     n_logits = share_vocabulary(teacher, student, tokenizer, student_tokenizer, shared=not apart)
+    if own is None and not str(cfg.student.ref or "").startswith("prune:") and heads[0] != heads[1]:
+        report("warning", {"message": f"the student's folder has no tokenizer, so the teacher's is assumed; their heads differ "
+                                      f"({heads[0]} and {heads[1]} rows): if the student was trained with another tokenizer, "
+                                      "set student.tokenizer=DIR"})
     stop_warning = check_stop_ids(teacher, student, tokenizer, n_logits, student_tokenizer if apart else None)
     if stop_warning:
         report("warning", {"message": stop_warning})
