@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -84,17 +84,28 @@ def test_chunked_equals_unchunked(name, data):
     d = distill.get_divergence(name)
     whole = loss_and_grads(lambda s, t: distill.divergence_loss(d, s, t), student, teacher)
     chunked = loss_and_grads(lambda s, t: distill.divergence_loss(d, s, t, chunk_size=chunk), student, teacher)
-    assert_all_close(chunked, whole, rtol=1e-6, atol=1e-7)
+    # float32 rounding differs between chunkings by a few epsilons of the O(1) probabilities
+    # (skew KL on logits of -1e-5 and 0: 2.2e-7, see _near_zero_logits)
+    assert_all_close(chunked, whole, rtol=1e-6, atol=1e-6)
     one_row = loss_and_grads(lambda s, t: distill.divergence_loss(d, s, t, chunk_size=1), student, teacher)
-    assert_all_close(one_row, whole, rtol=1e-6, atol=1e-7)
+    assert_all_close(one_row, whole, rtol=1e-6, atol=1e-6)
 
 
 # --- masking
 
 
+def _near_zero_logits():
+    """A case CI's hypothesis found: skew KL's fused gradient and autograd's differ by 2.2e-7 on
+    gradients of ~1e-9 (two float32 epsilons of the O(1) probabilities they are computed from)."""
+    student = torch.zeros(2, 2, 8)
+    student[0, 0, 0] = -1e-5
+    return student, torch.zeros(2, 2, 8), torch.ones(2, 2, dtype=torch.bool)
+
+
 @names
 @examples(30)
 @given(batches(), st.integers(1, 16))
+@example(_near_zero_logits(), 1)
 def test_masked_batch_equals_the_selected_rows(name, batch, chunk):
     student, teacher, mask = batch
     assume(mask.any())
@@ -102,7 +113,9 @@ def test_masked_batch_equals_the_selected_rows(name, batch, chunk):
     got = loss_and_grads(lambda s, t: distill.divergence_loss(d, s, t, mask, chunk_size=chunk), student, teacher)
     expected = loss_and_grads(plain_loss(d, mask), student, teacher)
     assert got[0].dtype == torch.float32 and got[0].shape == ()
-    assert_all_close(got, expected, rtol=1e-5, atol=1e-7)
+    # two implementations (fused gradients and autograd) of quantities of order 1 in float32: they
+    # agree to a few epsilons (1.2e-7) absolute, not better
+    assert_all_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @names
