@@ -27,7 +27,7 @@ from distill.data import BatchSampler, collate, load_examples, load_lm_corpus
 from distill.evaluation import Evaluator
 from distill.generation import ResponseGenerator
 from distill.hardware import resolve_precision
-from distill.models import add_lora, check_stop_ids, freeze, load_model, load_tokenizer, merge_adapter, share_vocabulary, stop_ids, vocab_size
+from distill.models import add_lora, check_stop_ids, freeze, load_model, load_tokenizer, merge_adapter, share_vocabulary, vocab_size
 from distill.objective import loss_denominator, micro_batch_loss, token_cross_entropy
 from distill.errors import ConfigError, RunStopped
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
@@ -146,10 +146,10 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     generate = ResponseGenerator(data_tokenizer, cfg.generation, generation_batch, unwrap, synced, _full_params(accelerator), inference_dtype)
     context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
     progress = lambda phase, done, total: report("progress", {"phase": phase, "done": done, "total": total})  # long passes
-    ends = {"teacher": set(stop_ids(teacher, tokenizer)), "student": set(stop_ids(unwrap(student), data_tokenizer))}
+    ends = {"teacher": set(generate.stop_ids(teacher)), "student": set(generate.stop_ids(student))}
     if apart:  # the teacher answers in its own tokens; the student trains on that text in its own
         generate_teacher = ResponseGenerator(tokenizer, cfg.generation, generation_batch, unwrap, synced, _full_params(accelerator), inference_dtype)
-        bridge = TextBridge(tokenizer, student_tokenizer, cfg.data, stop_ids(teacher, tokenizer))
+        bridge = TextBridge(tokenizer, student_tokenizer, cfg.data, generate_teacher.stop_ids(teacher))
         context = SamplingContext(context.generate_student, lambda ex: bridge.generate_teacher(lambda prompts: generate_teacher(teacher, prompts), ex))
         ends["teacher"] = {student_tokenizer.eos_token_id}
         # validation: the teacher's greedy answers are the references (val CE and ROUGE-L against them)
