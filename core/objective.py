@@ -66,17 +66,21 @@ def response_logits(model, batch: Batch, unwrap=lambda m: m) -> torch.Tensor:
     return out.logits[:, -(r + 1):-1]
 
 
-def micro_batch_loss(student, teacher, batch: Batch, divergence, denominator: float, ce_weight: float = 0.0, unwrap=lambda m: m) -> tuple[torch.Tensor, dict[str, float]]:
-    """Divergence (+ ``ce_weight`` x student cross-entropy) on the response tokens of one micro-batch.
-    Without a teacher (sequence-level KD across tokenizers: no logits in common), the student's
-    cross-entropy alone."""
-    if teacher is None:
+def micro_batch_loss(student, teacher, batch: Batch, divergence, denominator: float, ce_weight: float = 0.0, unwrap=lambda m: m, *,
+                     kd_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """``kd_weight`` x divergence + ``ce_weight`` x student cross-entropy on the response tokens of one
+    micro-batch. Without a teacher (sequence-level KD across tokenizers: no logits in common), the
+    student's cross-entropy alone; with ``kd_weight`` 0 the teacher is not run, and the loss is
+    ``ce_weight`` x cross-entropy."""
+    if teacher is None or kd_weight == 0:
         ce = token_cross_entropy(response_logits(student, batch, unwrap), batch.labels, batch.response_mask, n_tokens=denominator)
-        return ce, {"ce": float(ce.detach())}
+        return (ce if teacher is None else ce_weight * ce), {"ce": float(ce.detach())}
     with torch.no_grad():
         teacher_logits = response_logits(teacher, batch, unwrap)
     student_logits = response_logits(student, batch, unwrap)
     loss = divergence_loss(divergence, student_logits, teacher_logits, batch.response_mask, n_tokens=denominator)
+    if kd_weight != 1.0:
+        loss = kd_weight * loss
     parts = {"divergence": float(loss.detach())}
     if ce_weight > 0:
         ce = token_cross_entropy(student_logits, batch.labels, batch.response_mask, n_tokens=denominator)
