@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -192,6 +193,39 @@ def test_divergence_memory_still_measures_ours_against_the_peer(tmp_path):
     assert result["complete"] and case["divergence"] == "kl" and (case["vocab"], case["tokens"]) == (256, 32)
     assert case["ours"]["seconds"] > 0 and case["peer"]["seconds"] > 0
     assert case["loss_rel_diff"] < 1e-5 and case["grad_max_abs_diff"] < 1e-6
+
+
+def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path, single_thread):
+    study = load_script("study")
+    tiny = make_pair(tmp_path / "pair")
+    argv = ["--root", str(tmp_path / "root"), "--output", str(tmp_path / "study.json"), "--teacher", str(tiny["teacher"]),
+            "--student", str(tiny["student"]), "--train-prompts", "16", "--epochs", "2", "--init-steps", "1", "--rouge-samples", "2",
+            "--draws", "2", "--seeds", "0", "--only", "kd", "sft", "distillm", "--set", "eval.batch_size=8",
+            "--set", "generation.max_new_tokens=4", "--set", "data.val_max=4"]
+    report_ = study.main(argv)
+    assert report_["complete"]
+    runs = {(r["budget"], r["recipe"]): r for r in report_["runs"]}
+    assert set(runs) == {(b, n) for b in ("steps", "seconds") for n in ("kd", "sft", "distillm")}
+    for key, run in runs.items():
+        for field in ("recipe", "seed", "budget", "steps", "train_seconds", "sources", "max_sgo_prob", "rouge_l_greedy", "rouge_l_sampled",
+                      "token_kl", "val_ce"):
+            assert run[field] is not None, (key, field)
+        assert [c["step"] for c in run["curve"]][0] == 0
+    assert all(runs["steps", n]["steps"] == 4 for n in ("kd", "sft", "distillm"))  # 2 epochs of 16 prompts, 8 a step
+    assert [c["step"] for c in runs["steps", "kd"]["curve"]] == [0, 2, 4]  # once per epoch
+    assert runs["steps", "sft"]["distill_recipe"] == "sft" and runs["steps", "distillm"]["sgo_prob"] is not None
+    assert all(r["train_seconds"] > 0 and r["curve"][-1]["train_seconds"] == r["train_seconds"] for r in runs.values())
+    # equal seconds: each run's schedule is sized from its own pace, and the budget is distillm's time at equal steps
+    for name in ("kd", "sft", "distillm"):
+        pace = runs["steps", name]["seconds_per_step"]
+        assert runs["seconds", name]["steps_planned"] == max(1, math.ceil(runs["steps", "distillm"]["train_seconds"] / pace))
+    for name in ("study_quality.png", "study_distillm.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG)
+    # finished runs are kept and skipped: a second call trains nothing
+    records = sorted((tmp_path / "root" / "records").glob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in records]
+    study.main(argv)
+    assert [p.stat().st_mtime_ns for p in records] == stamps
 
 
 # --- the compute floor's arithmetic against torch's own FLOP counter
