@@ -24,8 +24,12 @@ imitkd, minillm, and distillm2 where that recipe is registered.
 
 Budgets: ``steps``: every recipe runs epochs x steps-per-epoch optimizer steps. ``seconds``: every
 recipe gets the training seconds (optimizer steps only) that ``distillm`` took at equal steps (mean
-over its seeds), with ``train.max_steps`` sized from the recipe's own seconds per step at equal
-steps so that its learning-rate schedule fits, and ``train.max_seconds`` ending it at the budget.
+over its seeds), turned into steps at the recipe's own pace at equal steps (its seconds per step,
+mean over its seeds): ``train.max_steps`` = budget / pace, so its learning-rate schedule fits. The
+run's own clock does not end it (no ``train.max_seconds``): on a shared machine a busy minute would
+cut one recipe short and not another, and the quality numbers would measure the load. The paces
+are measured, so they carry the load of their own runs; ``load_average`` in each record says how
+busy the machine was.
 
 Metrics on the validation prompts, at the end: ROUGE-L of greedy answers and of sampled ones
 (temperature 1, mean of ``--draws`` draws per prompt, the official evaluation's 5), token KL to the
@@ -161,8 +165,9 @@ def run_one(args, registry, name: str, seed: int, budget: str, seconds: float | 
     out = args.root / "runs" / f"{budget}-{name}-s{seed}"
     layer = merge(merge(base_config(args), overrides), {"output_dir": str(out), "train": {"seed": seed}})
     if budget == "seconds":
-        # the recipe's own pace at equal steps sizes its schedule; the budget ends it
-        layer = merge(layer, {"train": {"max_steps": max(1, math.ceil(seconds / seconds_per_step)), "max_seconds": seconds}})
+        # the budget in steps at the recipe's own pace at equal steps (its whole schedule fits); the
+        # run's own clock does not stop it: on a shared machine the load, not the recipe, would decide
+        layer = merge(layer, {"train": {"max_steps": max(1, math.ceil(seconds / seconds_per_step))}})
     cfg = build_config([recipe_layer(registry.get_recipe(recipe)), layer])
     print(f"{budget} {name} seed {seed}: {cfg.train.max_steps} steps" + (f", {seconds:.0f} s" if seconds else ""), flush=True)
     started = time.perf_counter()
@@ -193,6 +198,7 @@ def run_one(args, registry, name: str, seed: int, budget: str, seconds: float | 
     record = {
         "recipe": name, "distill_recipe": recipe, "seed": seed, "budget": budget,
         "divergence": cfg.divergence.name, "divergence_params": cfg.divergence.params, "policy": cfg.policy.name, "policy_params": cfg.policy.params,
+        "budget_seconds": seconds, "pace_seconds_per_step": seconds_per_step,
         "steps": len(metrics), "steps_planned": cfg.train.max_steps, "train_seconds": clock, "wall_seconds": wall,
         "seconds_per_step": clock / max(len(metrics), 1),
         "sources": sources,
@@ -387,7 +393,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         print(f"seconds {name} seed {seed}: needs the equal-steps runs of distillm and of {name} first; left out", flush=True)
                         continue
                     seconds = statistics.fmean(r["train_seconds"] for r in reference)
-                    pace = json.loads(own.read_text())["seconds_per_step"]
+                    own_runs = [json.loads(p.read_text()) for p in (record_path(args, "steps", name, s) for s in args.seeds) if p.exists()]
+                    pace = statistics.fmean(r["seconds_per_step"] for r in own_runs)
                 record = run_one(args, registry, name, seed, budget, seconds, pace)
                 write_json(path, record)
                 write_report(args, load_records(args), settings, complete=False)

@@ -218,7 +218,7 @@ def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path,
     # equal seconds: each run's schedule is sized from its own pace, and the budget is distillm's time at equal steps
     for name in ("kd", "sft", "distillm"):
         pace = runs["steps", name]["seconds_per_step"]
-        assert runs["seconds", name]["steps_planned"] == max(1, math.ceil(runs["steps", "distillm"]["train_seconds"] / pace))
+        assert runs["seconds", name]["steps"] == max(1, math.ceil(runs["steps", "distillm"]["train_seconds"] / pace))
     for name in ("study_quality.png", "study_distillm.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG)
     # finished runs are kept and skipped: a second call trains nothing
