@@ -155,7 +155,8 @@ def _logits(draw, *, same: bool = False, masked: bool = False, dtypes: tuple[tor
     if masked:
         def mask() -> torch.Tensor:
             dropped = torch.tensor(draw(st.lists(st.booleans(), min_size=n * v, max_size=n * v))).view(n, v)
-            dropped[torch.arange(n), torch.tensor(draw(st.lists(st.integers(0, v - 1), min_size=n, max_size=n)))] = False
+            kept = draw(st.lists(st.integers(0, v - 1), min_size=n, max_size=n))
+            dropped[torch.arange(n), torch.tensor(kept)] = False
             return dropped
 
         # the same entries in both models (a padded vocabulary): where only one model puts -inf, KL or
@@ -190,11 +191,14 @@ def _divergence_checks(plugin_cls: type, d: ConfiguredDivergence) -> list[tuple[
         if not isinstance(values, torch.Tensor):
             fail(prop, f"returned {type(values).__name__}, not a tensor, on {case}")
         if values.shape != (n,) or values.dtype != torch.float32:
-            fail(prop, f"returned {str(values.dtype).removeprefix('torch.')}{list(values.shape)}, expected float32[{n}], on {case}")
+            got = f"{str(values.dtype).removeprefix('torch.')}{list(values.shape)}"
+            fail(prop, f"returned {got}, expected float32[{n}], on {case}")
         for row in range(n):
             alone = d.plugin(prepare_logits(case.student[row: row + 1]), prepare_logits(case.teacher[row: row + 1]))
-            if not torch.allclose(values[row: row + 1].detach(), alone.detach().float(), rtol=1e-4, atol=1e-5, equal_nan=True):
-                fail(prop, f"row {row} is {values[row].item()!r} in the batch but {alone.flatten()[0].item()!r} alone, on {case}")
+            alone = alone.detach().float()
+            if not torch.allclose(values[row: row + 1].detach(), alone, rtol=1e-4, atol=1e-5, equal_nan=True):
+                fail(prop, f"row {row} is {values[row].item()!r} in the batch but {alone.flatten()[0].item()!r} "
+                           f"alone, on {case}")
 
     def zero_on_equal(case: _Logits) -> None:
         values, _ = call("D(p, p) = 0", case)
@@ -212,7 +216,8 @@ def _divergence_checks(plugin_cls: type, d: ConfiguredDivergence) -> list[tuple[
         if not torch.isfinite(values).all():
             fail(prop, f"values {values.tolist()} on {case}")
         if not torch.isfinite(gradient).all():
-            fail(prop, f"student gradient {_show(gradient)} on {case} (take sqrt and log of probabilities from log_softmax)")
+            fail(prop, f"student gradient {_show(gradient)} on {case} "
+                       f"(take sqrt and log of probabilities from log_softmax)")
 
     low = (torch.float32, torch.bfloat16, torch.float16)
     return [
@@ -249,7 +254,7 @@ def check_divergence(plugin_cls: type, *, max_examples: int | None = None, **par
     """
     _check_registration("divergence", plugin_cls)
     values = _check_params("divergence", plugin_cls, params)
-    d = ConfiguredDivergence.create(plugin_cls, values.model_dump())
+    d = ConfiguredDivergence(plugin_cls(values), values)  # what get_divergence builds, temperature 1
     n = _examples(max_examples, 25)
     with _quiet_threads():
         for prop, strategy, test in _divergence_checks(plugin_cls, d):
@@ -291,7 +296,8 @@ class SimulatedContext(SamplingContext):
 
     def batch(self, step: int, size: int = 4) -> list[Example]:
         """This rank's dataset examples of ``step``: different on every rank, as a sharded sampler gives."""
-        return [Example([30 + self.process_index, 40 + step, 50 + i], [MARKS["dataset"], 60 + i, EOS]) for i in range(size)]
+        prompt = lambda i: [30 + self.process_index, 40 + step, 50 + i]
+        return [Example(prompt(i), [MARKS["dataset"], 60 + i, EOS]) for i in range(size)]
 
 
 @dataclass(frozen=True)
@@ -387,13 +393,14 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
             if source not in SOURCES:
                 fail(prop, f"step {t}: source {source!r} is not one of {sorted(SOURCES)} ({schedule})")
             if not isinstance(group, list) or not group or not all(isinstance(e, Example) for e in group):
-                fail(prop, f"step {t}: the {source!r} examples are not a non-empty list of distill.Example: {group!r} ({schedule})")
+                fail(prop, f"step {t}: the {source!r} examples are not a non-empty list of distill.Example: "
+                           f"{group!r} ({schedule})")
             sources.append(source)
             returned.append([(tuple(e.prompt_ids), tuple(e.response_ids)) for e in group])
-        if not isinstance(metrics, dict) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for k, v in metrics.items()
-        ):
-            fail(prop, f"step {t}: metrics() must return dict[str, float] of finite numbers, got {metrics!r} ({schedule})")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not isinstance(metrics, dict) or not all(isinstance(k, str) and number(v) for k, v in metrics.items()):
+            fail(prop, f"step {t}: metrics() must return dict[str, float] of finite numbers, got {metrics!r} "
+                       f"({schedule})")
         return _Step(sources, context.calls[first_call:], returned, dict(metrics))
 
     def start(policy: Any, context: SimulatedContext, schedule: _Schedule, prop: str) -> None:
@@ -412,12 +419,14 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
         for t in range(1, schedule.total_steps + 1):
             dataset.update((tuple(e.prompt_ids), tuple(e.response_ids)) for e in context.batch(t))
             record = step(prop, policy, context, schedule, t)
-            fresh = {model: {(p, r) for p, r in context.generated[model] if r[1] == 20 + t} for model in ("student", "teacher")}
+            fresh = {model: {(p, r) for p, r in context.generated[model] if r[1] == 20 + t}
+                     for model in ("student", "teacher")}
             origin = {"dataset": dataset, **fresh, "replay": context.generated["student"]}
             for source, examples in zip(record.sources, record.examples):
                 stray = [e for e in examples if e not in origin[source]]
                 if stray:
-                    where = {"dataset": "the dataset examples seen so far", "student": "this step's student generations",
+                    where = {"dataset": "the dataset examples seen so far",
+                             "student": "this step's student generations",
                              "teacher": "this step's teacher generations", "replay": "past student generations"}[source]
                     fail(prop, f"step {t}: labelled {source!r} but {stray[0]} is not among {where} ({schedule})")
 
@@ -449,7 +458,8 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
             state = torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
         except Exception as error:
             fail(prop, f"state_dict() after step {schedule.checkpoint} cannot be checkpointed "
-                       f"(torch.save, then torch.load(weights_only=True)): {type(error).__name__}: {error} ({schedule})")
+                       f"(torch.save, then torch.load(weights_only=True)): {type(error).__name__}: {error} "
+                       f"({schedule})")
         resumed, resumed_context = build(), SimulatedContext.for_rank(0, 1)
         try:  # as the engine resumes: reseed with the run's seed, then load
             resumed.reseed(schedule.seed)
