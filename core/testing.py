@@ -340,14 +340,15 @@ def _groups(result: Any) -> list[tuple[Any, Any]]:
 
 
 @contextlib.contextmanager
-def _rank_environment(process_index: int, num_processes: int, seed: int) -> Iterator[None]:
+def _rank_environment(process_index: int, num_processes: int, seed: int, step: int) -> Iterator[None]:
     """What differs between real processes besides the context: the global random generators
-    (seeded per rank, as ``seed + process_index`` often is) and the launcher's variables."""
+    (seeded per rank, as ``seed + process_index`` often is, and moving on with the steps) and the
+    launcher's variables."""
     saved_env = {key: os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     saved_rng = random.getstate(), torch.get_rng_state()
     os.environ.update(RANK=str(process_index), LOCAL_RANK=str(process_index), WORLD_SIZE=str(num_processes))
-    random.seed(seed + 7919 * process_index)
-    torch.manual_seed(seed + 7919 * process_index)
+    random.seed(seed + 7919 * process_index + 104729 * step)
+    torch.manual_seed(seed + 7919 * process_index + 104729 * step)
     try:
         yield
     finally:
@@ -379,7 +380,7 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
         examples = context.batch(t)
         first_call = len(context.calls)
         try:
-            with _rank_environment(context.process_index, context.num_processes, schedule.seed):
+            with _rank_environment(context.process_index, context.num_processes, schedule.seed, t):
                 groups = _groups(policy.sample(t, schedule.total_steps, examples, context))
                 metrics = policy.metrics()
                 if schedule.val_loss(t) is not None:
@@ -405,7 +406,7 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
 
     def start(policy: Any, context: SimulatedContext, schedule: _Schedule, prop: str) -> None:
         try:
-            with _rank_environment(context.process_index, context.num_processes, schedule.seed):
+            with _rank_environment(context.process_index, context.num_processes, schedule.seed, 0):
                 policy.reseed(schedule.seed)
                 policy.observe_eval(0, schedule.val_loss(0))
         except Exception as error:
