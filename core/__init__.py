@@ -7,6 +7,7 @@ Public API (flat re-exports)::
     distill.get_policy(name, **params), distill.get_recipe(name)
     distill.hookimpl, distill.Params, distill.Divergence, distill.SamplingPolicy, distill.Recipe
     distill.RandomPolicy, distill.SamplingContext, distill.Example   (for writing a sampling policy)
+    distill.testing.check_divergence, distill.testing.check_policy   (conformance kit; needs hypothesis)
 """
 
 from __future__ import annotations

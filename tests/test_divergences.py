@@ -18,6 +18,7 @@ from hypothesis.extra import numpy as hnp
 
 import distill
 from distill.plugins.divergences import JSD, TVD, ForwardKL, ReverseKL, SkewKL, SkewReverseKL
+from distill.testing import check_divergence
 
 
 def examples(n: int) -> settings:
@@ -425,6 +426,13 @@ def test_divergence_loss_gradients_match_float64_reference(name, params):
 
 
 # --- the plugin contract
+
+
+@specs
+def test_conformance_kit(name, params):
+    """distill.testing.check_divergence, what a third-party author runs: D(p, p) = 0, D >= 0, [N]
+    float32, finite values and gradients with -inf, +-1e4 and bf16 logits, params validated."""
+    check_divergence(PLUGIN_CLASSES[name], **params)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -26,6 +26,7 @@ import distill
 from distill import registry as registry_module
 from distill.cli.run_cmd import resolve_config
 from distill.registry import AUTOLOAD_ENV, Registry
+from distill.testing import check_divergence
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "plugins.md"
@@ -262,6 +263,29 @@ def test_shell_block_commands_run(block, doc_modules, monkeypatch):
             assert printed.getvalue().strip() == comment
         else:
             pytest.fail(f"{block.where}: no check for {argv[0]!r}")
+
+
+# --- the conformance kit
+
+
+def test_quoted_conformance_failure_is_the_real_one():
+    class Hellinger:  # the form the page warns against: sqrt of probabilities
+        name = "hellinger"
+
+        class Params(distill.Params):
+            pass
+
+        def __init__(self, params) -> None:
+            self.params = params
+
+        def __call__(self, student_logits, teacher_logits):
+            p, q = teacher_logits.softmax(-1), student_logits.softmax(-1)
+            return 0.5 * ((p.sqrt() - q.sqrt()) ** 2).sum(-1)
+
+    with pytest.raises(AssertionError) as error:
+        check_divergence(Hellinger, max_examples=20)
+    (quoted,) = block_with("check_divergence(hellinger): ", "").text.splitlines()
+    assert matches(quoted, str(error.value)), (quoted, str(error.value))
 
 
 # --- the policy and the recipe

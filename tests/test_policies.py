@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import distill
 from distill.data import Example
 from distill.policy import ReplayBuffer, SamplingContext
+from distill.testing import check_policy
 
 
 def fake_context(log: list[str]) -> SamplingContext:
@@ -165,3 +166,24 @@ def test_policy_params_are_validated():
         distill.get_policy("adaptive_offpolicy", replay_schedule="sometimes")
     with pytest.raises(distill.ConfigError, match="unknown parameter"):
         distill.get_policy("mixed", lam=0.5)
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("offpolicy", {}),
+        ("teacher", {}),
+        ("onpolicy", {}),
+        ("mixed", {}),
+        ("mixed", {"prob": 1.0, "replay": True, "capacity": 3}),
+        ("adaptive_offpolicy", {}),
+        ("adaptive_offpolicy", {"init_prob": 0.5, "capacity": 4, "replay_schedule": "increasing"}),
+        ("adaptive_offpolicy", {"init_prob": 0.3, "prob_step": 0.3, "loss_eps": 0.0, "capacity": 6,
+                                "replay_schedule": "constant"}),
+    ],
+    ids=str,
+)
+def test_conformance_kit(name, params):
+    """distill.testing.check_policy, what a third-party author runs: valid sources, the same draws on
+    every rank for one seed, a state_dict round trip that reproduces what follows."""
+    check_policy(distill.default_registry().lookup("policy", name).obj, **params)
