@@ -13,7 +13,7 @@ Setting (the defaults; flags change them):
 - Distillation runs on the first ``--train-prompts`` of the built-in training prompts (teacher
   answers) for ``--epochs`` passes, evaluated once per epoch (``eval.every: epoch``, the official
   code's cadence): several passes over few prompts let the validation loss stall and turn, so the
-  adaptive scheduler gets its signal. Validation: the 80 built-in validation prompts.
+  adaptive scheduler gets its signal. Validation: the first ``--val-prompts`` of the 80 built-in validation prompts.
 - Every recipe trains with the same learning rate and schedule (``--lr``, cosine, ``--warmup``);
   no per-recipe tuning (the grid is the one value). The divergence term alone (``train.ce_weight``
   0), except ``sft``, which is the cross-entropy alone.
@@ -98,6 +98,7 @@ def base_config(args) -> dict[str, Any]:
     layer["train"] = {**layer["train"], "lr": args.lr, "warmup_steps": args.warmup, "schedule": "cosine", "ce_weight": 0.0,
                       "max_steps": steps_of(args)}
     layer["eval"] = {**layer["eval"], "every": "epoch", "rouge_samples": args.rouge_samples, "rouge_before": 0, "rouge_draws": args.draws}
+    layer["data"]["val_max"] = args.val_prompts
     layer["checkpoint"] = {"every": 0, "keep": 1}
     layer["log"] = {"with": []}
     layer["student"] = {"ref": str(args.root / "init" / "final"), "freeze": ["embeddings"]}
@@ -347,13 +348,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="RECIPE", help=f"these only: {', '.join(VARIANTS)}")
     parser.add_argument("--teacher", help="teacher reference (default: the embedded default's)")
     parser.add_argument("--student", default="prune:6", help="the student before its supervised fine-tune")
-    parser.add_argument("--init-steps", type=int, default=60, help="sft steps that make the shared starting student")
+    parser.add_argument("--init-steps", type=int, default=40, help="sft steps that make the shared starting student")
     parser.add_argument("--init-lr", type=float, default=1e-3, help="learning rate of that fine-tune")
-    parser.add_argument("--train-prompts", type=int, default=128, help="distillation prompts (the first N built-in ones)")
+    parser.add_argument("--train-prompts", type=int, default=96, help="distillation prompts (the first N built-in ones)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rouge-samples", type=int, default=64, help="validation prompts answered for ROUGE-L")
+    parser.add_argument("--val-prompts", type=int, default=48, help="validation prompts (val CE, token KL; evaluated every epoch)")
+    parser.add_argument("--rouge-samples", type=int, default=48, help="validation prompts answered for ROUGE-L")
     parser.add_argument("--draws", type=int, default=5, help="sampled answers per prompt (temperature 1)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="any config key, every run")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
