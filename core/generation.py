@@ -94,6 +94,13 @@ class ResponseGenerator:
                     out.append(Example(example.prompt_ids, self._cut(new, stops), reference=example.reference))
                 if progress:
                     progress(len(out), len(examples))
+            if self.synced:  # every rank runs as many generate calls as the busiest one (a policy may ask some for fewer)
+                local = -(-len(examples) // step)
+                for _ in range(_synced_batches(local, device) - local):
+                    filler = examples[:1] or [Example([self.eos_id if self.eos_id is not None else 0], [])]
+                    ids, attention = collate_prompts(filler, self.pad_id)
+                    with torch.no_grad():
+                        self._transformers_generate(model, ids.to(device), attention.to(device), sample, max_new_tokens, stops)
         finally:
             model.train(was_training)
         return out
@@ -180,6 +187,17 @@ class TokenPicker:
 
 
 # --- the decode loop
+
+
+def _synced_batches(local: int, device) -> int:
+    """The largest number of generation batches of any process (a collective call)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    count = torch.tensor([local], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def decodable(model) -> bool:
