@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from distill.config import RunConfig, TermSpec
 from distill.data import Batch
-from distill.errors import ConfigError
+from distill.errors import ConfigError, UnknownPluginError
 from distill.loss import chunked_token_mean, divergence_loss
 from distill.models import contiguous_head_input
 
@@ -64,8 +64,8 @@ class Objective:
             temperature = spec.temperature if spec.temperature is not None else run.temperature
             try:
                 divergence = registry.get_divergence(name, temperature=temperature, **params)
-            except ConfigError as error:
-                raise ConfigError(f"objective.terms.{source}: {error}") from None
+            except (ConfigError, UnknownPluginError) as error:
+                raise type(error)(f"objective.terms.{source}: {error}") from None
             self.terms[source] = Term(divergence, spec, cfg.train.ce_weight if spec.ce_weight is None else spec.ce_weight)
 
     def term(self, source: str) -> Term:
