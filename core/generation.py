@@ -81,8 +81,17 @@ class ResponseGenerator:
             progress(0, len(examples))
         try:
             step = batch_size or self.batch_size
-            for start in range(0, len(examples), step):
-                chunk = examples[start: start + step]
+            local = -(-len(examples) // step)
+            # synced: every rank runs as many generate calls as the busiest one (a policy may ask some for fewer)
+            calls = _synced_batches(local, device) if self.synced else local
+            for call in range(calls):
+                chunk = examples[call * step: (call + 1) * step]
+                if not chunk:  # a padding call: its answers are dropped
+                    filler = examples[:1] or [Example([self.eos_id if self.eos_id is not None else 0], [])]
+                    ids, attention = collate_prompts(filler, self.pad_id)
+                    with torch.no_grad():
+                        self._transformers_generate(model, ids.to(device), attention.to(device), sample, max_new_tokens, stops)
+                    continue
                 ids, attention = collate_prompts(chunk, self.pad_id)
                 ids, attention = ids.to(device), attention.to(device)
                 with torch.no_grad():
@@ -94,13 +103,6 @@ class ResponseGenerator:
                     out.append(Example(example.prompt_ids, self._cut(new, stops), reference=example.reference))
                 if progress:
                     progress(len(out), len(examples))
-            if self.synced:  # every rank runs as many generate calls as the busiest one (a policy may ask some for fewer)
-                local = -(-len(examples) // step)
-                for _ in range(_synced_batches(local, device) - local):
-                    filler = examples[:1] or [Example([self.eos_id if self.eos_id is not None else 0], [])]
-                    ids, attention = collate_prompts(filler, self.pad_id)
-                    with torch.no_grad():
-                        self._transformers_generate(model, ids.to(device), attention.to(device), sample, max_new_tokens, stops)
         finally:
             model.train(was_training)
         return out

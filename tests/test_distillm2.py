@@ -289,3 +289,23 @@ def test_resume_is_exact_with_kept_student_responses(tiny, tmp_path):
     for a, b in zip(ours, theirs):
         assert (a["source"], a["tokens"], a["kept_responses"]) == (b["source"], b["tokens"], b["kept_responses"])
         assert a["loss"] == pytest.approx(b["loss"], rel=0, abs=1e-6) and a["terms"] == pytest.approx(b["terms"], rel=0, abs=1e-6)
+
+
+def test_synced_generation_pads_the_ranks_with_fewer_prompts(tmp_path):
+    """2 CPU processes; a deadlock fails after the timeout instead of hanging."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("synced_generation.py")), str(tmp_path)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("synced generation with 3 prompts on one rank and none on the other did not finish (a deadlock)")
+    assert process.returncode == 0, output[-5000:]
+    assert json.loads((tmp_path / "rank-0.json").read_text()) == [[5, 6, 0], [5, 6, 1], [5, 6, 2]]
+    assert json.loads((tmp_path / "rank-1.json").read_text()) == []
