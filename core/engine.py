@@ -146,7 +146,8 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     # generation has no backward to hold memory for: it answers a step's examples (all micro-batches) together
     generation_batch = cfg.train.batch_size * cfg.train.grad_accum
     generate = ResponseGenerator(data_tokenizer, cfg.generation, generation_batch, unwrap, synced, _full_params(accelerator), inference_dtype)
-    context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
+    # even: a policy may ask the processes for different numbers of responses (contrastive's kept ones)
+    context = SamplingContext(lambda ex: generate(student, ex, even=True), lambda ex: generate(teacher, ex, even=True))
     progress = lambda phase, done, total: report("progress", {"phase": phase, "done": done, "total": total})  # long passes
     ends = {"teacher": set(generate.stop_ids(teacher)), "student": set(generate.stop_ids(student))}
     if apart:  # the teacher answers in its own tokens; the student trains on that text in its own

@@ -5,7 +5,7 @@ Started by ``accelerate.debug_launcher`` (2 CPU processes, gloo); ``tests/test_d
     python tests/synced_generation.py OUT      # writes OUT/rank-0.json and OUT/rank-1.json
 
 Rank 0 answers 3 prompts one at a time, rank 1 none: every forward of a synced generation is a
-collective, so without the padding calls in ``ResponseGenerator`` rank 0 would wait forever.
+collective, so without ``even`` (stand-in calls on rank 1) rank 0 would wait forever.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def worker(out: str) -> None:
     _, student = models()
     generate = ResponseGenerator(Tokenizer(), GenerationConfig(max_new_tokens=4), batch_size=1, synced=True)
     prompts = [Example([5, 6, i], [1]) for i in range(3)] if accelerator.process_index == 0 else []
-    answers = generate(student, prompts)
+    answers = generate(student, prompts, even=True)
     Path(out, f"rank-{accelerator.process_index}.json").write_text(json.dumps([a.prompt_ids for a in answers]))
 
 
