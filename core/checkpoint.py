@@ -34,6 +34,7 @@ RESUMABLE_FIELDS = (
     "eval.batch_size",
     "eval.rouge_samples",
     "eval.rouge_before",
+    "eval.rouge_draws",
     "checkpoint.every",
     "checkpoint.keep",
     "log.with",

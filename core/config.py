@@ -155,12 +155,23 @@ class TrainConfig(_Section):
         "sequence = each sequence's token mean, then the mean over its sequences (DistiLLM-2's averaging)"
     )
     ce_weight: float = Field(0.0, ge=0, description="weight of the student's cross-entropy on the same response tokens (per group: objective.terms.<source>.ce_weight)")
+    kd_weight: float = Field(
+        1.0, ge=0, description="weight of the divergence term; 0 trains on the cross-entropy alone (recipe sft: the teacher's answers as "
+        "plain targets) and skips the teacher's forward in training steps (validation still reports the KL to the teacher). "
+        "With objective.terms: multiplies every term's weight"
+    )
     lm_weight: float = Field(0.0, ge=0, description="weight of the LM loss on data.lm_path")
     seed: int = Field(0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="student compute precision (autocast); auto: bf16 where the device computes it natively, else fp32; the divergence math is float32 regardless"
     )
     skip_nonfinite: bool = Field(False, description="skip (and count) steps whose loss or gradients are not finite instead of stopping")
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> "TrainConfig":
+        if self.kd_weight == 0 and self.ce_weight == 0 and self.lm_weight == 0:
+            raise ValueError("kd_weight, ce_weight and lm_weight are all 0: nothing to train; set train.kd_weight or train.ce_weight above 0")
+        return self
 
 
 class GenerationConfig(_Section):
@@ -175,9 +186,29 @@ class GenerationConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every: int = Field(50, ge=0, description="evaluate every N steps (0 = only before and after training)")
+    every: int | Literal["epoch"] = Field(
+        50, description="evaluate every N steps (0 = only before and after training), or `epoch`: at the end of every pass over the training set "
+        "(as DistiLLM's official code does; the adaptive policy's φ can change only at an evaluation)"
+    )
     batch_size: int = Field(8, gt=0)
     rouge_samples: int = Field(0, ge=0, description="validation prompts answered greedily for ROUGE-L (0 = no generation eval)")
+    @field_validator("every", mode="before")
+    @classmethod
+    def _steps_or_epoch(cls, value: Any) -> Any:
+        if value == "epoch":
+            return value
+        try:
+            steps = int(value)
+        except (TypeError, ValueError):
+            steps = None
+        if steps is None or steps != value and str(steps) != str(value).strip() or steps < 0:
+            raise ValueError(f"a number of steps (0 or more) or `epoch`, not {value!r}")
+        return steps
+
+    rouge_draws: int = Field(
+        0, ge=0, description="at the final evaluation, also answer each ROUGE-L prompt this many times by sampling (generation.temperature, "
+        "top_k, top_p) and report their mean as rouge_l_sampled (DistiLLM's evaluation: 5 draws at temperature 1)"
+    )
     rouge_before: int | None = Field(
         None, ge=0,
         description="prompts answered before training: the first N of the rouge_samples prompts (an untrained student answers up to the token cap, so this pass is slow); the final evaluation also reports ROUGE-L on them (rouge_l_subset); default: all",

@@ -120,6 +120,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if cfg.data.group_by_length != "off" else None
     sampler = BatchSampler(len(train_set), cfg.train.batch_size, seed, accelerator.process_index, accelerator.num_processes, lengths, cfg.train.grad_accum,
                            grouping=cfg.data.group_by_length if lengths else "groups")
+    evaluates_at = _eval_schedule(cfg.eval.every, len(train_set) // (cfg.train.batch_size * accelerator.num_processes), cfg.train.grad_accum)
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
         rank_state(saved, accelerator)  # fails now if the number of processes changed
@@ -160,7 +161,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
         val_set = [bridge.to_student(e, a) for e, a in zip(val_set, answers)]
     ends["replay"] = ends["student"]
     evaluator = Evaluator(val_set, data_tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"),
-                          rouge_before=cfg.eval.rouge_before, progress=progress)
+                          rouge_before=cfg.eval.rouge_before, progress=progress, rouge_draws=cfg.eval.rouge_draws, seed=seed)
     evaluate = functools.partial(evaluator, with_teacher=not apart)
     lm_rng = random.Random(seed + accelerator.process_index)
     rank_log = _rank_log(accelerator)
@@ -196,7 +197,8 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
         return path
 
     def micro_loss(batch, term, denominator: float, weight: float):
-        return micro_batch_loss(student, None if apart else teacher, batch, term.divergence, denominator, term.ce_weight, unwrap, weight=weight, normalize=cfg.train.normalize)
+        return micro_batch_loss(student, None if apart else teacher, batch, term.divergence, denominator, term.ce_weight, unwrap,
+                                kd_weight=cfg.train.kd_weight * weight, normalize=cfg.train.normalize)
 
     lm_loss = None if lm_blocks is None else lambda n: _lm_loss(student, lm_blocks, lm_rng, cfg.train.batch_size, accelerator) / n
 
@@ -260,7 +262,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             rank_log({"step": step, "source": source, "tokens": sum(b.n_tokens for b in every_batch)})
             report("step", record)
             # --- evaluate once in a while (and at the end)
-            if last or (cfg.eval.every and step % cfg.eval.every == 0):
+            if last or evaluates_at(step):
                 run.after = evaluate(student, teacher, with_rouge=last)  # ROUGE: before and after
                 policy.observe_eval(step, run.after["val_loss"])
                 files.append("eval.jsonl", {"step": step, **run.after})
@@ -324,6 +326,15 @@ def _backward_groups(micro: dict[str, list], counts: dict[str, tuple[float, floa
         together = accelerator.reduce(together.to(accelerator.device), reduction="mean").cpu()
     values = together.tolist()
     return values[0], {s: values[1 + index[s]] for s in micro}
+
+
+def _eval_schedule(every: int | str, micro_per_epoch: int, grad_accum: int) -> Callable[[int], bool]:
+    """Whether step ``step`` ends with an evaluation (besides the last): every ``every`` steps, or with
+    ``every="epoch"`` at each step that finishes a pass over the training set (``micro_per_epoch``
+    micro-batches per process; a step takes ``grad_accum``, so it may finish an epoch part-way)."""
+    if every == "epoch":
+        return lambda step: step * grad_accum // micro_per_epoch > (step - 1) * grad_accum // micro_per_epoch
+    return lambda step: bool(every) and step % every == 0
 
 
 @torch.no_grad()

@@ -30,12 +30,16 @@ class Evaluator:
     for nothing. The metrics are those of the real examples, each counted once."""
 
     def __init__(self, examples: list[Example], tokenizer, divergence, generate, batch_size: int, rouge_samples: int, accelerator=None, kl=None,
-                 rouge_before: int | None = None, progress: Progress | None = None) -> None:
+                 rouge_before: int | None = None, progress: Progress | None = None, rouge_draws: int = 0, seed: int = 0) -> None:
         """``kl``: forward KL (``get_divergence("kl")``), reported as ``val_kl`` beside the run's divergence.
         ``rouge_before``: answer only the first this many of the ``rouge_samples`` prompts in a
         ``rouge="before"`` pass; a full pass then also reports ROUGE-L on those prompts
         (``rouge_l_subset``), so that before and after compare the same prompts.
-        ``progress(phase, done, total)``: called after each batch of this process's share."""
+        ``progress(phase, done, total)``: called after each batch of this process's share.
+        ``rouge_draws``: a full pass (``rouge="all"``) also answers each prompt this many times by
+        sampling (the generator's temperature, top-k, top-p) and reports the mean ROUGE-L of the
+        draws as ``rouge_l_sampled``; draw d of process r is seeded with ``seed``, d and r, so the
+        score does not depend on the training's random state."""
         rank = accelerator.process_index if accelerator else 0
         world = accelerator.num_processes if accelerator else 1
         # sums do not depend on the order: batch similar lengths together, so little of it is padding
@@ -56,6 +60,7 @@ class Evaluator:
         self.accelerator = accelerator
         self.unwrap = accelerator.unwrap_model if accelerator else (lambda m: m)
         self.progress = progress
+        self.rouge_draws, self.seed, self.rank = rouge_draws, seed, rank
 
     def _largest_shard_batches(self, n_items: int) -> int:
         """Batches of the largest shard when ``n_items`` are dealt round-robin to the processes."""
@@ -111,20 +116,35 @@ class Evaluator:
         """ROUGE-L of greedy answers: ``rouge_l`` over the pass's prompts, ``rouge_prompts`` their
         number, ``rouge_l_subset`` over the first ``rouge_before`` in a full pass over more."""
         chosen = [(i, e) for i, e in zip(self.rouge_indices, self.rouge_examples) if rouge != "before" or i < self.rouge_subset]
+        scores = self._answer_and_score(student, chosen, rouge, "ROUGE-L answers", greedy=True)
+        subset = [score for (i, _), score in zip(chosen, scores) if i < self.rouge_subset]
+        sampled = []
+        if rouge == "all":
+            for draw in range(self.rouge_draws):
+                cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+                with torch.random.fork_rng(devices=cuda):  # the training's generators are left as they were
+                    torch.manual_seed(self.seed * 1_000_003 + draw * 1_009 + self.rank)  # CPU and CUDA
+                    sampled += self._answer_and_score(student, chosen, rouge, f"ROUGE-L sampled answers {draw + 1}/{self.rouge_draws}", greedy=False)
+        rouge_sum, rouge_n, subset_sum, subset_n, sampled_sum, sampled_n = self._reduce(
+            [sum(scores), float(len(scores)), sum(subset), float(len(subset)), sum(sampled), float(len(sampled))])
+        result = {"rouge_l": rouge_sum / max(rouge_n, 1.0), "rouge_prompts": int(rouge_n)}
+        if 0 < subset_n < rouge_n:  # rouge_before: 0 answers none before training: nothing to compare
+            result["rouge_l_subset"] = subset_sum / max(subset_n, 1.0)
+        if sampled_n > 0:
+            result["rouge_l_sampled"] = sampled_sum / sampled_n
+        return result
+
+    def _answer_and_score(self, student, chosen: list, rouge: str, phase: str, greedy: bool) -> list[float]:
+        """ROUGE-L of the student's answers to this process's ``chosen`` ``(index, example)`` prompts."""
         scores: list[float] = []
         if chosen:
-            shown = {"progress": functools.partial(self.progress, "ROUGE-L answers")} if self.progress else {}
-            answers = self.generate(student, [e for _, e in chosen], greedy=True, batch_size=self.batch_size, **shown)
+            shown = {"progress": functools.partial(self.progress, phase)} if self.progress else {}
+            answers = self.generate(student, [e for _, e in chosen], greedy=greedy, batch_size=self.batch_size, **shown)
             texts = [self.tokenizer.decode(a.response_ids, skip_special_tokens=True) for a in answers]
             scores = rouge_l(texts, [e.reference for _, e in chosen])
         # as many generation calls as the process with the most prompts makes (one per batch): under
         # sharding each is a collective; one token is enough, synced generation steps on with the others
         calls = -(-len(chosen) // self.batch_size)
         for _ in range(self._largest_shard_batches(self.rouge_subset if rouge == "before" else self.rouge_total) - calls):
-            self.generate(student, self.stand_in, greedy=True, max_new_tokens=1, batch_size=self.batch_size)
-        subset = [score for (i, _), score in zip(chosen, scores) if i < self.rouge_subset]
-        rouge_sum, rouge_n, subset_sum, subset_n = self._reduce([sum(scores), float(len(scores)), sum(subset), float(len(subset))])
-        result = {"rouge_l": rouge_sum / max(rouge_n, 1.0), "rouge_prompts": int(rouge_n)}
-        if 0 < subset_n < rouge_n:  # rouge_before: 0 answers none before training: nothing to compare
-            result["rouge_l_subset"] = subset_sum / max(subset_n, 1.0)
-        return result
+            self.generate(student, self.stand_in, greedy=greedy, max_new_tokens=1, batch_size=self.batch_size)
+        return scores

@@ -162,21 +162,22 @@ def response_logits(model, batch: Batch, unwrap=lambda m: m) -> torch.Tensor:
 
 
 def micro_batch_loss(student, teacher, batch: Batch, divergence, denominator: float, ce_weight: float = 0.0, unwrap=lambda m: m, *,
-                     weight: float = 1.0, normalize: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
-    """``weight`` x divergence (+ ``ce_weight`` x student cross-entropy) on the response tokens of one
+                     kd_weight: float = 1.0, normalize: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
+    """``kd_weight`` x divergence + ``ce_weight`` x student cross-entropy on the response tokens of one
     micro-batch, over ``denominator`` (``group_denominator``; with ``normalize="sequence"`` each token
     weighs 1 / its sequence's length). Without a teacher (sequence-level KD across tokenizers: no
-    logits in common), the student's cross-entropy alone. ``parts``: the unweighted values."""
+    logits in common), the student's cross-entropy alone; with ``kd_weight`` 0 the teacher is not run,
+    and the loss is ``ce_weight`` x cross-entropy. ``parts``: the unweighted values."""
     weights = sequence_weights(batch.response_mask) if normalize == "sequence" else None
-    if teacher is None:
+    if teacher is None or kd_weight == 0:
         ce = token_cross_entropy(response_logits(student, batch, unwrap), batch.labels, batch.response_mask, n_tokens=denominator, weights=weights)
-        return ce, {"ce": float(ce.detach())}
+        return (ce if teacher is None else ce_weight * ce), {"ce": float(ce.detach())}
     with torch.no_grad():
         teacher_logits = response_logits(teacher, batch, unwrap)
     student_logits = response_logits(student, batch, unwrap)
     value = divergence_loss(divergence, student_logits, teacher_logits, batch.response_mask, n_tokens=denominator, weights=weights)
     parts = {"divergence": float(value.detach())}
-    loss = value if weight == 1.0 else weight * value
+    loss = value if kd_weight == 1.0 else kd_weight * value
     if ce_weight > 0:
         ce = token_cross_entropy(student_logits, batch.labels, batch.response_mask, n_tokens=denominator, weights=weights)
         parts["ce"] = float(ce.detach())

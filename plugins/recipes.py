@@ -8,6 +8,11 @@ _TEACHER_SIDE = {"weight": 1.0, "weight_end": 0.5, "ramp": 0.5}
 
 RECIPES = (
     distill.Recipe("kd", "word-level KD on the dataset's responses", "kl", "offpolicy"),
+    distill.Recipe(
+        "sft", "supervised fine-tuning: cross-entropy on the dataset's (teacher's) responses, no divergence term", "kl", "offpolicy",
+        config={"train.kd_weight": 0.0, "train.ce_weight": 1.0},
+        note="the divergence (kl) is only reported at validation; training never runs the teacher",
+    ),
     distill.Recipe("seqkd", "sequence-level KD: train on teacher generations", "kl", "teacher"),
     distill.Recipe(
         "imitkd", "ImitKD: student generations through a replay buffer", "kl", "mixed",

@@ -296,3 +296,86 @@ def test_a_step_generates_its_micro_batches_together(tiny, tmp_path, monkeypatch
                      "--set", "train.grad_accum=2", "--set", "eval.every=0", "--set", "eval.rouge_samples=0")
     assert result.exit_code == 0, result.output
     assert sizes == [4, 4]  # one call of 2 x 2 per step, not two of 2
+
+
+def test_sft_trains_on_cross_entropy_alone_and_never_runs_the_teacher_in_a_step(tiny, tmp_path, monkeypatch):
+    import importlib
+
+    importlib.import_module("distill.engine")  # evaluation binds the real response_logits first: only training steps are counted
+    objective = importlib.import_module("distill.objective")
+    seen = []
+    real = objective.response_logits
+
+    def counted(model, batch, unwrap=lambda m: m):
+        seen.append(unwrap(model).config.num_hidden_layers)
+        return real(model, batch, unwrap)
+
+    monkeypatch.setattr(objective, "response_logits", counted)
+    monkeypatch.setattr(objective, "divergence_loss", lambda *a, **k: pytest.fail("sft computed a divergence in a training step"))
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "sft", "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {1}  # the 1-layer student only: the 2-layer teacher never ran in a step
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "kd_weight: 0.0" in config and "ce_weight: 1.0" in config
+    evals = read_jsonl(tmp_path / "run" / "eval.jsonl")
+    assert "val_kl" in evals[-1]  # validation still measures the distance to the teacher
+    # with kd_weight 0 the step's loss is ce_weight x cross-entropy
+    half = run_cli(tiny, tmp_path / "half", "--recipe", "sft", "--max-steps", "1", "--set", "train.ce_weight=0.5")
+    assert half.exit_code == 0, half.output
+    whole = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["loss"]
+    assert read_jsonl(tmp_path / "half" / "metrics.jsonl")[0]["loss"] == pytest.approx(whole / 2, rel=1e-5)
+
+
+def test_nothing_to_train_and_a_bad_eval_cadence_are_one_line_errors(tiny, tmp_path):
+    for setting, message in (("train.ce_weight=0", "nothing to train"), ("eval.every=weekly", "or `epoch`")):
+        extra = ["--recipe", "sft"] if "ce_weight" in setting else []
+        result = run_cli(tiny, tmp_path / "run", *extra, "--set", setting)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1
+        assert not (tmp_path / "run").exists()
+
+
+def test_eval_every_epoch_evaluates_where_each_pass_over_the_training_set_ends(tiny, tmp_path):
+    import importlib
+
+    engine = importlib.import_module("distill.engine")
+    ends = engine._eval_schedule("epoch", 5, 2)  # 5 micro-batches an epoch, 2 a step: epochs end in steps 3, 5, 8, 10
+    assert [s for s in range(1, 11) if ends(s)] == [3, 5, 8, 10]
+    assert [s for s in range(1, 7) if engine._eval_schedule(3, 5, 2)(s)] == [3, 6]
+    assert not any(engine._eval_schedule(0, 5, 2)(s) for s in range(1, 7))
+    # 48 examples, 2-3 held out: 5 micro-batches of 8 an epoch, 2 micro-batches a step
+    out = tmp_path / "run"
+    result = run_cli(tiny, out, "--recipe", "kd", "--max-steps", "9", "--set", "eval.every=epoch", "--set", "eval.rouge_samples=0",
+                     "--set", "train.batch_size=8", "--set", "train.grad_accum=2")
+    assert result.exit_code == 0, result.output
+    assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 3, 5, 8, 9]
+
+
+def test_sampled_rouge_draws_are_averaged_seeded_and_leave_the_training_generators_alone():
+    from distill.data import Example
+    from distill.evaluation import Evaluator
+
+    class Coin:  # greedy: the reference; sampled: the reference or not, by the torch generator
+        def __call__(self, model, examples, greedy=False, **kwargs):
+            right = [greedy or bool(torch.rand(()) < 0.5) for _ in examples]
+            return [Example(e.prompt_ids, [1] if ok else [0], reference=e.reference) for e, ok in zip(examples, right)]
+
+    class Tokenizer:
+        pad_token_id = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "alpha beta" if ids == [1] else "zzz"
+
+    examples = [Example([i], [1], reference="alpha beta") for i in range(40)]
+    evaluator = Evaluator(examples, Tokenizer(), None, Coin(), 8, rouge_samples=40, rouge_draws=3, seed=5)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = evaluator._rouge("all")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first["rouge_l"] == 100.0
+    assert 10.0 < first["rouge_l_sampled"] < 90.0 and (first["rouge_l_sampled"] * 120 / 100) % 1 < 1e-6  # a mean of 120 scores of 0 or 100
+    torch.manual_seed(1)
+    assert evaluator._rouge("all") == first  # seeded by (seed, draw, rank), not by the training's state
+    other = Evaluator(examples, Tokenizer(), None, Coin(), 8, rouge_samples=40, rouge_draws=3, seed=7)._rouge("all")
+    assert other["rouge_l_sampled"] != first["rouge_l_sampled"]
+    assert "rouge_l_sampled" not in evaluator._rouge("before")  # draws only in the final, full pass

@@ -1,0 +1,404 @@
+"""The paper's claims at small scale: every recipe, several seeds, at equal steps and at equal seconds.
+
+Setting (the defaults; flags change them):
+
+- Teacher: the embedded default's (SmolLM2-135M-Instruct). Student: ``prune:6`` (6 of its 30
+  layers, embeddings and output head frozen, as in the embedded default), small enough that the
+  recipes part: after 100 steps of the embedded default's recipe it still sits at a token KL of 3.6
+  (``prune:15``: 2.0), so there is room for a better method to show.
+- The student starts, as in the DistiLLM paper, from a supervised fine-tune (``--init-steps`` steps
+  of recipe ``sft`` on the whole built-in training set; made once, shared by every run). From a
+  raw pruned model the validation loss only falls, and DistiLLM's scheduler, which raises φ when
+  that loss rises above its reference, would never engage.
+- Distillation runs on the first ``--train-prompts`` of the built-in training prompts (teacher
+  answers) for ``--epochs`` passes, evaluated once per epoch (``eval.every: epoch``, the official
+  code's cadence): several passes over few prompts let the validation loss stall and turn, so the
+  adaptive scheduler gets its signal. Validation: the 80 built-in validation prompts.
+- Every recipe trains with the same learning rate and schedule (``--lr``, cosine, ``--warmup``);
+  no per-recipe tuning (the grid is the one value). The divergence term alone (``train.ce_weight``
+  0), except ``sft``, which is the cross-entropy alone.
+
+Recipes: kd, sft, skew_kl and skew_rkl (off-policy), distillm, distillm with skew_rkl, gkd with TRL's
+settings (β 0.5, λ 0.5), gkd as the DistiLLM paper ran it (jsd β 0.1, λ 0.5, replay buffer),
+imitkd, minillm, and distillm2 where that recipe is registered.
+
+Budgets: ``steps``: every recipe runs epochs x steps-per-epoch optimizer steps. ``seconds``: every
+recipe gets the training seconds (optimizer steps only) that ``distillm`` took at equal steps (mean
+over its seeds), with ``train.max_steps`` sized from the recipe's own seconds per step at equal
+steps so that its learning-rate schedule fits, and ``train.max_seconds`` ending it at the budget.
+
+Metrics on the validation prompts, at the end: ROUGE-L of greedy answers and of sampled ones
+(temperature 1, mean of ``--draws`` draws per prompt, the official evaluation's 5), token KL to the
+teacher, val CE; and the seconds per step, the student share, φ after each step.
+
+Resumable: each finished run writes ``<root>/records/<budget>-<recipe>-s<seed>.json`` and is skipped
+afterwards; an interrupted run starts over. ``benchmarks/results/study.json`` (one record per run, the
+settings, the environment) and the plots are rewritten after every run. Run in the background::
+
+    nohup .venv/bin/python benchmarks/study.py > study.log 2>&1 &
+    .venv/bin/python benchmarks/study.py --budgets steps --seeds 0 --only kd distillm   # a part
+    .venv/bin/python benchmarks/study.py --report-only                                   # table and plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, save_figure, set_threads, write_json
+
+SOURCES = ("dataset", "teacher", "student", "replay")
+
+# name -> (recipe, config overrides); every recipe as the issue lists it
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "kd": ("kd", {}),
+    "sft": ("sft", {"train": {"ce_weight": 1.0}}),  # the shared layer's ce_weight 0 would cancel the recipe's
+    "skew_kl": ("kd", {"divergence": {"name": "skew_kl", "params": {"alpha": 0.1}}}),
+    "skew_rkl": ("kd", {"divergence": {"name": "skew_rkl", "params": {"alpha": 0.1}}}),
+    "distillm": ("distillm", {}),
+    "distillm_rkl": ("distillm", {"divergence": {"name": "skew_rkl", "params": {"alpha": 0.1}}}),
+    "gkd": ("gkd", {}),
+    "gkd_distillm": ("gkd", {"divergence": {"params": {"beta": 0.1}}, "policy": {"params": {"prob": 0.5, "replay": True}}}),
+    "imitkd": ("imitkd", {}),
+    "minillm": ("minillm", {}),
+    "distillm2": ("distillm2", {}),
+}
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+# --- the setting
+
+
+def base_config(args) -> dict[str, Any]:
+    """What every run shares (the models, data, batching and evaluation), as a config layer."""
+    import copy
+
+    from distill.builtin import DEFAULT_RUN
+
+    layer = copy.deepcopy(DEFAULT_RUN)
+    layer["data"] = {**layer["data"], "path": str(args.root / "train_subset.jsonl"), "validation": "builtin:val"}
+    layer["train"] = {**layer["train"], "lr": args.lr, "warmup_steps": args.warmup, "schedule": "cosine", "ce_weight": 0.0,
+                      "max_steps": steps_of(args)}
+    layer["eval"] = {**layer["eval"], "every": "epoch", "rouge_samples": args.rouge_samples, "rouge_before": 0, "rouge_draws": args.draws}
+    layer["checkpoint"] = {"every": 0, "keep": 1}
+    layer["log"] = {"with": []}
+    layer["student"] = {"ref": str(args.root / "init" / "final"), "freeze": ["embeddings"]}
+    if args.teacher:
+        layer["teacher"] = args.teacher
+    from distill.config import parse_assignments, set_dotted
+
+    for key, value in parse_assignments(args.settings, "--set").items():
+        set_dotted(layer, key, value)
+    return layer
+
+
+def steps_of(args) -> int:
+    per_step = 2 * 4  # the embedded default's 4 micro-batches of 2
+    return args.epochs * (args.train_prompts // per_step)
+
+
+def write_subset(args) -> Path:
+    """The first ``--train-prompts`` built-in training prompts (with the teacher's answers)."""
+    from distill.builtin import BUILTIN_DATA
+
+    path = args.root / "train_subset.jsonl"
+    lines = BUILTIN_DATA["builtin:train"].read_text().splitlines()[: args.train_prompts]
+    if len(lines) < args.train_prompts:
+        raise SystemExit(f"--train-prompts {args.train_prompts}: the built-in training set has {len(lines)}")
+    args.root.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != "\n".join(lines) + "\n":
+        path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_init(args, registry) -> Path:
+    """The shared starting student: ``--init-steps`` of sft from ``--student`` on the whole training set."""
+    from distill.config import build_config, recipe_layer
+    from distill.engine import train
+
+    final = args.root / "init" / "final"
+    if (final / "config.json").exists():
+        return final
+    print(f"init: {args.init_steps} steps of sft from {args.student} on builtin:train", flush=True)
+    layer = merge(base_config(args), {
+        "student": {"ref": args.student, "freeze": ["embeddings"]},
+        "data": {"path": "builtin:train", "validation": "builtin:val"},
+        "train": {"max_steps": args.init_steps, "seed": 0, "lr": args.init_lr, "ce_weight": 1.0},
+        "eval": {"every": 0, "rouge_samples": 0, "rouge_draws": 0},
+        "output_dir": str(args.root / "init"),
+    })
+    cfg = build_config([recipe_layer(registry.get_recipe("sft")), layer])
+    train(cfg, registry=registry, overwrite=True)
+    return final
+
+
+# --- one run
+
+
+def record_path(args, budget: str, name: str, seed: int) -> Path:
+    return args.root / "records" / f"{budget}-{name}-s{seed}.json"
+
+
+def run_one(args, registry, name: str, seed: int, budget: str, seconds: float | None, seconds_per_step: float | None) -> dict[str, Any]:
+    from distill.config import build_config, recipe_layer
+    from distill.engine import train
+
+    recipe, overrides = VARIANTS[name]
+    out = args.root / "runs" / f"{budget}-{name}-s{seed}"
+    layer = merge(merge(base_config(args), overrides), {"output_dir": str(out), "train": {"seed": seed}})
+    if budget == "seconds":
+        # the recipe's own pace at equal steps sizes its schedule; the budget ends it
+        layer = merge(layer, {"train": {"max_steps": max(1, math.ceil(seconds / seconds_per_step)), "max_seconds": seconds}})
+    cfg = build_config([recipe_layer(registry.get_recipe(recipe)), layer])
+    print(f"{budget} {name} seed {seed}: {cfg.train.max_steps} steps" + (f", {seconds:.0f} s" if seconds else ""), flush=True)
+    started = time.perf_counter()
+    last_line = [started]
+
+    def report(kind: str, record: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if kind == "step" and (now - last_line[0] > 60 or record["step"] == 1):
+            last_line[0] = now
+            print(f"  step {record['step']}  loss {record['loss']:.4f}  {record['source']}  {record['seconds']:.1f} s"
+                  + (f"  φ {record['sgo_prob']:.1f}" if "sgo_prob" in record else ""), flush=True)
+        elif kind == "eval":
+            print("  eval @ {step}: ".format(**record) + "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"), flush=True)
+
+    train(cfg, registry=registry, report=report, overwrite=True)
+    wall = time.perf_counter() - started
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    clock, elapsed = 0.0, {0: 0.0}
+    for m in metrics:
+        clock += m["seconds"]
+        elapsed[m["step"]] = clock
+    sources: dict[str, int] = {}
+    for m in metrics:
+        for source in m["source"].split("+"):
+            sources[source] = sources.get(source, 0) + 1
+    final = evals[-1]
+    record = {
+        "recipe": name, "distill_recipe": recipe, "seed": seed, "budget": budget,
+        "divergence": cfg.divergence.name, "divergence_params": cfg.divergence.params, "policy": cfg.policy.name, "policy_params": cfg.policy.params,
+        "steps": len(metrics), "steps_planned": cfg.train.max_steps, "train_seconds": clock, "wall_seconds": wall,
+        "seconds_per_step": clock / max(len(metrics), 1),
+        "sources": sources,
+        "student_share": sum(m["source"] in ("student", "replay") or "student" in m["source"].split("+") for m in metrics) / max(len(metrics), 1),
+        "max_sgo_prob": max((m.get("sgo_prob", 0.0) for m in metrics), default=0.0),
+        "rouge_l_greedy": final.get("rouge_l"), "rouge_l_sampled": final.get("rouge_l_sampled"),
+        "token_kl": final.get("val_kl"), "val_ce": final.get("val_loss"),
+        "before": {k: v for k, v in evals[0].items() if k != "step"},
+        "curve": [{"step": e["step"], "train_seconds": elapsed.get(e["step"], clock), "val_ce": e.get("val_loss"), "token_kl": e.get("val_kl")} for e in evals],
+        "sgo_prob": [m.get("sgo_prob") for m in metrics] if any("sgo_prob" in m for m in metrics) else None,
+        "step_sources": [m["source"] for m in metrics],
+        "load_average": _load_average(),
+    }
+    if not args.keep_runs:
+        shutil.rmtree(out, ignore_errors=True)
+    return record
+
+
+def _load_average() -> list[float] | None:
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# --- the report
+
+
+def load_records(args) -> list[dict[str, Any]]:
+    folder = args.root / "records"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread (min-max) over seeds per (budget, recipe)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["budget"], r["recipe"]), []).append(r)
+    rows = []
+    order = list(VARIANTS)
+    for (budget, name), runs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "steps", order.index(kv[0][1]) if kv[0][1] in order else 99)):
+        row = {"budget": budget, "recipe": name, "seeds": sorted(r["seed"] for r in runs)}
+        for key in ("rouge_l_greedy", "rouge_l_sampled", "token_kl", "val_ce", "seconds_per_step", "train_seconds", "student_share", "max_sgo_prob", "steps"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                row[key] = statistics.fmean(values)
+                row[key + "_range"] = [min(values), max(values)]
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    from rich.console import Console
+    from rich.table import Table
+
+    def cell(row, key, fmt):
+        if key not in row:
+            return "-"
+        lo, hi = row[key + "_range"]
+        return fmt.format(row[key]) + (f" ({fmt.format(lo)}-{fmt.format(hi)})" if len(row["seeds"]) > 1 else "")
+
+    header = ["budget", "recipe", "seeds", "steps", "s/step", "student share", "max φ", "ROUGE-L greedy", "ROUGE-L sampled", "token KL", "val CE"]
+    lines = [header]
+    for r in rows:
+        lines.append([r["budget"], r["recipe"], ",".join(map(str, r["seeds"])), f"{r.get('steps', 0):.0f}", cell(r, "seconds_per_step", "{:.2f}"),
+                      f"{100 * r.get('student_share', 0):.0f}%", f"{r.get('max_sgo_prob', 0):.1f}", cell(r, "rouge_l_greedy", "{:.1f}"),
+                      cell(r, "rouge_l_sampled", "{:.1f}"), cell(r, "token_kl", "{:.3f}"), cell(r, "val_ce", "{:.3f}")])
+    table = Table(title="study: mean over seeds (min-max)", title_justify="left")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i < 2 else "right")
+    for line in lines[1:]:
+        table.add_row(*line)
+    Console(width=max(Console().width, 160)).print(table)
+    return lines
+
+
+def plot(records: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """study_quality.png: final greedy ROUGE-L and token KL against training seconds, each run a point
+    (one colour a recipe; circles: equal steps, triangles: equal seconds); study_distillm.png: φ after
+    each step and the step sources of every distillm run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    names = [n for n in VARIANTS if any(r["recipe"] == n for r in records)]
+    colours = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for r in records:
+        marker = "o" if r["budget"] == "steps" else "^"
+        for ax, key in zip(axes, ("rouge_l_greedy", "token_kl")):
+            if r.get(key) is not None:
+                ax.scatter(r["train_seconds"], r[key], color=colours[r["recipe"]], marker=marker, s=30)
+    for n in names:
+        axes[0].scatter([], [], color=colours[n], label=n)
+    axes[0].set_ylabel("ROUGE-L (greedy) against the teacher")
+    axes[1].set_ylabel("token KL(teacher || student)")
+    for ax in axes:
+        ax.set_xlabel("training seconds (optimizer steps only)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle("Quality against training seconds (o: equal steps, ^: equal seconds)")
+    written.append(save_figure(fig, folder / "study_quality.png"))
+
+    runs = [r for r in records if r["recipe"] == "distillm" and r.get("sgo_prob")]
+    if runs:
+        fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.2 * len(runs) + 0.5), sharex=True, squeeze=False)
+        levels = {"dataset": 0, "student": 1, "replay": 2}
+        for ax, r in zip(axes[:, 0], runs):
+            xs = list(range(1, len(r["sgo_prob"]) + 1))
+            ax.step(xs, r["sgo_prob"], where="post", color="black", label="φ")
+            for source, level in levels.items():
+                picked = [x for x, s in zip(xs, r["step_sources"]) if s == source]
+                ax.scatter(picked, [0.05 + 0.1 * level] * len(picked), s=8, label=source)
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_ylabel(f"{r['budget']}, seed {r['seed']}", fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[0, 0].legend(fontsize=7, ncol=4)
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle("distillm: φ after each step (line) and each step's source (dots)")
+        written.append(save_figure(fig, folder / "study_distillm.png"))
+    return written
+
+
+def write_report(args, records: list[dict[str, Any]], settings: dict[str, Any], complete: bool) -> dict[str, Any]:
+    rows = summarise(records)
+    plots = plot(records, args.output.parent) if records else []
+    slim = [{k: v for k, v in r.items() if k not in ("step_sources",)} for r in records]
+    report = {"benchmark": "study", "complete": complete, "environment": environment(), "settings": settings, "summary": rows,
+              "plots": [p.name for p in plots], "runs": slim}
+    write_json(args.output, report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import distill
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=RESULTS / "study", help="runs, records and the initial student (resumable)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "study.json")
+    parser.add_argument("--budgets", nargs="+", choices=("steps", "seconds"), default=["steps", "seconds"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="RECIPE", help=f"these only: {', '.join(VARIANTS)}")
+    parser.add_argument("--teacher", help="teacher reference (default: the embedded default's)")
+    parser.add_argument("--student", default="prune:6", help="the student before its supervised fine-tune")
+    parser.add_argument("--init-steps", type=int, default=60, help="sft steps that make the shared starting student")
+    parser.add_argument("--init-lr", type=float, default=1e-3, help="learning rate of that fine-tune")
+    parser.add_argument("--train-prompts", type=int, default=128, help="distillation prompts (the first N built-in ones)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rouge-samples", type=int, default=64, help="validation prompts answered for ROUGE-L")
+    parser.add_argument("--draws", type=int, default=5, help="sampled answers per prompt (temperature 1)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="any config key, every run")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument("--keep-runs", action="store_true", help="keep each run's folder under ROOT/runs")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the JSON, table and plots from the records")
+    args = parser.parse_args(argv)
+    set_threads(args)
+    registry = distill.default_registry()
+    known = set(registry.names("recipe"))
+    names = [n for n in (args.only or VARIANTS) if VARIANTS[n][0] in known]
+    skipped = [n for n in (args.only or VARIANTS) if VARIANTS[n][0] not in known]
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("report_only", "only", "budgets", "seeds")}
+    settings.update({"steps": steps_of(args), "variants": {n: VARIANTS[n] for n in names}, "lr_grid": [args.lr],
+                     "not_registered": skipped})
+    if args.report_only:
+        report = write_report(args, load_records(args), settings, complete=False)
+        print_table(report["summary"])
+        return report
+    write_subset(args)
+    if skipped:
+        print(f"not registered, left out: {', '.join(skipped)}", flush=True)
+    make_init(args, registry)
+    (args.root / "records").mkdir(parents=True, exist_ok=True)
+    for budget in ("steps", "seconds"):
+        if budget not in args.budgets:
+            continue
+        for seed in args.seeds:
+            for name in names:
+                path = record_path(args, budget, name, seed)
+                if path.exists():
+                    continue
+                seconds = pace = None
+                if budget == "seconds":
+                    reference = [json.loads(p.read_text()) for p in (record_path(args, "steps", "distillm", s) for s in args.seeds) if p.exists()]
+                    own = record_path(args, "steps", name, seed)
+                    if not reference or not own.exists():
+                        print(f"seconds {name} seed {seed}: needs the equal-steps runs of distillm and of {name} first; left out", flush=True)
+                        continue
+                    seconds = statistics.fmean(r["train_seconds"] for r in reference)
+                    pace = json.loads(own.read_text())["seconds_per_step"]
+                record = run_one(args, registry, name, seed, budget, seconds, pace)
+                write_json(path, record)
+                write_report(args, load_records(args), settings, complete=False)
+    records = load_records(args)
+    expected = {(b, n, s) for b in args.budgets for n in names for s in args.seeds}
+    done = {(r["budget"], r["recipe"], r["seed"]) for r in records}
+    report = write_report(args, records, settings, complete=expected <= done)
+    print_table(report["summary"])
+    print(f"\nwrote {args.output} and {', '.join(report['plots'])}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
