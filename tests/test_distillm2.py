@@ -309,3 +309,30 @@ def test_synced_generation_pads_the_ranks_with_fewer_prompts(tmp_path):
     assert process.returncode == 0, output[-5000:]
     assert json.loads((tmp_path / "rank-0.json").read_text()) == [[5, 6, 0], [5, 6, 1], [5, 6, 2]]
     assert json.loads((tmp_path / "rank-1.json").read_text()) == []
+
+
+def test_micro_batch_loss_with_sequence_normalisation_is_the_mean_of_sequence_means(tiny):
+    """On the tiny models, in two micro-batches of a group: kd_weight x per-sequence KL means averaged
+    over the group's sequences, plus ce_weight x the cross-entropy averaged the same way."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.data import collate
+    from distill.objective import micro_batch_loss
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
+    student = AutoModelForCausalLM.from_pretrained(tiny["student"])
+    examples = [Example([3, 4, 5], [8, 9, 1]), Example([3, 4], [10, 11, 12, 13, 14, 1]), Example([6], [7, 1])]
+    divergence = distill.get_divergence("kl")
+    ours = sum(float(micro_batch_loss(student, teacher, collate(part, 0), divergence, 3.0, 0.5, kd_weight=2.0, normalize="sequence")[0].detach())
+               for part in (examples[:2], examples[2:]))
+    reference = 0.0
+    for example in examples:
+        ids = torch.tensor([example.prompt_ids + example.response_ids])
+        n = len(example.response_ids)
+        with torch.no_grad():
+            s = student(input_ids=ids).logits[0, -n - 1:-1].double()
+            t = teacher(input_ids=ids).logits[0, -n - 1:-1].double()
+        kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
+        ce = torch.nn.functional.cross_entropy(s, torch.tensor(example.response_ids)).double()
+        reference += (2.0 * kl + 0.5 * ce) / 3
+    assert ours == pytest.approx(float(reference), rel=1e-4)
