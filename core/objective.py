@@ -1,7 +1,7 @@
 """The training objective of one micro-batch, and the one place the token normalisation lives.
 
 Every loss term of a step is ``sum over counted tokens / denominator`` where the denominator comes
-from ``loss_denominator``: the global number of response tokens of the optimizer step (all
+from ``group_denominator`` (``loss_denominator`` for a step of one group): the global number of response tokens of the optimizer step (all
 micro-batches, all processes) divided by the number of processes, because data-parallel backends
 average gradients over processes. Summing the micro-batch gradients then gives exactly the gradient
 of the mean over every response token of the global batch.
@@ -112,8 +112,9 @@ def sequence_weights(mask: torch.Tensor) -> torch.Tensor:
     lengths = mask.sum(-1, keepdim=True).clamp_min(1)
     return mask.float() / lengths
 
+
 def loss_denominator(local_counts: list[int], accelerator=None) -> float:
-    """Global token count of an optimizer step divided by the number of processes.
+    """Global token count of an optimizer step divided by the number of processes (one group).
 
     ``local_counts``: response tokens of each of this process's micro-batches. Accelerate's own
     ``backward`` divides by ``gradient_accumulation_steps``; the engine keeps that at 1 and
@@ -121,9 +122,9 @@ def loss_denominator(local_counts: list[int], accelerator=None) -> float:
     """
     local = float(sum(local_counts))
     if accelerator is None or accelerator.num_processes == 1:
-        return max(local, 1.0)
+        return group_denominator((local, 0.0), "token")
     total = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
-    return max(float(total), 1.0) / accelerator.num_processes
+    return group_denominator((float(total), 0.0), "token", accelerator.num_processes)
 
 
 def _cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
