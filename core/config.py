@@ -67,6 +67,43 @@ class DivergenceSpec(_Section):
     temperature: float = Field(1.0, gt=0, description="divides teacher and student logits")
 
 
+class TermSpec(_Section):
+    """The loss term of one source's group of sequences (``objective.terms.<source>``); a plain string
+    in a file or flag sets ``divergence``."""
+
+    divergence: str | None = Field(None, description="registered divergence name or alias; default: the run's divergence (its params and temperature too)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the divergence's parameters")
+    temperature: float | None = Field(None, gt=0, description="divides teacher and student logits; default: the run's divergence.temperature")
+    weight: float = Field(1.0, ge=0, description="the term's weight (at the first step, with a schedule)")
+    weight_end: float | None = Field(None, ge=0, description="linear schedule: the weight moves from `weight` to this over `ramp` (then stays); none: constant")
+    ramp: float = Field(1.0, gt=0, le=1, description="share of train.max_steps over which the weight moves to weight_end")
+    ce_weight: float | None = Field(None, ge=0, description="weight of the student's cross-entropy on this group's responses; default: train.ce_weight")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"divergence": value} if isinstance(value, str) else value
+
+    def weight_at(self, step: int, total_steps: int) -> float:
+        """The weight at optimizer step ``step`` (1-based) of ``total_steps``: ``weight`` at the first
+        step, ``weight_end`` from ``ramp x total_steps`` steps later on."""
+        if self.weight_end is None:
+            return self.weight
+        progress = min(1.0, (step - 1) / max(self.ramp * total_steps, 1e-12))
+        return self.weight + (self.weight_end - self.weight) * progress
+
+
+class ObjectiveConfig(_Section):
+    """Several groups of sequences per step (``{source: examples}`` from the policy), one term each."""
+
+    terms: dict[str, TermSpec] = Field(
+        default_factory=dict,
+        description="one loss term per source (dataset, teacher, student, replay, or a policy's own); a source without one "
+        "uses the run's divergence with weight 1. Each term is normalised by its own group's global response-token count",
+    )
+    curriculum: bool = Field(True, description="apply the terms' weight schedules (weight -> weight_end); false: every term keeps its `weight`")
+
+
 class PolicySpec(_Section):
     name: str = Field("offpolicy", description="registered sampling policy (distill list policies)")
     params: dict[str, Any] = Field(default_factory=dict, description="the policy's parameters")
@@ -113,10 +150,15 @@ class TrainConfig(_Section):
         "tokens: then scaled by the step's response tokens over the run's mean per step, so every token weighs the same "
         "whichever batch it lands in (length-grouped batches alternate short and long); equal: every step weighs the same"
     )
-    ce_weight: float = Field(0.0, ge=0, description="weight of the student's cross-entropy on the same response tokens")
+    normalize: Literal["token", "sequence"] = Field(
+        "token", description="each group's loss: token = the mean over its response tokens (all micro-batches, all processes); "
+        "sequence = each sequence's token mean, then the mean over its sequences (DistiLLM-2's averaging)"
+    )
+    ce_weight: float = Field(0.0, ge=0, description="weight of the student's cross-entropy on the same response tokens (per group: objective.terms.<source>.ce_weight)")
     kd_weight: float = Field(
         1.0, ge=0, description="weight of the divergence term; 0 trains on the cross-entropy alone (recipe sft: the teacher's answers as "
-        "plain targets) and skips the teacher's forward in training steps (validation still reports the KL to the teacher)"
+        "plain targets) and skips the teacher's forward in training steps (validation still reports the KL to the teacher). "
+        "With objective.terms: multiplies every term's weight"
     )
     lm_weight: float = Field(0.0, ge=0, description="weight of the LM loss on data.lm_path")
     seed: int = Field(0, ge=0)
@@ -218,6 +260,7 @@ class RunConfig(_Section):
     output_dir: str = "runs/latest"
     divergence: DivergenceSpec = Field(default_factory=DivergenceSpec)
     policy: PolicySpec = Field(default_factory=PolicySpec)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -308,8 +351,25 @@ def merge_layer(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any
         old = out.get(section)
         if isinstance(new, dict) and isinstance(old, dict) and "name" in new and new["name"] != old.get("name"):
             old.pop("params", None)
+    layer = _terms_as_mappings(layer)
+    old_terms = out["objective"].get("terms") if isinstance(out.get("objective"), dict) else None
+    new_terms = layer["objective"].get("terms") if isinstance(layer.get("objective"), Mapping) else None
+    if isinstance(old_terms, dict) and isinstance(new_terms, Mapping):  # a term that changes divergence drops its params
+        for source, new in new_terms.items():
+            old = old_terms.get(source)
+            if isinstance(old, dict) and isinstance(new, Mapping) and "divergence" in new and new["divergence"] != old.get("divergence"):
+                old.pop("params", None)
     _deep_merge(out, layer)
     return out
+
+
+def _terms_as_mappings(layer: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``objective.terms.<source>: NAME`` as ``{divergence: NAME}``, so that it merges with other layers."""
+    objective = layer.get("objective")
+    if not (isinstance(objective, Mapping) and isinstance(objective.get("terms"), Mapping)):
+        return layer
+    terms = {k: ({"divergence": v} if isinstance(v, str) else v) for k, v in objective["terms"].items()}
+    return {**layer, "objective": {**objective, "terms": terms}}
 
 
 def _deep_merge(into: dict[str, Any], layer: Mapping[str, Any]) -> None:

@@ -46,6 +46,11 @@ class Batch:
         return int(self.response_mask.sum())
 
     @property
+    def n_sequences(self) -> int:
+        """Rows with at least one response token (what ``train.normalize: sequence`` counts)."""
+        return int(self.response_mask.any(-1).sum())
+
+    @property
     def n_positions(self) -> int:
         """Positions the forward pass computes, padding included (``B x (P + R)``)."""
         return self.input_ids.numel()

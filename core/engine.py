@@ -28,10 +28,10 @@ from distill.evaluation import Evaluator
 from distill.generation import ResponseGenerator
 from distill.hardware import resolve_precision
 from distill.models import add_lora, check_stop_ids, freeze, load_model, load_tokenizer, merge_adapter, share_vocabulary, vocab_size
-from distill.objective import loss_denominator, micro_batch_loss, token_cross_entropy
+from distill.objective import Objective, group_counts, group_denominator, micro_batch_loss, token_cross_entropy
 from distill.errors import ConfigError, RunStopped
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
-from distill.policy import SamplingContext
+from distill.policy import SamplingContext, as_groups
 from distill.registry import Registry, default_registry
 from distill.vocabulary import TextBridge, check_data_ids, cross_tokenizer_error, mismatch, student_tokenizer_ref
 
@@ -82,8 +82,10 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     seed = cfg.train.seed
     # --- build everything that can fail on bad input before touching the output folder
     checkpoint = resume_point(cfg) if resume else None
-    divergence = registry.get_divergence(cfg.divergence.name, temperature=cfg.divergence.temperature, **cfg.divergence.params)
+    objective = Objective(cfg, registry)  # one term per source; the run's divergence for the others
+    divergence = objective.default  # and for evaluation
     policy = registry.get_policy(cfg.policy.name, **cfg.policy.params)
+    objective.check_sources(policy, cfg.policy.name)
     accelerator = _accelerator(cfg)
     if not accelerator.is_main_process:
         report = lambda kind, record: None  # one console: the main process's
@@ -145,7 +147,8 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     # generation has no backward to hold memory for: it answers a step's examples (all micro-batches) together
     generation_batch = cfg.train.batch_size * cfg.train.grad_accum
     generate = ResponseGenerator(data_tokenizer, cfg.generation, generation_batch, unwrap, synced, _full_params(accelerator), inference_dtype)
-    context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
+    # even: a policy may ask the processes for different numbers of responses (contrastive's kept ones)
+    context = SamplingContext(lambda ex: generate(student, ex, even=True), lambda ex: generate(teacher, ex, even=True))
     progress = lambda phase, done, total: report("progress", {"phase": phase, "done": done, "total": total})  # long passes
     ends = {"teacher": set(generate.stop_ids(teacher)), "student": set(generate.stop_ids(student))}
     if apart:  # the teacher answers in its own tokens; the student trains on that text in its own
@@ -193,6 +196,12 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
         report("checkpoint", {"step": step, "path": str(path), "bytes": size})
         return path
 
+    def micro_loss(batch, term, denominator: float, weight: float):
+        return micro_batch_loss(student, None if apart else teacher, batch, term.divergence, denominator, term.ce_weight, unwrap,
+                                kd_weight=cfg.train.kd_weight * weight, normalize=cfg.train.normalize)
+
+    lm_loss = None if lm_blocks is None else lambda n: _lm_loss(student, lm_blocks, lm_rng, cfg.train.batch_size, accelerator) / n
+
     batches = iter(sampler)
     started = time.perf_counter()
     trained_seconds = 0.0  # optimizer steps only, for train.max_seconds
@@ -201,26 +210,20 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             tick = time.perf_counter()
             # --- the policy picks this step's sequences (one draw, the same on every rank)
             examples = [train_set[i] for _ in range(cfg.train.grad_accum) for i in next(batches)]
-            examples, source = policy.sample(step, cfg.train.max_steps, examples, context)
-            micro = [collate(examples[i: i + cfg.train.batch_size], data_tokenizer.pad_token_id).to(accelerator.device) for i in range(0, len(examples), cfg.train.batch_size)]
-            # --- forward and backward; the loss is normalised once, by the global response-token count
-            denominator = loss_denominator([b.n_tokens for b in micro], accelerator)
-            step_loss = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(micro):
-                # each backward() adds to the gradients, so only the last micro-batch synchronises them
-                with _accumulating(accelerator, student, last=i == len(micro) - 1):
-                    loss, _ = micro_batch_loss(student, None if apart else teacher, batch, divergence, denominator, cfg.train.ce_weight, unwrap,
-                                               kd_weight=cfg.train.kd_weight)
-                    if lm_blocks is not None:
-                        loss = loss + cfg.train.lm_weight * _lm_loss(student, lm_blocks, lm_rng, cfg.train.batch_size, accelerator) / len(micro)
-                    accelerator.backward(loss)
-                step_loss += loss.detach()
+            groups = as_groups(policy.sample(step, cfg.train.max_steps, examples, context), cfg.policy.name)  # {source: examples}
+            source = "+".join(groups)
+            micro = {s: [collate(group[i: i + cfg.train.batch_size], data_tokenizer.pad_token_id).to(accelerator.device) for i in range(0, len(group), cfg.train.batch_size)]
+                     for s, group in groups.items()}
+            # --- forward and backward; each group's term is normalised once, by its global token (or sequence) count
+            counts = group_counts(micro, accelerator)
+            step_loss, terms = _backward_groups(micro, counts, objective, step, cfg, accelerator, student, micro_loss, lm_loss)
             # --- one optimizer step, never with a non-finite loss or gradient (that would ruin the weights)
-            step_loss = float(accelerator.reduce(step_loss, reduction="mean"))  # the same on every rank
             norm = accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm) if cfg.train.max_grad_norm > 0 else None
             finite = math.isfinite(step_loss) and (norm is None or math.isfinite(float(norm)))
-            n_tokens = int(round(denominator * accelerator.num_processes))
-            weight = run.token_weight(n_tokens) if cfg.train.step_weight == "tokens" else 1.0
+            n_tokens = int(round(sum(tokens for tokens, _ in counts.values())))
+            # with train.normalize: sequence every sequence weighs the same, so steps are weighed by their sequences
+            units = n_tokens if cfg.train.normalize == "token" else sum(sequences for _, sequences in counts.values())
+            weight = run.token_weight(units) if cfg.train.step_weight == "tokens" else 1.0
             if finite:
                 if weight != 1.0:
                     _scale_gradients(optimizer, weight)
@@ -233,15 +236,22 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             optimizer.zero_grad(set_to_none=True)
             # --- log one line per optimizer step
             run.step, run.last_loss = step, step_loss if finite else run.last_loss
-            run.sources[source] = run.sources.get(source, 0) + 1
-            record = {"step": step, "loss": step_loss if finite else None, "source": source, "tokens": n_tokens, "padding": _padding(micro, accelerator),
+            for s in groups:
+                run.sources[s] = run.sources.get(s, 0) + 1
+            every_batch = [b for batches in micro.values() for b in batches]
+            record = {"step": step, "loss": step_loss if finite else None, "source": source, "tokens": n_tokens, "padding": _padding(every_batch, accelerator),
                       "seconds": time.perf_counter() - tick, "lr": scheduler.get_last_lr()[0]}
+            if len(groups) > 1 or cfg.objective.terms:
+                record["terms"] = terms
+                if objective.scheduled:
+                    record["term_weights"] = {s: round(objective.term(s).weight(step, cfg.train.max_steps, objective.curriculum), 6) for s in groups}
             if norm is not None:
                 record["grad_norm"] = round(float(norm), 4)  # before clipping
             if cfg.train.step_weight == "tokens":
                 record["step_weight"] = round(weight, 4)
-            if source in ends:  # generated responses: the share that reached generation.max_new_tokens
-                record["truncated"] = _share(sum(e.response_ids[-1] not in ends[source] for e in examples), len(examples), accelerator)
+            generated = [(s, e) for s, group in groups.items() if s in ends for e in group]
+            if generated:  # generated responses: the share that reached generation.max_new_tokens
+                record["truncated"] = _share(sum(e.response_ids[-1] not in ends[s] for s, e in generated), len(generated), accelerator)
             record.update(policy.metrics())
             if not finite:
                 record["skipped"] = True
@@ -249,7 +259,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             last = step == cfg.train.max_steps or _budget_spent(cfg.train.max_seconds, trained_seconds, accelerator)
             files.append("metrics.jsonl", record)
             accelerator.log(_numbers("train", record), step=step)
-            rank_log({"step": step, "source": source, "tokens": sum(b.n_tokens for b in micro)})
+            rank_log({"step": step, "source": source, "tokens": sum(b.n_tokens for b in every_batch)})
             report("step", record)
             # --- evaluate once in a while (and at the end)
             if last or evaluates_at(step):
@@ -285,6 +295,37 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     result = RunResult(out, run.step, time.perf_counter() - started, run.before, run.after, run.sources, run.last_loss, run.skipped, accelerator.is_main_process)
     report("end", {"output_dir": str(out), "seconds": result.seconds, "skipped": run.skipped})
     return result
+
+
+def _backward_groups(micro: dict[str, list], counts: dict[str, tuple[float, float]], objective: Objective, step: int, cfg: RunConfig, accelerator,
+                     student, micro_loss, lm_loss) -> tuple[float, dict[str, float]]:
+    """Forward and backward of every micro-batch of every group of one optimizer step.
+
+    ``micro_loss(batch, term, denominator, weight)`` is one micro-batch's loss (``micro_batch_loss``);
+    ``lm_loss(n)`` the auxiliary LM loss share of one of ``n`` micro-batches (None: no LM loss). Returns the
+    step's loss (weighted terms, cross-entropy, LM loss) and each group's unweighted term value
+    (its divergence, or its cross-entropy without a teacher), both averaged over processes.
+    """
+    batches = [(s, batch) for s, group in micro.items() for batch in group]
+    step_loss = torch.zeros((), device=accelerator.device)
+    terms = torch.zeros(len(micro), dtype=torch.float64)
+    index = {s: i for i, s in enumerate(micro)}
+    for i, (s, batch) in enumerate(batches):
+        term = objective.term(s)
+        denominator = group_denominator(counts[s], cfg.train.normalize, accelerator.num_processes)
+        # each backward() adds to the gradients, so only the last micro-batch synchronises them
+        with _accumulating(accelerator, student, last=i == len(batches) - 1):
+            loss, parts = micro_loss(batch, term, denominator, term.weight(step, cfg.train.max_steps, objective.curriculum))
+            if lm_loss is not None:
+                loss = loss + cfg.train.lm_weight * lm_loss(len(batches))
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+        terms[index[s]] += parts.get("divergence", parts.get("ce", 0.0))
+    together = torch.cat([step_loss.reshape(1).double().cpu(), terms])
+    if accelerator.num_processes > 1:  # one reduction: the same numbers on every rank
+        together = accelerator.reduce(together.to(accelerator.device), reduction="mean").cpu()
+    values = together.tolist()
+    return values[0], {s: values[1 + index[s]] for s in micro}
 
 
 def _eval_schedule(every: int | str, micro_per_epoch: int, grad_accum: int) -> Callable[[int], bool]:

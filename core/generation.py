@@ -53,22 +53,26 @@ class ResponseGenerator:
         self.full_params = full_params or (lambda model: nullcontext())
 
     def __call__(self, model, examples: list[Example], *, greedy: bool = False, max_new_tokens: int | None = None, batch_size: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> list[Example]:
-        """``progress(done, total)``: called with 0 first, then after each batch with the number of examples answered."""
+                 progress: Callable[[int, int], None] | None = None, even: bool = False) -> list[Example]:
+        """``progress(done, total)``: called with 0 first, then after each batch with the number of examples answered.
+        ``even`` (synced only): the processes may hold different numbers of examples (even none); they
+        first agree on the largest number of batches (a collective), and those with fewer run stand-in
+        calls of one token, since every forward of a synced generation is a collective. Every process
+        must make the call."""
         with self.full_params(model):
             model = self.unwrap(model)
             stops = self.stop_ids(model)  # the model's own generation_config (a copy's may lack it)
             if self.copies is not None:
                 model = self.copies.get(model)
             contiguous_head_input(model)  # generation's last-position logits are a strided slice too
-            return self._generate(model, examples, greedy, max_new_tokens, batch_size, stops, progress)
+            return self._generate(model, examples, greedy, max_new_tokens, batch_size, stops, progress, even)
 
     def stop_ids(self, model) -> list[int]:
         """The ids that end the responses ``model`` (wrapped or not) generates."""
         return stop_ids(self.unwrap(model), self.tokenizer)
 
     def _generate(self, model, examples: list[Example], greedy: bool, max_new_tokens: int | None, batch_size: int | None,
-                  stops: list[int], progress: Callable[[int, int], None] | None = None) -> list[Example]:
+                  stops: list[int], progress: Callable[[int, int], None] | None = None, even: bool = False) -> list[Example]:
         was_training = model.training
         model.eval()
         sample = not greedy and self.cfg.temperature > 0
@@ -81,8 +85,16 @@ class ResponseGenerator:
             progress(0, len(examples))
         try:
             step = batch_size or self.batch_size
-            for start in range(0, len(examples), step):
-                chunk = examples[start: start + step]
+            local = -(-len(examples) // step)
+            calls = _largest_batches(local, device) if self.synced and even else local
+            for call in range(calls):
+                chunk = examples[call * step: (call + 1) * step]
+                if not chunk:  # a stand-in call (see ``even``): its answer is dropped
+                    stand_in = examples[:1] or [Example([self.eos_id if self.eos_id is not None else 0], [])]
+                    ids, attention = collate_prompts(stand_in, self.pad_id)
+                    with torch.no_grad():
+                        self._transformers_generate(model, ids.to(device), attention.to(device), sample, 1, stops)
+                    continue
                 ids, attention = collate_prompts(chunk, self.pad_id)
                 ids, attention = ids.to(device), attention.to(device)
                 with torch.no_grad():
@@ -180,6 +192,17 @@ class TokenPicker:
 
 
 # --- the decode loop
+
+
+def _largest_batches(local: int, device) -> int:
+    """The largest number of generation batches of any process (a collective call)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    count = torch.tensor([local], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def decodable(model) -> bool:

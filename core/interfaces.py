@@ -42,7 +42,9 @@ class SamplingPolicy(Protocol):
     ``sample`` receives the step's dataset examples (``grad_accum x batch_size`` of them, as
     ``distill.data.Example``: prompt and response token ids) and a ``distill.policy.SamplingContext``
     whose ``generate_student`` / ``generate_teacher`` return the same prompts with freshly sampled
-    responses. It returns the examples to train on and their ``Source``. All randomness must come
+    responses. It returns the examples to train on and their ``Source``, or several labelled groups
+    ``{source: examples}``, each trained with its own term (``objective.terms.<source>``); an optional
+    class attribute ``sources`` lists the sources it may return. All randomness must come
     from a generator seeded identically on every process (the engine calls ``reseed(seed)`` before
     training), so that every rank takes the same branch and generation under sharded training is
     entered together. ``observe_eval`` receives the student's validation loss at each evaluation
@@ -58,7 +60,7 @@ class SamplingPolicy(Protocol):
 
     def __init__(self, params: Params) -> None: ...
 
-    def sample(self, step: int, total_steps: int, examples: list[Any], context: Any) -> tuple[list[Any], Source]: ...
+    def sample(self, step: int, total_steps: int, examples: list[Any], context: Any) -> tuple[list[Any], Source] | Mapping[str, list[Any]]: ...
 
     def observe_eval(self, step: int, val_loss: float) -> None: ...
 

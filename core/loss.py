@@ -32,6 +32,7 @@ def divergence_loss(
     *,
     chunk_size: int | None = None,
     n_tokens: int | float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean per-token divergence over the positions where ``mask`` is true.
 
@@ -45,14 +46,17 @@ def divergence_loss(
         n_tokens: the denominator. Default: the number of counted positions. Pass the global count of
             response tokens of an optimizer step (all micro-batches, all processes) so that summing
             the micro-batch losses gives the global mean.
+        weights: ``[B, T]`` or ``[N]`` floats, each counted position's weight (default 1); e.g.
+            ``1 / length`` of its sequence with ``n_tokens`` = the number of sequences gives the mean
+            over sequences of each sequence's token mean (``train.normalize: sequence``).
 
     Returns:
-        A float32 scalar: sum of per-token values over counted positions / ``n_tokens``. 0 (with a
-        zero gradient) when no position counts.
+        A float32 scalar: sum of (weighted) per-token values over counted positions / ``n_tokens``.
+        0 (with a zero gradient) when no position counts.
     """
     divergence = ConfiguredDivergence.wrap(divergence)
     check_logits(student_logits, teacher_logits)
-    return chunked_token_mean(divergence, student_logits, teacher_logits, mask, chunk_size=chunk_size, n_tokens=n_tokens)
+    return chunked_token_mean(divergence, student_logits, teacher_logits, mask, chunk_size=chunk_size, n_tokens=n_tokens, weights=weights)
 
 
 def chunked_token_mean(
@@ -63,8 +67,9 @@ def chunked_token_mean(
     *,
     chunk_size: int | None = None,
     n_tokens: int | float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``sum over masked positions of fn(logits rows [c, V], other rows) / n_tokens``, chunk by chunk.
+    """``sum over masked positions of weight x fn(logits rows [c, V], other rows) / n_tokens``, chunk by chunk.
 
     The masking, chunking and reduction behind ``divergence_loss`` (``other`` = teacher logits) and
     the token cross-entropy (``other`` = labels ``[B, T]``); see ``divergence_loss`` for the arguments.
@@ -85,16 +90,20 @@ def chunked_token_mean(
     if count and not denominator > 0:
         raise ValueError(f"n_tokens must be > 0 when positions count, got {denominator}")
     scale = 0.0 if count == 0 else 1.0 / denominator
+    if weights is not None:
+        if weights.shape != positions:
+            raise ValueError(f"weights shape {tuple(weights.shape)} does not match logits positions {tuple(positions)}")
+        weights = weights.detach().to(device=logits.device, dtype=torch.float32)[index]
     if not torch.is_grad_enabled():  # e.g. evaluation: no graph, so no gradient buffer or local backward
         logits, other = logits.detach(), other.detach()
-    return _ChunkedDivergenceLoss.apply(logits, other, fn, index, int(chunk_size), scale)
+    return _ChunkedDivergenceLoss.apply(logits, other, fn, index, int(chunk_size), scale, weights)
 
 
 class _ChunkedDivergenceLoss(torch.autograd.Function):
     """Forward computes the loss and, chunk by chunk, its gradients; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, student, teacher, divergence, index, chunk_size, scale):
+    def forward(ctx, student, teacher, divergence, index, chunk_size, scale, weights=None):
         wants = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         grads = [torch.zeros_like(x) if want else None for x, want in zip((student, teacher), wants)]
         total = torch.zeros((), dtype=torch.float32, device=student.device)
@@ -104,7 +113,8 @@ class _ChunkedDivergenceLoss(torch.autograd.Function):
             rows = tuple(i[start : start + chunk_size] for i in index)
             inputs = [x[rows].requires_grad_(want) for x, want in zip((student, teacher), wants)]
             with torch.enable_grad() if any(wants) else nullcontext():
-                chunk_total = divergence(*inputs).sum()
+                values = divergence(*inputs)
+                chunk_total = (values if weights is None else values * weights[start : start + chunk_size]).sum()
             if any(wants) and chunk_total.requires_grad:  # a constant divergence leaves zeros
                 leaves = [x for x, want in zip(inputs, wants) if want]
                 chunk_grads = torch.autograd.grad(chunk_total, leaves, grad_outputs=weight, allow_unused=True)
@@ -123,4 +133,4 @@ class _ChunkedDivergenceLoss(torch.autograd.Function):
             raise RuntimeError("divergence_loss supports one backward pass (retain_graph is not supported)")
         if not (grad_output == 1).all():
             grads = [g.mul_(grad_output) if g is not None else None for g in grads]
-        return grads[0], grads[1], None, None, None, None
+        return grads[0], grads[1], None, None, None, None, None

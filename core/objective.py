@@ -1,26 +1,120 @@
 """The training objective of one micro-batch, and the one place the token normalisation lives.
 
 Every loss term of a step is ``sum over counted tokens / denominator`` where the denominator comes
-from ``loss_denominator``: the global number of response tokens of the optimizer step (all
+from ``group_denominator`` (``loss_denominator`` for a step of one group): the global number of response tokens of the optimizer step (all
 micro-batches, all processes) divided by the number of processes, because data-parallel backends
 average gradients over processes. Summing the micro-batch gradients then gives exactly the gradient
 of the mean over every response token of the global batch.
+
+A step may hold several groups of sequences (``{source: examples}`` from the policy). Each group has
+its own term (``Objective.term``: divergence, weight schedule, cross-entropy weight) and its own
+denominator (``group_counts``): the group's global response tokens, or with ``train.normalize:
+sequence`` its global number of sequences, each token then weighing 1 / its sequence's length. The
+step's loss is the sum over groups of ``weight x divergence mean + ce_weight x cross-entropy mean``.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from distill.config import RunConfig, TermSpec
 from distill.data import Batch
+from distill.errors import ConfigError, UnknownPluginError
 from distill.loss import chunked_token_mean, divergence_loss
 from distill.models import contiguous_head_input
 
+KNOWN_SOURCES = ("dataset", "teacher", "student", "replay")
+"""The built-in policies' sources; ``objective.terms`` may also name a source a policy declares."""
+
+
+@dataclass
+class Term:
+    """The loss term of one source's group: ``weight x divergence + ce_weight x cross-entropy``."""
+
+    divergence: Any
+    spec: TermSpec
+    ce_weight: float
+
+    def weight(self, step: int, total_steps: int, curriculum: bool = True) -> float:
+        return self.spec.weight_at(step, total_steps) if curriculum else self.spec.weight
+
+    @property
+    def scheduled(self) -> bool:
+        return self.spec.weight_end is not None and self.spec.weight_end != self.spec.weight
+
+
+class Objective:
+    """The run's loss terms: ``objective.terms.<source>``, and the run's divergence (weight 1,
+    ``train.ce_weight``) for any source without a term of its own."""
+
+    def __init__(self, cfg: RunConfig, registry) -> None:
+        run = cfg.divergence
+        self.default = registry.get_divergence(run.name, temperature=run.temperature, **run.params)
+        self.curriculum = cfg.objective.curriculum
+        self.fallback = Term(self.default, TermSpec(), cfg.train.ce_weight)
+        self.terms: dict[str, Term] = {}
+        for source, spec in cfg.objective.terms.items():
+            name = spec.divergence or run.name
+            params = spec.params if spec.divergence else {**run.params, **spec.params}
+            temperature = spec.temperature if spec.temperature is not None else run.temperature
+            try:
+                divergence = registry.get_divergence(name, temperature=temperature, **params)
+            except (ConfigError, UnknownPluginError) as error:
+                raise type(error)(f"objective.terms.{source}: {error}") from None
+            self.terms[source] = Term(divergence, spec, cfg.train.ce_weight if spec.ce_weight is None else spec.ce_weight)
+
+    def term(self, source: str) -> Term:
+        return self.terms.get(source, self.fallback)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether some term's weight changes during the run."""
+        return self.curriculum and any(t.scheduled for t in self.terms.values())
+
+    def check_sources(self, policy, policy_name: str) -> None:
+        """A term for a source no policy returns is a typo: one line naming the sources there are.
+        A policy that declares no ``sources`` may return any; then only the built-in names are known."""
+        declared = tuple(getattr(policy, "sources", ()) or ())
+        if not declared:
+            return
+        for source in self.terms:
+            if source not in declared and source not in KNOWN_SOURCES:
+                raise ConfigError(
+                    f"objective.terms.{source}: no such source; policy {policy_name} returns {', '.join(declared)} "
+                    f"(built-in sources: {', '.join(KNOWN_SOURCES)})"
+                )
+
+
+def group_counts(groups: dict[str, list[Batch]], accelerator=None) -> dict[str, tuple[float, float]]:
+    """Global ``(response tokens, sequences)`` of each group of an optimizer step, all processes
+    together (one reduction for all groups; the groups are the same, in the same order, everywhere)."""
+    local = torch.tensor([[float(sum(b.n_tokens for b in batches)), float(sum(b.n_sequences for b in batches))] for batches in groups.values()], dtype=torch.float64)
+    if accelerator is not None and accelerator.num_processes > 1:
+        local = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
+    return {source: (tokens, sequences) for source, (tokens, sequences) in zip(groups, local.tolist())}
+
+
+def group_denominator(counts: tuple[float, float], normalize: str, num_processes: int = 1) -> float:
+    """The denominator of a group's term: its global tokens (``token``) or sequences (``sequence``)
+    over the number of processes (data-parallel backends average gradients over processes)."""
+    total = counts[0] if normalize == "token" else counts[1]
+    return max(total, 1.0) / num_processes
+
+
+def sequence_weights(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` weights 1 / (response tokens of the row) at counted positions: with the number of
+    sequences as denominator, the mean over sequences of each sequence's token mean."""
+    lengths = mask.sum(-1, keepdim=True).clamp_min(1)
+    return mask.float() / lengths
+
 
 def loss_denominator(local_counts: list[int], accelerator=None) -> float:
-    """Global token count of an optimizer step divided by the number of processes.
+    """Global token count of an optimizer step divided by the number of processes (one group).
 
     ``local_counts``: response tokens of each of this process's micro-batches. Accelerate's own
     ``backward`` divides by ``gradient_accumulation_steps``; the engine keeps that at 1 and
@@ -28,22 +122,24 @@ def loss_denominator(local_counts: list[int], accelerator=None) -> float:
     """
     local = float(sum(local_counts))
     if accelerator is None or accelerator.num_processes == 1:
-        return max(local, 1.0)
+        return group_denominator((local, 0.0), "token")
     total = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
-    return max(float(total), 1.0) / accelerator.num_processes
+    return group_denominator((float(total), 0.0), "token", accelerator.num_processes)
 
 
 def _cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *, n_tokens: float | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """Cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]`` summed where ``mask`` / ``n_tokens``.
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *, n_tokens: float | None = None, chunk_size: int | None = None,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]`` summed where ``mask`` (times
+    ``weights [B, T]`` if given) / ``n_tokens``.
 
     Chunked like ``divergence_loss`` (the same autograd function), so no whole-vocabulary
     log-softmax is kept.
     """
-    return chunked_token_mean(_cross_entropy_rows, logits, labels, mask, chunk_size=chunk_size, n_tokens=n_tokens)
+    return chunked_token_mean(_cross_entropy_rows, logits, labels, mask, chunk_size=chunk_size, n_tokens=n_tokens, weights=weights)
 
 
 _KEEPS_LOGITS: dict[type, bool] = {}
@@ -67,23 +163,24 @@ def response_logits(model, batch: Batch, unwrap=lambda m: m) -> torch.Tensor:
 
 
 def micro_batch_loss(student, teacher, batch: Batch, divergence, denominator: float, ce_weight: float = 0.0, unwrap=lambda m: m, *,
-                     kd_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+                     kd_weight: float = 1.0, normalize: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
     """``kd_weight`` x divergence + ``ce_weight`` x student cross-entropy on the response tokens of one
-    micro-batch. Without a teacher (sequence-level KD across tokenizers: no logits in common), the
-    student's cross-entropy alone; with ``kd_weight`` 0 the teacher is not run, and the loss is
-    ``ce_weight`` x cross-entropy."""
+    micro-batch, over ``denominator`` (``group_denominator``; with ``normalize="sequence"`` each token
+    weighs 1 / its sequence's length). Without a teacher (sequence-level KD across tokenizers: no
+    logits in common), the student's cross-entropy alone; with ``kd_weight`` 0 the teacher is not run,
+    and the loss is ``ce_weight`` x cross-entropy. ``parts``: the unweighted values."""
+    weights = sequence_weights(batch.response_mask) if normalize == "sequence" else None
     if teacher is None or kd_weight == 0:
-        ce = token_cross_entropy(response_logits(student, batch, unwrap), batch.labels, batch.response_mask, n_tokens=denominator)
+        ce = token_cross_entropy(response_logits(student, batch, unwrap), batch.labels, batch.response_mask, n_tokens=denominator, weights=weights)
         return (ce if teacher is None else ce_weight * ce), {"ce": float(ce.detach())}
     with torch.no_grad():
         teacher_logits = response_logits(teacher, batch, unwrap)
     student_logits = response_logits(student, batch, unwrap)
-    loss = divergence_loss(divergence, student_logits, teacher_logits, batch.response_mask, n_tokens=denominator)
-    if kd_weight != 1.0:
-        loss = kd_weight * loss
-    parts = {"divergence": float(loss.detach())}
+    value = divergence_loss(divergence, student_logits, teacher_logits, batch.response_mask, n_tokens=denominator, weights=weights)
+    parts = {"divergence": float(value.detach())}
+    loss = value if kd_weight == 1.0 else kd_weight * value
     if ce_weight > 0:
-        ce = token_cross_entropy(student_logits, batch.labels, batch.response_mask, n_tokens=denominator)
+        ce = token_cross_entropy(student_logits, batch.labels, batch.response_mask, n_tokens=denominator, weights=weights)
         parts["ce"] = float(ce.detach())
         loss = loss + ce_weight * ce
     return loss, parts

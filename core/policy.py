@@ -1,7 +1,9 @@
 """Building blocks for sampling policies: the context they generate through, a seeded draw, replay.
 
 A policy's ``sample(step, total_steps, examples, context)`` receives the dataset examples of one
-optimizer step and returns the examples to train on and their source. Its randomness comes from
+optimizer step and returns the examples to train on and their source, ``(examples, source)``, or
+several labelled groups, ``{source: examples}`` (each group gets its own loss term,
+``objective.terms.<source>``; ``as_groups`` reads either form). Its randomness comes from
 ``self.generator``, seeded identically on every process (``reseed``), so every rank takes the same
 branch and enters generation together.
 """
@@ -23,6 +25,28 @@ class SamplingContext:
 
     generate_student: Callable[[list[Example]], list[Example]]
     generate_teacher: Callable[[list[Example]], list[Example]]
+
+
+def as_groups(sampled: Any, policy_name: str = "policy") -> dict[str, list[Example]]:
+    """A policy's answer as ``{source: examples}``: ``(examples, source)`` is one group.
+
+    The groups keep the policy's order (the same on every process). A malformed answer is a bug in
+    the policy and raises ``TypeError`` naming it.
+    """
+    if isinstance(sampled, Mapping):
+        groups = dict(sampled)
+    elif isinstance(sampled, tuple) and len(sampled) == 2 and isinstance(sampled[1], str):
+        groups = {sampled[1]: sampled[0]}
+    else:
+        raise TypeError(f"policy {policy_name}: sample() must return (examples, source) or {{source: examples}}, got {type(sampled).__name__}")
+    if not groups:
+        raise TypeError(f"policy {policy_name}: sample() returned no group")
+    for source, examples in groups.items():
+        if not isinstance(source, str) or not source or "+" in source:
+            raise TypeError(f"policy {policy_name}: a source must be a non-empty string without '+', got {source!r}")
+        if not isinstance(examples, list) or not examples or not all(isinstance(e, Example) for e in examples):
+            raise TypeError(f"policy {policy_name}: group {source!r} must be a non-empty list of distill.Example")
+    return groups
 
 
 class ReplayBuffer:

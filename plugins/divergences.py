@@ -129,17 +129,29 @@ class SkewKL:
 
 
 class SkewReverseKL:
-    """Skew reverse KL (DistiLLM): KL(q || alpha*q + (1-alpha)*p), bounded by -log(alpha)."""
+    """Skew reverse KL (DistiLLM): KL(q || alpha*q + (1-alpha)*p), bounded by -log(alpha).
+
+    ``detach_mixture`` (DistiLLM-2): the q inside the mixture carries no gradient, so the student
+    learns only through the outer q: sum q (log q - log(alpha*sg(q) + (1-alpha)*p)). Same values.
+    """
 
     name = "skew_rkl"
     aliases = ("srkl",)
-    Params = _SkewParams
 
-    def __init__(self, params: _SkewParams) -> None:
+    class Params(_SkewParams):
+        detach_mixture: bool = Field(
+            False, description="no gradient through the student's share of the mixture (DistiLLM-2); values unchanged",
+        )
+
+    def __init__(self, params: "SkewReverseKL.Params") -> None:
         self.params = params
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return _skew(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), self.params.alpha)
+        log_q, log_p = student_logits.log_softmax(-1), teacher_logits.log_softmax(-1)
+        alpha = self.params.alpha
+        if not self.params.detach_mixture or alpha <= 0.0 or alpha >= 1.0:  # no student share to detach
+            return _skew(log_q, log_p, alpha)
+        return _kl(log_q, _log_mix(log_q.detach(), log_p, alpha))
 
 
 @distill.hookimpl

@@ -1,7 +1,9 @@
 """Built-in sampling policies: where each optimizer step's training sequences come from.
 
 ``offpolicy`` (the dataset), ``teacher`` (SeqKD), ``onpolicy`` (fresh student outputs), ``mixed``
-(GKD / ImitKD) and ``adaptive_offpolicy`` (DistiLLM's scheduler with replay).
+(GKD / ImitKD), ``adaptive_offpolicy`` (DistiLLM's scheduler with replay) and ``contrastive``
+(DistiLLM-2: the teacher's and the student's responses to the same prompts, as two groups).
+Each declares the ``sources`` it may return (``objective.terms`` keys are checked against them).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class OffPolicy(RandomPolicy):
     """The dataset's responses (teacher-labelled or gold): plain KD."""
 
     name = "offpolicy"
+    sources = ("dataset",)
     Params = _NoParams
 
     def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
@@ -33,6 +36,7 @@ class TeacherPolicy(RandomPolicy):
     """Responses sampled from the teacher for the batch's prompts (sequence-level KD)."""
 
     name = "teacher"
+    sources = ("teacher",)
     Params = _NoParams
 
     def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
@@ -43,6 +47,7 @@ class OnPolicy(RandomPolicy):
     """Responses sampled from the current student for the batch's prompts, every step."""
 
     name = "onpolicy"
+    sources = ("student",)
     Params = _NoParams
 
     def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
@@ -57,6 +62,7 @@ class Mixed(RandomPolicy):
     """
 
     name = "mixed"
+    sources = ("dataset", "student", "replay")
 
     class Params(distill.Params):
         prob: float = Field(0.5, ge=0, le=1, description="probability of a student-generated step (lambda)")
@@ -100,6 +106,7 @@ class AdaptiveOffPolicy(RandomPolicy):
     """
 
     name = "adaptive_offpolicy"
+    sources = ("dataset", "student", "replay")
 
     class Params(distill.Params):
         init_prob: float = Field(0.0, ge=0, le=1, description="initial probability phi of student-generated outputs")
@@ -170,7 +177,60 @@ class AdaptiveOffPolicy(RandomPolicy):
         self.buffer.load_state_dict(state["buffer"])
 
 
+class Contrastive(RandomPolicy):
+    """DistiLLM-2: for the step's prompts, two groups: the teacher's responses (``teacher: dataset``,
+    the dataset's, source ``dataset``; ``generate``: sampled from the teacher, source ``teacher``) and
+    the student's own (source ``student``). Each group gets its own term (``objective.terms``).
+
+    ``refresh_every`` k > 1: a prompt's student response is generated once and reused whenever the
+    prompt comes back within k steps (the official code generates once per epoch: k = the steps of an
+    epoch). The responses kept for reuse are part of the checkpoint. Every process calls generation
+    at every step, with whatever its prompts need (possibly none): generation under sharding is
+    entered together.
+    """
+
+    name = "contrastive"
+    sources = ("dataset", "teacher", "student")
+
+    class Params(distill.Params):
+        teacher: Literal["dataset", "generate"] = Field("dataset", description="the teacher-side group: the dataset's responses, or responses sampled from the teacher")
+        refresh_every: int = Field(1, ge=1, description="steps a prompt's student response is reused for before it is generated again (1: fresh every step)")
+
+    def __init__(self, params: "Contrastive.Params") -> None:
+        super().__init__(params)
+        self.responses: dict[tuple[int, ...], tuple[list[int], int]] = {}  # prompt ids -> (student response ids, step generated)
+
+    def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
+        if self.params.teacher == "generate":
+            teacher_side, teacher_source = context.generate_teacher(examples), "teacher"
+        else:
+            teacher_side, teacher_source = examples, "dataset"
+        return {teacher_source: teacher_side, "student": self.student_responses(step, examples, context)}
+
+    def student_responses(self, step: int, examples: list[Example], context: SamplingContext) -> list[Example]:
+        """Fresh student responses, or with ``refresh_every`` > 1 the kept ones that are recent enough."""
+        if self.params.refresh_every == 1:
+            return context.generate_student(examples)
+        self.responses = {k: v for k, v in self.responses.items() if step - v[1] < self.params.refresh_every}  # drop stale ones
+        keys = [tuple(e.prompt_ids) for e in examples]
+        missing = list({k: e for k, e in zip(keys, examples) if k not in self.responses}.values())
+        for example in context.generate_student(missing):
+            self.responses[tuple(example.prompt_ids)] = (list(example.response_ids), step)
+        return [Example(list(e.prompt_ids), list(self.responses[k][0]), reference=e.reference) for k, e in zip(keys, examples)]
+
+    def metrics(self) -> dict[str, float]:
+        return {"kept_responses": len(self.responses)} if self.params.refresh_every > 1 else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        items = [(list(prompt), response, made) for prompt, (response, made) in self.responses.items()]
+        return {**super().state_dict(), "responses": items}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.responses = {tuple(prompt): (list(response), int(made)) for prompt, response, made in state["responses"]}
+
+
 @distill.hookimpl
 def register_policies(register) -> None:
-    for policy in (OffPolicy, TeacherPolicy, OnPolicy, Mixed, AdaptiveOffPolicy):
+    for policy in (OffPolicy, TeacherPolicy, OnPolicy, Mixed, AdaptiveOffPolicy, Contrastive):
         register(policy)

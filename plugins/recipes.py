@@ -1,8 +1,10 @@
-"""Named presets: DistiLLM and the baselines as (divergence, policy) pairs. Flags override any field."""
+"""Named presets: DistiLLM, DistiLLM-2 and the baselines as (divergence, policy) pairs. Flags override any field."""
 
 from __future__ import annotations
 
 import distill
+
+_TEACHER_SIDE = {"weight": 1.0, "weight_end": 0.5, "ramp": 0.5}
 
 RECIPES = (
     distill.Recipe("kd", "word-level KD on the dataset's responses", "kl", "offpolicy"),
@@ -29,6 +31,21 @@ RECIPES = (
     distill.Recipe(
         "distillm", "DistiLLM: skew KL with adaptive off-policy sampling and replay", "skew_kl",
         "adaptive_offpolicy", divergence_params={"alpha": 0.1},
+    ),
+    distill.Recipe(
+        "distillm2", "DistiLLM-2: skew KL on the teacher's responses, skew reverse KL on the student's", "skew_kl",
+        "contrastive", divergence_params={"alpha": 0.1},
+        config={
+            # the teacher side (dataset's responses, or the teacher's with -P teacher=generate): the run's skew KL
+            "objective.terms.dataset": dict(_TEACHER_SIDE),
+            "objective.terms.teacher": dict(_TEACHER_SIDE),
+            "objective.terms.student": {"divergence": "skew_rkl", "params": {"alpha": 0.1, "detach_mixture": True},
+                                        "weight": 1.0, "weight_end": 1.5, "ramp": 0.5},
+            "objective.curriculum": False,  # --set objective.curriculum=true: weights 1/1 -> 0.5/1.5 over the first half
+            "train.normalize": "sequence",  # each response's token mean, then the mean over responses
+        },
+        note="the official code's curriculum (weights 1/1 -> 0.5/1.5 over the first half of training) is "
+        "--set objective.curriculum=true; its adaptive alpha (off by default there) is not implemented",
     ),
 )
 

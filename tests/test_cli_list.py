@@ -216,7 +216,7 @@ def test_piped_output_is_one_line_per_plugin(monkeypatch):
     result = runner.invoke(cli_app.app, ["list", "policies"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert [line.split()[0] for line in lines] == ["adaptive_offpolicy", "adaptive_offpolicy_with_warmup", "always", "mixed", "offpolicy", "onpolicy", "teacher"]
+    assert [line.split()[0] for line in lines] == ["adaptive_offpolicy", "adaptive_offpolicy_with_warmup", "always", "contrastive", "mixed", "offpolicy", "onpolicy", "teacher"]
     (adaptive,) = [line for line in lines if line.startswith("adaptive_offpolicy ")]
     assert "init_prob=0.0 [>=0, <=1]" in adaptive and adaptive.endswith(f"provider: {BUILTIN_PROVIDER}")
     (long,) = [line for line in lines if "adaptive_offpolicy_with_warmup" in line]

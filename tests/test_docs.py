@@ -312,6 +312,29 @@ def test_the_warmup_policy_registers_and_follows_its_parameters():
     assert [resumed.draw() for _ in range(5)] == [halfway.draw() for _ in range(5)]
 
 
+def test_the_two_group_policy_returns_labelled_groups_with_their_own_terms():
+    from distill.objective import Objective
+    from distill.policy import as_groups
+
+    namespace = run_block(block_with("class TwoViews", "python"))
+    registry = Registry.build(plugins=[plugin(namespace, "doc_two_views")], autoload=False)
+    policy = registry.get_policy("two_views", every=2)
+    calls = []
+    context = distill.SamplingContext(lambda ex: calls.append("student") or [distill.Example(e.prompt_ids, [7]) for e in ex],
+                                      lambda ex: calls.append("teacher") or [distill.Example(e.prompt_ids, [8]) for e in ex])
+    examples = [distill.Example([1, 2], [9])]
+    assert as_groups(policy.sample(1, 10, examples, context)) == {"teacher": [distill.Example([1, 2], [8])], "student": [distill.Example([1, 2], [7])]}
+    assert list(as_groups(policy.sample(2, 10, examples, context))) == ["teacher"]
+    assert calls == ["teacher", "student", "teacher"]
+    config = resolve_config(None, {"policy": {"name": "two_views"}, "objective": {"terms": {"student": {"divergence": "rkl"}}}}, registry)
+    objective = Objective(config, registry)
+    assert (objective.term("student").divergence.name, objective.term("teacher").divergence.name) == ("rkl", config.divergence.name)
+    objective.check_sources(policy, "two_views")
+    bad = resolve_config(None, {"policy": {"name": "two_views"}, "objective": {"terms": {"studnet": "rkl"}}}, registry)
+    with pytest.raises(distill.ConfigError, match="objective.terms.studnet: no such source; policy two_views returns teacher, student"):
+        Objective(bad, registry).check_sources(policy, "two_views")
+
+
 def test_the_recipe_block_resolves_with_the_warmup_policy(tmp_path):
     modules = [plugin(run_block(block_with(text, "python")), name) for text, name in (("class Warmup", "doc_warmup"), ("warm_gkd", "doc_recipe"))]
     registry = Registry.build(plugins=modules, autoload=False)

@@ -148,3 +148,25 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tiny, t
     after, single_after = read_jsonl(out / "eval.jsonl")[-1], read_jsonl(single / "eval.jsonl")[-1]
     assert after["val_loss"] == pytest.approx(single_after["val_loss"], rel=1e-5)
     assert after["val_divergence"] == pytest.approx(single_after["val_divergence"], rel=1e-4)
+
+
+def test_two_processes_run_distillm2_with_both_groups_generated_in_step(tiny, tmp_path):
+    """The contrastive policy with generated teacher responses and kept student responses: every rank
+    generates both groups at every step (a prompt's kept response may spare one rank and not the other)."""
+    out, ranks = tmp_path / "run", tmp_path / "ranks"
+    args = ["--recipe", "distillm2", "-P", "teacher=generate", "-P", "refresh_every=3", "--seed", "2", "--max-steps", "4",
+            "--set", "train.batch_size=2", "--set", "objective.curriculum=true", "--set", "checkpoint.every=2", *SMALL]
+    launch(["-m", "distill", "run", *models(tiny, out), *args], env={"DISTILL_RANK_LOG": str(ranks)})
+    metrics = read_jsonl(out / "metrics.jsonl")
+    rank0, rank1 = read_jsonl(ranks / "rank-0.jsonl"), read_jsonl(ranks / "rank-1.jsonl")
+    assert [m["source"] for m in metrics] == [r["source"] for r in rank0] == [r["source"] for r in rank1] == ["teacher+student"] * 4
+    assert [m["tokens"] for m in metrics] == [a["tokens"] + b["tokens"] for a, b in zip(rank0, rank1)]
+    for m in metrics:
+        assert set(m["terms"]) == {"teacher", "student"}
+        assert m["loss"] == pytest.approx(sum(m["term_weights"][s] * m["terms"][s] for s in m["terms"]), rel=1e-5)
+    assert [m["term_weights"]["teacher"] for m in metrics] == pytest.approx([1.0, 0.75, 0.5, 0.5])
+    evals = read_jsonl(out / "eval.jsonl")
+    assert all({"val_loss", "val_divergence"} <= e.keys() for e in evals)
+    state = torch.load(out / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=True)
+    kept = [rank["policy"]["responses"] for rank in state["ranks"]]
+    assert all(kept) and {tuple(p) for p, _, _ in kept[0]} != {tuple(p) for p, _, _ in kept[1]}  # each rank keeps its own prompts'
