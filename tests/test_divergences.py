@@ -435,6 +435,10 @@ def test_conformance_kit(name, params):
     check_divergence(PLUGIN_CLASSES[name], **params)
 
 
+def test_conformance_kit_with_the_mixture_detached():
+    check_divergence(SkewReverseKL, alpha=0.1, detach_mixture=True)  # DistiLLM-2's student-side term
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_registered_class_is_the_builtin_plugin(name):
     d = distill.get_divergence(name)

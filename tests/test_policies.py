@@ -180,6 +180,8 @@ def test_policy_params_are_validated():
         ("adaptive_offpolicy", {"init_prob": 0.5, "capacity": 4, "replay_schedule": "increasing"}),
         ("adaptive_offpolicy", {"init_prob": 0.3, "prob_step": 0.3, "loss_eps": 0.0, "capacity": 6,
                                 "replay_schedule": "constant"}),
+        ("contrastive", {}),
+        ("contrastive", {"teacher": "generate", "refresh_every": 3}),
     ],
     ids=str,
 )
