@@ -30,12 +30,14 @@ class Evaluator:
     for nothing. The metrics are those of the real examples, each counted once."""
 
     def __init__(self, examples: list[Example], tokenizer, divergence, generate, batch_size: int, rouge_samples: int, accelerator=None, kl=None,
-                 rouge_before: int | None = None, progress: Progress | None = None) -> None:
+                 rouge_before: int | None = None, progress: Progress | None = None, fused=None) -> None:
         """``kl``: forward KL (``get_divergence("kl")``), reported as ``val_kl`` beside the run's divergence.
         ``rouge_before``: answer only the first this many of the ``rouge_samples`` prompts in a
         ``rouge="before"`` pass; a full pass then also reports ROUGE-L on those prompts
         (``rouge_l_subset``), so that before and after compare the same prompts.
-        ``progress(phase, done, total)``: called after each batch of this process's share."""
+        ``progress(phase, done, total)``: called after each batch of this process's share.
+        ``fused``: a ``distill.fused.FusedHeads``: the sums come from the heads' inputs, a chunk of
+        positions at a time (no ``[B, R, V]`` logits)."""
         rank = accelerator.process_index if accelerator else 0
         world = accelerator.num_processes if accelerator else 1
         # sums do not depend on the order: batch similar lengths together, so little of it is padding
@@ -56,6 +58,7 @@ class Evaluator:
         self.accelerator = accelerator
         self.unwrap = accelerator.unwrap_model if accelerator else (lambda m: m)
         self.progress = progress
+        self.fused = fused
 
     def _largest_shard_batches(self, n_items: int) -> int:
         """Batches of the largest shard when ``n_items`` are dealt round-robin to the processes."""
@@ -84,6 +87,12 @@ class Evaluator:
             chunk = self.examples[i * self.batch_size: (i + 1) * self.batch_size]
             batch = collate(chunk or self.stand_in, self.tokenizer.pad_token_id)
             batch = batch.to(next(self.unwrap(student).parameters()).device)
+            if self.fused is not None:
+                sums = self._fused_sums(student, teacher if with_teacher else None, batch)
+                if chunk:
+                    ce_sum, div_sum, kl_sum = ce_sum + sums["ce"], div_sum + sums.get("divergence", 0.0), kl_sum + sums.get("kl", 0.0)
+                    tokens += batch.n_tokens
+                continue
             logits = response_logits(student, batch, self.unwrap)
             teacher_logits = response_logits(teacher, batch, self.unwrap) if with_teacher else None
             if not chunk:
@@ -106,6 +115,15 @@ class Evaluator:
             result.update(self._rouge(rouge, student))
         student.train(was_training)
         return result
+
+    def _fused_sums(self, student, teacher, batch) -> dict[str, float]:
+        """CE, divergence and KL sums of one batch through the fused heads."""
+        from distill.fused import fused_sums
+
+        hidden, teacher_hidden = self.fused.inputs(student, teacher, batch)
+        divergences = {"divergence": self.divergence, **({"kl": self.kl} if self.kl is not None else {})} if teacher is not None else {}
+        return fused_sums(self.fused.student, hidden, self.fused.teacher if teacher is not None else None, teacher_hidden,
+                          batch.response_mask, batch.labels, divergences)
 
     def _rouge(self, rouge: str, student=None) -> dict[str, float]:
         """ROUGE-L of greedy answers: ``rouge_l`` over the pass's prompts, ``rouge_prompts`` their

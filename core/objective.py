@@ -66,10 +66,14 @@ def response_logits(model, batch: Batch, unwrap=lambda m: m) -> torch.Tensor:
     return out.logits[:, -(r + 1):-1]
 
 
-def micro_batch_loss(student, teacher, batch: Batch, divergence, denominator: float, ce_weight: float = 0.0, unwrap=lambda m: m) -> tuple[torch.Tensor, dict[str, float]]:
+def micro_batch_loss(student, teacher, batch: Batch, divergence, denominator: float, ce_weight: float = 0.0, unwrap=lambda m: m,
+                     fused=None) -> tuple[torch.Tensor, dict[str, float]]:
     """Divergence (+ ``ce_weight`` x student cross-entropy) on the response tokens of one micro-batch.
     Without a teacher (sequence-level KD across tokenizers: no logits in common), the student's
-    cross-entropy alone."""
+    cross-entropy alone. ``fused``: a ``distill.fused.FusedHeads`` (``train.fused_head``): the same
+    loss with the heads fused into it, so no ``[B, R, V]`` logits are held."""
+    if fused is not None:
+        return fused.micro_batch_loss(student, teacher, batch, divergence, denominator, ce_weight)
     if teacher is None:
         ce = token_cross_entropy(response_logits(student, batch, unwrap), batch.labels, batch.response_mask, n_tokens=denominator)
         return ce, {"ce": float(ce.detach())}
