@@ -32,15 +32,27 @@ from distill.divergence import ConfiguredDivergence
 from distill.errors import ConfigError
 from distill.models import contiguous_head_input
 
-FUSED_CHUNK_ELEMENTS = 1 << 23
-"""Logits per chunk (32 MiB in float32): rows = this // V. Larger than ``distill.loss``'s chunks:
-each chunk multiplies by the whole head weight, so a chunk must be tall enough for that matmul
-to run at full speed (measured in ``benchmarks/fused_head.py``)."""
+BLOCK_ELEMENTS = 1 << 23
+"""Logits per block (32 MiB in float32): the rows multiplied by the head weight at once. A block
+must be tall enough for those matmuls to run at full speed: each one reads the whole weight, and
+the weight gradient's update reads and writes all of it."""
+MIN_BLOCK_ROWS = 128
+CHUNK_ELEMENTS = 1 << 20
+"""Logits per chunk (4 MiB in float32): the rows a divergence plugin sees at once, inside a block.
+Plugins hold about 15 chunk-sized temporaries at their peak (autograd's included), so this is what
+keeps the peak low; it costs no speed (the matmuls run per block)."""
+MIN_CHUNK_ROWS = 8
 
 
-def fused_chunk_size(vocab_size: int) -> int:
-    """Rows per fused chunk for a vocabulary of ``vocab_size``."""
-    return max(16, FUSED_CHUNK_ELEMENTS // max(1, vocab_size))
+def fused_sizes(vocab_size: int, chunk_size: int | None = None, block_size: int | None = None) -> tuple[int, int]:
+    """``(block, chunk)`` rows for a vocabulary of ``vocab_size``: the head multiplies ``block`` rows
+    at once, the loss runs on ``chunk`` rows at once (``chunk <= block``)."""
+    vocab_size = max(1, vocab_size)
+    chunk = int(chunk_size or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab_size))
+    block = int(block_size or max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // vocab_size))
+    if chunk < 1 or block < 1:
+        raise ValueError(f"chunk and block sizes must be >= 1, got {chunk_size} and {block_size}")
+    return max(block, chunk), chunk
 
 
 @dataclass
@@ -140,13 +152,20 @@ class _Terms:
     labels: torch.Tensor | None  # [n] targets of the counted rows (needed when ce_weight > 0)
     ce_weight: float
     scale: float
+    block_size: int
     chunk_size: int
     parts: dict[str, float]
 
 
 class _FusedHeadLoss(torch.autograd.Function):
-    """Forward computes the loss and, chunk by chunk, its gradients with respect to the student's
-    hidden states and head; backward only scales them (as ``distill.loss._ChunkedDivergenceLoss``)."""
+    """Forward computes the loss and, block by block, its gradients with respect to the student's
+    hidden states and head; backward only scales them (as ``distill.loss._ChunkedDivergenceLoss``).
+
+    Per block of rows: the student's raw head outputs and the teacher's logits ``[block, n]``; per
+    chunk of the block, the loss terms and, by a local backward, their gradient with respect to the
+    raw outputs, written over those outputs (they are not needed again); then that gradient goes
+    through the head: ``grad hidden = g @ W``, ``grad W += g.T @ hidden``, ``grad b += sum g``.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_hidden, terms: _Terms):
@@ -162,36 +181,45 @@ class _FusedHeadLoss(torch.autograd.Function):
         scale = torch.tensor(terms.scale, dtype=torch.float32, device=hidden.device)
         totals = {"divergence": 0.0, "ce": 0.0}
         n = student.n
-        for start in range(0, hidden.shape[0], terms.chunk_size):
-            rows = slice(start, start + terms.chunk_size)
-            h = hidden[rows].detach()
-            raw = student.logits(h, w, b).requires_grad_(wants)
-            with torch.enable_grad() if wants else torch.no_grad():
-                logits = student.cap(raw)
-                chunk_terms = []
-                if terms.divergence is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher.cap(teacher.logits(teacher_hidden[rows], tw, tb))
-                    value = terms.divergence(logits, teacher_logits).sum()
-                    totals["divergence"] += float(value.detach())
-                    chunk_terms.append(value)
-                if terms.ce_weight > 0:
-                    ce = F.cross_entropy(logits.float(), terms.labels[rows], reduction="sum")
-                    totals["ce"] += float(ce.detach())
-                    chunk_terms.append(terms.ce_weight * ce)
-                total = sum(chunk_terms)
-            if not (wants and isinstance(total, torch.Tensor) and total.requires_grad):
-                continue  # a constant divergence: zero gradients
-            (grad_raw,) = torch.autograd.grad(total, raw, grad_outputs=scale)
+        for block_start in range(0, hidden.shape[0], terms.block_size):
+            block = slice(block_start, block_start + terms.block_size)
+            h = hidden[block].detach()
+            raw = student.logits(h, w, b)
+            teacher_logits = teacher.cap(teacher.logits(teacher_hidden[block], tw, tb)) if teacher is not None else None
+            any_grad = False
+            for start in range(0, raw.shape[0], terms.chunk_size):
+                rows = slice(start, start + terms.chunk_size)
+                leaf = raw[rows].detach().requires_grad_(wants)
+                with torch.enable_grad() if wants else torch.no_grad():
+                    logits = student.cap(leaf)
+                    chunk_terms = []
+                    if terms.divergence is not None:
+                        value = terms.divergence(logits, teacher_logits[rows]).sum()
+                        totals["divergence"] += float(value.detach())
+                        chunk_terms.append(value)
+                    if terms.ce_weight > 0:
+                        ce = F.cross_entropy(logits.float(), terms.labels[block][rows], reduction="sum")
+                        totals["ce"] += float(ce.detach())
+                        chunk_terms.append(terms.ce_weight * ce)
+                    total = sum(chunk_terms)
+                if wants and isinstance(total, torch.Tensor) and total.requires_grad:
+                    (grad_raw,) = torch.autograd.grad(total, leaf, grad_outputs=scale)
+                    raw[rows] = grad_raw  # the raw outputs of these rows are spent: their storage holds their gradient
+                    any_grad = True
+                else:  # a constant divergence: a zero gradient
+                    raw[rows] = 0
+            del teacher_logits
+            if not any_grad:
+                continue
             if want_hidden:
-                grad_hidden[rows] = (grad_raw @ w).to(hidden.dtype)
+                grad_hidden[block] = (raw @ w).to(hidden.dtype)
             if want_weight:
                 if w.dtype == torch.float32:
-                    grad_weight[:n].addmm_(grad_raw.t(), h.float())
-                else:  # the matmul in the head's dtype (as autocast's backward), summed over chunks in float32
-                    grad_weight[:n].add_(grad_raw.t() @ h.to(w.dtype))
+                    grad_weight[:n].addmm_(raw.t(), h.float())
+                else:  # the matmul in the head's dtype (as autocast's backward), summed over blocks in float32
+                    grad_weight[:n].add_(raw.t() @ h.to(w.dtype))
             if want_bias:
-                grad_bias[:n].add_(grad_raw.float().sum(0))
+                grad_bias[:n].add_(raw.float().sum(0))
         ctx.grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(bias.dtype))
         for key, value in totals.items():
             terms.parts[key] = value * terms.scale
@@ -211,7 +239,7 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 def fused_loss(student: Head, hidden: torch.Tensor, teacher: Head | None = None, teacher_hidden: torch.Tensor | None = None, divergence=None,
                mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *, ce_weight: float = 0.0,
-               n_tokens: float | None = None, chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+               n_tokens: float | None = None, chunk_size: int | None = None, block_size: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """``(divergence + ce_weight x cross-entropy)`` summed over the positions where ``mask`` is true,
     divided by ``n_tokens``, computed from the heads' inputs: the fused ``divergence_loss`` +
     ``token_cross_entropy``.
@@ -225,6 +253,7 @@ def fused_loss(student: Head, hidden: torch.Tensor, teacher: Head | None = None,
         mask: ``[B, T]`` (or ``[N]``) booleans, true where a position counts; None = all.
         labels: ``[B, T]`` (or ``[N]``) target ids, needed when ``ce_weight > 0``.
         n_tokens: the denominator (default: the number of counted positions).
+        chunk_size, block_size: rows per loss chunk and per head block (default ``fused_sizes(V)``).
 
     Returns:
         The float32 scalar loss and its parts ``{"divergence": ..., "ce": ...}`` (each already divided
@@ -252,7 +281,7 @@ def fused_loss(student: Head, hidden: torch.Tensor, teacher: Head | None = None,
     parts: dict[str, float] = {}
     terms = _Terms(student, teacher if divergence is not None else None, None if divergence is None else ConfiguredDivergence.wrap(divergence),
                    None if labels is None else labels[index], float(ce_weight), 0.0 if count == 0 else 1.0 / denominator,
-                   int(chunk_size or fused_chunk_size(student.n)), parts)
+                   *fused_sizes(student.n, chunk_size, block_size), parts)
     rows = hidden[index]
     teacher_rows = teacher_hidden[index].detach() if divergence is not None else None
     weight, bias = student.weight, student.bias
@@ -264,7 +293,7 @@ def fused_loss(student: Head, hidden: torch.Tensor, teacher: Head | None = None,
 
 @torch.no_grad()
 def fused_sums(student: Head, hidden: torch.Tensor, teacher: Head | None, teacher_hidden: torch.Tensor | None, mask: torch.Tensor,
-               labels: torch.Tensor, divergences: dict, *, chunk_size: int | None = None) -> dict[str, float]:
+               labels: torch.Tensor, divergences: dict, *, chunk_size: int | None = None, block_size: int | None = None) -> dict[str, float]:
     """Sums over the counted positions, without gradients (evaluation): ``"ce"`` (the student's
     cross-entropy) and, with a teacher, each named divergence of ``divergences``."""
     index = mask.to(device=hidden.device, dtype=torch.bool).nonzero(as_tuple=True)
@@ -272,16 +301,18 @@ def fused_sums(student: Head, hidden: torch.Tensor, teacher: Head | None, teache
     teacher_rows = teacher_hidden[index] if teacher is not None else None
     w, b = student.operands()
     tw, tb = teacher.operands() if teacher is not None else (None, None)
+    divergences = {name: ConfiguredDivergence.wrap(d) for name, d in divergences.items()} if teacher is not None else {}
     sums = {"ce": 0.0, **{name: 0.0 for name in divergences}}
-    size = int(chunk_size or fused_chunk_size(student.n))
-    for start in range(0, rows.shape[0], size):
-        chunk = slice(start, start + size)
-        logits = student.cap(student.logits(rows[chunk], w, b))
-        sums["ce"] += float(F.cross_entropy(logits.float(), targets[chunk], reduction="sum"))
-        if teacher is not None and divergences:
-            teacher_logits = teacher.cap(teacher.logits(teacher_rows[chunk], tw, tb))
+    block_rows, chunk_rows = fused_sizes(student.n, chunk_size, block_size)
+    for block_start in range(0, rows.shape[0], block_rows):
+        block = slice(block_start, block_start + block_rows)
+        logits = student.cap(student.logits(rows[block], w, b))
+        teacher_logits = teacher.cap(teacher.logits(teacher_rows[block], tw, tb)) if divergences else None
+        for start in range(0, logits.shape[0], chunk_rows):
+            chunk = slice(start, start + chunk_rows)
+            sums["ce"] += float(F.cross_entropy(logits[chunk].float(), targets[block][chunk], reduction="sum"))
             for name, divergence in divergences.items():
-                sums[name] += float(ConfiguredDivergence.wrap(divergence)(logits, teacher_logits).sum())
+                sums[name] += float(divergence(logits[chunk], teacher_logits[chunk]).sum())
     return sums
 
 
@@ -334,7 +365,8 @@ def plan_fused_head(setting, student, teacher, batch, unwrap=lambda m: m, accele
         if setting is True:
             raise ConfigError(f"train.fused_head true: {why}; set train.fused_head=auto (falls back to full logits) or false")
         return None, f"fused head: off ({why}): full logits"
-    return why, f"fused head: on (logits computed {fused_chunk_size(why.student.n)} positions at a time, never whole)"
+    block, chunk = fused_sizes(why.student.n)
+    return why, f"fused head: on (logits {block} positions at a time, the loss {chunk} at a time; never whole)"
 
 
 def _unsupported(student, teacher, batch, unwrap, accelerator) -> FusedHeads | str:
@@ -383,4 +415,4 @@ def _reproduces(model, head: Head, batch, unwrap) -> str | None:
     return None
 
 
-__all__ = ["FusedHeads", "Head", "fused_chunk_size", "fused_loss", "fused_sums", "head_input", "head_of", "plan_fused_head"]
+__all__ = ["FusedHeads", "Head", "fused_sizes", "fused_loss", "fused_sums", "head_input", "head_of", "plan_fused_head"]
