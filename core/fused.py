@@ -378,7 +378,7 @@ def _unsupported(student, teacher, batch, unwrap, accelerator) -> FusedHeads | s
     for role, model in models.items():
         head = head_of(model, unwrap)
         if isinstance(head, str):
-            return f"the {role}'s {head[3:]}" if head.startswith("its ") else f"the {role}: {head}"
+            return f"the {role}'s {head[4:]}" if head.startswith("its ") else f"the {role}: {head}"
         contiguous_head_input(unwrap(model))
         mismatch = _reproduces(model, head, batch, unwrap)
         if mismatch:
