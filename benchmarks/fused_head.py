@@ -21,10 +21,17 @@ difference and largest absolute difference of the hidden states' and head weight
 
 Targets at N=2048, V=49152: fused extra peak <= 0.1x peer's, fused time <= 1.0x peer's.
 
+A second part measures a whole ``distill run`` (recipe kd, 2 steps, evaluation before and after) on
+tiny Llama models whose tokenizer has ``--run-vocab`` tokens (262,144 by default, Gemma 3's size):
+8 sequences of 128 response tokens per micro-batch, fused and not. Each run is a fresh subprocess;
+reported: its peak RSS (VmHWM) minus its RSS when training starts (models loaded), against one
+``[B, R, V]`` float32 tensor.
+
 Run (from the repository root)::
 
     .venv/bin/python benchmarks/fused_head.py                      # V 49152 (6 divergences) and 152064 (kl, jsd), N 2048
     .venv/bin/python benchmarks/fused_head.py --vocab 49152 --divergences kl --threads 1
+    .venv/bin/python benchmarks/fused_head.py --part run                # only the distill run at V = 262,144
 
 Prints a table and writes ``benchmarks/results/fused_head.json`` (``--output`` to change).
 """
@@ -232,6 +239,93 @@ def check_targets(rows: list[dict]) -> list[dict]:
     return verdicts
 
 
+# --- a whole run on tiny models with a large vocabulary
+
+
+def write_tiny_pair(root: Path, vocab: int, response_tokens: int, sequences: int) -> dict[str, Path]:
+    """A word-level tokenizer of ``vocab`` tokens (ids past the words are unused fillers), a teacher
+    (2 layers) and a student (1 layer) Llama of hidden size 32, and data whose responses are
+    ``response_tokens`` tokens long (EOS included)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(200)]
+    table = {"<s>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    table.update({f"<x{i}>": i for i in range(len(table), vocab)})
+    tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    paths = {"teacher": root / "teacher", "student": root / "student", "data": root / "data.jsonl"}
+    for layers, seed, role in ((2, 1, "teacher"), (1, 2, "student")):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+        LlamaForCausalLM(config).save_pretrained(paths[role])
+        fast.save_pretrained(paths[role])
+    rng = __import__("random").Random(0)
+    lines = [json.dumps({"prompt": " ".join(rng.choices(words, k=8)), "response": " ".join(rng.choices(words, k=response_tokens - 1))})
+             for _ in range(4 * sequences)]
+    paths["data"].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def run_worker(spec: dict) -> dict:
+    """One ``distill.train`` in this process: RSS at start and peak RSS (VmHWM, reset at start)."""
+    from distill.config import build_config
+    from distill.engine import train
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    seen: dict = {}
+
+    def report(kind, record):
+        if kind == "start":
+            release_free_heap()
+            seen["start_rss"] = rss_bytes()
+            seen["exact"] = PeakRSS().__enter__().exact  # resets VmHWM to the current RSS
+            seen["head"] = record.get("head")
+
+    cfg = build_config([{
+        "teacher": {"ref": spec["teacher"]}, "student": {"ref": spec["student"]},
+        "data": {"path": spec["data"], "max_response_tokens": spec["response_tokens"], "group_by_length": "off"},
+        "divergence": {"name": "kl"}, "policy": {"name": "offpolicy"}, "output_dir": spec["output_dir"],
+        "train": {"max_steps": 2, "batch_size": spec["sequences"], "fused_head": spec["fused_head"], "precision": "fp32"},
+        "eval": {"batch_size": spec["sequences"], "every": 0, "rouge_samples": 0},
+    }])
+    started = time.perf_counter()
+    train(cfg, report=report, overwrite=True)
+    from divergence_memory import high_water_mark_bytes
+
+    peak = high_water_mark_bytes() if seen.get("exact") else None
+    return {"start_rss_bytes": seen["start_rss"], "peak_rss_bytes": peak, "peak_extra_bytes": None if peak is None else peak - seen["start_rss"],
+            "head": seen.get("head"), "seconds": time.perf_counter() - started}
+
+
+def run_memory(args) -> dict:
+    """The run part: the same tiny run with ``train.fused_head`` auto and false."""
+    result = {"vocab": args.run_vocab, "sequences": 8, "response_tokens": 128}
+    logits = 4 * result["sequences"] * result["response_tokens"] * args.run_vocab
+    result["logits_bytes_per_model"] = logits
+    with tempfile.TemporaryDirectory(prefix="fused_head_run_") as scratch:
+        paths = write_tiny_pair(Path(scratch), args.run_vocab, result["response_tokens"], result["sequences"])
+        for name, setting in (("fused", "auto"), ("full", False)):
+            spec = {"run": True, "teacher": str(paths["teacher"]), "student": str(paths["student"]), "data": str(paths["data"]),
+                    "output_dir": str(Path(scratch) / f"run-{setting}"), "sequences": result["sequences"],
+                    "response_tokens": result["response_tokens"], "fused_head": setting, "threads": args.threads}
+            run = run_in_subprocess(spec)
+            result[name] = run
+            if "error" not in run and run["peak_extra_bytes"] is not None:
+                run["peak_extra_mib"] = run["peak_extra_bytes"] / MiB
+                run["in_logits_units"] = run["peak_extra_bytes"] / logits
+                print(f"  distill run, V={args.run_vocab}, fused_head={setting}: peak RSS {run['peak_rss_bytes'] / MiB:.0f} MiB, "
+                      f"{run['peak_extra_mib']:.0f} MiB above its RSS at start = {run['in_logits_units']:.2f}x one [B, R, V] float32 tensor "
+                      f"({logits / MiB:.0f} MiB); {run['head']}", flush=True)
+            else:
+                print(f"  distill run, fused_head={setting}: {run.get('error', 'no peak (VmHWM cannot be reset here)')}", flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 152064])
@@ -244,11 +338,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--max-gib", type=float, help="skip cases expected to need more")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--part", choices=["grid", "run", "both"], default="both", help="the head+loss grid, the distill run, or both")
+    parser.add_argument("--run-vocab", type=int, default=262144, help="tokenizer size of the run part")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "fused_head.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(run_case(**json.loads(args.worker))), flush=True)
+        spec = json.loads(args.worker)
+        print(json.dumps(run_worker(spec) if spec.pop("run", False) else run_case(**spec)), flush=True)
         return args.output
     from common import environment, write_json
 
@@ -261,8 +358,11 @@ def main(argv: list[str] | None = None) -> Path:
         report["cases"] = rows
         write_json(args.output, report)
 
-    rows = run_grid(args, save)
-    print_table(rows)
+    rows = run_grid(args, save) if args.part != "run" else []
+    if rows:
+        print_table(rows)
+    if args.part != "grid":
+        report["run"] = run_memory(args)
     report["verdicts"] = check_targets(rows)
     for v in report["verdicts"]:
         print(f"  {v['divergence']:8} memory {v['memory_ratio']:.3f}x peer {'ok' if v['memory_ok'] else 'MISS'}, "
