@@ -89,19 +89,19 @@ class Evaluator:
             batch = batch.to(next(self.unwrap(student).parameters()).device)
             if self.fused is not None:
                 sums = self._fused_sums(student, teacher if with_teacher else None, batch)
-                if chunk:
-                    ce_sum, div_sum, kl_sum = ce_sum + sums["ce"], div_sum + sums.get("divergence", 0.0), kl_sum + sums.get("kl", 0.0)
-                    tokens += batch.n_tokens
-                continue
-            logits = response_logits(student, batch, self.unwrap)
-            teacher_logits = response_logits(teacher, batch, self.unwrap) if with_teacher else None
+            else:
+                logits = response_logits(student, batch, self.unwrap)
+                teacher_logits = response_logits(teacher, batch, self.unwrap) if with_teacher else None
             if not chunk:
                 continue  # a stand-in batch: its forwards match the other processes' (collectives under sharding)
-            ce_sum += float(token_cross_entropy(logits, batch.labels, batch.response_mask, n_tokens=1.0))
-            if with_teacher:
-                div_sum += float(divergence_loss(self.divergence, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
-                if self.kl is not None:
-                    kl_sum += float(divergence_loss(self.kl, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
+            if self.fused is not None:
+                ce_sum, div_sum, kl_sum = ce_sum + sums["ce"], div_sum + sums.get("divergence", 0.0), kl_sum + sums.get("kl", 0.0)
+            else:
+                ce_sum += float(token_cross_entropy(logits, batch.labels, batch.response_mask, n_tokens=1.0))
+                if with_teacher:
+                    div_sum += float(divergence_loss(self.divergence, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
+                    if self.kl is not None:
+                        kl_sum += float(divergence_loss(self.kl, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
             tokens += batch.n_tokens
             if self.progress:
                 self.progress("validation examples", min((i + 1) * self.batch_size, len(self.examples)), len(self.examples))

@@ -36,7 +36,7 @@ BLOCK_ELEMENTS = 1 << 23
 """Logits per block (32 MiB in float32): the rows multiplied by the head weight at once. A block
 must be tall enough for those matmuls to run at full speed: each one reads the whole weight, and
 the weight gradient's update reads and writes all of it."""
-MIN_BLOCK_ROWS = 64
+MIN_BLOCK_ROWS = 128
 CHUNK_ELEMENTS = 1 << 20
 """Logits per chunk (4 MiB in float32): the rows a divergence plugin sees at once, inside a block.
 Plugins hold about 15 chunk-sized temporaries at their peak (autograd's included), so this is what
