@@ -140,6 +140,8 @@ class ConsoleReporter:
                 self.console.print(f"  {record['precision']}", highlight=False, soft_wrap=True)
             if record.get("mode"):
                 self.console.print(f"  {record['mode']}", highlight=False, soft_wrap=True)
+            if record.get("head"):
+                self.console.print(f"  {record['head']}", highlight=False, soft_wrap=True)
         elif kind == "warning":
             self.console.print(f"[bold yellow]warning:[/] {record['message']}", highlight=False, soft_wrap=True)
         elif kind == "eval":

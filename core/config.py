@@ -160,6 +160,12 @@ class TrainConfig(_Section):
         "plain targets) and skips the teacher's forward in training steps (validation still reports the KL to the teacher). "
         "With objective.terms: multiplies every term's weight"
     )
+    fused_head: bool | Literal["auto"] = Field(
+        "auto", description="compute the teacher's and the student's logits from their final hidden states a chunk of positions at a time, "
+        "fused with the divergence and cross-entropy, so the [B, R, V] logits and their gradient never exist whole; auto: wherever the "
+        "heads allow it (a plain linear head, soft-capping and a bias included; not a LoRA or quantised head, not FSDP / ZeRO-3), else "
+        "full logits with one line saying why; true: a head that does not allow it is an error; false: full logits"
+    )
     lm_weight: float = Field(0.0, ge=0, description="weight of the LM loss on data.lm_path")
     seed: int = Field(0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

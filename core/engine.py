@@ -25,6 +25,7 @@ from distill.checkpoint import RunState, StopSignals, capture_rng, flatten_confi
 from distill.config import ModelSpec, RunConfig, dump_config
 from distill.data import BatchSampler, collate, load_examples, load_lm_corpus
 from distill.evaluation import Evaluator
+from distill.fused import plan_fused_head
 from distill.generation import ResponseGenerator
 from distill.hardware import resolve_precision
 from distill.models import add_lora, check_stop_ids, freeze, load_model, load_tokenizer, merge_adapter, share_vocabulary, vocab_size
@@ -160,13 +161,16 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
         answers = generate_teacher(teacher, bridge.teacher_prompts(val_set), greedy=True, progress=functools.partial(progress, "teacher answers (validation)"))
         val_set = [bridge.to_student(e, a) for e, a in zip(val_set, answers)]
     ends["replay"] = ends["student"]
+    # the heads fused into the loss where they allow it (train.fused_head), checked on one real example
+    probe = collate(train_set[:1], data_tokenizer.pad_token_id).to(accelerator.device)
+    fused, head_line = plan_fused_head(cfg.train.fused_head, student, None if apart else teacher, probe, unwrap, accelerator)
     evaluator = Evaluator(val_set, data_tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"),
-                          rouge_before=cfg.eval.rouge_before, progress=progress, rouge_draws=cfg.eval.rouge_draws, seed=seed)
+                          rouge_before=cfg.eval.rouge_before, progress=progress, fused=fused, rouge_draws=cfg.eval.rouge_draws, seed=seed)
     evaluate = functools.partial(evaluator, with_teacher=not apart)
     lm_rng = random.Random(seed + accelerator.process_index)
     rank_log = _rank_log(accelerator)
     report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out), "processes": accelerator.num_processes, "precision": precision,
-                     "mode": CROSS_TOKENIZER_NOTE if apart else None})
+                     "mode": CROSS_TOKENIZER_NOTE if apart else None, "head": head_line})
 
     if saved is None:
         # --- evaluate before training: the "before" numbers and the adaptive policy's reference loss
@@ -198,7 +202,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
 
     def micro_loss(batch, term, denominator: float, weight: float):
         return micro_batch_loss(student, None if apart else teacher, batch, term.divergence, denominator, term.ce_weight, unwrap,
-                                kd_weight=cfg.train.kd_weight * weight, normalize=cfg.train.normalize)
+                                kd_weight=cfg.train.kd_weight * weight, normalize=cfg.train.normalize, fused=fused)
 
     lm_loss = None if lm_blocks is None else lambda n: _lm_loss(student, lm_blocks, lm_rng, cfg.train.batch_size, accelerator) / n
 

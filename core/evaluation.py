@@ -30,12 +30,14 @@ class Evaluator:
     for nothing. The metrics are those of the real examples, each counted once."""
 
     def __init__(self, examples: list[Example], tokenizer, divergence, generate, batch_size: int, rouge_samples: int, accelerator=None, kl=None,
-                 rouge_before: int | None = None, progress: Progress | None = None, rouge_draws: int = 0, seed: int = 0) -> None:
+                 rouge_before: int | None = None, progress: Progress | None = None, fused=None, rouge_draws: int = 0, seed: int = 0) -> None:
         """``kl``: forward KL (``get_divergence("kl")``), reported as ``val_kl`` beside the run's divergence.
         ``rouge_before``: answer only the first this many of the ``rouge_samples`` prompts in a
         ``rouge="before"`` pass; a full pass then also reports ROUGE-L on those prompts
         (``rouge_l_subset``), so that before and after compare the same prompts.
         ``progress(phase, done, total)``: called after each batch of this process's share.
+        ``fused``: a ``distill.fused.FusedHeads``: the sums come from the heads' inputs, a chunk of
+        positions at a time (no ``[B, R, V]`` logits).
         ``rouge_draws``: a full pass (``rouge="all"``) also answers each prompt this many times by
         sampling (the generator's temperature, top-k, top-p) and reports the mean ROUGE-L of the
         draws as ``rouge_l_sampled``; draw d of process r is seeded with ``seed``, d and r, so the
@@ -60,6 +62,7 @@ class Evaluator:
         self.accelerator = accelerator
         self.unwrap = accelerator.unwrap_model if accelerator else (lambda m: m)
         self.progress = progress
+        self.fused = fused
         self.rouge_draws, self.seed, self.rank = rouge_draws, seed, rank
 
     def _largest_shard_batches(self, n_items: int) -> int:
@@ -89,15 +92,21 @@ class Evaluator:
             chunk = self.examples[i * self.batch_size: (i + 1) * self.batch_size]
             batch = collate(chunk or self.stand_in, self.tokenizer.pad_token_id)
             batch = batch.to(next(self.unwrap(student).parameters()).device)
-            logits = response_logits(student, batch, self.unwrap)
-            teacher_logits = response_logits(teacher, batch, self.unwrap) if with_teacher else None
+            if self.fused is not None:
+                sums = self._fused_sums(student, teacher if with_teacher else None, batch)
+            else:
+                logits = response_logits(student, batch, self.unwrap)
+                teacher_logits = response_logits(teacher, batch, self.unwrap) if with_teacher else None
             if not chunk:
                 continue  # a stand-in batch: its forwards match the other processes' (collectives under sharding)
-            ce_sum += float(token_cross_entropy(logits, batch.labels, batch.response_mask, n_tokens=1.0))
-            if with_teacher:
-                div_sum += float(divergence_loss(self.divergence, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
-                if self.kl is not None:
-                    kl_sum += float(divergence_loss(self.kl, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
+            if self.fused is not None:
+                ce_sum, div_sum, kl_sum = ce_sum + sums["ce"], div_sum + sums.get("divergence", 0.0), kl_sum + sums.get("kl", 0.0)
+            else:
+                ce_sum += float(token_cross_entropy(logits, batch.labels, batch.response_mask, n_tokens=1.0))
+                if with_teacher:
+                    div_sum += float(divergence_loss(self.divergence, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
+                    if self.kl is not None:
+                        kl_sum += float(divergence_loss(self.kl, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
             tokens += batch.n_tokens
             if self.progress:
                 self.progress("validation examples", min((i + 1) * self.batch_size, len(self.examples)), len(self.examples))
@@ -111,6 +120,15 @@ class Evaluator:
             result.update(self._rouge(rouge, student))
         student.train(was_training)
         return result
+
+    def _fused_sums(self, student, teacher, batch) -> dict[str, float]:
+        """CE, divergence and KL sums of one batch through the fused heads."""
+        from distill.fused import fused_sums
+
+        hidden, teacher_hidden = self.fused.inputs(student, teacher, batch)
+        divergences = {"divergence": self.divergence, **({"kl": self.kl} if self.kl is not None else {})} if teacher is not None else {}
+        return fused_sums(self.fused.student, hidden, self.fused.teacher if teacher is not None else None, teacher_hidden,
+                          batch.response_mask, batch.labels, divergences)
 
     def _rouge(self, rouge: str, student=None) -> dict[str, float]:
         """ROUGE-L of greedy answers: ``rouge_l`` over the pass's prompts, ``rouge_prompts`` their

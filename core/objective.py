@@ -163,13 +163,17 @@ def response_logits(model, batch: Batch, unwrap=lambda m: m) -> torch.Tensor:
 
 
 def micro_batch_loss(student, teacher, batch: Batch, divergence, denominator: float, ce_weight: float = 0.0, unwrap=lambda m: m, *,
-                     kd_weight: float = 1.0, normalize: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
+                     kd_weight: float = 1.0, normalize: str = "token", fused=None) -> tuple[torch.Tensor, dict[str, float]]:
     """``kd_weight`` x divergence + ``ce_weight`` x student cross-entropy on the response tokens of one
     micro-batch, over ``denominator`` (``group_denominator``; with ``normalize="sequence"`` each token
     weighs 1 / its sequence's length). Without a teacher (sequence-level KD across tokenizers: no
     logits in common), the student's cross-entropy alone; with ``kd_weight`` 0 the teacher is not run,
-    and the loss is ``ce_weight`` x cross-entropy. ``parts``: the unweighted values."""
+    and the loss is ``ce_weight`` x cross-entropy. ``parts``: the unweighted values. ``fused``: a
+    ``distill.fused.FusedHeads`` (``train.fused_head``): the same loss with the heads fused into it,
+    so no ``[B, R, V]`` logits are held."""
     weights = sequence_weights(batch.response_mask) if normalize == "sequence" else None
+    if fused is not None:
+        return fused.micro_batch_loss(student, teacher, batch, divergence, denominator, ce_weight, kd_weight=kd_weight, weights=weights)
     if teacher is None or kd_weight == 0:
         ce = token_cross_entropy(response_logits(student, batch, unwrap), batch.labels, batch.response_mask, n_tokens=denominator, weights=weights)
         return (ce if teacher is None else ce_weight * ce), {"ce": float(ce.detach())}

@@ -7,7 +7,8 @@ them with one process's gradients.
 Each rank takes two micro-batches of the global batch in ``global_batch()`` (ranks and micro-batches
 hold different numbers of response tokens), and saves its gradients after the step twice: with the
 loss normalised by ``loss_denominator`` (the engine's way) and, as a control, normalised per
-micro-batch (the usual mistake), which must differ.
+micro-batch (the usual mistake), which must differ; and once more the engine's way through the
+fused heads (``train.fused_head``: the student's head weight gets its gradient outside DDP's forward).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def models():
     return build(2, 1), build(1, 2)
 
 
-def step_gradients(accelerator, student, teacher, micro, denominators) -> dict[str, torch.Tensor]:
+def step_gradients(accelerator, student, teacher, micro, denominators, fused=None) -> dict[str, torch.Tensor]:
     """Backward over ``micro`` (syncing on the last one only) with one denominator per micro-batch."""
     import distill
     from distill.objective import micro_batch_loss
@@ -58,7 +59,7 @@ def step_gradients(accelerator, student, teacher, micro, denominators) -> dict[s
     for i, (batch, denominator) in enumerate(zip(micro, denominators)):
         last = i == len(micro) - 1
         with nullcontext() if last else accelerator.no_sync(student):
-            loss, _ = micro_batch_loss(student, teacher, batch, divergence, denominator, CE_WEIGHT, accelerator.unwrap_model)
+            loss, _ = micro_batch_loss(student, teacher, batch, divergence, denominator, CE_WEIGHT, accelerator.unwrap_model, fused)
             accelerator.backward(loss)
     grads = {name: p.grad.detach().clone() for name, p in accelerator.unwrap_model(student).named_parameters()}
     student.zero_grad(set_to_none=True)
@@ -69,6 +70,7 @@ def worker(out: str) -> None:
     from accelerate import Accelerator
 
     from distill.data import collate
+    from distill.fused import plan_fused_head
     from distill.objective import loss_denominator
 
     torch.set_num_threads(1)
@@ -87,6 +89,9 @@ def worker(out: str) -> None:
         "global": step_gradients(accelerator, student, teacher, micro, [denominator] * len(micro)),
         "per_micro_batch_mean": step_gradients(accelerator, student, teacher, micro, [c * len(micro) for c in counts]),
     }
+    fused, line = plan_fused_head("auto", student, teacher, micro[0], accelerator.unwrap_model, accelerator)
+    assert fused is not None, line
+    result["fused"] = step_gradients(accelerator, student, teacher, micro, [denominator] * len(micro), fused)
     torch.save(result, Path(out) / f"rank-{accelerator.process_index}.pt")
 
 

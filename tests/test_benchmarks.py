@@ -315,3 +315,21 @@ def test_matmul_throughput_is_measured_once_per_dtype():
     rate = throughput.rate("float32")
     assert rate > 0 and throughput.rate("float32") == rate and set(throughput.gflops) == {"float32"}
     assert throughput.record()["shape"] == "[64, 32] x [32, 48]"
+
+
+def test_fused_head_measures_fused_today_and_peer_and_a_whole_run(tmp_path):
+    output = tmp_path / "fused_head.json"
+    load_script("fused_head").main(["--vocab", "256", "--tokens", "32", "--hidden", "8", "--divergences", "skew_kl", "--repeats", "1",
+                                    "--threads", "1", "--run-vocab", "512", "--output", str(output)])
+    result = json.loads(output.read_text())
+    (case,) = result["cases"]
+    assert result["complete"] and case["divergence"] == "skew_kl" and (case["vocab"], case["hidden"], case["tokens"]) == (256, 8, 32)
+    for implementation in ("fused", "today", "peer"):
+        assert case[implementation]["seconds"] > 0 and case[implementation]["peak_extra_bytes"] >= 0
+    assert case["fused_time_ratio"] == pytest.approx(case["fused"]["seconds"] / case["peer"]["seconds"])
+    assert case["loss_rel_diff"] < 1e-5 and case["grad_max_abs_diff"] < 1e-5
+    run = result["run"]
+    assert (run["vocab"], run["sequences"], run["response_tokens"]) == (512, 8, 128) and run["logits_bytes_per_model"] == 4 * 8 * 128 * 512
+    assert run["fused"]["head"].startswith("fused head: on") and run["full"]["head"] == "fused head: off (train.fused_head=false): full logits"
+    for name in ("fused", "full"):
+        assert run[name]["start_rss_bytes"] > 0 and run[name]["seconds"] > 0

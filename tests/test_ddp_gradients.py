@@ -73,6 +73,12 @@ def test_two_processes_give_the_single_process_gradients_of_the_global_mean(rank
     assert_close(ranks[1]["global"], reference)  # DDP left every rank with the same gradients
 
 
+def test_the_fused_heads_give_the_same_gradients_under_ddp(ranks):
+    reference = reference_gradients()
+    assert_close(ranks[0]["fused"], reference)
+    assert_close(ranks[1]["fused"], reference)
+
+
 def test_a_per_micro_batch_mean_would_not(ranks):
     """The control: normalising each micro-batch by its own tokens gives other gradients here, so the
     test above can fail."""
