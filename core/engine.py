@@ -33,6 +33,7 @@ from distill.errors import ConfigError, RunStopped
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
 from distill.policy import SamplingContext
 from distill.registry import Registry, default_registry
+from distill.teacher_cache import TeacherCache, cached_micro_batch_loss, derives_from_teacher, policy_generates
 from distill.vocabulary import TextBridge, check_data_ids, cross_tokenizer_error, mismatch, student_tokenizer_ref
 
 
@@ -84,6 +85,8 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     checkpoint = resume_point(cfg) if resume else None
     divergence = registry.get_divergence(cfg.divergence.name, temperature=cfg.divergence.temperature, **cfg.divergence.params)
     policy = registry.get_policy(cfg.policy.name, **cfg.policy.params)
+    # with a teacher cache, dataset sequences need no teacher; a policy that never generates never loads it
+    cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
     accelerator = _accelerator(cfg)
     if not accelerator.is_main_process:
         report = lambda kind, record: None  # one console: the main process's
@@ -91,9 +94,10 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
         report("warning", {"message": precision_warning})
     set_seed(seed)
     policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
-    teacher = load_model(cfg.teacher, "teacher")  # first: a wrong --teacher is named as such, not as a tokenizer
+    teacher = load_model(cfg.teacher, "teacher") if cache is None or policy_generates(policy) else None  # first: a wrong --teacher is named as such
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)  # the teacher's
-    student = _load_student(cfg.student, checkpoint, teacher)
+    # a prune:K student is cut from the teacher: loaded for that alone when the run needs no teacher
+    student = _load_student(cfg.student, checkpoint, teacher if teacher is not None or not derives_from_teacher(cfg.student) else load_model(cfg.teacher, "teacher"))
     own = student_tokenizer_ref(cfg.student, cfg.student.tokenizer)
     student_tokenizer = load_tokenizer(own) if own else tokenizer
     # one vocabulary (logit-level), or text in between (sequence-level KD across tokenizers)
@@ -101,7 +105,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     apart = difference is not None
     if apart and getattr(policy, "name", None) != "teacher":
         raise cross_tokenizer_error(difference, cfg.policy.name)
-    heads = (vocab_size(teacher), vocab_size(student))
+    heads = (vocab_size(teacher) if teacher is not None else len(tokenizer), vocab_size(student))
     n_logits = share_vocabulary(teacher, student, tokenizer, student_tokenizer, shared=not apart)
     if own is None and not str(cfg.student.ref or "").startswith("prune:") and heads[0] != heads[1]:
         report("warning", {"message": f"the student's folder has no tokenizer, so the teacher's is assumed; their heads differ "
@@ -114,6 +118,10 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     train_set, val_set, dropped = load_examples(cfg.data, data_tokenizer, seed)
     if not apart and len(student_tokenizer) != len(tokenizer):
         check_data_ids(train_set + val_set, n_logits, "student" if len(student_tokenizer) < len(tokenizer) else "teacher")
+    if cache is not None:  # before anything is written: a cache of another teacher, tokenizer or data is refused
+        if apart:
+            raise ConfigError("--teacher-cache: holds log-probs over the teacher's tokens; a student with another tokenizer trains on generated text, drop the cache")
+        cache.check_run(cfg, tokenizer, train_set + val_set, n_logits)
     lm_blocks = load_lm_corpus(cfg.data.lm_path, student_tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) if cfg.data.lm_path and cfg.train.lm_weight > 0 else None
     lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if cfg.data.group_by_length != "off" else None
     sampler = BatchSampler(len(train_set), cfg.train.batch_size, seed, accelerator.process_index, accelerator.num_processes, lengths, cfg.train.grad_accum,
@@ -137,7 +145,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     student.train()  # from_pretrained returns eval mode; dropout (GPT-2) belongs to training
-    teacher = _prepare_teacher(accelerator, teacher)
+    teacher = _prepare_teacher(accelerator, teacher) if teacher is not None else None
     unwrap = accelerator.unwrap_model
     synced = synced_generation(accelerator)
     inference_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cfg.generation.inference_copy and not synced else None
@@ -146,7 +154,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     generate = ResponseGenerator(data_tokenizer, cfg.generation, generation_batch, unwrap, synced, _full_params(accelerator), inference_dtype)
     context = SamplingContext(lambda ex: generate(student, ex), lambda ex: generate(teacher, ex))
     progress = lambda phase, done, total: report("progress", {"phase": phase, "done": done, "total": total})  # long passes
-    ends = {"teacher": set(generate.stop_ids(teacher)), "student": set(generate.stop_ids(student))}
+    ends = {"teacher": set(generate.stop_ids(teacher)) if teacher is not None else set(), "student": set(generate.stop_ids(student))}
     if apart:  # the teacher answers in its own tokens; the student trains on that text in its own
         generate_teacher = ResponseGenerator(tokenizer, cfg.generation, generation_batch, unwrap, synced, _full_params(accelerator), inference_dtype)
         bridge = TextBridge(tokenizer, student_tokenizer, cfg.data, generate_teacher.stop_ids(teacher))
@@ -159,6 +167,8 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     evaluator = Evaluator(val_set, data_tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"),
                           rouge_before=cfg.eval.rouge_before, progress=progress)
     evaluate = functools.partial(evaluator, with_teacher=not apart)
+    if cache is not None:  # validation divergences from the cache too (coarse, like training's)
+        evaluate = lambda student, _teacher, **options: evaluator(student, cache, with_teacher=True, **options)  # noqa: E731
     lm_rng = random.Random(seed + accelerator.process_index)
     rank_log = _rank_log(accelerator)
     report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out), "processes": accelerator.num_processes, "precision": precision,
@@ -201,14 +211,19 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             # --- the policy picks this step's sequences (one draw, the same on every rank)
             examples = [train_set[i] for _ in range(cfg.train.grad_accum) for i in next(batches)]
             examples, source = policy.sample(step, cfg.train.max_steps, examples, context)
-            micro = [collate(examples[i: i + cfg.train.batch_size], data_tokenizer.pad_token_id).to(accelerator.device) for i in range(0, len(examples), cfg.train.batch_size)]
+            parts = [examples[i: i + cfg.train.batch_size] for i in range(0, len(examples), cfg.train.batch_size)]
+            micro = [collate(part, data_tokenizer.pad_token_id).to(accelerator.device) for part in parts]
             # --- forward and backward; the loss is normalised once, by the global response-token count
             denominator = loss_denominator([b.n_tokens for b in micro], accelerator)
             step_loss = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(micro):
                 # each backward() adds to the gradients, so only the last micro-batch synchronises them
                 with _accumulating(accelerator, student, last=i == len(micro) - 1):
-                    loss, _ = micro_batch_loss(student, None if apart else teacher, batch, divergence, denominator, cfg.train.ce_weight, unwrap)
+                    cached = cache.targets(parts[i], batch.response_mask.shape[1], accelerator.device) if cache is not None else None
+                    if cached is not None:  # the dataset's sequences: the teacher's top-K from the cache, no teacher forward
+                        loss, _ = cached_micro_batch_loss(student, batch, cached, divergence, denominator, cfg.train.ce_weight, unwrap)
+                    else:
+                        loss, _ = micro_batch_loss(student, None if apart else _live(teacher, source), batch, divergence, denominator, cfg.train.ce_weight, unwrap)
                     if lm_blocks is not None:
                         loss = loss + cfg.train.lm_weight * _lm_loss(student, lm_blocks, lm_rng, cfg.train.batch_size, accelerator) / len(micro)
                     accelerator.backward(loss)
@@ -273,7 +288,8 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
         unwrap(student).save_pretrained(folder, state_dict=state)
         student_tokenizer.save_pretrained(folder)
         if cfg.student.lora is not None and cfg.student.lora.save_merged:
-            merged = merge_adapter(load_model(cfg.student, "student", teacher=unwrap(teacher)), folder, "student")
+            base_teacher = unwrap(teacher) if teacher is not None else load_model(cfg.teacher, "teacher") if derives_from_teacher(cfg.student) else None
+            merged = merge_adapter(load_model(cfg.student, "student", teacher=base_teacher), folder, "student")
             merged.save_pretrained(folder / "merged")
             student_tokenizer.save_pretrained(folder / "merged")
 
@@ -283,6 +299,13 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     result = RunResult(out, run.step, time.perf_counter() - started, run.before, run.after, run.sources, run.last_loss, run.skipped, accelerator.is_main_process)
     report("end", {"output_dir": str(out), "seconds": result.seconds, "skipped": run.skipped})
     return result
+
+
+def _live(teacher, source: str):
+    """The loaded teacher, for sequences a cache does not hold."""
+    if teacher is None:
+        raise RuntimeError(f"a {source} step holds sequences the teacher cache lacks, and the policy said it never generates (generates = False)")
+    return teacher
 
 
 @torch.no_grad()
