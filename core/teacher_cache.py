@@ -175,6 +175,7 @@ def cache_settings(cfg, tokenizer, examples: list[Example], n_train: int, top_k:
         "teacher": cfg.teacher.ref,
         "teacher_adapter": cfg.teacher.adapter,
         "teacher_fingerprint": teacher_fingerprint(cfg.teacher),
+        "teacher_dtype": cfg.teacher.dtype,  # informative, and a resumed cache keeps it
         "tokenizer": cfg.tokenizer or cfg.teacher.ref,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocabulary": n_logits,
@@ -259,7 +260,7 @@ def prepare_cache_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> b
     return True
 
 
-def write_manifest(out: Path, settings: dict[str, Any], teacher_dtype: str, seconds: float) -> dict[str, Any]:
+def write_manifest(out: Path, settings: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Sum up the finished parts into ``manifest.json`` (written last, atomically)."""
     examples = tokens = size = 0
     parts = []
@@ -276,7 +277,6 @@ def write_manifest(out: Path, settings: dict[str, Any], teacher_dtype: str, seco
         "bytes": size,
         "bytes_per_token": round(size / max(tokens, 1), 1),
         "storage": {"logprobs": "float16", "ids": np.dtype(_ids_dtype(settings["vocabulary"])).name, "rest": "float32"},
-        "teacher_dtype": teacher_dtype,
         "parts": parts,
         "seconds": round(seconds, 1),
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -343,7 +343,8 @@ class TeacherCache:
 
     def check_run(self, cfg, tokenizer, examples: list[Example], n_logits: int) -> None:
         """One line of error unless this cache was made for this run: the same teacher, tokenizer,
-        vocabulary, temperature, and data with its tokenization (training and validation examples)."""
+        vocabulary and temperature, and every sequence of the run (training and validation examples,
+        as tokenized) in the cache; a run on part of the cached data is fine."""
         m, where = self.manifest, f"--teacher-cache {self.folder}"
         if teacher_fingerprint(cfg.teacher) != m["teacher_fingerprint"]:
             raise ConfigError(f"{where} was made with teacher {m['teacher']}{' + adapter ' + m['teacher_adapter'] if m.get('teacher_adapter') else ''}, "
@@ -354,11 +355,11 @@ class TeacherCache:
         if cfg.divergence.temperature != m["temperature"]:
             raise ConfigError(f"{where} holds the teacher at temperature {m['temperature']}, this run's divergence.temperature is "
                               f"{cfg.divergence.temperature}; set divergence.temperature={m['temperature']} or make the cache with --temperature {cfg.divergence.temperature}")
-        if data_fingerprint(examples) != m["fingerprint"]:
-            missing = len({example_key(e) for e in examples} - set(self.index))
+        missing = len({example_key(e) for e in examples} - set(self.index))
+        if missing:  # a run may use part of the cached data (fewer validation examples, say), nothing outside it
             d = m["data"]
             raise ConfigError(f"{where} was made from other data or another tokenization: {missing} of this run's {len(examples)} examples "
-                              f"are not in it (it holds {m['examples']}, from data.path {d['path']}, data.validation {d['validation']}, "
+                              f"are not in it (it holds {m['examples']} sequences from data.path {d['path']}, data.validation {d['validation']}, "
                               f"max_prompt_tokens {d['max_prompt_tokens']}, max_response_tokens {d['max_response_tokens']}); "
                               "use the same data settings or make the cache again")
 
@@ -468,6 +469,6 @@ def build_cache(cfg, out: str | Path, *, top_k: int, temperature: float = 1.0, b
     state.wait_for_everyone()
     manifest = None
     if state.is_main_process:
-        manifest = write_manifest(out, settings, str(next(teacher.parameters()).dtype).replace("torch.", ""), time.perf_counter() - started)
+        manifest = write_manifest(out, settings, time.perf_counter() - started)
     state.wait_for_everyone()
     return manifest
