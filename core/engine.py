@@ -172,7 +172,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     lm_rng = random.Random(seed + accelerator.process_index)
     rank_log = _rank_log(accelerator)
     report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out), "processes": accelerator.num_processes, "precision": precision,
-                     "mode": CROSS_TOKENIZER_NOTE if apart else None})
+                     "mode": CROSS_TOKENIZER_NOTE if apart else cache.note(loaded=teacher is not None) if cache is not None else None})
 
     if saved is None:
         # --- evaluate before training: the "before" numbers and the adaptive policy's reference loss

@@ -323,6 +323,12 @@ class TeacherCache:
                 self.index[key] = (number, offset, n)
                 offset += n
 
+    def note(self, *, loaded: bool) -> str:
+        """The start line's word on the cache."""
+        teacher = "the live teacher answers generated sequences" if loaded else "the teacher is not loaded (the policy never generates)"
+        return (f"teacher cache {self.folder} (top-{self.top_k}, {self.manifest['examples']:,} sequences): dataset sequences read it, {teacher}; "
+                f"divergences, validation ones included, are over the top {self.top_k} + 1 outcomes")
+
     def __contains__(self, example: Example) -> bool:
         return example_key(example) in self.index
 

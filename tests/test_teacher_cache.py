@@ -307,3 +307,13 @@ def test_two_processes_split_the_cache(tiny, cache_k8, tmp_path):
     assert torch.allclose(a[..., :8], b[..., :8], atol=1e-2) and torch.allclose(a[..., 16], b[..., 16], atol=1e-3)
     assert (a[..., 8:16] == b[..., 8:16]).float().mean() > 0.95
 
+
+
+def test_which_policies_need_the_live_teacher_with_a_cache():
+    from distill.teacher_cache import policy_generates
+
+    assert not policy_generates(distill.get_policy("offpolicy"))
+    assert not policy_generates(distill.get_policy("mixed", prob=0.0))
+    assert policy_generates(distill.get_policy("mixed", prob=0.5))
+    assert policy_generates(distill.get_policy("adaptive_offpolicy"))  # phi may rise: it generates then
+    assert policy_generates(object())  # a plugin that does not say: assumed to generate
