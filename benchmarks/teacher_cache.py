@@ -97,12 +97,15 @@ def run_case(args, registry, recipe: str, cache: Path | None, scratch: Path) -> 
     return [m["seconds"] for m in metrics if m["step"] > args.warmup]
 
 
-def steps(args) -> dict[str, Any]:
+def steps(args, output: Path) -> dict[str, Any]:
+    """Time every case; the JSON is rewritten after each case (``"complete": false`` until the last)."""
     import distill
 
     registry = distill.default_registry()
     cache = ensure_cache(args, registry)
     seconds: dict[str, dict[str, list[float]]] = {r: {"live": [], "cache": []} for r in args.recipes}
+    record = {"environment": environment(), "settings": settings_record(case_config(args, registry, recipe="kd")), "cache": cache_record(cache),
+              "warmup": args.warmup, "rounds": args.rounds, "targets": TARGETS, "complete": False}
     scratch = Path(tempfile.mkdtemp(prefix="teacher-cache-bench-"))
     try:
         for round_ in range(args.rounds):
@@ -111,18 +114,25 @@ def steps(args) -> dict[str, Any]:
                     times = run_case(args, registry, recipe, cache if variant == "cache" else None, scratch)
                     seconds[recipe][variant].extend(times)
                     print(f"  round {round_ + 1} {recipe:<9} {variant:<5} {statistics.mean(times):7.2f} s/step", flush=True)
+                    record["recipes"] = _rows(seconds)
+                    write_json(output, record)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    rows = []
-    for recipe in args.recipes:
-        live, cached = seconds[recipe]["live"], seconds[recipe]["cache"]
-        rows.append({"recipe": recipe, "live_seconds": live, "cache_seconds": cached, "live_mean": mean(live), "cache_mean": mean(cached),
-                     "live_median": statistics.median(live), "cache_median": statistics.median(cached),
-                     "ratio_mean": mean(cached) / mean(live), "ratio_median": statistics.median(cached) / statistics.median(live)})
-    record = {"environment": environment(), "settings": settings_record(case_config(args, registry, recipe="kd")), "cache": cache_record(cache),
-              "steps_timed": args.steps * args.rounds, "warmup": args.warmup, "rounds": args.rounds, "recipes": rows, "targets": TARGETS}
+    record.update(complete=True, steps_timed=args.steps * args.rounds)
     print_steps(record)
     return record
+
+
+def _rows(seconds: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    rows = []
+    for recipe, times in seconds.items():
+        live, cached = times["live"], times["cache"]
+        row: dict[str, Any] = {"recipe": recipe, "live_seconds": live, "cache_seconds": cached}
+        if live and cached:
+            row.update(live_mean=mean(live), cache_mean=mean(cached), live_median=statistics.median(live), cache_median=statistics.median(cached),
+                       ratio_mean=mean(cached) / mean(live), ratio_median=statistics.median(cached) / statistics.median(live))
+        rows.append(row)
+    return rows
 
 
 def print_steps(record: dict[str, Any]) -> None:
@@ -186,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args)
     if args.part == "quality" and not (args.live and args.cached):
         parser.error("quality needs --live RUN and --cached RUN")
-    record = steps(args) if args.part == "steps" else quality(args)
     output = Path(args.output) if args.output else RESULTS / f"teacher_cache_{args.part}.json"
+    record = steps(args, output) if args.part == "steps" else quality(args)
     write_json(output, record)
     print(f"wrote {output}")
 
