@@ -80,6 +80,7 @@ def run(
     policy: Optional[str] = typer.Option(None, "--policy", help="Sampling policy name (distill list policies)."),
     policy_params: list[str] = typer.Option([], "-P", help="Policy parameter key=value (repeatable)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model directory or hub id."),
+    teacher_cache: Optional[str] = typer.Option(None, "--teacher-cache", help="A folder from distill cache-teacher: dataset steps read it instead of running the teacher."),
     student: Optional[str] = typer.Option(None, "--student", help="Student model directory or hub id."),
     data: Optional[str] = typer.Option(None, "--data", help="Training data (JSON Lines with prompt/response or messages)."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where the run's files go."),
@@ -103,6 +104,8 @@ def run(
         policy_params=policy_params, teacher=teacher, student=student, data=data, output_dir=output_dir,
         max_steps=max_steps, seed=seed, settings=settings,
     )
+    if teacher_cache is not None:
+        flags.setdefault("teacher", {})["cache"] = teacher_cache
     resolved = resolve_resume_config(config, flags, overwrite) if resume else resolve_config(config, flags)
     reporter = make_reporter(console, resolved.train.max_steps)
     try:
@@ -111,6 +114,45 @@ def run(
         reporter.close()
     if result.main_process:  # under `accelerate launch`, one summary
         console.print(summary_table(result, wall_seconds=time.perf_counter() - started))
+
+
+@app.command("cache-teacher")
+@user_errors
+def cache_teacher(
+    output_dir: str = typer.Option(..., "--output-dir", "-o", help="Folder for the cache (manifest.json and parts/)."),
+    top_k: int = typer.Option(64, "--top-k", help="Teacher log-probs kept per response position (the rest is one outcome)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML, TOML or JSON config (its teacher, tokenizer, data and seed)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model directory or hub id (default: the embedded default's)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data (JSON Lines with prompt/response or messages)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the validation split (as distill run --seed)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Divides the teacher's logits (a run's divergence.temperature must match)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per teacher forward."),
+    settings: list[str] = typer.Option([], "--set", help="Any config key, e.g. data.max_response_tokens=128 (repeatable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache in --output-dir."),
+) -> None:
+    """Run the teacher once over the data's responses and store its top-K log-probs per position,
+    for distill run --teacher-cache. Interrupted, the same command continues it."""
+    from transformers.utils import logging as hf_logging
+
+    from distill.cli.cache_cmd import manifest_table, resolve_cache_config
+    from distill.cli.run_cmd import flag_layer, make_reporter
+    from distill.teacher_cache import build_cache
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    started = time.perf_counter()
+    flags = flag_layer(recipe=None, divergence=None, divergence_params=[], policy=None, policy_params=[], teacher=teacher, student=None,
+                       data=data, output_dir=None, max_steps=None, seed=seed, settings=settings)
+    resolved = resolve_cache_config(config, flags)
+    reporter = make_reporter(console, 0)
+    try:
+        manifest = build_cache(resolved, output_dir, top_k=top_k, temperature=temperature, batch_size=batch_size, overwrite=overwrite,
+                               progress=lambda phase, done, total: reporter("progress", {"phase": phase, "done": done, "total": total}),
+                               report=lambda message: console.print(message, soft_wrap=True, highlight=False))
+    finally:
+        reporter.close()
+    if manifest is not None:  # the main process (under accelerate launch)
+        console.print(manifest_table(manifest, output_dir, time.perf_counter() - started))
 
 
 @app.command("eval")

@@ -46,6 +46,10 @@ class ModelSpec(_Section):
         "one that differs from the teacher's allows sequence-level KD only (--recipe seqkd)"
     )
     lora: LoraSpec | None = Field(None, description="student only: train LoRA adapters instead of every weight")
+    cache: str | None = Field(
+        None, description="teacher only: a folder written by distill cache-teacher; steps on the dataset's sequences read the teacher's "
+        "top-K log-probs from it (divergences on K+1 outcomes) instead of running the teacher, which is loaded only if the policy generates"
+    )
     freeze: list[str] = Field(
         default_factory=list,
         description="student only: parameters kept fixed; 'embeddings' (input and output embeddings) or glob patterns over parameter names",

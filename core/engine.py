@@ -34,6 +34,7 @@ from distill.errors import ConfigError, RunStopped
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
 from distill.policy import SamplingContext, as_groups
 from distill.registry import Registry, default_registry
+from distill.teacher_cache import TeacherCache, cached_micro_batch_loss, derives_from_teacher, policy_generates
 from distill.vocabulary import TextBridge, check_data_ids, cross_tokenizer_error, mismatch, student_tokenizer_ref
 
 
@@ -87,6 +88,8 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     divergence = objective.default  # and for evaluation
     policy = registry.get_policy(cfg.policy.name, **cfg.policy.params)
     objective.check_sources(policy, cfg.policy.name)
+    # with a teacher cache, dataset sequences need no teacher; a policy that never generates never loads it
+    cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
     accelerator = _accelerator(cfg)
     if not accelerator.is_main_process:
         report = lambda kind, record: None  # one console: the main process's
@@ -94,9 +97,10 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
         report("warning", {"message": precision_warning})
     set_seed(seed)
     policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
-    teacher = load_model(cfg.teacher, "teacher")  # first: a wrong --teacher is named as such, not as a tokenizer
+    teacher = load_model(cfg.teacher, "teacher") if cache is None or policy_generates(policy) else None  # first: a wrong --teacher is named as such
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)  # the teacher's
-    student = _load_student(cfg.student, checkpoint, teacher)
+    # a prune:K student is cut from the teacher: loaded for that alone when the run needs no teacher
+    student = _load_student(cfg.student, checkpoint, teacher if teacher is not None or not derives_from_teacher(cfg.student) else load_model(cfg.teacher, "teacher"))
     own = student_tokenizer_ref(cfg.student, cfg.student.tokenizer)
     student_tokenizer = load_tokenizer(own) if own else tokenizer
     # one vocabulary (logit-level), or text in between (sequence-level KD across tokenizers)
@@ -104,7 +108,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     apart = difference is not None
     if apart and getattr(policy, "name", None) != "teacher":
         raise cross_tokenizer_error(difference, cfg.policy.name)
-    heads = (vocab_size(teacher), vocab_size(student))
+    heads = (vocab_size(teacher) if teacher is not None else len(tokenizer), vocab_size(student))
     n_logits = share_vocabulary(teacher, student, tokenizer, student_tokenizer, shared=not apart)
     if own is None and not str(cfg.student.ref or "").startswith("prune:") and heads[0] != heads[1]:
         report("warning", {"message": f"the student's folder has no tokenizer, so the teacher's is assumed; their heads differ "
@@ -117,6 +121,10 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     train_set, val_set, dropped = load_examples(cfg.data, data_tokenizer, seed)
     if not apart and len(student_tokenizer) != len(tokenizer):
         check_data_ids(train_set + val_set, n_logits, "student" if len(student_tokenizer) < len(tokenizer) else "teacher")
+    if cache is not None:  # before anything is written: a cache of another teacher, tokenizer or data is refused
+        if apart:
+            raise ConfigError("--teacher-cache: holds log-probs over the teacher's tokens; a student with another tokenizer trains on generated text, drop the cache")
+        cache.check_run(cfg, tokenizer, train_set + val_set, n_logits)
     lm_blocks = load_lm_corpus(cfg.data.lm_path, student_tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens) if cfg.data.lm_path and cfg.train.lm_weight > 0 else None
     lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if cfg.data.group_by_length != "off" else None
     sampler = BatchSampler(len(train_set), cfg.train.batch_size, seed, accelerator.process_index, accelerator.num_processes, lengths, cfg.train.grad_accum,
@@ -141,7 +149,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     student.train()  # from_pretrained returns eval mode; dropout (GPT-2) belongs to training
-    teacher = _prepare_teacher(accelerator, teacher)
+    teacher = _prepare_teacher(accelerator, teacher) if teacher is not None else None
     unwrap = accelerator.unwrap_model
     synced = synced_generation(accelerator)
     inference_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cfg.generation.inference_copy and not synced else None
@@ -151,7 +159,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     # even: a policy may ask the processes for different numbers of responses (contrastive's kept ones)
     context = SamplingContext(lambda ex: generate(student, ex, even=True), lambda ex: generate(teacher, ex, even=True))
     progress = lambda phase, done, total: report("progress", {"phase": phase, "done": done, "total": total})  # long passes
-    ends = {"teacher": set(generate.stop_ids(teacher)), "student": set(generate.stop_ids(student))}
+    ends = {"teacher": set(generate.stop_ids(teacher)) if teacher is not None else set(), "student": set(generate.stop_ids(student))}
     if apart:  # the teacher answers in its own tokens; the student trains on that text in its own
         generate_teacher = ResponseGenerator(tokenizer, cfg.generation, generation_batch, unwrap, synced, _full_params(accelerator), inference_dtype)
         bridge = TextBridge(tokenizer, student_tokenizer, cfg.data, generate_teacher.stop_ids(teacher))
@@ -167,10 +175,12 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
     evaluator = Evaluator(val_set, data_tokenizer, divergence, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator, kl=registry.get_divergence("kl"),
                           rouge_before=cfg.eval.rouge_before, progress=progress, fused=fused, rouge_draws=cfg.eval.rouge_draws, seed=seed)
     evaluate = functools.partial(evaluator, with_teacher=not apart)
+    if cache is not None:  # validation divergences from the cache too (coarse, like training's)
+        evaluate = lambda student, _teacher, **options: evaluator(student, cache, with_teacher=True, **options)  # noqa: E731
     lm_rng = random.Random(seed + accelerator.process_index)
     rank_log = _rank_log(accelerator)
     report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out), "processes": accelerator.num_processes, "precision": precision,
-                     "mode": CROSS_TOKENIZER_NOTE if apart else None, "head": head_line})
+                     "mode": CROSS_TOKENIZER_NOTE if apart else cache.note(loaded=teacher is not None) if cache is not None else None, "head": head_line})
 
     if saved is None:
         # --- evaluate before training: the "before" numbers and the adaptive policy's reference loss
@@ -200,9 +210,13 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
         report("checkpoint", {"step": step, "path": str(path), "bytes": size})
         return path
 
-    def micro_loss(batch, term, denominator: float, weight: float):
-        return micro_batch_loss(student, None if apart else teacher, batch, term.divergence, denominator, term.ce_weight, unwrap,
-                                kd_weight=cfg.train.kd_weight * weight, normalize=cfg.train.normalize, fused=fused)
+    def micro_loss(batch, term, denominator: float, weight: float, source: str, examples: list):
+        options = {"kd_weight": cfg.train.kd_weight * weight, "normalize": cfg.train.normalize}
+        cached = cache.targets(examples, batch.response_mask.shape[1], accelerator.device) if cache is not None and not apart else None
+        if cached is not None:  # the dataset's sequences: the teacher's top-K from the cache, no teacher forward
+            return cached_micro_batch_loss(student, batch, cached, term.divergence, denominator, term.ce_weight, unwrap, **options)
+        return micro_batch_loss(student, None if apart else _live(teacher, source), batch, term.divergence, denominator, term.ce_weight, unwrap,
+                                fused=fused, **options)
 
     lm_loss = None if lm_blocks is None else lambda n: _lm_loss(student, lm_blocks, lm_rng, cfg.train.batch_size, accelerator) / n
 
@@ -216,11 +230,12 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             examples = [train_set[i] for _ in range(cfg.train.grad_accum) for i in next(batches)]
             groups = as_groups(policy.sample(step, cfg.train.max_steps, examples, context), cfg.policy.name)  # {source: examples}
             source = "+".join(groups)
+            examples_of = {s: [group[i: i + cfg.train.batch_size] for i in range(0, len(group), cfg.train.batch_size)] for s, group in groups.items()}
             micro = {s: [collate(group[i: i + cfg.train.batch_size], data_tokenizer.pad_token_id).to(accelerator.device) for i in range(0, len(group), cfg.train.batch_size)]
                      for s, group in groups.items()}
             # --- forward and backward; each group's term is normalised once, by its global token (or sequence) count
             counts = group_counts(micro, accelerator)
-            step_loss, terms = _backward_groups(micro, counts, objective, step, cfg, accelerator, student, micro_loss, lm_loss)
+            step_loss, terms = _backward_groups(micro, counts, objective, step, cfg, accelerator, student, micro_loss, lm_loss, examples_of)
             # --- one optimizer step, never with a non-finite loss or gradient (that would ruin the weights)
             norm = accelerator.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm) if cfg.train.max_grad_norm > 0 else None
             finite = math.isfinite(step_loss) and (norm is None or math.isfinite(float(norm)))
@@ -289,7 +304,8 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
         unwrap(student).save_pretrained(folder, state_dict=state)
         student_tokenizer.save_pretrained(folder)
         if cfg.student.lora is not None and cfg.student.lora.save_merged:
-            merged = merge_adapter(load_model(cfg.student, "student", teacher=unwrap(teacher)), folder, "student")
+            base_teacher = unwrap(teacher) if teacher is not None else load_model(cfg.teacher, "teacher") if derives_from_teacher(cfg.student) else None
+            merged = merge_adapter(load_model(cfg.student, "student", teacher=base_teacher), folder, "student")
             merged.save_pretrained(folder / "merged")
             student_tokenizer.save_pretrained(folder / "merged")
 
@@ -302,24 +318,25 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
 
 
 def _backward_groups(micro: dict[str, list], counts: dict[str, tuple[float, float]], objective: Objective, step: int, cfg: RunConfig, accelerator,
-                     student, micro_loss, lm_loss) -> tuple[float, dict[str, float]]:
+                     student, micro_loss, lm_loss, examples_of: dict[str, list]) -> tuple[float, dict[str, float]]:
     """Forward and backward of every micro-batch of every group of one optimizer step.
 
-    ``micro_loss(batch, term, denominator, weight)`` is one micro-batch's loss (``micro_batch_loss``);
+    ``micro_loss(batch, term, denominator, weight, source, examples)`` is one micro-batch's loss
+    (``micro_batch_loss``; ``examples``: the micro-batch's, which ``examples_of[source]`` lists);
     ``lm_loss(n)`` the auxiliary LM loss share of one of ``n`` micro-batches (None: no LM loss). Returns the
     step's loss (weighted terms, cross-entropy, LM loss) and each group's unweighted term value
     (its divergence, or its cross-entropy without a teacher), both averaged over processes.
     """
-    batches = [(s, batch) for s, group in micro.items() for batch in group]
+    batches = [(s, batch, examples_of[s][j]) for s, group in micro.items() for j, batch in enumerate(group)]
     step_loss = torch.zeros((), device=accelerator.device)
     terms = torch.zeros(len(micro), dtype=torch.float64)
     index = {s: i for i, s in enumerate(micro)}
-    for i, (s, batch) in enumerate(batches):
+    for i, (s, batch, examples) in enumerate(batches):
         term = objective.term(s)
         denominator = group_denominator(counts[s], cfg.train.normalize, accelerator.num_processes)
         # each backward() adds to the gradients, so only the last micro-batch synchronises them
         with _accumulating(accelerator, student, last=i == len(batches) - 1):
-            loss, parts = micro_loss(batch, term, denominator, term.weight(step, cfg.train.max_steps, objective.curriculum))
+            loss, parts = micro_loss(batch, term, denominator, term.weight(step, cfg.train.max_steps, objective.curriculum), s, examples)
             if lm_loss is not None:
                 loss = loss + cfg.train.lm_weight * lm_loss(len(batches))
             accelerator.backward(loss)
@@ -339,6 +356,13 @@ def _eval_schedule(every: int | str, micro_per_epoch: int, grad_accum: int) -> C
     if every == "epoch":
         return lambda step: step * grad_accum // micro_per_epoch > (step - 1) * grad_accum // micro_per_epoch
     return lambda step: bool(every) and step % every == 0
+
+
+def _live(teacher, source: str):
+    """The loaded teacher, for sequences a cache does not hold."""
+    if teacher is None:
+        raise RuntimeError(f"a {source} step holds sequences the teacher cache lacks, and the policy said it never generates (generates = False)")
+    return teacher
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from distill.data import Example, collate
 from distill.loss import divergence_loss
 from distill.objective import response_logits, token_cross_entropy
 from distill.progress import Progress
+from distill.teacher_cache import TeacherCache, coarse_divergence_loss
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
@@ -92,21 +93,23 @@ class Evaluator:
             chunk = self.examples[i * self.batch_size: (i + 1) * self.batch_size]
             batch = collate(chunk or self.stand_in, self.tokenizer.pad_token_id)
             batch = batch.to(next(self.unwrap(student).parameters()).device)
-            if self.fused is not None:
+            cached = isinstance(teacher, TeacherCache) and with_teacher
+            if self.fused is not None and not cached:
                 sums = self._fused_sums(student, teacher if with_teacher else None, batch)
             else:
                 logits = response_logits(student, batch, self.unwrap)
-                teacher_logits = response_logits(teacher, batch, self.unwrap) if with_teacher else None
+                teacher_logits = self._teacher_side(teacher, chunk or self.stand_in, batch) if with_teacher else None
             if not chunk:
                 continue  # a stand-in batch: its forwards match the other processes' (collectives under sharding)
-            if self.fused is not None:
+            if self.fused is not None and not cached:
                 ce_sum, div_sum, kl_sum = ce_sum + sums["ce"], div_sum + sums.get("divergence", 0.0), kl_sum + sums.get("kl", 0.0)
             else:
                 ce_sum += float(token_cross_entropy(logits, batch.labels, batch.response_mask, n_tokens=1.0))
                 if with_teacher:
-                    div_sum += float(divergence_loss(self.divergence, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
+                    loss = coarse_divergence_loss if cached else divergence_loss
+                    div_sum += float(loss(self.divergence, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
                     if self.kl is not None:
-                        kl_sum += float(divergence_loss(self.kl, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
+                        kl_sum += float(loss(self.kl, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
             tokens += batch.n_tokens
             if self.progress:
                 self.progress("validation examples", min((i + 1) * self.batch_size, len(self.examples)), len(self.examples))
@@ -129,6 +132,15 @@ class Evaluator:
         divergences = {"divergence": self.divergence, **({"kl": self.kl} if self.kl is not None else {})} if teacher is not None else {}
         return fused_sums(self.fused.student, hidden, self.fused.teacher if teacher is not None else None, teacher_hidden,
                           batch.response_mask, batch.labels, divergences)
+
+    def _teacher_side(self, teacher, examples: list[Example], batch) -> torch.Tensor:
+        """The teacher's logits ``[B, R, V]``, or from a ``TeacherCache`` its packed top-K ``[B, R, 2K + 1]``."""
+        if not isinstance(teacher, TeacherCache):
+            return response_logits(teacher, batch, self.unwrap)
+        packed = teacher.targets(examples, batch.response_mask.shape[1], batch.input_ids.device)
+        if packed is None:
+            raise RuntimeError("a validation sequence is missing from the teacher cache (TeacherCache.check_run lets no such run start)")
+        return packed
 
     def _rouge(self, rouge: str, student=None) -> dict[str, float]:
         """ROUGE-L of greedy answers: ``rouge_l`` over the pass's prompts, ``rouge_prompts`` their

@@ -52,7 +52,10 @@ class SamplingPolicy(Protocol):
     names (the adaptive policy's ``sgo_prob``). ``state_dict`` / ``load_state_dict`` carry
     everything needed to resume exactly (probabilities, buffers, generator state).
     ``distill.policy.RandomPolicy`` is the base class: it gives ``reseed``, ``metrics`` (none),
-    ``observe_eval`` (nothing) and the generator's state.
+    ``observe_eval`` (nothing) and the generator's state. An optional ``generates`` attribute, false
+    when the policy never trains on generated sequences (``offpolicy``), lets a run on a teacher
+    cache (``distill run --teacher-cache``) skip loading the teacher; without it a policy is assumed
+    to generate.
     """
 
     name: ClassVar[str]

@@ -35,6 +35,8 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
             raise ConfigError("teacher.tokenizer: the teacher's tokenizer is set by tokenizer=DIR (student.tokenizer is the student's own)")
         if role == "teacher" and spec.freeze:
             raise ConfigError("teacher.freeze: the teacher is always frozen; set student.freeze instead")
+        if role == "student" and spec.cache:
+            raise ConfigError("student.cache: a cache holds the teacher's log-probs; set teacher.cache=DIR (--teacher-cache DIR)")
         if spec.lora is not None and spec.freeze:
             raise ConfigError("student.freeze: with student.lora only the adapters train already; drop one of the two")
         model = load_model(spec.ref, role, getattr(torch, _concrete_dtype(spec.dtype, role)), teacher=teacher)
@@ -197,9 +199,12 @@ def check_vocabularies(teacher, student, tokenizer, student_tokenizer=None) -> i
     """The number of logits teacher and student are compared over: the tokenizers' shared ids (one
     tokenizer: its ``len``), the first rows of both heads. Heads may have more rows than their
     tokenizer has tokens (padded to a multiple of 64 or 128, as Qwen2.5's are), and differ in that
-    padding; a head smaller than its tokenizer is an error."""
+    padding; a head smaller than its tokenizer is an error. ``teacher`` None (a run on a teacher
+    cache that never loads it): the student alone is checked."""
     student_tokenizer = student_tokenizer or tokenizer
     for role, model, its_tokenizer in (("teacher", teacher, tokenizer), ("student", student, student_tokenizer)):
+        if model is None:
+            continue
         n, rows = len(its_tokenizer), vocab_size(model)
         if rows < n:
             raise ConfigError(f"the tokenizer has {n} tokens but the {role}'s output head only {rows} rows; "
@@ -213,11 +218,13 @@ def share_vocabulary(teacher, student, tokenizer, student_tokenizer=None, *, sha
     model's logits are its own tokenizer's ids; returns the student's number."""
     n = check_vocabularies(teacher, student, tokenizer, student_tokenizer)
     if not shared:
-        trim_head(teacher, len(tokenizer))
+        if teacher is not None:
+            trim_head(teacher, len(tokenizer))
         trim_head(student, len(student_tokenizer))
         return len(student_tokenizer)
     for model in (teacher, student):
-        trim_head(model, n)
+        if model is not None:
+            trim_head(model, n)
     return n
 
 
@@ -259,6 +266,8 @@ def check_stop_ids(teacher, student, tokenizer, n_logits: int, student_tokenizer
     apart = student_tokenizer is not None and student_tokenizer is not tokenizer
     found, limits = {}, {}
     for role, model, its_tokenizer in (("teacher", teacher, tokenizer), ("student", student, student_tokenizer or tokenizer)):
+        if model is None:  # a teacher a cache stands in for: it generates nothing
+            continue
         found[role] = stop_ids(model, its_tokenizer)
         limits[role] = len(its_tokenizer) if apart else n_logits
     for role, ids in found.items():
@@ -266,7 +275,7 @@ def check_stop_ids(teacher, student, tokenizer, n_logits: int, student_tokenizer
         if outside:
             raise ConfigError(f"the {role}'s stop id {outside[0]} (generation_config.eos_token_id) lies outside the {limits[role]} "
                               f"logits it is trained on (the tokenizer's tokens); fix the {role}'s generation_config.json or use its own tokenizer")
-    if not apart and set(found["teacher"]) != set(found["student"]):
+    if not apart and "teacher" in found and set(found["teacher"]) != set(found["student"]):
         return (f"teacher and student end responses on different ids (teacher {_shown(found['teacher'])}, student {_shown(found['student'])}); "
                 "each model's own ids end the responses it generates")
     return None

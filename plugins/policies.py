@@ -27,6 +27,7 @@ class OffPolicy(RandomPolicy):
     name = "offpolicy"
     sources = ("dataset",)
     Params = _NoParams
+    generates = False  # with a teacher cache, the teacher is never loaded
 
     def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
         return examples, "dataset"
@@ -71,6 +72,7 @@ class Mixed(RandomPolicy):
 
     def __init__(self, params: "Mixed.Params") -> None:
         super().__init__(params)
+        self.generates = params.prob > 0  # prob 0 never generates: with a teacher cache, no teacher is loaded
         self.buffer = ReplayBuffer(params.capacity) if params.replay else None
 
     def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):

@@ -333,3 +333,33 @@ def test_fused_head_measures_fused_today_and_peer_and_a_whole_run(tmp_path):
     assert run["fused"]["head"].startswith("fused head: on") and run["full"]["head"] == "fused head: off (train.fused_head=false): full logits"
     for name in ("fused", "full"):
         assert run[name]["start_rss_bytes"] > 0 and run[name]["seconds"] > 0
+
+
+def test_teacher_cache_benchmark_times_both_variants_and_compares_full_vocabulary_kl(tmp_path, single_thread):
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    teacher_cache = load_script("teacher_cache")
+    tiny = make_pair(tmp_path)
+    settings = ["--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]), "--batch-size", "4"]
+    cache = tmp_path / "cache"
+    teacher_cache.main([*settings, "--cache", str(cache), "--top-k", "8", "--steps", "1", "--warmup", "0", "--output", str(tmp_path / "steps.json")])
+    record = json.loads((tmp_path / "steps.json").read_text())
+    assert record["complete"] and [r["recipe"] for r in record["recipes"]] == ["kd", "distillm"]
+    assert all(len(r["live_seconds"]) == len(r["cache_seconds"]) == 1 and r["ratio_mean"] > 0 for r in record["recipes"])
+    assert record["cache"]["top_k"] == 8 and record["cache"]["payload_bytes_per_token"] == 36 and record["cache"]["bytes_per_token"] >= 36
+    runs = {}
+    for name, extra in (("live", []), ("cached", ["--teacher-cache", str(cache)])):
+        runs[name] = tmp_path / name
+        result = CliRunner().invoke(app, ["run", "--recipe", "kd", *settings[:6], "--max-steps", "2", "--set", "train.batch_size=4",
+                                          "--set", "eval.every=0", "-o", str(runs[name]), *extra])
+        assert result.exit_code == 0, result.output
+    teacher_cache.main(["quality", "--live", str(runs["live"]), "--cached", str(runs["cached"]), "--output", str(tmp_path / "quality.json")])
+    quality = json.loads((tmp_path / "quality.json").read_text())
+    assert quality["live"]["val_kl_full"] > 0 and quality["cached"]["val_kl_full"] > 0
+    assert quality["relative_difference"] == pytest.approx(quality["cached"]["val_kl_full"] / quality["live"]["val_kl_full"] - 1)
+    # the cached run logged the coarse KL, which is at most the full one of the same student
+    assert quality["cached"]["logged_val_kl"] <= quality["cached"]["val_kl_full"] * 1.01
+    with pytest.raises(SystemExit):  # not the same settings: refused
+        teacher_cache.main(["quality", "--live", str(runs["cached"]), "--cached", str(runs["live"]), "--output", str(tmp_path / "no.json")])

@@ -312,7 +312,8 @@ def test_sft_trains_on_cross_entropy_alone_and_never_runs_the_teacher_in_a_step(
 
     monkeypatch.setattr(objective, "response_logits", counted)
     monkeypatch.setattr(objective, "divergence_loss", lambda *a, **k: pytest.fail("sft computed a divergence in a training step"))
-    result = run_cli(tiny, tmp_path / "run", "--recipe", "sft", "--max-steps", "2")
+    # full logits, whose forwards response_logits counts (the fused heads' kd_weight 0: tests/test_fused.py)
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "sft", "--max-steps", "2", "--set", "train.fused_head=false")
     assert result.exit_code == 0, result.output
     assert seen and set(seen) == {1}  # the 1-layer student only: the 2-layer teacher never ran in a step
     config = (tmp_path / "run" / "config.yaml").read_text()

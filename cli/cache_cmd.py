@@ -1,0 +1,42 @@
+"""``distill cache-teacher``: flags -> a config (the data settings a run uses) -> a teacher cache, with
+progress and a summary."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from rich.table import Table
+
+import distill
+from distill.builtin import DEFAULT_RUN
+from distill.config import build_config, read_config_file
+
+
+def resolve_cache_config(config_file: Optional[str], flags: dict[str, Any]) -> "distill.config.RunConfig":
+    """config file < flags, like ``distill run`` (the same file gives the same data settings and
+    split); without a teacher anywhere, the embedded default's teacher and data."""
+    from distill.cli.run_cmd import _names_model
+
+    file_layer = read_config_file(config_file) if config_file else {}
+    layers = [] if _names_model(flags.get("teacher")) or _names_model(file_layer.get("teacher")) else [DEFAULT_RUN]
+    return build_config([*layers, file_layer, flags])
+
+
+def manifest_table(manifest: dict[str, Any], out: str, seconds: float) -> Table:
+    table = Table(title="distill cache-teacher summary", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    storage = manifest["storage"]
+    rows = [
+        ("teacher", f"{manifest['teacher']} ({manifest['teacher_dtype']})"),
+        ("top-k", str(manifest["top_k"])),
+        ("sequences (train + validation)", f"{manifest['examples']:,} ({manifest['train_examples']:,} + {manifest['validation_examples']:,} examples)"),
+        ("response tokens", f"{manifest['tokens']:,}"),
+        ("bytes", f"{manifest['bytes']:,} ({manifest['bytes'] / 1e6:,.1f} MB)"),
+        ("bytes per token", f"{manifest['bytes_per_token']:.1f} (log-probs {storage['logprobs']}, ids {storage['ids']}, rest {storage['rest']})"),
+        ("wall time", f"{seconds:.1f} s"),
+        ("output", out),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
