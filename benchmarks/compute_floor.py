@@ -192,8 +192,10 @@ def distill_observers(work: WorkCounter) -> list[tuple[object, str, Callable[...
     from distill.generation import ResponseGenerator
 
     def forward(logits, model, batch, unwrap=lambda m: m) -> None:
-        role = "student" if torch.is_grad_enabled() else "teacher"
-        work.model(role, unwrap(model))
+        # by its weights, not by grad mode: the fused heads' start-up check runs the student without gradients
+        inner = unwrap(model)
+        role = "student" if any(p.requires_grad for p in inner.parameters()) else "teacher"
+        work.model(role, inner)
         work.trained(role, int(batch.attention_mask.sum()), int(batch.response_mask.sum()))
 
     def generation(answers, generator, model, examples, **_) -> None:

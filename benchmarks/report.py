@@ -228,7 +228,48 @@ def quality_section(quality: dict, results: Path, out_dir: Path) -> list[str]:
     return lines
 
 
-def render(steps: dict[str, dict], quality: dict | None, memory: dict | None, results: Path, out_dir: Path) -> str:
+STUDY_NOTES = HERE / "study_notes.md"
+"""The reading of the study's results, written by hand; appended to its section."""
+
+
+def study_section(study: dict, results: Path, out_dir: Path) -> list[str]:
+    """``study.py``'s summary (mean over seeds, min-max), its plots and the reading written by hand."""
+    s = study.get("settings", {})
+    done = len(study.get("runs", []))
+    state = "complete" if study.get("complete") else f"in progress: {done} run(s) finished so far (the study resumes where it stopped)"
+    lines = ["## The paper's claims at small scale (`study.py`)", "",
+             f"{environment_line(study['environment'])}. Status: {state}.", "",
+             (f"Student `{s.get('student')}` after {s.get('init_steps')} steps of sft; {s.get('train_prompts')} training prompts x "
+              f"{s.get('epochs')} epochs ({s.get('steps')} steps of 8), evaluated once per epoch on {s.get('val_prompts')} validation "
+              f"prompts; lr {s.get('lr')} (cosine, warmup {s.get('warmup')}) for every recipe, not tuned (grid: {s.get('lr_grid')}); "
+              f"ROUGE-L on {s.get('rouge_samples')} prompts, greedy and sampled ({s.get('draws')} draws at temperature 1); "
+              f"{s.get('threads') or 'default'} torch thread(s)."), ""]
+    rows = [["budget", "recipe", "seeds", "steps", "s/step", "student share", "max φ", "ROUGE-L greedy", "ROUGE-L sampled", "token KL", "val CE"]]
+
+    def cell(row: dict, key: str, fmt: str) -> str:
+        if key not in row:
+            return "-"
+        lo, hi = row[key + "_range"]
+        return fmt.format(row[key]) + (f" ({fmt.format(lo)}-{fmt.format(hi)})" if len(row["seeds"]) > 1 else "")
+
+    for r in study.get("summary", []):
+        rows.append([r["budget"], r["recipe"], ",".join(map(str, r["seeds"])), f"{r.get('steps', 0):.0f}", cell(r, "seconds_per_step", "{:.2f}"),
+                     f"{100 * r.get('student_share', 0):.0f}%", f"{r.get('max_sgo_prob', 0):.1f}", cell(r, "rouge_l_greedy", "{:.1f}"),
+                     cell(r, "rouge_l_sampled", "{:.1f}"), cell(r, "token_kl", "{:.3f}"), cell(r, "val_ce", "{:.3f}")])
+    runs = study.get("runs", [])
+    if runs:
+        start = runs[0]["before"]
+        lines += [f"The shared start (after its sft): val CE {start.get('val_loss', float('nan')):.3f}, token KL "
+                  f"{start.get('val_kl', float('nan')):.3f}.", ""]
+    lines += [markdown_table(rows), ""]
+    lines += image(results, out_dir, "study_quality.png", "quality against training seconds")
+    lines += image(results, out_dir, "study_distillm.png", "distillm: φ and step sources")
+    if STUDY_NOTES.is_file():
+        lines += [STUDY_NOTES.read_text().strip(), ""]
+    return lines
+
+
+def render(steps: dict[str, dict], quality: dict | None, memory: dict | None, results: Path, out_dir: Path, study: dict | None = None) -> str:
     """``steps``: step_cost results by label ("" for ``step_cost.json``, ", AVX2 path" for
     ``step_cost-avx2.json``: the same benchmark without native bf16)."""
     lines = [
@@ -249,6 +290,8 @@ def render(steps: dict[str, dict], quality: dict | None, memory: dict | None, re
                    f"{memory.get('wall_seconds', 0) / 60:.0f} min; the full tables are in `results/divergence_memory.json`."), ""]
     if NOTES.is_file():  # the maintainers' reading of the last full run, written by hand
         lines += [NOTES.read_text().strip(), ""]
+    if study:
+        lines += study_section(study, results, out_dir)
     return "\n".join(lines)
 
 
@@ -276,7 +319,8 @@ def main(argv: list[str] | None = None) -> Path:
     quality, memory = load(args.results / "quality_budget.json"), load(args.results / "divergence_memory.json")
     if not steps and quality is None:
         raise SystemExit(f"no step_cost.json or quality_budget.json in {args.results}; run with --run")
-    args.output.write_text(render(steps, quality, memory, args.results, args.output.resolve().parent))
+    study = load(args.results / "study.json")
+    args.output.write_text(render(steps, quality, memory, args.results, args.output.resolve().parent, study))
     print(f"wrote {args.output}")
     return args.output
 

@@ -59,7 +59,7 @@ def step_gradients(accelerator, student, teacher, micro, denominators, fused=Non
     for i, (batch, denominator) in enumerate(zip(micro, denominators)):
         last = i == len(micro) - 1
         with nullcontext() if last else accelerator.no_sync(student):
-            loss, _ = micro_batch_loss(student, teacher, batch, divergence, denominator, CE_WEIGHT, accelerator.unwrap_model, fused)
+            loss, _ = micro_batch_loss(student, teacher, batch, divergence, denominator, CE_WEIGHT, accelerator.unwrap_model, fused=fused)
             accelerator.backward(loss)
     grads = {name: p.grad.detach().clone() for name, p in accelerator.unwrap_model(student).named_parameters()}
     student.zero_grad(set_to_none=True)

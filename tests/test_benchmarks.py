@@ -221,6 +221,8 @@ def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path,
         assert runs["seconds", name]["steps"] == max(1, math.ceil(runs["steps", "distillm"]["train_seconds"] / pace))
     for name in ("study_quality.png", "study_distillm.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG)
+    section = "\n".join(report.study_section(report_, tmp_path, tmp_path))
+    assert "Status: complete" in section and "| steps | distillm | 0 | 4 |" in section and "![quality against training seconds]" in section
     # finished runs are kept and skipped: a second call trains nothing
     records = sorted((tmp_path / "root" / "records").glob("*.json"))
     stamps = [p.stat().st_mtime_ns for p in records]
