@@ -181,6 +181,13 @@ def micro_batch_loss(student, teacher, batch: Batch, divergence, denominator: fl
         teacher_logits = response_logits(teacher, batch, unwrap)
     student_logits = response_logits(student, batch, unwrap)
     value = divergence_loss(divergence, student_logits, teacher_logits, batch.response_mask, n_tokens=denominator, weights=weights)
+    return with_cross_entropy(value, student_logits, batch, denominator, ce_weight, kd_weight, weights)
+
+
+def with_cross_entropy(value: torch.Tensor, student_logits: torch.Tensor, batch: Batch, denominator: float, ce_weight: float, kd_weight: float,
+                       weights: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``kd_weight`` x ``value`` (a micro-batch's divergence term) + ``ce_weight`` x the student's
+    cross-entropy on the same tokens, and the unweighted parts."""
     parts = {"divergence": float(value.detach())}
     loss = value if kd_weight == 1.0 else kd_weight * value
     if ce_weight > 0:

@@ -390,18 +390,12 @@ def cached_micro_batch_loss(student, batch: Batch, packed: torch.Tensor, diverge
     """``distill.objective.micro_batch_loss`` with the teacher's side from a cache: ``kd_weight`` x the
     divergence on coarse distributions (no teacher forward), plus ``ce_weight`` x the student's
     cross-entropy; ``normalize="sequence"``: each token weighs 1 / its sequence's length."""
-    from distill.objective import response_logits, sequence_weights, token_cross_entropy
+    from distill.objective import response_logits, sequence_weights, with_cross_entropy
 
     weights = sequence_weights(batch.response_mask) if normalize == "sequence" else None
     student_logits = response_logits(student, batch, unwrap)
     value = coarse_divergence_loss(divergence, student_logits, packed, batch.response_mask, n_tokens=denominator, weights=weights)
-    parts = {"divergence": float(value.detach())}
-    loss = value if kd_weight == 1.0 else kd_weight * value
-    if ce_weight > 0:
-        ce = token_cross_entropy(student_logits, batch.labels, batch.response_mask, n_tokens=denominator, weights=weights)
-        parts["ce"] = float(ce.detach())
-        loss = loss + ce_weight * ce
-    return loss, parts
+    return with_cross_entropy(value, student_logits, batch, denominator, ce_weight, kd_weight, weights)
 
 
 def rank_share(examples: list[Example], rank: int, world: int) -> list[Example]:
