@@ -231,8 +231,7 @@ def train(config: RunConfig, *, registry: Registry | None = None, report: Report
             groups = as_groups(policy.sample(step, cfg.train.max_steps, examples, context), cfg.policy.name)  # {source: examples}
             source = "+".join(groups)
             examples_of = {s: [group[i: i + cfg.train.batch_size] for i in range(0, len(group), cfg.train.batch_size)] for s, group in groups.items()}
-            micro = {s: [collate(group[i: i + cfg.train.batch_size], data_tokenizer.pad_token_id).to(accelerator.device) for i in range(0, len(group), cfg.train.batch_size)]
-                     for s, group in groups.items()}
+            micro = {s: [collate(part, data_tokenizer.pad_token_id).to(accelerator.device) for part in parts] for s, parts in examples_of.items()}
             # --- forward and backward; each group's term is normalised once, by its global token (or sequence) count
             counts = group_counts(micro, accelerator)
             step_loss, terms = _backward_groups(micro, counts, objective, step, cfg, accelerator, student, micro_loss, lm_loss, examples_of)
