@@ -95,8 +95,7 @@ def base_config(args) -> dict[str, Any]:
 
     layer = copy.deepcopy(DEFAULT_RUN)
     layer["data"] = {**layer["data"], "path": str(args.root / "train_subset.jsonl"), "validation": "builtin:val"}
-    layer["train"] = {**layer["train"], "lr": args.lr, "warmup_steps": args.warmup, "schedule": "cosine", "ce_weight": 0.0,
-                      "max_steps": steps_of(args)}
+    layer["train"] = {**layer["train"], "lr": args.lr, "warmup_steps": args.warmup, "schedule": "cosine", "ce_weight": 0.0}
     layer["eval"] = {**layer["eval"], "every": "epoch", "rouge_samples": args.rouge_samples, "rouge_before": 0, "rouge_draws": args.draws}
     layer["data"]["val_max"] = args.val_prompts
     layer["checkpoint"] = {"every": 0, "keep": 1}
@@ -106,14 +105,17 @@ def base_config(args) -> dict[str, Any]:
         layer["teacher"] = args.teacher
     from distill.config import parse_assignments, set_dotted
 
-    for key, value in parse_assignments(args.settings, "--set").items():
+    chosen = parse_assignments(args.settings, "--set")
+    for key, value in chosen.items():
         set_dotted(layer, key, value)
+    if "train.max_steps" not in chosen:
+        layer["train"]["max_steps"] = steps_of(args, layer["train"])
     return layer
 
 
-def steps_of(args) -> int:
-    per_step = 2 * 4  # the embedded default's 4 micro-batches of 2
-    return args.epochs * (args.train_prompts // per_step)
+def steps_of(args, train: dict[str, Any]) -> int:
+    """``--epochs`` passes over the prompts at the step size of ``train`` (batch_size x grad_accum)."""
+    return args.epochs * (args.train_prompts // (train.get("batch_size", 8) * train.get("grad_accum", 1)))
 
 
 def write_subset(args) -> Path:
@@ -368,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = [n for n in (args.only or VARIANTS) if VARIANTS[n][0] in known]
     skipped = [n for n in (args.only or VARIANTS) if VARIANTS[n][0] not in known]
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("report_only", "only", "budgets", "seeds")}
-    settings.update({"steps": steps_of(args), "variants": {n: VARIANTS[n] for n in names}, "lr_grid": [args.lr],
+    settings.update({"steps": base_config(args)["train"]["max_steps"], "variants": {n: VARIANTS[n] for n in names}, "lr_grid": [args.lr],
                      "not_registered": skipped})
     if args.report_only:
         report = write_report(args, load_records(args), settings, complete=False)
