@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.divergence import ConfiguredDivergence
+from distill.loss import take_scaled_grads
 from distill.errors import ConfigError
 from distill.models import contiguous_head_input
 
@@ -235,11 +236,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("the fused head loss supports one backward pass (retain_graph is not supported)")
-        if not (grad_output == 1).all():
-            grads = tuple(None if g is None else g.mul_(grad_output) for g in grads)
+        grads = take_scaled_grads(ctx, grad_output, "the fused head loss")
         return grads[0], grads[1], grads[2], None, None
 
 

@@ -128,9 +128,16 @@ class _ChunkedDivergenceLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("divergence_loss supports one backward pass (retain_graph is not supported)")
-        if not (grad_output == 1).all():
-            grads = [g.mul_(grad_output) if g is not None else None for g in grads]
+        grads = take_scaled_grads(ctx, grad_output, "divergence_loss")
         return grads[0], grads[1], None, None, None, None, None
+
+
+def take_scaled_grads(ctx, grad_output: torch.Tensor, what: str) -> list:
+    """The gradients a forward computed and kept in ``ctx.grads``, times ``grad_output`` (in place),
+    handed over once: a second backward (``retain_graph``) is an error naming ``what``."""
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        raise RuntimeError(f"{what} supports one backward pass (retain_graph is not supported)")
+    if not (grad_output == 1).all():
+        grads = [g.mul_(grad_output) if g is not None else None for g in grads]
+    return list(grads)
