@@ -93,23 +93,10 @@ class Evaluator:
             chunk = self.examples[i * self.batch_size: (i + 1) * self.batch_size]
             batch = collate(chunk or self.stand_in, self.tokenizer.pad_token_id)
             batch = batch.to(next(self.unwrap(student).parameters()).device)
-            cached = isinstance(teacher, TeacherCache) and with_teacher
-            if self.fused is not None and not cached:
-                sums = self._fused_sums(student, teacher if with_teacher else None, batch)
-            else:
-                logits = response_logits(student, batch, self.unwrap)
-                teacher_logits = self._teacher_side(teacher, chunk or self.stand_in, batch) if with_teacher else None
+            sums = self._batch_sums(student, teacher if with_teacher else None, chunk or self.stand_in, batch)
             if not chunk:
                 continue  # a stand-in batch: its forwards match the other processes' (collectives under sharding)
-            if self.fused is not None and not cached:
-                ce_sum, div_sum, kl_sum = ce_sum + sums["ce"], div_sum + sums.get("divergence", 0.0), kl_sum + sums.get("kl", 0.0)
-            else:
-                ce_sum += float(token_cross_entropy(logits, batch.labels, batch.response_mask, n_tokens=1.0))
-                if with_teacher:
-                    loss = coarse_divergence_loss if cached else divergence_loss
-                    div_sum += float(loss(self.divergence, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
-                    if self.kl is not None:
-                        kl_sum += float(loss(self.kl, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
+            ce_sum, div_sum, kl_sum = ce_sum + sums["ce"], div_sum + sums.get("divergence", 0.0), kl_sum + sums.get("kl", 0.0)
             tokens += batch.n_tokens
             if self.progress:
                 self.progress("validation examples", min((i + 1) * self.batch_size, len(self.examples)), len(self.examples))
@@ -123,6 +110,22 @@ class Evaluator:
             result.update(self._rouge(rouge, student))
         student.train(was_training)
         return result
+
+    def _batch_sums(self, student, teacher, examples: list[Example], batch) -> dict[str, float]:
+        """One batch's sums: ``ce`` and, with a teacher (a model or a ``TeacherCache``), ``divergence``
+        and ``kl`` (when the run's divergence is not KL itself): through the fused heads where the run
+        has them and the teacher is a model, else from the logits."""
+        if self.fused is not None and not isinstance(teacher, TeacherCache):
+            return self._fused_sums(student, teacher, batch)
+        logits = response_logits(student, batch, self.unwrap)
+        sums = {"ce": float(token_cross_entropy(logits, batch.labels, batch.response_mask, n_tokens=1.0))}
+        if teacher is not None:
+            teacher_logits = self._teacher_side(teacher, examples, batch)
+            loss = coarse_divergence_loss if isinstance(teacher, TeacherCache) else divergence_loss
+            sums["divergence"] = float(loss(self.divergence, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
+            if self.kl is not None:
+                sums["kl"] = float(loss(self.kl, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
+        return sums
 
     def _fused_sums(self, student, teacher, batch) -> dict[str, float]:
         """CE, divergence and KL sums of one batch through the fused heads."""
