@@ -92,6 +92,17 @@ def run(problem: dict, name: str, fused: bool):
     return float(loss.detach()), parts, grads
 
 
+def at_tvd_kink(problem: dict) -> bool:
+    """Whether some counted position has a token whose student and teacher probabilities are (all but)
+    equal, e.g. both heads uniform: TVD's |p - q| has no gradient there."""
+    with torch.no_grad():
+        student = head(problem["weight"], problem["bias"], problem["n"], problem["softcap"])
+        teacher = head(problem["teacher_weight"], problem["teacher_bias"], problem["n"], problem["teacher_softcap"])
+        q = (full_logits(student, problem["hidden"]) / problem["temperature"]).softmax(-1)
+        p = (full_logits(teacher, problem["teacher_hidden"]) / problem["temperature"]).softmax(-1)
+    return bool(((p - q).abs() <= 1e-6)[problem["mask"]].any())
+
+
 @pytest.mark.parametrize("name", NAMES)
 @settings(max_examples=25)
 @given(problem=problems())
@@ -101,6 +112,8 @@ def test_fused_loss_and_gradients_equal_todays_path(name, problem):
     assert loss == pytest.approx(expected_loss, rel=1e-5, abs=1e-5)
     for key, value in expected_parts.items():
         assert parts[key] == pytest.approx(value, rel=1e-5, abs=1e-5)
+    if name == "tvd" and at_tvd_kink(problem):
+        return  # |p - q| is not differentiable where p_i = q_i: each path's rounding picks its own subgradient there
     for got, expected in zip(grads, expected_grads):
         if expected is None:
             assert got is None
