@@ -245,8 +245,8 @@ def test_step_weight_tokens_scales_each_clipped_step_by_its_share_of_the_tokens(
     # steps differ exactly by the logged weight (the first step weighs 1 in both)
     import importlib
 
-    engine = importlib.import_module("distill.engine")
-    monkeypatch.setattr(engine, "_adamw", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    session = importlib.import_module("distill.session")
+    monkeypatch.setattr(session, "_adamw", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
     weights = {}
     for mode, steps in (("equal", 1), ("equal", 2), ("tokens", 2)):
         out = tmp_path / f"{mode}-{steps}"
@@ -339,11 +339,11 @@ def test_nothing_to_train_and_a_bad_eval_cadence_are_one_line_errors(tiny, tmp_p
 def test_eval_every_epoch_evaluates_where_each_pass_over_the_training_set_ends(tiny, tmp_path):
     import importlib
 
-    engine = importlib.import_module("distill.engine")
-    ends = engine._eval_schedule("epoch", 5, 2)  # 5 micro-batches an epoch, 2 a step: epochs end in steps 3, 5, 8, 10
+    session = importlib.import_module("distill.session")
+    ends = session.eval_schedule("epoch", 5, 2)  # 5 micro-batches an epoch, 2 a step: epochs end in steps 3, 5, 8, 10
     assert [s for s in range(1, 11) if ends(s)] == [3, 5, 8, 10]
-    assert [s for s in range(1, 7) if engine._eval_schedule(3, 5, 2)(s)] == [3, 6]
-    assert not any(engine._eval_schedule(0, 5, 2)(s) for s in range(1, 7))
+    assert [s for s in range(1, 7) if session.eval_schedule(3, 5, 2)(s)] == [3, 6]
+    assert not any(session.eval_schedule(0, 5, 2)(s) for s in range(1, 7))
     # 48 examples, 2-3 held out: 5 micro-batches of 8 an epoch, 2 micro-batches a step
     out = tmp_path / "run"
     result = run_cli(tiny, out, "--recipe", "kd", "--max-steps", "9", "--set", "eval.every=epoch", "--set", "eval.rouge_samples=0",

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import distill.engine
+import distill.session
 from distill.checkpoint import checkpoints, latest_checkpoint
 from distill.cli import app
 from tiny_models import make_pair
@@ -183,14 +183,14 @@ def test_resume_before_the_first_checkpoint_starts_over(tiny, tmp_path, referenc
 def nan_at_step_3(monkeypatch):
     """The training loss of step 3 (one micro-batch per step) is NaN, and so are its gradients."""
     calls = {"n": 0}
-    original = distill.engine.micro_batch_loss
+    original = distill.session.micro_batch_loss
 
     def poisoned(*args, **kwargs):
         loss, parts = original(*args, **kwargs)
         calls["n"] += 1
         return (loss * math.nan, parts) if calls["n"] == 3 else (loss, parts)
 
-    monkeypatch.setattr(distill.engine, "micro_batch_loss", poisoned)
+    monkeypatch.setattr(distill.session, "micro_batch_loss", poisoned)
 
 
 def test_nonfinite_loss_stops_with_one_line_naming_step_and_checkpoint(tiny, tmp_path, nan_at_step_3):

@@ -17,7 +17,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import DeepSpeedPlugin, DistributedType, patch_environment
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-from distill.engine import synced_generation
+from distill.distributed import synced_generation
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "accelerate"
 CONFIGS = {

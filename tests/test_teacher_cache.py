@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import distill
-import distill.engine
+import distill.session
 import distill.teacher_cache as teacher_cache
 from distill.cli import app
 from distill.teacher_cache import TeacherCache, coarse_divergence_loss, coarse_log_probs, pack_targets, top_k_targets
@@ -186,8 +186,8 @@ def test_cached_targets_are_the_teachers_top_k(tiny, cache_k8):
 
 def test_offpolicy_run_on_a_cache_never_loads_the_teacher_and_logs_coarse_validation(tiny, cache_k8, tmp_path, monkeypatch):
     roles = []
-    original = distill.engine.load_model
-    monkeypatch.setattr(distill.engine, "load_model", lambda ref, role, *a, **k: roles.append(role) or original(ref, role, *a, **k))
+    original = distill.session.load_model
+    monkeypatch.setattr(distill.session, "load_model", lambda ref, role, *a, **k: roles.append(role) or original(ref, role, *a, **k))
     result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "4", "--teacher-cache", str(cache_k8))
     assert result.exit_code == 0, result.output
     assert roles == ["student"], roles
@@ -212,9 +212,9 @@ def test_a_full_vocabulary_cache_trains_like_the_live_teacher(tiny, tmp_path):
 
 def test_generating_policy_with_a_cache_uses_the_live_teacher_for_generated_steps(tiny, cache_k8, tmp_path, monkeypatch):
     calls = {"cached": 0, "live": 0}
-    cached_loss, live_loss = distill.engine.cached_micro_batch_loss, distill.engine.micro_batch_loss
-    monkeypatch.setattr(distill.engine, "cached_micro_batch_loss", lambda *a, **k: calls.__setitem__("cached", calls["cached"] + 1) or cached_loss(*a, **k))
-    monkeypatch.setattr(distill.engine, "micro_batch_loss", lambda *a, **k: calls.__setitem__("live", calls["live"] + 1) or live_loss(*a, **k))
+    cached_loss, live_loss = distill.session.cached_micro_batch_loss, distill.session.micro_batch_loss
+    monkeypatch.setattr(distill.session, "cached_micro_batch_loss", lambda *a, **k: calls.__setitem__("cached", calls["cached"] + 1) or cached_loss(*a, **k))
+    monkeypatch.setattr(distill.session, "micro_batch_loss", lambda *a, **k: calls.__setitem__("live", calls["live"] + 1) or live_loss(*a, **k))
     result = run_cli(tiny, tmp_path / "run", "--recipe", "gkd", "-P", "prob=0.5", "--max-steps", "6", "--seed", "1", "--teacher-cache", str(cache_k8))
     assert result.exit_code == 0, result.output
     sources = [m["source"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
@@ -226,9 +226,9 @@ def test_distillm2_with_a_cache_reads_it_for_the_dataset_group_and_runs_the_teac
     # at K = V, with per-sequence means (train.normalize: sequence), the losses are the live run's
     assert cache_cli(tiny, tmp_path / "k300", "--top-k", "300").exit_code == 0
     calls = {"cached": 0, "live": 0}
-    cached_loss, live_loss = distill.engine.cached_micro_batch_loss, distill.engine.micro_batch_loss
-    monkeypatch.setattr(distill.engine, "cached_micro_batch_loss", lambda *a, **k: calls.__setitem__("cached", calls["cached"] + 1) or cached_loss(*a, **k))
-    monkeypatch.setattr(distill.engine, "micro_batch_loss", lambda *a, **k: calls.__setitem__("live", calls["live"] + 1) or live_loss(*a, **k))
+    cached_loss, live_loss = distill.session.cached_micro_batch_loss, distill.session.micro_batch_loss
+    monkeypatch.setattr(distill.session, "cached_micro_batch_loss", lambda *a, **k: calls.__setitem__("cached", calls["cached"] + 1) or cached_loss(*a, **k))
+    monkeypatch.setattr(distill.session, "micro_batch_loss", lambda *a, **k: calls.__setitem__("live", calls["live"] + 1) or live_loss(*a, **k))
     common = ["--recipe", "distillm2", "--max-steps", "2", "--set", "generation.temperature=0"]
     assert run_cli(tiny, tmp_path / "cached", *common, "--teacher-cache", str(tmp_path / "k300")).exit_code == 0
     assert calls["cached"] == calls["live"] == 2  # one micro-batch of each group a step (train.batch_size 4, 4 prompts)
