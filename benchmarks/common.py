@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from distill.builtin import DEFAULT_RUN
-from distill.config import RunConfig, build_config, parse_assignments, recipe_layer, set_dotted
+from distill.config import RunConfig, parse_assignments, set_dotted
+from distill.resolve import resolve_config
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -73,8 +74,7 @@ def overrides(args) -> dict[str, Any]:
 
 def case_config(args, registry, *, recipe: str | None = None, case: dict[str, Any] | None = None, bench: dict[str, Any] | None = None) -> RunConfig:
     """One case's config: recipe < embedded default < flags < the case < the benchmark's own < ``--set``."""
-    layers = [recipe_layer(registry.get_recipe(recipe))] if recipe else []
-    return build_config([*layers, *base_layers(args), case or {}, bench or {}, overrides(args)])
+    return resolve_config(*base_layers(args), case or {}, bench or {}, overrides(args), recipe=recipe or False, embedded=False, registry=registry)
 
 
 def resolve_auto(cfg: RunConfig) -> tuple[RunConfig, str]:

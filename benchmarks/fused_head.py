@@ -272,8 +272,8 @@ def write_tiny_pair(root: Path, vocab: int, response_tokens: int, sequences: int
 
 def run_worker(spec: dict) -> dict:
     """One ``distill.train`` in this process: RSS at start and peak RSS (VmHWM, reset at start)."""
-    from distill.config import build_config
     from distill.engine import train
+    from distill.resolve import resolve_config
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -286,13 +286,13 @@ def run_worker(spec: dict) -> dict:
             seen["exact"] = PeakRSS().__enter__().exact  # resets VmHWM to the current RSS
             seen["head"] = record.get("head")
 
-    cfg = build_config([{
+    cfg = resolve_config({
         "teacher": {"ref": spec["teacher"]}, "student": {"ref": spec["student"]},
         "data": {"path": spec["data"], "max_response_tokens": spec["response_tokens"], "group_by_length": "off"},
         "divergence": {"name": "kl"}, "policy": {"name": "offpolicy"}, "output_dir": spec["output_dir"],
         "train": {"max_steps": 2, "batch_size": spec["sequences"], "fused_head": spec["fused_head"], "precision": "fp32"},
         "eval": {"batch_size": spec["sequences"], "every": 0, "rouge_samples": 0},
-    }])
+    }, recipe=False, embedded=False)
     started = time.perf_counter()
     train(cfg, report=report, overwrite=True)
     from divergence_memory import high_water_mark_bytes

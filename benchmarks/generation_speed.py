@@ -52,10 +52,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, add_setting_flags, base_layers, environment, overrides, set_threads, write_json
 
-from distill.config import GenerationConfig, build_config
+from distill.config import GenerationConfig
 from distill.data import Example, load_examples
 from distill.generation import ResponseGenerator
 from distill.models import load_model, load_tokenizer
+from distill.resolve import resolve_config
 
 IMPLEMENTATIONS = ("generate", "decode")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     set_threads(args)
-    cfg = build_config([*base_layers(args), overrides(args)])
+    cfg = resolve_config(*base_layers(args), overrides(args), recipe=False, embedded=False)
 
     # --- models, tokenizer and prompts, as a run loads them
     teacher = load_model(cfg.teacher.ref, "teacher", torch.float32)

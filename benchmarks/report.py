@@ -81,10 +81,9 @@ def embedded_default_settings() -> dict[str, Any]:
     """The settings record of the embedded default as the code defines it now."""
     import distill
     from common import settings_record
-    from distill.builtin import DEFAULT_RUN
-    from distill.config import build_config, recipe_layer
+    from distill.resolve import resolve_config
 
-    return settings_record(build_config([recipe_layer(distill.get_recipe("kd")), DEFAULT_RUN]))
+    return settings_record(resolve_config(recipe="kd", embedded=True, registry=distill.default_registry()))
 
 
 def settings_line(settings: dict[str, Any]) -> str:

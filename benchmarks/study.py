@@ -134,8 +134,8 @@ def write_subset(args) -> Path:
 
 def make_init(args, registry) -> Path:
     """The shared starting student: ``--init-steps`` of sft from ``--student`` on the whole training set."""
-    from distill.config import build_config, recipe_layer
     from distill.engine import train
+    from distill.resolve import resolve_config
 
     final = args.root / "init" / "final"
     if (final / "config.json").exists():
@@ -148,7 +148,7 @@ def make_init(args, registry) -> Path:
         "eval": {"every": 0, "rouge_samples": 0, "rouge_draws": 0},
         "output_dir": str(args.root / "init"),
     })
-    cfg = build_config([recipe_layer(registry.get_recipe("sft")), layer])
+    cfg = resolve_config(layer, recipe="sft", embedded=False, registry=registry)
     train(cfg, registry=registry, overwrite=True)
     return final
 
@@ -161,8 +161,8 @@ def record_path(args, budget: str, name: str, seed: int) -> Path:
 
 
 def run_one(args, registry, name: str, seed: int, budget: str, seconds: float | None, seconds_per_step: float | None) -> dict[str, Any]:
-    from distill.config import build_config, recipe_layer
     from distill.engine import train
+    from distill.resolve import resolve_config
 
     recipe, overrides = VARIANTS[name]
     out = args.root / "runs" / f"{budget}-{name}-s{seed}"
@@ -171,7 +171,7 @@ def run_one(args, registry, name: str, seed: int, budget: str, seconds: float | 
         # the budget in steps at the recipe's own pace at equal steps (its whole schedule fits); the
         # run's own clock does not stop it: on a shared machine the load, not the recipe, would decide
         layer = merge(layer, {"train": {"max_steps": max(1, math.ceil(seconds / seconds_per_step))}})
-    cfg = build_config([recipe_layer(registry.get_recipe(recipe)), layer])
+    cfg = resolve_config(layer, recipe=recipe, embedded=False, registry=registry)
     print(f"{budget} {name} seed {seed}: {cfg.train.max_steps} steps" + (f", {seconds:.0f} s" if seconds else ""), flush=True)
     started = time.perf_counter()
     last_line = [started]

@@ -95,6 +95,7 @@ def run(
 
     from distill.cli.run_cmd import flag_layer, make_reporter, resolve_config, resolve_resume_config, summary_table
     from distill.engine import train
+    from distill.resolve import plan_run
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -107,9 +108,10 @@ def run(
     if teacher_cache is not None:
         flags.setdefault("teacher", {})["cache"] = teacher_cache
     resolved = resolve_resume_config(config, flags, overwrite) if resume else resolve_config(config, flags)
+    plan = plan_run(resolved)  # every plugin's params checked, once: a bad value is one line naming the flag's key
     reporter = make_reporter(console, resolved.train.max_steps)
     try:
-        result = train(resolved, report=reporter, overwrite=overwrite, resume=resume)
+        result = train(plan, report=reporter, overwrite=overwrite, resume=resume)
     finally:
         reporter.close()
     if result.main_process:  # under `accelerate launch`, one summary

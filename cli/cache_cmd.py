@@ -8,18 +8,16 @@ from typing import Any, Optional
 from rich.table import Table
 
 import distill
-from distill.builtin import DEFAULT_RUN
-from distill.config import build_config, read_config_file
+from distill.config import read_config_file
 
 
 def resolve_cache_config(config_file: Optional[str], flags: dict[str, Any]) -> "distill.config.RunConfig":
     """config file < flags, like ``distill run`` (the same file gives the same data settings and
     split); without a teacher anywhere, the embedded default's teacher and data."""
-    from distill.cli.run_cmd import _names_model
+    from distill.resolve import resolve_config
 
     file_layer = read_config_file(config_file) if config_file else {}
-    layers = [] if _names_model(flags.get("teacher")) or _names_model(file_layer.get("teacher")) else [DEFAULT_RUN]
-    return build_config([*layers, file_layer, flags])
+    return resolve_config(file_layer, flags, recipe=False)
 
 
 def manifest_table(manifest: dict[str, Any], out: str, seconds: float) -> Table:

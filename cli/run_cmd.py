@@ -13,10 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 import distill
-from distill.builtin import DEFAULT_RUN
-from distill.config import build_config, merge_layer, parse_assignments, read_config_file, recipe_layer, set_dotted
-
-DEFAULT_RECIPE = "distillm"
+from distill.config import parse_assignments, read_config_file, set_dotted
 
 
 def flag_layer(
@@ -43,29 +40,19 @@ def flag_layer(
 
 
 def resolve_config(config_file: Optional[str], flags: dict[str, Any], registry=None) -> distill.config.RunConfig:
-    """recipe defaults < config file < flags. Without a recipe anywhere, ``distillm`` is the base;
-    without a teacher anywhere, the embedded default (built-in teacher, pruned student, built-in
-    data) sits between the recipe and the file."""
-    registry = registry or distill.default_registry()
+    """recipe < embedded default < config file < flags (``distill.resolve.resolve_config``): without a
+    recipe anywhere, ``distillm``; without a teacher anywhere, the embedded default (built-in teacher,
+    pruned student, built-in data); without an output folder, a new one under ``runs/``."""
+    from distill.resolve import resolve_config as resolve
+
     file_layer = read_config_file(config_file) if config_file else {}
-    recipe_name = flags.get("recipe") or file_layer.get("recipe") or DEFAULT_RECIPE
-    recipe = registry.get_recipe(recipe_name)
-    layers = [recipe_layer(recipe)]
-    if not (_names_model(flags.get("teacher")) or _names_model(file_layer.get("teacher"))):
-        layers.append(DEFAULT_RUN)
-    if not (flags.get("output_dir") or file_layer.get("output_dir")):  # never reuse a folder by accident
-        layers.append({"output_dir": f"runs/{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"})
-    config = build_config([*layers, file_layer, flags])
-    # fail on unknown names or bad params now, with the flag in the message
-    registry.get_divergence(config.divergence.name, temperature=config.divergence.temperature, **config.divergence.params)
-    registry.get_policy(config.policy.name, **config.policy.params)
-    return config
+    return resolve(file_layer, flags, stamp_output=True, registry=registry)
 
 
 def resolve_resume_config(config_file: Optional[str], flags: dict[str, Any], overwrite: bool = False) -> distill.config.RunConfig:
     """``--resume``: the config saved in ``--output-dir``; the file and flags may only change the
     fields in ``distill.checkpoint.RESUMABLE_FIELDS`` (or repeat the saved values)."""
-    from distill.checkpoint import resume_config
+    from distill.resolve import resume_config
 
     if overwrite:
         raise distill.ConfigError("--resume continues the run in --output-dir, --overwrite replaces it; pass one of them")
@@ -73,12 +60,7 @@ def resolve_resume_config(config_file: Optional[str], flags: dict[str, Any], ove
     out = flags.get("output_dir") or file_layer.get("output_dir")
     if not out:
         raise distill.ConfigError("--resume needs --output-dir DIR: the folder of the run to continue")
-    return resume_config(out, merge_layer(file_layer, flags))
-
-
-def _names_model(value: Any) -> bool:
-    """Whether a layer's ``teacher`` entry (a string or a mapping) names a model."""
-    return bool(value.get("ref") if isinstance(value, dict) else value)
+    return resume_config(out, file_layer, flags)
 
 
 PROGRESS_ENV = "DISTILL_PROGRESS_SECONDS"

@@ -8,6 +8,9 @@ Public API (flat re-exports)::
     distill.hookimpl, distill.Params, distill.Divergence, distill.SamplingPolicy, distill.Recipe
     distill.RandomPolicy, distill.SamplingContext, distill.Example   (for writing a sampling policy)
     distill.testing.check_divergence, distill.testing.check_policy   (conformance kit; needs hypothesis)
+
+A run from Python: ``distill.resolve.resolve_config(*layers)`` -> ``plan_run(config)`` ->
+``distill.engine.train(plan)`` (imported on demand: they load torch models and Accelerate).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from distill.config import RunConfig, build_config, merge_layer, read_config_file
+from distill.config import RunConfig, read_config_file
 from distill.errors import ConfigError
 from distill.outputs import RunFiles
 
@@ -151,27 +151,6 @@ def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def resume_config(out: str | Path, overrides: Mapping[str, Any]) -> RunConfig:
-    """The saved config of the run in ``out`` with ``overrides`` (a config layer) on top.
-
-    An override of a field outside ``RESUMABLE_FIELDS`` is refused unless it repeats the saved value,
-    so the command line that started a run, plus ``--resume``, continues it.
-    """
-    saved = saved_config(out)
-    overrides = merge_layer({}, overrides)  # the spelling a saved config uses (e.g. `teacher: DIR` -> teacher.ref)
-    flat_saved = flatten_config(saved)
-    changed = [
-        key for key, value in flatten_config(overrides).items()
-        if key != "output_dir" and key not in RESUMABLE_FIELDS and flat_saved.get(key, object()) != value
-    ]
-    if changed:
-        raise ConfigError(
-            f"--resume continues the run with its saved config; cannot change {', '.join(changed)} "
-            f"(allowed: {', '.join(RESUMABLE_FIELDS)}); start a new run with another --output-dir instead"
-        )
-    return build_config([saved, {**overrides, "output_dir": str(out)}])
-
-
 # --- random generators
 
 
@@ -297,7 +276,6 @@ __all__ = [
     "checkpoints",
     "latest_checkpoint",
     "restore_rng",
-    "resume_config",
     "resume_point",
     "save_checkpoint",
 ]

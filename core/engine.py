@@ -25,6 +25,7 @@ from distill.errors import RunStopped
 from distill.objective import group_counts, group_denominator
 from distill.policy import as_groups
 from distill.registry import Registry, default_registry
+from distill.resolve import RunPlan, plan_run
 from distill.session import Reporter, Session, open_session
 
 
@@ -51,13 +52,18 @@ class RunResult:
         return (self.sources.get("student", 0) + self.sources.get("replay", 0)) / total if total else 0.0
 
 
-def train(config: RunConfig, *, registry: Registry | None = None, report: Reporter | None = None, overwrite: bool = False, resume: bool = False) -> RunResult:
+def train(config: RunConfig | RunPlan, *, registry: Registry | None = None, report: Reporter | None = None, overwrite: bool = False,
+          resume: bool = False) -> RunResult:
     """Run the distillation described by ``config``; ``report(kind, record)`` sees every event.
 
-    ``resume``: continue the run in ``config.output_dir`` from its newest checkpoint (see
-    ``distill.checkpoint``); the steps after it are the ones an uninterrupted run takes.
+    ``config``: a ``RunConfig`` (its plugins are checked against ``registry`` first), or a
+    ``RunPlan`` that ``distill.resolve.plan_run`` checked already. ``resume``: continue the run in
+    ``config.output_dir`` from its newest checkpoint (see ``distill.checkpoint``); the steps after it
+    are the ones an uninterrupted run takes.
     """
-    s = open_session(config, registry=registry or default_registry(), report=report or (lambda kind, record: None), overwrite=overwrite, resume=resume)
+    registry = registry or default_registry()
+    plan = config if isinstance(config, RunPlan) else plan_run(config, registry)
+    s = open_session(plan, registry=registry, report=report or (lambda kind, record: None), overwrite=overwrite, resume=resume)
     cfg, accelerator, report = s.cfg, s.accelerator, s.report
     if s.saved is None:  # evaluate before training: the "before" numbers and the adaptive policy's reference loss
         before = _evaluate(s, 0, rouge="before")

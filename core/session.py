@@ -31,6 +31,7 @@ from distill.objective import Objective, micro_batch_loss, token_cross_entropy
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
 from distill.policy import SamplingContext
 from distill.registry import Registry
+from distill.resolve import RunPlan
 from distill.teacher_cache import TeacherCache, cached_micro_batch_loss, derives_from_teacher, policy_generates
 from distill.vocabulary import TextBridge, check_data_ids, cross_tokenizer_error, mismatch, student_tokenizer_ref
 
@@ -142,19 +143,19 @@ class Session:
         self.files.write_folder("final", fill)
 
 
-def open_session(config: RunConfig, *, registry: Registry, report: Reporter, overwrite: bool = False, resume: bool = False) -> Session:
-    """Build a run from ``config``: everything that can fail on bad input fails before the output
-    folder is touched. Reports ``warning`` events and, last, the ``start`` event."""
+def open_session(plan: RunPlan, *, registry: Registry, report: Reporter, overwrite: bool = False, resume: bool = False) -> Session:
+    """Build a run from ``plan`` (a config whose plugins are checked, ``distill.resolve.plan_run``):
+    everything that can fail on bad input fails before the output folder is touched. Reports
+    ``warning`` events and, last, the ``start`` event."""
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     # `auto` precision and dtypes become what this hardware computes fastest; config.yaml keeps the answer
-    cfg, precision, precision_warning = resolve_precision(config)
+    cfg, precision, precision_warning = resolve_precision(plan.config)
     seed = cfg.train.seed
     checkpoint = resume_point(cfg) if resume else None
-    objective = Objective(cfg, registry)  # one term per source; the run's divergence for the others
-    policy = registry.get_policy(cfg.policy.name, **cfg.policy.params)
-    objective.check_sources(policy, cfg.policy.name)
+    objective = plan.objective  # one term per source; the run's divergence for the others
+    policy = plan.make_policy()
     # with a teacher cache, dataset sequences need no teacher; a policy that never generates never loads it
     cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
     accelerator = make_accelerator(cfg)

@@ -7,6 +7,7 @@ import pytest
 import distill
 from distill.cli.run_cmd import flag_layer, resolve_config
 from distill.config import RunConfig, build_config, dump_config, parse_value, read_config_file
+from distill.resolve import plan_run
 
 import yaml
 
@@ -73,9 +74,11 @@ def test_bad_values_name_the_field(settings, message):
 
 def test_bad_plugin_params_and_names():
     with pytest.raises(distill.ConfigError, match="alpha"):
-        resolve_config(None, flags(divergence_params=["alpha=2"]))
+        plan_run(resolve_config(None, flags(divergence_params=["alpha=2"])))
     with pytest.raises(distill.ConfigError, match="unknown parameter"):
-        resolve_config(None, flags(policy_params=["lambda=0.5"]))
+        plan_run(resolve_config(None, flags(policy_params=["lambda=0.5"])))
+    with pytest.raises(distill.ConfigError, match="objective.terms.student"):
+        plan_run(resolve_config(None, flags(recipe="distillm2", settings=["objective.terms.student.params.alpha=3"])))
     with pytest.raises(distill.UnknownPluginError, match="did you mean gkd"):
         resolve_config(None, flags(recipe="gdk"))
     with pytest.raises(distill.ConfigError, match="key=value"):
@@ -103,3 +106,52 @@ def test_build_config_is_validated_as_a_whole():
     config = build_config([{"train": {"lr": 1e-3}}, {"train": {"max_steps": 2}}])
     assert (config.train.lr, config.train.max_steps) == (1e-3, 2)
     assert yaml.safe_load(dump_config(config))["train"]["lr"] == 1e-3
+
+
+def test_one_path_resolves_recipe_then_embedded_default_then_layers():
+    import distill.resolve as resolve
+    from distill.builtin import DEFAULT_RUN
+
+    plain = resolve.resolve_config()  # no recipe, no teacher: distillm on the embedded default
+    assert plain.recipe == "distillm" and plain.teacher.ref == DEFAULT_RUN["teacher"] and plain.student.ref == DEFAULT_RUN["student"]["ref"]
+    named = resolve.resolve_config({"teacher": "t", "student": "s"}, {"recipe": "kd"})  # a teacher named: no embedded default
+    assert named.recipe == "kd" and named.teacher.ref == "t" and named.train.max_steps == RunConfig().train.max_steps
+    assert resolve.resolve_config({"teacher": "t"}, recipe="gkd").policy.name == "mixed"
+    bare = resolve.resolve_config({"teacher": "t"}, recipe=False)  # no recipe layer: the RunConfig defaults
+    assert bare.recipe is None and bare.divergence == RunConfig().divergence
+    assert resolve.resolve_config(embedded=True, recipe="kd").train.max_steps == DEFAULT_RUN["train"]["max_steps"]
+    assert resolve.resolve_config(stamp_output=True).output_dir.startswith("runs/distillm-")
+    assert resolve.resolve_config({"output_dir": "x"}, stamp_output=True).output_dir == "x"
+
+
+def test_plugin_params_are_validated_once_on_the_way_to_the_loss(monkeypatch):
+    """The CLI's path: resolve (merge only), plan (every plugin's params, once), and the engine takes
+    the plan's objects instead of validating again."""
+    import distill.divergence
+    import distill.resolve
+    from distill.session import Session  # noqa: F401 (the engine's set-up imports nothing that validates again)
+
+    calls = []
+    for module in (distill.divergence, distill.resolve):
+        original = module.validate_params
+        monkeypatch.setattr(module, "validate_params", lambda cls, values, prefix, original=original: calls.append(prefix) or original(cls, values, prefix))
+    config = resolve_config(None, flags(divergence="skew_kl", divergence_params=["alpha=0.3"], policy_params=["init_prob=0.2"]))
+    assert calls == []  # merging alone checks no plugin
+    plan = plan_run(config)
+    assert calls == ["divergence skew_kl", "policy adaptive_offpolicy"]
+    assert plan.objective.default.params.alpha == 0.3 and plan.policy_params.init_prob == 0.2
+    first, second = plan.make_policy(), plan.make_policy()  # one fresh policy per run, no validation
+    assert first is not second and first.params is plan.policy_params and len(calls) == 2
+
+
+def test_resume_comes_through_the_same_path(tmp_path):
+    import distill.resolve as resolve
+
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = resolve.resolve_config({"teacher": "t", "student": "s", "output_dir": str(out)}, recipe="kd")
+    (out / "config.yaml").write_text(dump_config(saved))
+    again = resolve.resume_config(out, {"train": {"max_steps": 500}})  # a resumable field
+    assert again.train.max_steps == 500 and again.model_dump(exclude={"train"}) == saved.model_dump(exclude={"train"})
+    with pytest.raises(distill.ConfigError, match="cannot change divergence.name"):
+        resolve.resume_config(out, {"divergence": {"name": "rkl"}})
