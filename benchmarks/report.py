@@ -268,7 +268,39 @@ def study_section(study: dict, results: Path, out_dir: Path) -> list[str]:
     return lines
 
 
-def render(steps: dict[str, dict], quality: dict | None, memory: dict | None, results: Path, out_dir: Path, study: dict | None = None) -> str:
+def teacher_cache_section(step_runs: dict[str, dict], quality_runs: dict[str, dict]) -> list[str]:
+    """``teacher_cache.py``'s results: every ``teacher_cache_steps*.json`` (bytes per token, the cached
+    step against the live one) and ``teacher_cache_quality*.json`` (full-vocabulary val KL after the
+    same run trained either way), each with its machine, date and verdict against the targets."""
+    lines = ["## Offline teacher (`teacher_cache.py`)", "",
+             ("Each file is one run; its ratios are measured within it (cases alternating), but a shared machine's load changes "
+              "them from run to run: the quietest run is the better guide."), ""]
+    for name, run in step_runs.items():
+        targets, cache = run.get("targets", {}), run.get("cache", {})
+        lines += [f"`results/{name}`: {environment_line(run['environment'])}.", ""]
+        rows = [["recipe", "live s/step", "cached s/step", "ratio (mean)", "ratio (median)", f"target <= {targets.get('step_ratio')}x"]]
+        for r in run.get("recipes", []):
+            rows.append([r["recipe"], f"{r['live_mean']:.2f}", f"{r['cache_mean']:.2f}", f"{r['ratio_mean']:.2f}x", f"{r['ratio_median']:.2f}x",
+                         verdict(r["ratio_mean"] <= targets.get("step_ratio", 0))])
+        per_token = cache.get("bytes_per_token")
+        lines += [markdown_table(rows), "",
+                  (f"{run.get('rounds')} round(s) x {run.get('steps_timed')} timed steps after {run.get('warmup')} warm-up step(s) per case, "
+                   f"live and cached alternating. Cache: K = {cache.get('top_k')}, {cache.get('tokens', 0):,} response tokens, "
+                   f"{per_token:.1f} bytes per token (target <= {targets.get('bytes_per_token_k64')} at K = 64: "
+                   f"{verdict(per_token is not None and per_token <= targets.get('bytes_per_token_k64', 0))})."), ""]
+    for name, run in quality_runs.items():
+        live, cached = run["live"], run["cached"]
+        limit = run.get("targets", {}).get("val_kl_relative", 0.03)
+        relative = run["relative_difference"]
+        lines += [(f"`results/{name}`: {environment_line(run['environment'])}. After {live.get('steps')} steps, the full-vocabulary val KL "
+                   f"on {live.get('examples')} validation answers: live teacher {live['val_kl_full']:.3f}, K = 64 cache {cached['val_kl_full']:.3f} "
+                   f"nats per token ({100 * relative:+.1f}%; target within {100 * limit:.0f}%: {verdict(abs(relative) <= limit)}); "
+                   f"val CE {live.get('val_loss', float('nan')):.3f} and {cached.get('val_loss', float('nan')):.3f}."), ""]
+    return lines
+
+
+def render(steps: dict[str, dict], quality: dict | None, memory: dict | None, results: Path, out_dir: Path, study: dict | None = None,
+           cache: tuple[dict[str, dict], dict[str, dict]] = ({}, {})) -> str:
     """``steps``: step_cost results by label ("" for ``step_cost.json``, ", AVX2 path" for
     ``step_cost-avx2.json``: the same benchmark without native bf16)."""
     lines = [
@@ -289,6 +321,8 @@ def render(steps: dict[str, dict], quality: dict | None, memory: dict | None, re
                    f"{memory.get('wall_seconds', 0) / 60:.0f} min; the full tables are in `results/divergence_memory.json`."), ""]
     if NOTES.is_file():  # the maintainers' reading of the last full run, written by hand
         lines += [NOTES.read_text().strip(), ""]
+    if cache[0] or cache[1]:
+        lines += teacher_cache_section(*cache)
     if study:
         lines += study_section(study, results, out_dir)
     return "\n".join(lines)
@@ -319,7 +353,9 @@ def main(argv: list[str] | None = None) -> Path:
     if not steps and quality is None:
         raise SystemExit(f"no step_cost.json or quality_budget.json in {args.results}; run with --run")
     study = load(args.results / "study.json")
-    args.output.write_text(render(steps, quality, memory, args.results, args.output.resolve().parent, study))
+    cache = tuple({path.name: found for path in sorted(args.results.glob(f"teacher_cache_{kind}*.json")) if (found := load(path)) is not None}
+                  for kind in ("steps", "quality"))
+    args.output.write_text(render(steps, quality, memory, args.results, args.output.resolve().parent, study, cache))
     print(f"wrote {args.output}")
     return args.output
 

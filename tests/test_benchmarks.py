@@ -365,3 +365,8 @@ def test_teacher_cache_benchmark_times_both_variants_and_compares_full_vocabular
     assert quality["cached"]["logged_val_kl"] <= quality["cached"]["val_kl_full"] * 1.01
     with pytest.raises(SystemExit):  # not the same settings: refused
         teacher_cache.main(["quality", "--live", str(runs["cached"]), "--cached", str(runs["live"]), "--output", str(tmp_path / "no.json")])
+    # RESULTS.md renders both files, each with its machine and verdicts
+    lines = report.teacher_cache_section({"teacher_cache_steps.json": record}, {"teacher_cache_quality.json": quality})
+    text = "\n".join(lines)
+    assert "| kd |" in text and "| distillm |" in text and "bytes per token (target <= 512 at K = 64" in text
+    assert f"{100 * quality['relative_difference']:+.1f}%" in text and record["environment"]["date"] in text
