@@ -453,6 +453,9 @@ def build_cache(cfg, out: str | Path, *, top_k: int, temperature: float = 1.0, b
         (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     state.wait_for_everyone()
     done = finished_keys(out)
+    # every process reads the same finished set before any writes a part: a slow process that read
+    # it after a fast one's first part would share out a shorter list and leave sequences uncached
+    state.wait_for_everyone()
     todo = rank_share([e for e in examples if example_key(e) not in done], state.process_index, state.num_processes)
     if resuming and state.is_main_process:
         report(f"continuing {out}: {len(done)} sequences cached before")
