@@ -284,6 +284,11 @@ def teacher_cache_section(step_runs: dict[str, dict], quality_runs: dict[str, di
                          verdict(r["ratio_mean"] <= targets.get("step_ratio", 0))])
         per_token = cache.get("bytes_per_token")
         lines += [markdown_table(rows), "",
+                  *([f"Compute floor: by matmul FLOPs per training sequence a cached step costs at least "
+                      f"{run['floor']['cached_over_live']:.3f}x the live one (teacher forward "
+                      f"{run['floor']['gflop_per_sequence']['teacher_forward']:.1f} GFLOP, student forward and backward "
+                      f"{run['floor']['gflop_per_sequence']['student_forward'] + run['floor']['gflop_per_sequence']['student_backward']:.1f}).", ""]
+                    if run.get("floor") else []),
                   (f"{run.get('rounds')} round(s) x {run.get('steps_timed')} timed steps after {run.get('warmup')} warm-up step(s) per case, "
                    f"live and cached alternating. Cache: K = {cache.get('top_k')}, {cache.get('tokens', 0):,} response tokens, "
                    f"{per_token:.1f} bytes per token (target <= {targets.get('bytes_per_token_k64')} at K = 64: "

@@ -10,7 +10,9 @@ Two parts, each printing a table and writing JSON:
   and with the cache ``--cache DIR`` (made by ``distill cache-teacher`` on the same settings; with
   ``--top-k K`` and no such folder it is made first). The cases alternate (live, cache, live, cache
   per recipe, ``--rounds`` times) so that a shared machine's load falls on both alike; step seconds
-  are the runs' ``metrics.jsonl`` ``seconds``, warm-up steps left out. ``distillm`` runs at its
+  are the runs' ``metrics.jsonl`` ``seconds``, warm-up steps left out. Also the compute floor's
+  ratio (``floor``: the student's matmul FLOPs over the teacher's and the student's), the least a
+  cached step can cost against a live one. ``distillm`` runs at its
   initial φ = 0 here (no evaluation in between), so its steps are dataset steps: the ones a cache
   serves. Also reported: the cache's bytes per response token from its manifest (files on disk) and
   the payload (K float16 log-probs, K ids, one float32 rest). Targets: cached step ≤ 0.6 × live;
@@ -81,6 +83,33 @@ def ensure_cache(args, registry) -> Path:
     return folder
 
 
+def floor_ratio(cfg) -> dict[str, Any]:
+    """The least a cached step can cost against a live one by matmul FLOPs (``compute_floor``): the
+    student's forward and backward over the teacher's forward plus those, per training sequence of
+    the run's data (mean real tokens; a logit row per response token). Both sides compute in one dtype
+    here, so the ratio of FLOPs is the ratio of floors. Not counted on either side: the loss (the live
+    one spans the vocabulary twice, the cached one once, for the student's remaining mass), the
+    optimizer, attention scores."""
+    import torch
+    from compute_floor import ModelMatmuls
+
+    from distill.data import load_examples
+    from distill.models import freeze, load_model, load_tokenizer
+
+    teacher = load_model(cfg.teacher, "teacher", torch.float32)
+    student = load_model(cfg.student, "student", torch.float32, teacher=teacher)
+    freeze(student, cfg.student.freeze)
+    train_set, _, _ = load_examples(cfg.data, load_tokenizer(cfg.tokenizer or cfg.teacher), cfg.train.seed)
+    tokens = mean([len(e.prompt_ids) + len(e.response_ids) for e in train_set])
+    rows = mean([len(e.response_ids) for e in train_set])
+    t, s = ModelMatmuls.of(teacher), ModelMatmuls.of(student)
+    flops = {"teacher_forward": t.forward_flops(tokens, rows), "student_forward": s.forward_flops(tokens, rows),
+             "student_backward": s.backward_flops(tokens, rows)}
+    cached = flops["student_forward"] + flops["student_backward"]
+    return {"tokens_per_sequence": tokens, "logit_rows_per_sequence": rows, "gflop_per_sequence": {k: v / 1e9 for k, v in flops.items()},
+            "cached_over_live": cached / (cached + flops["teacher_forward"])}
+
+
 def run_case(args, registry, recipe: str, cache: Path | None, scratch: Path) -> list[float]:
     """Train one case; its timed steps' seconds (warm-up left out), all from dataset sequences."""
     from distill.engine import train
@@ -106,6 +135,7 @@ def steps(args, output: Path) -> dict[str, Any]:
     seconds: dict[str, dict[str, list[float]]] = {r: {"live": [], "cache": []} for r in args.recipes}
     record = {"environment": environment(), "settings": settings_record(case_config(args, registry, recipe="kd")), "cache": cache_record(cache),
               "warmup": args.warmup, "rounds": args.rounds, "targets": TARGETS, "complete": False}
+    record["floor"] = floor_ratio(case_config(args, registry, recipe="kd"))
     scratch = Path(tempfile.mkdtemp(prefix="teacher-cache-bench-"))
     try:
         for round_ in range(args.rounds):
@@ -143,6 +173,9 @@ def print_steps(record: dict[str, Any]) -> None:
     for row in record["recipes"]:
         print(f"{row['recipe']:<10} {row['live_mean']:>12.2f} {row['cache_mean']:>13.2f} {row['ratio_mean']:>13.2f} {row['ratio_median']:>15.2f}")
     print(f"CPU: {record['environment']['cpu']} ({record['environment']['cpu_path']}); {record['steps_timed']} timed steps per case")
+    floor = record.get("floor")
+    if floor:
+        print(f"compute floor (matmul FLOPs per sequence): a cached step is at least {floor['cached_over_live']:.3f} x the live one")
 
 
 def quality(args) -> dict[str, Any]:

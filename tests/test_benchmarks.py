@@ -351,6 +351,8 @@ def test_teacher_cache_benchmark_times_both_variants_and_compares_full_vocabular
     assert record["complete"] and [r["recipe"] for r in record["recipes"]] == ["kd", "distillm"]
     assert all(len(r["live_seconds"]) == len(r["cache_seconds"]) == 1 and r["ratio_mean"] > 0 for r in record["recipes"])
     assert record["cache"]["top_k"] == 8 and record["cache"]["payload_bytes_per_token"] == 36 and record["cache"]["bytes_per_token"] >= 36
+    floor = record["floor"]  # the compute floor of the tiny pair: skipping the teacher saves its forward, never the student's work
+    assert 0.4 < floor["cached_over_live"] < 1 and floor["gflop_per_sequence"]["teacher_forward"] > 0
     runs = {}
     for name, extra in (("live", []), ("cached", ["--teacher-cache", str(cache)])):
         runs[name] = tmp_path / name
@@ -369,4 +371,5 @@ def test_teacher_cache_benchmark_times_both_variants_and_compares_full_vocabular
     lines = report.teacher_cache_section({"teacher_cache_steps.json": record}, {"teacher_cache_quality.json": quality})
     text = "\n".join(lines)
     assert "| kd |" in text and "| distillm |" in text and "bytes per token (target <= 512 at K = 64" in text
+    assert f"costs at least {floor['cached_over_live']:.3f}x the live one" in text
     assert f"{100 * quality['relative_difference']:+.1f}%" in text and record["environment"]["date"] in text
