@@ -41,8 +41,14 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data", help="training data (JSON Lines); its validation split is held out of it")
     group.add_argument("--batch-size", type=int, help="sequences per optimizer step")
     group.add_argument("--max-new-tokens", type=int, help="generation length cap")
-    group.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                       help="any distill config key, for every case (repeatable)")
+    group.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any distill config key, for every case (repeatable)",
+    )
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
 
@@ -72,9 +78,24 @@ def overrides(args) -> dict[str, Any]:
     return layer
 
 
-def case_config(args, registry, *, recipe: str | None = None, case: dict[str, Any] | None = None, bench: dict[str, Any] | None = None) -> RunConfig:
+def case_config(
+    args,
+    registry,
+    *,
+    recipe: str | None = None,
+    case: dict[str, Any] | None = None,
+    bench: dict[str, Any] | None = None,
+) -> RunConfig:
     """One case's config: recipe < embedded default < flags < the case < the benchmark's own < ``--set``."""
-    return resolve_config(*base_layers(args), case or {}, bench or {}, overrides(args), recipe=recipe or False, embedded=False, registry=registry)
+    return resolve_config(
+        *base_layers(args),
+        case or {},
+        bench or {},
+        overrides(args),
+        recipe=recipe or False,
+        embedded=False,
+        registry=registry,
+    )
 
 
 def resolve_auto(cfg: RunConfig) -> tuple[RunConfig, str]:
@@ -92,12 +113,18 @@ def settings_record(cfg: RunConfig) -> dict[str, Any]:
     (``auto`` resolved as a run on this machine resolves it)."""
     cfg, _ = resolve_auto(cfg)
     return {
-        "teacher": cfg.teacher.ref, "teacher_dtype": cfg.teacher.dtype,
-        "student": cfg.student.ref, "student_dtype": cfg.student.dtype,
-        "data": cfg.data.path, "validation": cfg.data.validation,
-        "max_prompt_tokens": cfg.data.max_prompt_tokens, "max_response_tokens": cfg.data.max_response_tokens,
-        "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-        "max_new_tokens": cfg.generation.max_new_tokens, "precision": cfg.train.precision,
+        "teacher": cfg.teacher.ref,
+        "teacher_dtype": cfg.teacher.dtype,
+        "student": cfg.student.ref,
+        "student_dtype": cfg.student.dtype,
+        "data": cfg.data.path,
+        "validation": cfg.data.validation,
+        "max_prompt_tokens": cfg.data.max_prompt_tokens,
+        "max_response_tokens": cfg.data.max_response_tokens,
+        "batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "max_new_tokens": cfg.generation.max_new_tokens,
+        "precision": cfg.train.precision,
     }
 
 
@@ -141,9 +168,18 @@ def environment() -> dict[str, Any]:
     }
     try:
         git = ["git", "-C", str(REPO)]
-        info["commit"] = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        info["commit"] = subprocess.run(
+            git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
         # the code's changes only: the results being written (benchmarks/results/) are not code
-        info["uncommitted_changes"] = bool(subprocess.run(git + ["status", "--porcelain", "core", "plugins", "benchmarks", ":(exclude)benchmarks/results"], capture_output=True, text=True, check=True).stdout.strip())
+        info["uncommitted_changes"] = bool(
+            subprocess.run(
+                git + ["status", "--porcelain", "core", "plugins", "benchmarks", ":(exclude)benchmarks/results"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         pass
     return info
@@ -157,7 +193,15 @@ def cpu_path() -> str:
     support = bf16_support("cpu")
     emulated = os.environ.get("ONEDNN_MAX_CPU_ISA")
     path = "native bf16" if support.native else "no native bf16"
-    return f"{path} ({support.why}" + (f"; ONEDNN_MAX_CPU_ISA={emulated}, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'unset')}" if emulated else "") + ")"
+    return (
+        f"{path} ({support.why}"
+        + (
+            f"; ONEDNN_MAX_CPU_ISA={emulated}, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'unset')}"
+            if emulated
+            else ""
+        )
+        + ")"
+    )
 
 
 def _cpu_model() -> str:
@@ -268,7 +312,11 @@ class Breakdown:
         return self._open[0][0] if self._open else None
 
     @contextmanager
-    def active(self, patches: list[tuple[object, str, str | Callable[..., str]]] = (), modules: dict[str, torch.nn.Module] | None = None) -> Iterator[Breakdown]:
+    def active(
+        self,
+        patches: list[tuple[object, str, str | Callable[..., str]]] = (),
+        modules: dict[str, torch.nn.Module] | None = None,
+    ) -> Iterator[Breakdown]:
         """Within: ``owner.attribute`` replaced by a timed wrapper for each patch, the forward of each
         named module timed, and every optimizer's ``step`` timed as "optimizer"."""
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -324,7 +372,11 @@ def distill_patches() -> list[tuple[object, str, str | Callable[..., str]]]:
 
     return [
         (ResponseGenerator, "__call__", "generation"),
-        (distill.objective, "response_logits", lambda *a, **k: "student_forward" if torch.is_grad_enabled() else "teacher_forward"),
+        (
+            distill.objective,
+            "response_logits",
+            lambda *a, **k: "student_forward" if torch.is_grad_enabled() else "teacher_forward",
+        ),
     ]
 
 

@@ -45,7 +45,14 @@ from common import Breakdown, patched
 PARTS = ("teacher_forward", "student_forward", "student_backward", "student_generation", "teacher_generation")
 """The parts of a step's FLOPs; each computes in one dtype (``compute_dtypes``)."""
 
-CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
+CONFIG_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 
 
 # --- what a token costs in a model
@@ -120,7 +127,9 @@ def _inputs_needing_grad(model: torch.nn.Module, layers: list[torch.nn.Module]) 
     try:
         model.eval()
         with torch.enable_grad():
-            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device), use_cache=False)
+            model(
+                input_ids=torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device), use_cache=False
+            )
     finally:
         model.train(was_training)
         for hook in hooks:
@@ -180,7 +189,9 @@ class WorkCounter:
 
             return observed
 
-        with patched([(owner, attribute, lambda f, o=observer: observing(f, o)) for owner, attribute, observer in observers]):
+        with patched(
+            [(owner, attribute, lambda f, o=observer: observing(f, o)) for owner, attribute, observer in observers]
+        ):
             yield self
 
 
@@ -202,7 +213,9 @@ def distill_observers(work: WorkCounter) -> list[tuple[object, str, Callable[...
         inner = generator.unwrap(model)
         role = "student" if any(p.requires_grad for p in inner.parameters()) else "teacher"
         work.model(role, inner)
-        work.generated(role, len(answers), sum(len(a.prompt_ids) for a in answers), sum(len(a.response_ids) for a in answers))
+        work.generated(
+            role, len(answers), sum(len(a.prompt_ids) for a in answers), sum(len(a.response_ids) for a in answers)
+        )
 
     return [(distill.objective, "response_logits", forward), (ResponseGenerator, "__call__", generation)]
 
@@ -215,8 +228,13 @@ def config_compute_dtypes(precision: str, teacher_dtype: str, student_dtype: str
     the teacher's, which Accelerate prepares with the same autocast) that dtype; else the weights'."""
     autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
     teacher, student = autocast or teacher_dtype, autocast or student_dtype
-    return {"teacher_forward": teacher, "student_forward": student, "student_backward": student,
-            "student_generation": student, "teacher_generation": teacher}
+    return {
+        "teacher_forward": teacher,
+        "student_forward": student,
+        "student_backward": student,
+        "student_generation": student,
+        "teacher_generation": teacher,
+    }
 
 
 class DtypeProbe:
@@ -246,7 +264,9 @@ class DtypeProbe:
 
     def dtypes(self, fallback: dict[str, str]) -> tuple[dict[str, str], list[str]]:
         """Observed dtype per part, ``fallback``'s where nothing was observed; and the parts observed."""
-        teacher = self.seen.get(("teacher", "teacher_forward")) or next((d for (r, _), d in self.seen.items() if r == "teacher"), None)
+        teacher = self.seen.get(("teacher", "teacher_forward")) or next(
+            (d for (r, _), d in self.seen.items() if r == "teacher"), None
+        )
         observed = {
             "teacher_forward": teacher,
             "student_forward": self.seen.get(("student", "student_forward")),
@@ -265,7 +285,9 @@ class MatmulThroughput:
     per dtype, measured once each (in this process, so with its torch threads): the best time of at
     least ``repeats`` runs and ``min_seconds`` of running, after one untimed run."""
 
-    def __init__(self, n_tokens: int, hidden: int, intermediate: int, device: str, repeats: int = 3, min_seconds: float = 0.5) -> None:
+    def __init__(
+        self, n_tokens: int, hidden: int, intermediate: int, device: str, repeats: int = 3, min_seconds: float = 0.5
+    ) -> None:
         self.shape = (n_tokens, hidden, intermediate)
         self.device = device
         self.repeats = repeats
@@ -304,8 +326,12 @@ class MatmulThroughput:
 
     def record(self) -> dict[str, Any]:
         n, h, i = self.shape
-        return {"shape": f"[{n}, {h}] x [{h}, {i}]", "device": self.device, "torch_threads": torch.get_num_threads(),
-                "gflops": dict(sorted(self.gflops.items()))}
+        return {
+            "shape": f"[{n}, {h}] x [{h}, {i}]",
+            "device": self.device,
+            "torch_threads": torch.get_num_threads(),
+            "gflops": dict(sorted(self.gflops.items())),
+        }
 
 
 # --- per case
@@ -342,7 +368,9 @@ def step_flops(step: dict[str, Any], models: dict[str, ModelMatmuls]) -> dict[st
         if role == "student":
             flops["student_backward"] += model.backward_flops(counts["tokens"], counts["logit_rows"])
     for role, counts in step["generated"].items():
-        flops[f"{role}_generation"] += models[role].generation_flops(counts["sequences"], counts["prompt_tokens"], counts["new_tokens"])
+        flops[f"{role}_generation"] += models[role].generation_flops(
+            counts["sequences"], counts["prompt_tokens"], counts["new_tokens"]
+        )
     return flops
 
 

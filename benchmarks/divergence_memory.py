@@ -298,8 +298,17 @@ def sampled_rows(tokens: int) -> torch.Tensor:
     return torch.linspace(0, tokens - 1, min(SAMPLED_ROWS, tokens)).round().long().unique()
 
 
-def run_case(divergence: str, implementation: str, vocab: int, tokens: int, repeats: int, seed: int,
-             device: str, grad_path: str, threads: int | None = None) -> dict:
+def run_case(
+    divergence: str,
+    implementation: str,
+    vocab: int,
+    tokens: int,
+    repeats: int,
+    seed: int,
+    device: str,
+    grad_path: str,
+    threads: int | None = None,
+) -> dict:
     """Measure one case in this process; save the gradient's sampled rows to ``grad_path``."""
     if threads:
         torch.set_num_threads(threads)
@@ -413,8 +422,13 @@ def run_grid(args, save) -> list[dict]:
         for vocab, tokens in shapes:
             size = logits_bytes(vocab, tokens)
             for divergence in args.divergences:
-                row = {"divergence": divergence, "params": DIVERGENCES[divergence], "vocab": vocab,
-                       "tokens": tokens, "logits_mib": size / MiB}
+                row = {
+                    "divergence": divergence,
+                    "params": DIVERGENCES[divergence],
+                    "vocab": vocab,
+                    "tokens": tokens,
+                    "logits_mib": size / MiB,
+                }
                 grads = {}
                 for implementation in IMPLEMENTATIONS:
                     units = estimated_units(divergence, implementation, measured)
@@ -422,18 +436,30 @@ def run_grid(args, save) -> list[dict]:
                     allowed = min(available_bytes(), args.max_gib * 2**30 if args.max_gib else math.inf)
                     if args.device == "cpu" and needed > allowed:
                         row[implementation] = {"skipped": "memory", "estimated_peak_mib": units * size / MiB}
-                        print(f"  {divergence:8} {implementation:4} V={vocab} N={tokens}: skipped (memory): "
-                              f"needs ~{needed / 2**30:.1f} GiB, {allowed / 2**30:.1f} GiB available",
-                              flush=True)
+                        print(
+                            f"  {divergence:8} {implementation:4} V={vocab} N={tokens}: skipped (memory): "
+                            f"needs ~{needed / 2**30:.1f} GiB, {allowed / 2**30:.1f} GiB available",
+                            flush=True,
+                        )
                         continue
                     grad_path = os.path.join(scratch, f"{implementation}.pt")
-                    spec = {"divergence": divergence, "implementation": implementation, "vocab": vocab,
-                            "tokens": tokens, "repeats": args.repeats, "seed": args.seed,
-                            "device": args.device, "grad_path": grad_path, "threads": args.threads}
+                    spec = {
+                        "divergence": divergence,
+                        "implementation": implementation,
+                        "vocab": vocab,
+                        "tokens": tokens,
+                        "repeats": args.repeats,
+                        "seed": args.seed,
+                        "device": args.device,
+                        "grad_path": grad_path,
+                        "threads": args.threads,
+                    }
                     result = run_in_subprocess(spec)
                     row[implementation] = result
                     if "error" in result:
-                        print(f"  {divergence:8} {implementation:4} V={vocab} N={tokens}: {result['error']}", flush=True)
+                        print(
+                            f"  {divergence:8} {implementation:4} V={vocab} N={tokens}: {result['error']}", flush=True
+                        )
                         continue
                     result["peak_mib"] = result["peak_extra_bytes"] / MiB
                     result["peak_units"] = result["peak_extra_bytes"] / size
@@ -442,9 +468,11 @@ def run_grid(args, save) -> list[dict]:
                     key = (divergence, implementation)
                     measured[key] = max(measured.get(key, 0.0), result["peak_units"])
                     grads[implementation] = torch.load(grad_path)
-                    print(f"  {divergence:8} {implementation:4} V={vocab} N={tokens}: {result['seconds']:.3f} s, "
-                          f"peak {result['peak_extra_bytes'] / MiB:.0f} MiB ({result['peak_units']:.2f} logits)",
-                          flush=True)
+                    print(
+                        f"  {divergence:8} {implementation:4} V={vocab} N={tokens}: {result['seconds']:.3f} s, "
+                        f"peak {result['peak_extra_bytes'] / MiB:.0f} MiB ({result['peak_units']:.2f} logits)",
+                        flush=True,
+                    )
                 compare(row, grads)
                 rows.append(row)
                 save(rows)
@@ -478,11 +506,21 @@ def cell(result: dict, key: str, fmt: str) -> str:
 
 def print_table(rows: list[dict]) -> None:
     columns = [
-        ("divergence", 10), ("V", 7), ("N", 5), ("logits MiB", 10),
-        ("ours s", 8), ("peer s", 16), ("time ratio", 10),
-        ("ours MiB", 8), ("peer MiB", 16), ("mem ratio", 9),
-        ("ours xlogits", 12), ("peer xlogits", 16), ("tensor ratio", 12),
-        ("loss rel diff", 13), ("grad max diff", 13),
+        ("divergence", 10),
+        ("V", 7),
+        ("N", 5),
+        ("logits MiB", 10),
+        ("ours s", 8),
+        ("peer s", 16),
+        ("time ratio", 10),
+        ("ours MiB", 8),
+        ("peer MiB", 16),
+        ("mem ratio", 9),
+        ("ours xlogits", 12),
+        ("peer xlogits", 16),
+        ("tensor ratio", 12),
+        ("loss rel diff", 13),
+        ("grad max diff", 13),
     ]
     header = "  ".join(f"{name:>{width}}" for name, width in columns)
     print(header)
@@ -491,12 +529,18 @@ def print_table(rows: list[dict]) -> None:
         ours, peer = row["ours"], row["peer"]
         both = "time_ratio" in row
         values = [
-            row["divergence"], str(row["vocab"]), str(row["tokens"]), f"{row['logits_mib']:.0f}",
-            cell(ours, "seconds", ".3f"), cell(peer, "seconds", ".3f"),
+            row["divergence"],
+            str(row["vocab"]),
+            str(row["tokens"]),
+            f"{row['logits_mib']:.0f}",
+            cell(ours, "seconds", ".3f"),
+            cell(peer, "seconds", ".3f"),
             f"{row['time_ratio']:.2f}x" if both else "-",
-            cell(ours, "peak_mib", ".0f"), cell(peer, "peak_mib", ".0f"),
+            cell(ours, "peak_mib", ".0f"),
+            cell(peer, "peak_mib", ".0f"),
             f"{row['memory_ratio']:.1%}" if both else "-",
-            cell(ours, "peak_units", ".2f"), cell(peer, "peak_units", ".2f"),
+            cell(ours, "peak_units", ".2f"),
+            cell(peer, "peak_units", ".2f"),
             f"{row['tensor_memory_ratio']:.1%}" if "tensor_memory_ratio" in row else "-",
             f"{row['loss_rel_diff']:.1e}" if both else "-",
             f"{row['grad_max_abs_diff']:.1e}" if both else "-",
@@ -533,8 +577,10 @@ def check_targets(rows: list[dict]) -> dict:
 
 
 def print_targets(verdicts: dict) -> None:
-    print(f"\nTargets at N={TARGET['tokens']}, V={TARGET['vocab']}, float32: ours peak <= "
-          f"{TARGET['memory_ratio']:.0%} of peer's, ours time <= {TARGET['time_ratio']:.1f}x peer's")
+    print(
+        f"\nTargets at N={TARGET['tokens']}, V={TARGET['vocab']}, float32: ours peak <= "
+        f"{TARGET['memory_ratio']:.0%} of peer's, ours time <= {TARGET['time_ratio']:.1f}x peer's"
+    )
     if not verdicts:
         print("  not measured (the target shape is not in this grid)")
     for divergence, v in verdicts.items():
@@ -545,8 +591,10 @@ def print_targets(verdicts: dict) -> None:
         speed = "ok  " if v["time_ok"] else "MISS"
         tensors = v["tensor_memory_ratio"]
         tensors = f"(live tensors only: {tensors:.1%})" if tensors is not None else ""
-        print(f"  {divergence:8}  memory {v['memory_ratio']:6.1%} {memory} {tensors:28}  "
-              f"time {v['time_ratio']:5.2f}x {speed}")
+        print(
+            f"  {divergence:8}  memory {v['memory_ratio']:6.1%} {memory} {tensors:28}  "
+            f"time {v['time_ratio']:5.2f}x {speed}"
+        )
 
 
 def source_info() -> dict:
@@ -557,8 +605,9 @@ def source_info() -> dict:
     info = {"path": folder}
     try:
         git = ["git", "-C", folder]
-        info["commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
-                                        check=True).stdout.strip()
+        info["commit"] = subprocess.run(
+            git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
         status = subprocess.run(git + ["status", "--porcelain", "."], capture_output=True, text=True, check=True)
         info["uncommitted_changes"] = bool(status.stdout.strip())
     except (OSError, subprocess.CalledProcessError):
@@ -575,9 +624,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (best is kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads in each case (default: torch's own)")
-    parser.add_argument("--max-gib", type=float, help="skip CPU cases estimated to need more (default: what is available)")
+    parser.add_argument(
+        "--max-gib", type=float, help="skip CPU cases estimated to need more (default: what is available)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "divergence_memory.json")
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).resolve().parent / "results" / "divergence_memory.json"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -587,9 +640,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
 
-    print(f"distill.divergence_loss vs peer-style whole-vocabulary losses on {args.device}, float32, "
-          f"torch {torch.__version__}, threads: {args.threads or torch.get_num_threads()}, best of {args.repeats}",
-          flush=True)
+    print(
+        f"distill.divergence_loss vs peer-style whole-vocabulary losses on {args.device}, float32, "
+        f"torch {torch.__version__}, threads: {args.threads or torch.get_num_threads()}, best of {args.repeats}",
+        flush=True,
+    )
     started = time.time()
     rows = run_grid(args, save=lambda rows: write_report(args, rows, started, complete=False))
     print()

@@ -88,8 +88,13 @@ def loss_function(divergence: str, implementation: str, chunk_rows: int | None =
     d = distill.get_divergence(divergence, **params)
 
     def fused(hidden, head, teacher_hidden, teacher_head, mask):
-        student, teacher = Head(head, head.weight.shape[0], None), Head(teacher_head, teacher_head.weight.shape[0], None)
-        return fused_loss(student, hidden, teacher, teacher_hidden, d, mask, chunk_size=chunk_rows, block_size=block_rows)[0]
+        student, teacher = (
+            Head(head, head.weight.shape[0], None),
+            Head(teacher_head, teacher_head.weight.shape[0], None),
+        )
+        return fused_loss(
+            student, hidden, teacher, teacher_hidden, d, mask, chunk_size=chunk_rows, block_size=block_rows
+        )[0]
 
     def today(hidden, head, teacher_hidden, teacher_head, mask):
         with torch.no_grad():
@@ -104,8 +109,19 @@ def loss_function(divergence: str, implementation: str, chunk_rows: int | None =
     return {"fused": fused, "today": today, "peer": peer}[implementation]
 
 
-def run_case(divergence: str, implementation: str, vocab: int, hidden: int, tokens: int, repeats: int, seed: int,
-             grad_path: str, threads: int | None = None, chunk_rows: int | None = None, block_rows: int | None = None) -> dict:
+def run_case(
+    divergence: str,
+    implementation: str,
+    vocab: int,
+    hidden: int,
+    tokens: int,
+    repeats: int,
+    seed: int,
+    grad_path: str,
+    threads: int | None = None,
+    chunk_rows: int | None = None,
+    block_rows: int | None = None,
+) -> dict:
     """Measure one case in this process; save the sampled gradients to ``grad_path``."""
     if threads:
         torch.set_num_threads(threads)
@@ -127,10 +143,21 @@ def run_case(divergence: str, implementation: str, vocab: int, hidden: int, toke
         if repeat == 0:
             loss, peak_extra, exact = float(value.detach()), peak.peak - before, peak.exact
             rows = torch.linspace(0, tokens - 1, min(32, tokens)).round().long().unique()
-            torch.save({"hidden": student_hidden.grad[rows].clone(), "weight": head.weight.grad[:: max(1, vocab // 64)].clone()}, grad_path)
+            torch.save(
+                {
+                    "hidden": student_hidden.grad[rows].clone(),
+                    "weight": head.weight.grad[:: max(1, vocab // 64)].clone(),
+                },
+                grad_path,
+            )
         del value
-    return {"seconds": min(seconds), "seconds_all": seconds, "peak_extra_bytes": peak_extra,
-            "peak_from": "VmHWM" if exact else "RSS sampled every 1 ms", "loss": loss}
+    return {
+        "seconds": min(seconds),
+        "seconds_all": seconds,
+        "peak_extra_bytes": peak_extra,
+        "peak_from": "VmHWM" if exact else "RSS sampled every 1 ms",
+        "loss": loss,
+    }
 
 
 class _nothing:
@@ -144,7 +171,9 @@ class _nothing:
 
 
 def run_in_subprocess(spec: dict) -> dict:
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], capture_output=True, text=True
+    )
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         reason = "killed (out of memory?)" if done.returncode == -9 else f"exit {done.returncode}"
@@ -161,8 +190,14 @@ def run_grid(args, save) -> list[dict]:
             divergences = args.divergences or (list(DIVERGENCES) if vocab <= TARGET["vocab"] else ["kl", "jsd"])
             logits = 4 * vocab * args.tokens
             for divergence in divergences:
-                row = {"divergence": divergence, "params": DIVERGENCES[divergence], "vocab": vocab, "hidden": hidden,
-                       "tokens": args.tokens, "logits_mib": logits / MiB}
+                row = {
+                    "divergence": divergence,
+                    "params": DIVERGENCES[divergence],
+                    "vocab": vocab,
+                    "hidden": hidden,
+                    "tokens": args.tokens,
+                    "logits_mib": logits / MiB,
+                }
                 grads = {}
                 for implementation in IMPLEMENTATIONS:
                     units = {"fused": 1.0, "today": 5.0, "peer": PEER_UNITS}[implementation]
@@ -170,13 +205,26 @@ def run_grid(args, save) -> list[dict]:
                     allowed = min(available_bytes(), args.max_gib * 2**30 if args.max_gib else math.inf)
                     if needed > allowed:
                         row[implementation] = {"skipped": "memory"}
-                        print(f"  {divergence:8} {implementation:5} V={vocab}: skipped (memory): needs ~{needed / 2**30:.1f} GiB, "
-                              f"{allowed / 2**30:.1f} GiB available", flush=True)
+                        print(
+                            f"  {divergence:8} {implementation:5} V={vocab}: skipped (memory): needs ~{needed / 2**30:.1f} GiB, "
+                            f"{allowed / 2**30:.1f} GiB available",
+                            flush=True,
+                        )
                         continue
                     grad_path = os.path.join(scratch, f"{implementation}.pt")
-                    spec = {"divergence": divergence, "implementation": implementation, "vocab": vocab, "hidden": hidden,
-                            "tokens": args.tokens, "repeats": args.repeats, "seed": args.seed, "grad_path": grad_path,
-                            "threads": args.threads, "chunk_rows": args.chunk_rows, "block_rows": args.block_rows}
+                    spec = {
+                        "divergence": divergence,
+                        "implementation": implementation,
+                        "vocab": vocab,
+                        "hidden": hidden,
+                        "tokens": args.tokens,
+                        "repeats": args.repeats,
+                        "seed": args.seed,
+                        "grad_path": grad_path,
+                        "threads": args.threads,
+                        "chunk_rows": args.chunk_rows,
+                        "block_rows": args.block_rows,
+                    }
                     result = run_in_subprocess(spec)
                     row[implementation] = result
                     if "error" in result:
@@ -184,8 +232,11 @@ def run_grid(args, save) -> list[dict]:
                         continue
                     result["peak_mib"] = result["peak_extra_bytes"] / MiB
                     grads[implementation] = torch.load(grad_path)
-                    print(f"  {divergence:8} {implementation:5} V={vocab} N={args.tokens} H={hidden}: {result['seconds']:.3f} s, "
-                          f"peak {result['peak_mib']:.0f} MiB", flush=True)
+                    print(
+                        f"  {divergence:8} {implementation:5} V={vocab} N={args.tokens} H={hidden}: {result['seconds']:.3f} s, "
+                        f"peak {result['peak_mib']:.0f} MiB",
+                        flush=True,
+                    )
                 compare(row, grads)
                 rows.append(row)
                 save(rows)
@@ -200,7 +251,9 @@ def compare(row: dict, grads: dict) -> None:
             row[f"{name}_memory_ratio"] = row[name]["peak_extra_bytes"] / row["peer"]["peak_extra_bytes"]
     if "fused" in grads and "today" in grads:
         row["loss_rel_diff"] = abs(row["fused"]["loss"] - row["today"]["loss"]) / max(abs(row["today"]["loss"]), 1e-30)
-        row["grad_max_abs_diff"] = max(float((grads["fused"][k] - grads["today"][k]).abs().max()) for k in ("hidden", "weight"))
+        row["grad_max_abs_diff"] = max(
+            float((grads["fused"][k] - grads["today"][k]).abs().max()) for k in ("hidden", "weight")
+        )
 
 
 def fmt(result: dict, key: str, spec: str) -> str:
@@ -208,24 +261,45 @@ def fmt(result: dict, key: str, spec: str) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = [("divergence", 10), ("V", 7), ("H", 4), ("logits MiB", 10), ("fused s", 8), ("today s", 8), ("peer s", 8),
-               ("fused MiB", 9), ("today MiB", 9), ("peer MiB", 9), ("fused/peer t", 12), ("fused/peer mem", 14),
-               ("today/peer mem", 14), ("loss diff", 9), ("grad diff", 9)]
+    columns = [
+        ("divergence", 10),
+        ("V", 7),
+        ("H", 4),
+        ("logits MiB", 10),
+        ("fused s", 8),
+        ("today s", 8),
+        ("peer s", 8),
+        ("fused MiB", 9),
+        ("today MiB", 9),
+        ("peer MiB", 9),
+        ("fused/peer t", 12),
+        ("fused/peer mem", 14),
+        ("today/peer mem", 14),
+        ("loss diff", 9),
+        ("grad diff", 9),
+    ]
     header = "  ".join(f"{name:>{width}}" for name, width in columns)
     print(header)
     print("-" * len(header))
     for row in rows:
-        values = [row["divergence"], str(row["vocab"]), str(row["hidden"]), f"{row['logits_mib']:.0f}",
-                  *(fmt(row.get(i, {"skipped": 1}), "seconds", ".3f") for i in IMPLEMENTATIONS),
-                  *(fmt(row.get(i, {"skipped": 1}), "peak_mib", ".0f") for i in IMPLEMENTATIONS),
-                  f"{row['fused_time_ratio']:.2f}x" if "fused_time_ratio" in row else "-",
-                  f"{row['fused_memory_ratio']:.3f}x" if "fused_memory_ratio" in row else "-",
-                  f"{row['today_memory_ratio']:.3f}x" if "today_memory_ratio" in row else "-",
-                  f"{row['loss_rel_diff']:.1e}" if "loss_rel_diff" in row else "-",
-                  f"{row['grad_max_abs_diff']:.1e}" if "grad_max_abs_diff" in row else "-"]
+        values = [
+            row["divergence"],
+            str(row["vocab"]),
+            str(row["hidden"]),
+            f"{row['logits_mib']:.0f}",
+            *(fmt(row.get(i, {"skipped": 1}), "seconds", ".3f") for i in IMPLEMENTATIONS),
+            *(fmt(row.get(i, {"skipped": 1}), "peak_mib", ".0f") for i in IMPLEMENTATIONS),
+            f"{row['fused_time_ratio']:.2f}x" if "fused_time_ratio" in row else "-",
+            f"{row['fused_memory_ratio']:.3f}x" if "fused_memory_ratio" in row else "-",
+            f"{row['today_memory_ratio']:.3f}x" if "today_memory_ratio" in row else "-",
+            f"{row['loss_rel_diff']:.1e}" if "loss_rel_diff" in row else "-",
+            f"{row['grad_max_abs_diff']:.1e}" if "grad_max_abs_diff" in row else "-",
+        ]
         print("  ".join(f"{value:>{width}}" for value, (_, width) in zip(values, columns)))
-    print("s: best forward+backward seconds (head + loss); MiB: peak RSS during it minus RSS before (inputs and weights allocated; "
-          "the gradients of the hidden states and the head weight included);\nratios within this run; loss/grad diff: fused against today")
+    print(
+        "s: best forward+backward seconds (head + loss); MiB: peak RSS during it minus RSS before (inputs and weights allocated; "
+        "the gradients of the hidden states and the head weight included);\nratios within this run; loss/grad diff: fused against today"
+    )
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
@@ -233,9 +307,15 @@ def check_targets(rows: list[dict]) -> list[dict]:
     for row in rows:
         if (row["vocab"], row["tokens"]) != (TARGET["vocab"], TARGET["tokens"]) or "fused_time_ratio" not in row:
             continue
-        verdicts.append({"divergence": row["divergence"], "memory_ratio": row["fused_memory_ratio"],
-                         "memory_ok": row["fused_memory_ratio"] <= TARGET["memory_ratio"],
-                         "time_ratio": row["fused_time_ratio"], "time_ok": row["fused_time_ratio"] <= TARGET["time_ratio"]})
+        verdicts.append(
+            {
+                "divergence": row["divergence"],
+                "memory_ratio": row["fused_memory_ratio"],
+                "memory_ok": row["fused_memory_ratio"] <= TARGET["memory_ratio"],
+                "time_ratio": row["fused_time_ratio"],
+                "time_ok": row["fused_time_ratio"] <= TARGET["time_ratio"],
+            }
+        )
     return verdicts
 
 
@@ -254,18 +334,37 @@ def write_tiny_pair(root: Path, vocab: int, response_tokens: int, sequences: int
     table.update({f"<x{i}>": i for i in range(len(table), vocab)})
     tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
     fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     paths = {"teacher": root / "teacher", "student": root / "student", "data": root / "data.jsonl"}
     for layers, seed, role in ((2, 1, "teacher"), (1, 2, "student")):
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
-                             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
         LlamaForCausalLM(config).save_pretrained(paths[role])
         fast.save_pretrained(paths[role])
     rng = __import__("random").Random(0)
-    lines = [json.dumps({"prompt": " ".join(rng.choices(words, k=8)), "response": " ".join(rng.choices(words, k=response_tokens - 1))})
-             for _ in range(4 * sequences)]
+    lines = [
+        json.dumps(
+            {
+                "prompt": " ".join(rng.choices(words, k=8)),
+                "response": " ".join(rng.choices(words, k=response_tokens - 1)),
+            }
+        )
+        for _ in range(4 * sequences)
+    ]
     paths["data"].write_text("\n".join(lines) + "\n")
     return paths
 
@@ -286,20 +385,37 @@ def run_worker(spec: dict) -> dict:
             seen["exact"] = PeakRSS().__enter__().exact  # resets VmHWM to the current RSS
             seen["head"] = record.get("head")
 
-    cfg = resolve_config({
-        "teacher": {"ref": spec["teacher"]}, "student": {"ref": spec["student"]},
-        "data": {"path": spec["data"], "max_response_tokens": spec["response_tokens"], "group_by_length": "off"},
-        "divergence": {"name": "kl"}, "policy": {"name": "offpolicy"}, "output_dir": spec["output_dir"],
-        "train": {"max_steps": 2, "batch_size": spec["sequences"], "fused_head": spec["fused_head"], "precision": "fp32"},
-        "eval": {"batch_size": spec["sequences"], "every": 0, "rouge_samples": 0},
-    }, recipe=False, embedded=False)
+    cfg = resolve_config(
+        {
+            "teacher": {"ref": spec["teacher"]},
+            "student": {"ref": spec["student"]},
+            "data": {"path": spec["data"], "max_response_tokens": spec["response_tokens"], "group_by_length": "off"},
+            "divergence": {"name": "kl"},
+            "policy": {"name": "offpolicy"},
+            "output_dir": spec["output_dir"],
+            "train": {
+                "max_steps": 2,
+                "batch_size": spec["sequences"],
+                "fused_head": spec["fused_head"],
+                "precision": "fp32",
+            },
+            "eval": {"batch_size": spec["sequences"], "every": 0, "rouge_samples": 0},
+        },
+        recipe=False,
+        embedded=False,
+    )
     started = time.perf_counter()
     train(cfg, report=report, overwrite=True)
     from divergence_memory import high_water_mark_bytes
 
     peak = high_water_mark_bytes() if seen.get("exact") else None
-    return {"start_rss_bytes": seen["start_rss"], "peak_rss_bytes": peak, "peak_extra_bytes": None if peak is None else peak - seen["start_rss"],
-            "head": seen.get("head"), "seconds": time.perf_counter() - started}
+    return {
+        "start_rss_bytes": seen["start_rss"],
+        "peak_rss_bytes": peak,
+        "peak_extra_bytes": None if peak is None else peak - seen["start_rss"],
+        "head": seen.get("head"),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def run_memory(args) -> dict:
@@ -310,35 +426,59 @@ def run_memory(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="fused_head_run_") as scratch:
         paths = write_tiny_pair(Path(scratch), args.run_vocab, result["response_tokens"], result["sequences"])
         for name, setting in (("fused", "auto"), ("full", False)):
-            spec = {"run": True, "teacher": str(paths["teacher"]), "student": str(paths["student"]), "data": str(paths["data"]),
-                    "output_dir": str(Path(scratch) / f"run-{setting}"), "sequences": result["sequences"],
-                    "response_tokens": result["response_tokens"], "fused_head": setting, "threads": args.threads}
+            spec = {
+                "run": True,
+                "teacher": str(paths["teacher"]),
+                "student": str(paths["student"]),
+                "data": str(paths["data"]),
+                "output_dir": str(Path(scratch) / f"run-{setting}"),
+                "sequences": result["sequences"],
+                "response_tokens": result["response_tokens"],
+                "fused_head": setting,
+                "threads": args.threads,
+            }
             run = run_in_subprocess(spec)
             result[name] = run
             if "error" not in run and run["peak_extra_bytes"] is not None:
                 run["peak_extra_mib"] = run["peak_extra_bytes"] / MiB
                 run["in_logits_units"] = run["peak_extra_bytes"] / logits
-                print(f"  distill run, V={args.run_vocab}, fused_head={setting}: peak RSS {run['peak_rss_bytes'] / MiB:.0f} MiB, "
-                      f"{run['peak_extra_mib']:.0f} MiB above its RSS at start = {run['in_logits_units']:.2f}x one [B, R, V] float32 tensor "
-                      f"({logits / MiB:.0f} MiB); {run['head']}", flush=True)
+                print(
+                    f"  distill run, V={args.run_vocab}, fused_head={setting}: peak RSS {run['peak_rss_bytes'] / MiB:.0f} MiB, "
+                    f"{run['peak_extra_mib']:.0f} MiB above its RSS at start = {run['in_logits_units']:.2f}x one [B, R, V] float32 tensor "
+                    f"({logits / MiB:.0f} MiB); {run['head']}",
+                    flush=True,
+                )
             else:
-                print(f"  distill run, fused_head={setting}: {run.get('error', 'no peak (VmHWM cannot be reset here)')}", flush=True)
+                print(
+                    f"  distill run, fused_head={setting}: {run.get('error', 'no peak (VmHWM cannot be reset here)')}",
+                    flush=True,
+                )
     return result
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 152064])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--hidden", type=int, help="hidden size (default: 576 at V=49152, else 896)")
-    parser.add_argument("--divergences", nargs="+", choices=list(DIVERGENCES), help="default: all six at V <= 49152, kl and jsd above")
+    parser.add_argument(
+        "--divergences", nargs="+", choices=list(DIVERGENCES), help="default: all six at V <= 49152, kl and jsd above"
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunk-rows", type=int, help="fused: rows per loss chunk (default: distill.fused.fused_sizes(V))")
-    parser.add_argument("--block-rows", type=int, help="fused: rows per head block (default: distill.fused.fused_sizes(V))")
+    parser.add_argument(
+        "--chunk-rows", type=int, help="fused: rows per loss chunk (default: distill.fused.fused_sizes(V))"
+    )
+    parser.add_argument(
+        "--block-rows", type=int, help="fused: rows per head block (default: distill.fused.fused_sizes(V))"
+    )
     parser.add_argument("--threads", type=int)
     parser.add_argument("--max-gib", type=float, help="skip cases expected to need more")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--part", choices=["grid", "run", "both"], default="both", help="the head+loss grid, the distill run, or both")
+    parser.add_argument(
+        "--part", choices=["grid", "run", "both"], default="both", help="the head+loss grid, the distill run, or both"
+    )
     parser.add_argument("--run-vocab", type=int, default=262144, help="tokenizer size of the run part")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "fused_head.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -351,8 +491,13 @@ def main(argv: list[str] | None = None) -> Path:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("output", "worker")}, "environment": environment(),
-              "target": TARGET, "complete": False, "cases": []}
+    report = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("output", "worker")},
+        "environment": environment(),
+        "target": TARGET,
+        "complete": False,
+        "cases": [],
+    }
 
     def save(rows):
         report["cases"] = rows
@@ -365,8 +510,10 @@ def main(argv: list[str] | None = None) -> Path:
         report["run"] = run_memory(args)
     report["verdicts"] = check_targets(rows)
     for v in report["verdicts"]:
-        print(f"  {v['divergence']:8} memory {v['memory_ratio']:.3f}x peer {'ok' if v['memory_ok'] else 'MISS'}, "
-              f"time {v['time_ratio']:.2f}x peer {'ok' if v['time_ok'] else 'MISS'}")
+        print(
+            f"  {v['divergence']:8} memory {v['memory_ratio']:.3f}x peer {'ok' if v['memory_ok'] else 'MISS'}, "
+            f"time {v['time_ratio']:.2f}x peer {'ok' if v['time_ok'] else 'MISS'}"
+        )
     report["complete"] = True
     save(rows)
     return args.output

@@ -63,11 +63,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_setting_flags(parser)
     parser.set_defaults(threads=2)
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per implementation and case (training batches)")
-    parser.add_argument("--eval-repeats", type=int, default=3, help="the same for the ROUGE-L evaluation's generation (0: skip it)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed calls per implementation and case (training batches)"
+    )
+    parser.add_argument(
+        "--eval-repeats", type=int, default=3, help="the same for the ROUGE-L evaluation's generation (0: skip it)"
+    )
     parser.add_argument("--models", nargs="+", choices=("student", "teacher"), default=["student", "teacher"])
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
     parser.add_argument("--modes", nargs="+", choices=("sampled", "greedy"), default=["sampled", "greedy"])
@@ -86,17 +92,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)
     train, val, _ = load_examples(cfg.data, tokenizer, args.seed)
     generation = GenerationConfig(max_new_tokens=cfg.generation.max_new_tokens)  # temperature 1, top-k 0, top-p 1
-    workloads = {"train": Workload(random.Random(args.seed).sample(train, min(cfg.train.batch_size, len(train))), args.modes, args.repeats)}
+    workloads = {
+        "train": Workload(
+            random.Random(args.seed).sample(train, min(cfg.train.batch_size, len(train))), args.modes, args.repeats
+        )
+    }
     if args.eval_repeats and cfg.eval.rouge_samples:
         workloads["eval"] = Workload(val[: cfg.eval.rouge_samples], ["greedy"], args.eval_repeats, cfg.eval.batch_size)
     report: dict[str, Any] = {
         "benchmark": "generation_speed",
         "environment": environment(),
         "settings": {
-            "teacher": cfg.teacher.ref, "student": cfg.student.ref, "data": cfg.data.path, "max_new_tokens": generation.max_new_tokens,
-            "temperature": generation.temperature, "top_k": generation.top_k, "top_p": generation.top_p, "seed": args.seed,
-            "workloads": {name: {"prompts": len(w.prompts), "batch_size": w.batch_size, "repeats": w.repeats, "modes": w.modes,
-                                 "prompt_tokens": [len(e.prompt_ids) for e in w.prompts]} for name, w in workloads.items()},
+            "teacher": cfg.teacher.ref,
+            "student": cfg.student.ref,
+            "data": cfg.data.path,
+            "max_new_tokens": generation.max_new_tokens,
+            "temperature": generation.temperature,
+            "top_k": generation.top_k,
+            "top_p": generation.top_p,
+            "seed": args.seed,
+            "workloads": {
+                name: {
+                    "prompts": len(w.prompts),
+                    "batch_size": w.batch_size,
+                    "repeats": w.repeats,
+                    "modes": w.modes,
+                    "prompt_tokens": [len(e.prompt_ids) for e in w.prompts],
+                }
+                for name, w in workloads.items()
+            },
         },
         "cases": [],
         "complete": False,
@@ -125,8 +149,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             runs[name].append(timed_call(generators[name], model, workload.prompts, greedy))
                     case = summarise(workload_name, workload.batch_size, model_name, dtype_name, mode, runs)
                     report["cases"].append(case)
-                    print(f"{workload_name} {model_name} {dtype_name} {mode}: generate {case['generate']['median_seconds']:.2f} s, "
-                          f"decode {case['decode']['median_seconds']:.2f} s, ratio {case['generate_over_decode']:.2f}", flush=True)
+                    print(
+                        f"{workload_name} {model_name} {dtype_name} {mode}: generate {case['generate']['median_seconds']:.2f} s, "
+                        f"decode {case['decode']['median_seconds']:.2f} s, ratio {case['generate_over_decode']:.2f}",
+                        flush=True,
+                    )
                     write_json(args.output, report)
             del model
 
@@ -156,13 +183,26 @@ def timed_call(generator: ResponseGenerator, model, prompts: list[Example], gree
     answers = generator(model, prompts, greedy=greedy)
     seconds = time.perf_counter() - began
     lengths = [len(a.response_ids) for a in answers]
-    batches = [lengths[start: start + generator.batch_size] for start in range(0, len(lengths), generator.batch_size)]
-    return {"seconds": seconds, "new_tokens": sum(lengths), "forwards": sum(max(b) for b in batches), "responses": [a.response_ids for a in answers]}
+    batches = [lengths[start : start + generator.batch_size] for start in range(0, len(lengths), generator.batch_size)]
+    return {
+        "seconds": seconds,
+        "new_tokens": sum(lengths),
+        "forwards": sum(max(b) for b in batches),
+        "responses": [a.response_ids for a in answers],
+    }
 
 
-def summarise(workload: str, batch_size: int, model: str, dtype: str, mode: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def summarise(
+    workload: str, batch_size: int, model: str, dtype: str, mode: str, runs: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
     """Median / best seconds, tokens, forwards and ms per forward of each implementation, and the ratio."""
-    case: dict[str, Any] = {"workload": workload, "batch_size": batch_size, "model": model, "dtype": dtype, "mode": mode}
+    case: dict[str, Any] = {
+        "workload": workload,
+        "batch_size": batch_size,
+        "model": model,
+        "dtype": dtype,
+        "mode": mode,
+    }
     for name, calls in runs.items():
         seconds = [c["seconds"] for c in calls]
         forwards = sum(c["forwards"] for c in calls)
@@ -183,18 +223,45 @@ def summarise(workload: str, batch_size: int, model: str, dtype: str, mode: str,
 
 def print_table(report: dict[str, Any]) -> None:
     env, settings = report["environment"], report["settings"]
-    print(f"\n{env['cpu']} ({env['cpu_count']} cores), torch threads {env['torch_threads']}, torch {env['torch']}, transformers {env['transformers']}")
+    print(
+        f"\n{env['cpu']} ({env['cpu_count']} cores), torch threads {env['torch_threads']}, torch {env['torch']}, transformers {env['transformers']}"
+    )
     for name, w in settings["workloads"].items():
         print(f"{name}: {w['prompts']} prompts in batches of {w['batch_size']}, {w['repeats']} repeats")
     print(f"max_new_tokens {settings['max_new_tokens']}; seconds are medians; g/d: generate/decode\n")
-    header = ("workload", "model", "dtype", "mode", "generate s", "decode s", "ratio", "new tokens g/d", "forwards g/d", "ms/forward g/d", "ratio/fwd", "same")
+    header = (
+        "workload",
+        "model",
+        "dtype",
+        "mode",
+        "generate s",
+        "decode s",
+        "ratio",
+        "new tokens g/d",
+        "forwards g/d",
+        "ms/forward g/d",
+        "ratio/fwd",
+        "same",
+    )
     rows = []
     for c in report["cases"]:
         g, d = c["generate"], c["decode"]
-        rows.append((c["workload"], c["model"], c["dtype"], c["mode"], f"{g['median_seconds']:.2f}", f"{d['median_seconds']:.2f}", f"{c['generate_over_decode']:.2f}x",
-                     f"{g['mean_new_tokens']:.0f}/{d['mean_new_tokens']:.0f}", f"{g['mean_forwards']:.0f}/{d['mean_forwards']:.0f}",
-                     f"{g['ms_per_forward']:.1f}/{d['ms_per_forward']:.1f}", f"{c['generate_over_decode_per_forward']:.2f}x",
-                     {True: "yes", False: "no"}.get(c.get("same_tokens"), "-")))
+        rows.append(
+            (
+                c["workload"],
+                c["model"],
+                c["dtype"],
+                c["mode"],
+                f"{g['median_seconds']:.2f}",
+                f"{d['median_seconds']:.2f}",
+                f"{c['generate_over_decode']:.2f}x",
+                f"{g['mean_new_tokens']:.0f}/{d['mean_new_tokens']:.0f}",
+                f"{g['mean_forwards']:.0f}/{d['mean_forwards']:.0f}",
+                f"{g['ms_per_forward']:.1f}/{d['ms_per_forward']:.1f}",
+                f"{c['generate_over_decode_per_forward']:.2f}x",
+                {True: "yes", False: "no"}.get(c.get("same_tokens"), "-"),
+            )
+        )
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))

@@ -31,7 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
-DIVERGENCES = {"kl": {}, "rkl": {}, "jsd": {"beta": 0.5}, "tvd": {}, "skew_kl": {"alpha": 0.1}, "skew_rkl": {"alpha": 0.1}}
+DIVERGENCES = {
+    "kl": {},
+    "rkl": {},
+    "jsd": {"beta": 0.5},
+    "tvd": {},
+    "skew_kl": {"alpha": 0.1},
+    "skew_rkl": {"alpha": 0.1},
+}
 RESULTS = Path(__file__).parent / "results" / "gpu_check.json"
 MIB = 2**20
 DEVICE = "cuda"
@@ -68,12 +75,30 @@ def measure_run(max_steps: int, warmup: int) -> dict:
     from distill.cli.run_cmd import flag_layer, resolve_config
     from distill.engine import train
 
-    settings = ["train.precision=bf16", "teacher.dtype=bfloat16", "eval.rouge_samples=0", f"eval.every={max_steps}", f"checkpoint.every={max_steps}"]
+    settings = [
+        "train.precision=bf16",
+        "teacher.dtype=bfloat16",
+        "eval.rouge_samples=0",
+        f"eval.every={max_steps}",
+        f"checkpoint.every={max_steps}",
+    ]
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as folder:
-        flags = flag_layer(recipe=None, divergence=None, divergence_params=[], policy=None, policy_params=[], teacher=None, student=None,
-                           data=None, output_dir=str(Path(folder) / "run"), max_steps=max_steps, seed=None, settings=settings)
+        flags = flag_layer(
+            recipe=None,
+            divergence=None,
+            divergence_params=[],
+            policy=None,
+            policy_params=[],
+            teacher=None,
+            student=None,
+            data=None,
+            output_dir=str(Path(folder) / "run"),
+            max_steps=max_steps,
+            seed=None,
+            settings=settings,
+        )
         config = resolve_config(None, flags)
         reset_peak()
         started = time.perf_counter()
@@ -94,8 +119,14 @@ def measure_run(max_steps: int, warmup: int) -> dict:
         "sources": result.sources,
         "val_loss_before": result.before.get("val_loss"),
         "val_loss_after": result.after.get("val_loss"),
-        "config": {"recipe": config.recipe, "teacher": config.teacher.ref, "student": config.student.ref, "batch_size": config.train.batch_size,
-                   "precision": config.train.precision, "teacher_dtype": config.teacher.dtype},
+        "config": {
+            "recipe": config.recipe,
+            "teacher": config.teacher.ref,
+            "student": config.student.ref,
+            "batch_size": config.train.batch_size,
+            "precision": config.train.precision,
+            "teacher_dtype": config.teacher.dtype,
+        },
     }
 
 
@@ -123,7 +154,13 @@ def measure_loss(name: str, params: dict, vocab: int, tokens: int, repeats: int)
         extra = max(extra, peak() - base)
         student.grad = None
     logits_mib = tokens * vocab * 2 / MIB
-    return {"divergence": name, "seconds": min(times), "peak_extra_mib": extra / MIB, "logits_mib_bf16": logits_mib, "peak_in_logits": extra / MIB / logits_mib}
+    return {
+        "divergence": name,
+        "seconds": min(times),
+        "peak_extra_mib": extra / MIB,
+        "logits_mib_bf16": logits_mib,
+        "peak_in_logits": extra / MIB / logits_mib,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,25 +177,45 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print(f"gpu_check: no CUDA GPU here (torch {torch.__version__}, torch.cuda.is_available() is False); nothing measured")
+        print(
+            f"gpu_check: no CUDA GPU here (torch {torch.__version__}, torch.cuda.is_available() is False); nothing measured"
+        )
         return 0
     device = torch.cuda.get_device_name(0)
     print(f"gpu_check on {device} (torch {torch.__version__})")
-    result = {"benchmark": "gpu_check", "device": device, "torch": torch.__version__, "python": platform.python_version(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result = {
+        "benchmark": "gpu_check",
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
     if not args.skip_run:
         run = measure_run(args.max_steps, args.warmup)
         result["run"] = run
         print(f"\ndistill run, embedded default, bf16, {run['steps']} steps (timed: last {run['timed_steps']})")
         print(f"  {'seconds/step':>14} {'tokens/s':>10} {'peak GPU MiB':>13} {'wall s':>8}  sources")
-        print(f"  {run['seconds_per_step']:>14.3f} {run['tokens_per_second']:>10,.0f} {run['peak_gpu_mib']:>13,.0f} {run['wall_seconds']:>8.1f}  {run['sources']}")
+        print(
+            f"  {run['seconds_per_step']:>14.3f} {run['tokens_per_second']:>10,.0f} {run['peak_gpu_mib']:>13,.0f} {run['wall_seconds']:>8.1f}  {run['sources']}"
+        )
 
     losses = [measure_loss(name, params, args.vocab, args.tokens, args.repeats) for name, params in DIVERGENCES.items()]
-    result["loss"] = {"vocab": args.vocab, "tokens": args.tokens, "dtype": "bfloat16", "repeats": args.repeats, "cases": losses}
-    print(f"\ndivergence_loss forward+backward, N={args.tokens}, V={args.vocab}, bf16 logits ({losses[0]['logits_mib_bf16']:,.0f} MiB each)")
+    result["loss"] = {
+        "vocab": args.vocab,
+        "tokens": args.tokens,
+        "dtype": "bfloat16",
+        "repeats": args.repeats,
+        "cases": losses,
+    }
+    print(
+        f"\ndivergence_loss forward+backward, N={args.tokens}, V={args.vocab}, bf16 logits ({losses[0]['logits_mib_bf16']:,.0f} MiB each)"
+    )
     print(f"  {'divergence':<10} {'seconds':>9} {'tokens/s':>11} {'peak extra MiB':>15} {'in logits':>10}")
     for case in losses:
-        print(f"  {case['divergence']:<10} {case['seconds']:>9.4f} {args.tokens / case['seconds']:>11,.0f} {case['peak_extra_mib']:>15,.0f} {case['peak_in_logits']:>10.2f}")
+        print(
+            f"  {case['divergence']:<10} {case['seconds']:>9.4f} {args.tokens / case['seconds']:>11,.0f} {case['peak_extra_mib']:>15,.0f} {case['peak_in_logits']:>10.2f}"
+        )
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

@@ -56,7 +56,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, add_setting_flags, case_config, environment, read_jsonl, save_figure, set_threads, settings_record, write_json
+from common import (
+    RESULTS,
+    add_setting_flags,
+    case_config,
+    environment,
+    read_jsonl,
+    save_figure,
+    set_threads,
+    settings_record,
+    write_json,
+)
 
 TARGETS = {"distillm_over_kd": 1.3, "distillm_over_gkd": 0.5}
 SOURCES = ("dataset", "teacher", "student", "replay")
@@ -74,7 +84,11 @@ def step_cost_from_file(path: Path, settings: dict[str, Any]) -> dict[str, float
     measured = report.get("settings", {})
     if any(measured.get(key) != value for key, value in settings.items()):
         return {}
-    return {c["name"]: c["seconds_per_step"] for c in report.get("cases", []) if c.get("kind") == "ours" and c.get("seconds_per_step")}
+    return {
+        c["name"]: c["seconds_per_step"]
+        for c in report.get("cases", [])
+        if c.get("kind") == "ours" and c.get("seconds_per_step")
+    }
 
 
 def calibrate(args, registry, name: str, scratch: Path) -> float:
@@ -123,8 +137,10 @@ def run_recipe(args, registry, name: str, seconds_per_step: float, out: Path) ->
     final, before = evals[-1], evals[0]
     return {
         "recipe": name,
-        "divergence": cfg.divergence.name, "divergence_params": cfg.divergence.params,
-        "policy": cfg.policy.name, "policy_params": cfg.policy.params,
+        "divergence": cfg.divergence.name,
+        "divergence_params": cfg.divergence.params,
+        "policy": cfg.policy.name,
+        "policy_params": cfg.policy.params,
         "eval_every": cfg.eval.every,
         "calibrated_seconds_per_step": seconds_per_step,
         "steps_planned": max_steps,
@@ -137,8 +153,24 @@ def run_recipe(args, registry, name: str, seconds_per_step: float, out: Path) ->
         "student_share": (sources["student"] + sources["replay"]) / len(metrics),
         "before": {k: v for k, v in before.items() if k != "step"},
         "final": {k: v for k, v in final.items() if k != "step"},
-        "curve": [{"step": e["step"], "train_seconds": elapsed[e["step"]], **{k: e.get(k) for k in ("val_loss", "val_kl", "val_divergence")}} for e in evals],
-        "steps": [{"step": m["step"], "seconds": m["seconds"], "source": m["source"], "loss": m["loss"], **({"sgo_prob": m["sgo_prob"]} if "sgo_prob" in m else {})} for m in metrics],
+        "curve": [
+            {
+                "step": e["step"],
+                "train_seconds": elapsed[e["step"]],
+                **{k: e.get(k) for k in ("val_loss", "val_kl", "val_divergence")},
+            }
+            for e in evals
+        ],
+        "steps": [
+            {
+                "step": m["step"],
+                "seconds": m["seconds"],
+                "source": m["source"],
+                "loss": m["loss"],
+                **({"sgo_prob": m["sgo_prob"]} if "sgo_prob" in m else {}),
+            }
+            for m in metrics
+        ],
     }
 
 
@@ -152,29 +184,67 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for other in ("kd", "gkd"):
         o = by_name.get(other)
         ours, theirs = (d or {}).get("final", {}).get("val_kl"), (o or {}).get("final", {}).get("val_kl")
-        checks.append({"target": f"distillm token KL < {other}'s at equal budget", "distillm": ours, "other": theirs,
-                       "pass": None if ours is None or theirs is None else ours < theirs})
+        checks.append(
+            {
+                "target": f"distillm token KL < {other}'s at equal budget",
+                "distillm": ours,
+                "other": theirs,
+                "pass": None if ours is None or theirs is None else ours < theirs,
+            }
+        )
     for other, key in (("kd", "distillm_over_kd"), ("gkd", "distillm_over_gkd")):
         o = by_name.get(other)
         ratio = d["seconds_per_step"] / o["seconds_per_step"] if d and o else None
-        checks.append({"target": f"distillm full-run s/step <= {TARGETS[key]} x {other}'s", "ratio": ratio, "limit": TARGETS[key],
-                       "pass": None if ratio is None else ratio <= TARGETS[key]})
+        checks.append(
+            {
+                "target": f"distillm full-run s/step <= {TARGETS[key]} x {other}'s",
+                "ratio": ratio,
+                "limit": TARGETS[key],
+                "pass": None if ratio is None else ratio <= TARGETS[key],
+            }
+        )
     return checks
 
 
 def format_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     """Header and rows (plain strings, for the console and RESULTS.md); first row: the initial student."""
+
     def num(value, fmt="{:.3f}"):
         return "-" if value is None else fmt.format(value)
 
-    table = [["recipe", "steps (planned)", "train s", "s/step", "student share", "val CE", "token KL", "ROUGE-L", "ended by"]]
+    table = [
+        ["recipe", "steps (planned)", "train s", "s/step", "student share", "val CE", "token KL", "ROUGE-L", "ended by"]
+    ]
     if rows:
         b = rows[0]["before"]
-        table.append(["(initial student)", "0", "0", "-", "-", num(b.get("val_loss")), num(b.get("val_kl")), num(b.get("rouge_l"), "{:.1f}"), "-"])
+        table.append(
+            [
+                "(initial student)",
+                "0",
+                "0",
+                "-",
+                "-",
+                num(b.get("val_loss")),
+                num(b.get("val_kl")),
+                num(b.get("rouge_l"), "{:.1f}"),
+                "-",
+            ]
+        )
     for r in rows:
         f = r["final"]
-        table.append([r["recipe"], f"{r['steps_done']} ({r['steps_planned']})", f"{r['train_seconds']:.1f}", num(r["seconds_per_step"]),
-                      f"{100 * r['student_share']:.0f}%", num(f.get("val_loss")), num(f.get("val_kl")), num(f.get("rouge_l"), "{:.1f}"), r["stopped_by"]])
+        table.append(
+            [
+                r["recipe"],
+                f"{r['steps_done']} ({r['steps_planned']})",
+                f"{r['train_seconds']:.1f}",
+                num(r["seconds_per_step"]),
+                f"{100 * r['student_share']:.0f}%",
+                num(f.get("val_loss")),
+                num(f.get("val_kl")),
+                num(f.get("rouge_l"), "{:.1f}"),
+                r["stopped_by"],
+            ]
+        )
     return table
 
 
@@ -244,11 +314,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=300.0, help="training seconds per recipe (steps only)")
     parser.add_argument("--evals", type=int, default=10, help="evaluations per run besides the one before training")
-    parser.add_argument("--rouge-samples", type=int, default=None, help="validation prompts answered for ROUGE-L (default: all)")
-    parser.add_argument("--only", nargs="+", choices=recipes, metavar="RECIPE", help=f"these recipes only: {', '.join(recipes)}")
-    parser.add_argument("--step-cost", type=Path, default=RESULTS / "step_cost.json", help="seconds per step measured by step_cost.py")
-    parser.add_argument("--calibration-steps", type=int, default=4, help="timed steps of a calibration run, where step_cost.json does not fit")
-    parser.add_argument("--runs-dir", type=Path, help="keep each recipe's run folder here (default: a temporary folder, removed)")
+    parser.add_argument(
+        "--rouge-samples", type=int, default=None, help="validation prompts answered for ROUGE-L (default: all)"
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=recipes, metavar="RECIPE", help=f"these recipes only: {', '.join(recipes)}"
+    )
+    parser.add_argument(
+        "--step-cost", type=Path, default=RESULTS / "step_cost.json", help="seconds per step measured by step_cost.py"
+    )
+    parser.add_argument(
+        "--calibration-steps",
+        type=int,
+        default=4,
+        help="timed steps of a calibration run, where step_cost.json does not fit",
+    )
+    parser.add_argument(
+        "--runs-dir", type=Path, help="keep each recipe's run folder here (default: a temporary folder, removed)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "quality_budget.json")
     add_setting_flags(parser)
     args = parser.parse_args(argv)
@@ -258,20 +341,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference = case_config(args, registry, recipe="kd")
     if args.rouge_samples is None:
         args.rouge_samples = reference.data.val_max  # every validation prompt
-    settings = {**settings_record(reference), "budget_seconds": args.budget, "evals": args.evals, "rouge_samples": args.rouge_samples,
-                "lr": reference.train.lr, "schedule": reference.train.schedule, "warmup_steps": reference.train.warmup_steps,
-                "ce_weight": reference.train.ce_weight, "seed": args.seed}
+    settings = {
+        **settings_record(reference),
+        "budget_seconds": args.budget,
+        "evals": args.evals,
+        "rouge_samples": args.rouge_samples,
+        "lr": reference.train.lr,
+        "schedule": reference.train.schedule,
+        "warmup_steps": reference.train.warmup_steps,
+        "ce_weight": reference.train.ce_weight,
+        "seed": args.seed,
+    }
     measured = step_cost_from_file(args.step_cost, settings_record(reference))
     selected = args.only or recipes
-    print(f"quality at equal budget: {', '.join(selected)}; {args.budget:.0f} training seconds each, {args.evals} evaluations; "
-          f"seconds per step from {'step_cost.json' if measured else 'calibration runs'}", flush=True)
+    print(
+        f"quality at equal budget: {', '.join(selected)}; {args.budget:.0f} training seconds each, {args.evals} evaluations; "
+        f"seconds per step from {'step_cost.json' if measured else 'calibration runs'}",
+        flush=True,
+    )
     started = time.time()
     rows: list[dict[str, Any]] = []
 
     def save(complete: bool, plots: list[Path] = ()) -> dict[str, Any]:
-        report = {"benchmark": "quality_budget", "complete": complete, "environment": environment(), "settings": settings,
-                  "seconds_per_step_from": sorted({r["seconds_per_step_from"] for r in rows}), "wall_seconds": time.time() - started,
-                  "targets": TARGETS, "verdicts": check_targets(rows), "plots": [p.name for p in plots], "recipes": rows}
+        report = {
+            "benchmark": "quality_budget",
+            "complete": complete,
+            "environment": environment(),
+            "settings": settings,
+            "seconds_per_step_from": sorted({r["seconds_per_step_from"] for r in rows}),
+            "wall_seconds": time.time() - started,
+            "targets": TARGETS,
+            "verdicts": check_targets(rows),
+            "plots": [p.name for p in plots],
+            "recipes": rows,
+        }
         write_json(args.output, report)
         return report
 
@@ -296,7 +399,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "ratio" in verdict:
             shown = "not measured" if verdict["ratio"] is None else f"{verdict['ratio']:.2f}"
         else:
-            shown = "not measured" if verdict["pass"] is None else f"{verdict['distillm']:.3f} vs {verdict['other']:.3f}"
+            shown = (
+                "not measured" if verdict["pass"] is None else f"{verdict['distillm']:.3f} vs {verdict['other']:.3f}"
+            )
         status = "" if verdict["pass"] is None else (" (pass)" if verdict["pass"] else " (MISS)")
         print(f"target {verdict['target']}: {shown}{status}")
     print(f"\nwrote {args.output} and {', '.join(str(p) for p in plots)}")

@@ -41,12 +41,33 @@ def run_benchmarks(args) -> None:
     """Each benchmark in a fresh process (its own memory, its own torch threads); stop at a failure."""
     threads = ["--threads", str(args.threads)] if args.threads else []
     commands = [
-        [HERE / "step_cost.py", "--steps", str(args.steps), "--warmup", str(args.warmup), "--output", str(args.results / "step_cost.json"), *threads],
-        [HERE / "quality_budget.py", "--budget", str(args.budget), "--evals", str(args.evals), "--step-cost", str(args.results / "step_cost.json"),
-         "--output", str(args.results / "quality_budget.json"), *threads],
+        [
+            HERE / "step_cost.py",
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--output",
+            str(args.results / "step_cost.json"),
+            *threads,
+        ],
+        [
+            HERE / "quality_budget.py",
+            "--budget",
+            str(args.budget),
+            "--evals",
+            str(args.evals),
+            "--step-cost",
+            str(args.results / "step_cost.json"),
+            "--output",
+            str(args.results / "quality_budget.json"),
+            *threads,
+        ],
     ]
     if args.memory:
-        commands.append([HERE / "divergence_memory.py", "--output", str(args.results / "divergence_memory.json"), *threads])
+        commands.append(
+            [HERE / "divergence_memory.py", "--output", str(args.results / "divergence_memory.json"), *threads]
+        )
     for command in commands:
         print(f"$ {' '.join(map(str, command))}", flush=True)
         started = time.time()
@@ -89,10 +110,12 @@ def embedded_default_settings() -> dict[str, Any]:
 def settings_line(settings: dict[str, Any]) -> str:
     default = embedded_default_settings()
     differs = [k for k, v in default.items() if settings.get(k) != v]
-    what = (f"teacher `{settings['teacher']}` ({settings['teacher_dtype']}), student `{settings['student']}` ({settings['student_dtype']} weights, "
-            f"{settings['precision']} compute), data `{settings['data']}` (validation `{settings['validation']}`), prompts <= {settings['max_prompt_tokens']} "
-            f"and responses <= {settings['max_response_tokens']} tokens, batch {settings['batch_size']} x {settings['grad_accum']}, "
-            f"max_new_tokens {settings['max_new_tokens']}")
+    what = (
+        f"teacher `{settings['teacher']}` ({settings['teacher_dtype']}), student `{settings['student']}` ({settings['student_dtype']} weights, "
+        f"{settings['precision']} compute), data `{settings['data']}` (validation `{settings['validation']}`), prompts <= {settings['max_prompt_tokens']} "
+        f"and responses <= {settings['max_response_tokens']} tokens, batch {settings['batch_size']} x {settings['grad_accum']}, "
+        f"max_new_tokens {settings['max_new_tokens']}"
+    )
     if differs:
         return f"**Not the embedded default** (differs in {', '.join(differs)}): {what}."
     return f"The embedded default: {what}."
@@ -101,9 +124,11 @@ def settings_line(settings: dict[str, Any]) -> str:
 def environment_line(env: dict[str, Any]) -> str:
     commit = env.get("commit", "unknown") + (" with uncommitted changes" if env.get("uncommitted_changes") else "")
     path = f", {env['cpu_path']}" if env.get("cpu_path") else ""
-    return (f"{env['date']}; {env['cpu']} ({env['cpu_count']} cores, {env['machine']}{path}), torch threads {env['torch_threads']} "
-            f"(OMP_NUM_THREADS={env.get('omp_num_threads') or 'unset'}), device {env['device']}; Python {env['python']}, torch {env['torch']}, "
-            f"transformers {env['transformers']}, accelerate {env['accelerate']}, trl {env.get('trl') or 'not installed'}; commit {commit}")
+    return (
+        f"{env['date']}; {env['cpu']} ({env['cpu_count']} cores, {env['machine']}{path}), torch threads {env['torch_threads']} "
+        f"(OMP_NUM_THREADS={env.get('omp_num_threads') or 'unset'}), device {env['device']}; Python {env['python']}, torch {env['torch']}, "
+        f"transformers {env['transformers']}, accelerate {env['accelerate']}, trl {env.get('trl') or 'not installed'}; commit {commit}"
+    )
 
 
 def targets_section(steps: dict[str, dict], quality: dict | None, memory: dict | None) -> list[str]:
@@ -123,9 +148,14 @@ def targets_section(steps: dict[str, dict], quality: dict | None, memory: dict |
             if not v.get("measured"):
                 continue
             t = memory["targets"]
-            rows.append([f"divergence_loss {name}: peak memory <= {t['memory_ratio']}x, time <= {t['time_ratio']}x the peer's (N={t['tokens']}, V={t['vocab']})",
-                         f"memory {v['memory_ratio']:.2f}x, time {v['time_ratio']:.2f}x", f"memory {verdict(v['memory_ok'])}, time {verdict(v['time_ok'])}",
-                         "divergence_memory"])
+            rows.append(
+                [
+                    f"divergence_loss {name}: peak memory <= {t['memory_ratio']}x, time <= {t['time_ratio']}x the peer's (N={t['tokens']}, V={t['vocab']})",
+                    f"memory {v['memory_ratio']:.2f}x, time {v['time_ratio']:.2f}x",
+                    f"memory {verdict(v['memory_ok'])}, time {verdict(v['time_ok'])}",
+                    "divergence_memory",
+                ]
+            )
     return ["## Targets", "", markdown_table(rows), ""]
 
 
@@ -146,17 +176,22 @@ def step_cost_section(step: dict, results: Path, out_dir: Path, label: str = "")
         "",
         environment_line(step["environment"]) + ".",
         "",
-        settings_line(s) + (f" {s['warmup']} warm-up steps, then {s['steps']} timed steps per case; "
-                            f"learning rate {s['lr']} ({s['schedule']}); JSD β = {s['jsd_beta']}; sampling temperature {s['generation_temperature']}."),
+        settings_line(s)
+        + (
+            f" {s['warmup']} warm-up steps, then {s['steps']} timed steps per case; "
+            f"learning rate {s['lr']} ({s['schedule']}); JSD β = {s['jsd_beta']}; sampling temperature {s['generation_temperature']}."
+        ),
         "",
         markdown_table(format_table(step["cases"])),
         "",
-        ("Seconds are means over the timed steps (ours: `seconds` in `metrics.jsonl`, which covers the policy's sampling, generation "
-         "included, forward, backward and the optimizer step; TRL: `on_step_begin` to `on_step_end`). \"by source\": mean seconds (steps) "
-         "per source of the sequences. \"x kd\": ratio to `kd`; \"x TRL GKD\": `jsd-offpolicy` to `trl-lmbda0`, `jsd-onpolicy` to "
-         "`trl-lmbda1` (`GKDTrainer`); \"x TRL Distill\": `jsd-onpolicy` to `trl-distill-onpolicy` (`DistillationTrainer`, on-policy only); "
-         "TRL gradient checkpointing off (`-gc`: on, TRL's default). `distillm` runs at its initial φ = 0 here (φ rises "
-         "only at evaluations), so its full-run cost is the equal-budget run's below."),
+        (
+            "Seconds are means over the timed steps (ours: `seconds` in `metrics.jsonl`, which covers the policy's sampling, generation "
+            'included, forward, backward and the optimizer step; TRL: `on_step_begin` to `on_step_end`). "by source": mean seconds (steps) '
+            'per source of the sequences. "x kd": ratio to `kd`; "x TRL GKD": `jsd-offpolicy` to `trl-lmbda0`, `jsd-onpolicy` to '
+            '`trl-lmbda1` (`GKDTrainer`); "x TRL Distill": `jsd-onpolicy` to `trl-distill-onpolicy` (`DistillationTrainer`, on-policy only); '
+            "TRL gradient checkpointing off (`-gc`: on, TRL's default). `distillm` runs at its initial φ = 0 here (φ rises "
+            "only at evaluations), so its full-run cost is the equal-budget run's below."
+        ),
     ]
     lines += ["", floor_paragraph(step)] if step.get("matmul_throughput") else []
     if trl:
@@ -174,14 +209,16 @@ def floor_paragraph(step: dict) -> str:
     """How "floor s" and "x floor" were computed, with the throughput this run measured."""
     throughput = step["matmul_throughput"]
     rates = ", ".join(f"{dtype} {gflops:.1f}" for dtype, gflops in throughput["gflops"].items())
-    return ("\"floor s\": the step's compute floor, the matmul FLOPs of its real tokens (no padding; generated answers up to their "
-            "first EOS) over this machine's matmul throughput; \"x floor\": the step over it. Per token `2·P` for each forward through a "
-            "model (`P`: the weights of its linear layers but the output head, counted on the model objects), `2·H·V` per response "
-            "position for the head; the student's backward adds the input gradients (`2·P`, `2·H·V`) and the weight gradients of its "
-            "trainable weights; generation `2·P` per prompt and new token and `2·H·V` per new token. Attention scores, norms, the loss "
-            "and the optimizer are left out (a lower bound; see `benchmarks/compute_floor.py`). Throughput of `torch.matmul` "
-            f"{throughput['shape']} on {throughput['device']} with {throughput['torch_threads']} threads, measured at the start of the "
-            f"run: {rates} GFLOP/s; each part at the dtype it computes in (ours: from the run's `config.yaml`; TRL's: observed).")
+    return (
+        '"floor s": the step\'s compute floor, the matmul FLOPs of its real tokens (no padding; generated answers up to their '
+        'first EOS) over this machine\'s matmul throughput; "x floor": the step over it. Per token `2·P` for each forward through a '
+        "model (`P`: the weights of its linear layers but the output head, counted on the model objects), `2·H·V` per response "
+        "position for the head; the student's backward adds the input gradients (`2·P`, `2·H·V`) and the weight gradients of its "
+        "trainable weights; generation `2·P` per prompt and new token and `2·H·V` per new token. Attention scores, norms, the loss "
+        "and the optimizer are left out (a lower bound; see `benchmarks/compute_floor.py`). Throughput of `torch.matmul` "
+        f"{throughput['shape']} on {throughput['device']} with {throughput['torch_threads']} threads, measured at the start of the "
+        f"run: {rates} GFLOP/s; each part at the dtype it computes in (ours: from the run's `config.yaml`; TRL's: observed)."
+    )
 
 
 def trl_paragraph(step: dict, trl: list[dict]) -> str:
@@ -190,12 +227,21 @@ def trl_paragraph(step: dict, trl: list[dict]) -> str:
     for case in trl:
         by_trainer.setdefault(case.get("trainer", "GKDTrainer"), case)
     seen = "; ".join(
-        f"`{trainer}`: " + ", ".join(f"{part.replace('_', ' ')} {dtype}" for part, dtype in case["compute_dtypes"].items() if part != "teacher_generation")
-        for trainer, case in by_trainer.items() if case.get("compute_dtypes"))
+        f"`{trainer}`: "
+        + ", ".join(
+            f"{part.replace('_', ' ')} {dtype}"
+            for part, dtype in case["compute_dtypes"].items()
+            if part != "teacher_generation"
+        )
+        for trainer, case in by_trainer.items()
+        if case.get("compute_dtypes")
+    )
     first = trl[0]
-    return (f"TRL {step['environment'].get('trl')}: {' and '.join(f'`{t}`' for t in by_trainer)} with the optimizer `{first.get('optimizer')}`, "
-            f"mixed precision `{first.get('mixed_precision')}`, the same teacher and student weights and dtypes, the same tokenized batches."
-            + (f" Compute dtypes seen: {seen}." if seen else ""))
+    return (
+        f"TRL {step['environment'].get('trl')}: {' and '.join(f'`{t}`' for t in by_trainer)} with the optimizer `{first.get('optimizer')}`, "
+        f"mixed precision `{first.get('mixed_precision')}`, the same teacher and student weights and dtypes, the same tokenized batches."
+        + (f" Compute dtypes seen: {seen}." if seen else "")
+    )
 
 
 def quality_section(quality: dict, results: Path, out_dir: Path) -> list[str]:
@@ -208,16 +254,21 @@ def quality_section(quality: dict, results: Path, out_dir: Path) -> list[str]:
         "",
         environment_line(quality["environment"]) + ".",
         "",
-        settings_line(s) + (f" Budget {s['budget_seconds']:g} training seconds per recipe (optimizer steps only; evaluation excluded), "
-                            f"`train.max_steps` from the seconds per step of {' and '.join(quality['seconds_per_step_from'])}, {s['evals']} evaluations "
-                            f"per run (every {', '.join(map(str, evals))} steps), ROUGE-L on {s['rouge_samples']} validation prompts at most; "
-                            f"learning rate {s['lr']} ({s['schedule']}, {s['warmup_steps']} warm-up steps), CE weight {s['ce_weight']}."),
+        settings_line(s)
+        + (
+            f" Budget {s['budget_seconds']:g} training seconds per recipe (optimizer steps only; evaluation excluded), "
+            f"`train.max_steps` from the seconds per step of {' and '.join(quality['seconds_per_step_from'])}, {s['evals']} evaluations "
+            f"per run (every {', '.join(map(str, evals))} steps), ROUGE-L on {s['rouge_samples']} validation prompts at most; "
+            f"learning rate {s['lr']} ({s['schedule']}, {s['warmup_steps']} warm-up steps), CE weight {s['ce_weight']}."
+        ),
         "",
         markdown_table(format_table(quality["recipes"])),
         "",
-        ("val CE: the student's cross-entropy on the teacher's answers to the validation prompts; token KL: KL(teacher || student) per "
-         "response token on the same; ROUGE-L: the student's greedy answers against the teacher's. s/step: mean over the whole run "
-         "(full-run cost). \"ended by\": `max_steps` (the whole schedule ran within the budget) or `budget` (`train.max_seconds`)."),
+        (
+            "val CE: the student's cross-entropy on the teacher's answers to the validation prompts; token KL: KL(teacher || student) per "
+            "response token on the same; ROUGE-L: the student's greedy answers against the teacher's. s/step: mean over the whole run "
+            '(full-run cost). "ended by": `max_steps` (the whole schedule ran within the budget) or `budget` (`train.max_seconds`).'
+        ),
         "",
     ]
     for name in quality.get("plots", []):
@@ -235,15 +286,40 @@ def study_section(study: dict, results: Path, out_dir: Path) -> list[str]:
     """``study.py``'s summary (mean over seeds, min-max), its plots and the reading written by hand."""
     s = study.get("settings", {})
     done = len(study.get("runs", []))
-    state = "complete" if study.get("complete") else f"in progress: {done} run(s) finished so far (the study resumes where it stopped)"
-    lines = ["## The paper's claims at small scale (`study.py`)", "",
-             f"{environment_line(study['environment'])}. Status: {state}.", "",
-             (f"Student `{s.get('student')}` after {s.get('init_steps')} steps of sft; {s.get('train_prompts')} training prompts x "
-              f"{s.get('epochs')} epochs ({s.get('steps')} steps of 8), evaluated once per epoch on {s.get('val_prompts')} validation "
-              f"prompts; lr {s.get('lr')} (cosine, warmup {s.get('warmup')}) for every recipe, not tuned (grid: {s.get('lr_grid')}); "
-              f"ROUGE-L on {s.get('rouge_samples')} prompts, greedy and sampled ({s.get('draws')} draws at temperature 1); "
-              f"{s.get('threads') or 'default'} torch thread(s)."), ""]
-    rows = [["budget", "recipe", "seeds", "steps", "s/step", "student share", "max φ", "ROUGE-L greedy", "ROUGE-L sampled", "token KL", "val CE"]]
+    state = (
+        "complete"
+        if study.get("complete")
+        else f"in progress: {done} run(s) finished so far (the study resumes where it stopped)"
+    )
+    lines = [
+        "## The paper's claims at small scale (`study.py`)",
+        "",
+        f"{environment_line(study['environment'])}. Status: {state}.",
+        "",
+        (
+            f"Student `{s.get('student')}` after {s.get('init_steps')} steps of sft; {s.get('train_prompts')} training prompts x "
+            f"{s.get('epochs')} epochs ({s.get('steps')} steps of 8), evaluated once per epoch on {s.get('val_prompts')} validation "
+            f"prompts; lr {s.get('lr')} (cosine, warmup {s.get('warmup')}) for every recipe, not tuned (grid: {s.get('lr_grid')}); "
+            f"ROUGE-L on {s.get('rouge_samples')} prompts, greedy and sampled ({s.get('draws')} draws at temperature 1); "
+            f"{s.get('threads') or 'default'} torch thread(s)."
+        ),
+        "",
+    ]
+    rows = [
+        [
+            "budget",
+            "recipe",
+            "seeds",
+            "steps",
+            "s/step",
+            "student share",
+            "max φ",
+            "ROUGE-L greedy",
+            "ROUGE-L sampled",
+            "token KL",
+            "val CE",
+        ]
+    ]
 
     def cell(row: dict, key: str, fmt: str) -> str:
         if key not in row:
@@ -252,14 +328,29 @@ def study_section(study: dict, results: Path, out_dir: Path) -> list[str]:
         return fmt.format(row[key]) + (f" ({fmt.format(lo)}-{fmt.format(hi)})" if len(row["seeds"]) > 1 else "")
 
     for r in study.get("summary", []):
-        rows.append([r["budget"], r["recipe"], ",".join(map(str, r["seeds"])), f"{r.get('steps', 0):.0f}", cell(r, "seconds_per_step", "{:.2f}"),
-                     f"{100 * r.get('student_share', 0):.0f}%", f"{r.get('max_sgo_prob', 0):.1f}", cell(r, "rouge_l_greedy", "{:.1f}"),
-                     cell(r, "rouge_l_sampled", "{:.1f}"), cell(r, "token_kl", "{:.3f}"), cell(r, "val_ce", "{:.3f}")])
+        rows.append(
+            [
+                r["budget"],
+                r["recipe"],
+                ",".join(map(str, r["seeds"])),
+                f"{r.get('steps', 0):.0f}",
+                cell(r, "seconds_per_step", "{:.2f}"),
+                f"{100 * r.get('student_share', 0):.0f}%",
+                f"{r.get('max_sgo_prob', 0):.1f}",
+                cell(r, "rouge_l_greedy", "{:.1f}"),
+                cell(r, "rouge_l_sampled", "{:.1f}"),
+                cell(r, "token_kl", "{:.3f}"),
+                cell(r, "val_ce", "{:.3f}"),
+            ]
+        )
     runs = study.get("runs", [])
     if runs:
         start = runs[0]["before"]
-        lines += [f"The shared start (after its sft): val CE {start.get('val_loss', float('nan')):.3f}, token KL "
-                  f"{start.get('val_kl', float('nan')):.3f}.", ""]
+        lines += [
+            f"The shared start (after its sft): val CE {start.get('val_loss', float('nan')):.3f}, token KL "
+            f"{start.get('val_kl', float('nan')):.3f}.",
+            "",
+        ]
     lines += [markdown_table(rows), ""]
     lines += image(results, out_dir, "study_quality.png", "quality against training seconds")
     lines += image(results, out_dir, "study_distillm.png", "distillm: φ and step sources")
@@ -272,47 +363,96 @@ def teacher_cache_section(step_runs: dict[str, dict], quality_runs: dict[str, di
     """``teacher_cache.py``'s results: every ``teacher_cache_steps*.json`` (bytes per token, the cached
     step against the live one) and ``teacher_cache_quality*.json`` (full-vocabulary val KL after the
     same run trained either way), each with its machine, date and verdict against the targets."""
-    lines = ["## Offline teacher (`teacher_cache.py`)", "",
-             ("Each file is one run; its ratios are measured within it (cases alternating), but a shared machine's load changes "
-              "them from run to run: the quietest run is the better guide."), ""]
+    lines = [
+        "## Offline teacher (`teacher_cache.py`)",
+        "",
+        (
+            "Each file is one run; its ratios are measured within it (cases alternating), but a shared machine's load changes "
+            "them from run to run: the quietest run is the better guide."
+        ),
+        "",
+    ]
     for name, run in step_runs.items():
         targets, cache = run.get("targets", {}), run.get("cache", {})
         lines += [f"`results/{name}`: {environment_line(run['environment'])}.", ""]
-        rows = [["recipe", "live s/step", "cached s/step", "ratio (mean)", "ratio (median)", f"target <= {targets.get('step_ratio')}x"]]
+        rows = [
+            [
+                "recipe",
+                "live s/step",
+                "cached s/step",
+                "ratio (mean)",
+                "ratio (median)",
+                f"target <= {targets.get('step_ratio')}x",
+            ]
+        ]
         for r in run.get("recipes", []):
-            rows.append([r["recipe"], f"{r['live_mean']:.2f}", f"{r['cache_mean']:.2f}", f"{r['ratio_mean']:.2f}x", f"{r['ratio_median']:.2f}x",
-                         verdict(r["ratio_mean"] <= targets.get("step_ratio", 0))])
+            rows.append(
+                [
+                    r["recipe"],
+                    f"{r['live_mean']:.2f}",
+                    f"{r['cache_mean']:.2f}",
+                    f"{r['ratio_mean']:.2f}x",
+                    f"{r['ratio_median']:.2f}x",
+                    verdict(r["ratio_mean"] <= targets.get("step_ratio", 0)),
+                ]
+            )
         per_token = cache.get("bytes_per_token")
-        lines += [markdown_table(rows), "",
-                  *([f"Compute floor: by matmul FLOPs per training sequence a cached step costs at least "
-                      f"{run['floor']['cached_over_live']:.3f}x the live one (teacher forward "
-                      f"{run['floor']['gflop_per_sequence']['teacher_forward']:.1f} GFLOP, student forward and backward "
-                      f"{run['floor']['gflop_per_sequence']['student_forward'] + run['floor']['gflop_per_sequence']['student_backward']:.1f}).", ""]
-                    if run.get("floor") else []),
-                  (f"{run.get('rounds')} round(s) x {run.get('steps_timed')} timed steps after {run.get('warmup')} warm-up step(s) per case, "
-                   f"live and cached alternating. Cache: K = {cache.get('top_k')}, {cache.get('tokens', 0):,} response tokens, "
-                   f"{per_token:.1f} bytes per token (target <= {targets.get('bytes_per_token_k64')} at K = 64: "
-                   f"{verdict(per_token is not None and per_token <= targets.get('bytes_per_token_k64', 0))})."), ""]
+        lines += [
+            markdown_table(rows),
+            "",
+            *(
+                [
+                    f"Compute floor: by matmul FLOPs per training sequence a cached step costs at least "
+                    f"{run['floor']['cached_over_live']:.3f}x the live one (teacher forward "
+                    f"{run['floor']['gflop_per_sequence']['teacher_forward']:.1f} GFLOP, student forward and backward "
+                    f"{run['floor']['gflop_per_sequence']['student_forward'] + run['floor']['gflop_per_sequence']['student_backward']:.1f}).",
+                    "",
+                ]
+                if run.get("floor")
+                else []
+            ),
+            (
+                f"{run.get('rounds')} round(s) x {run.get('steps_timed')} timed steps after {run.get('warmup')} warm-up step(s) per case, "
+                f"live and cached alternating. Cache: K = {cache.get('top_k')}, {cache.get('tokens', 0):,} response tokens, "
+                f"{per_token:.1f} bytes per token (target <= {targets.get('bytes_per_token_k64')} at K = 64: "
+                f"{verdict(per_token is not None and per_token <= targets.get('bytes_per_token_k64', 0))})."
+            ),
+            "",
+        ]
     for name, run in quality_runs.items():
         live, cached = run["live"], run["cached"]
         limit = run.get("targets", {}).get("val_kl_relative", 0.03)
         relative = run["relative_difference"]
-        lines += [(f"`results/{name}`: {environment_line(run['environment'])}. After {live.get('steps')} steps, the full-vocabulary val KL "
-                   f"on {live.get('examples')} validation answers: live teacher {live['val_kl_full']:.3f}, K = 64 cache {cached['val_kl_full']:.3f} "
-                   f"nats per token ({100 * relative:+.1f}%; target within {100 * limit:.0f}%: {verdict(abs(relative) <= limit)}); "
-                   f"val CE {live.get('val_loss', float('nan')):.3f} and {cached.get('val_loss', float('nan')):.3f}."), ""]
+        lines += [
+            (
+                f"`results/{name}`: {environment_line(run['environment'])}. After {live.get('steps')} steps, the full-vocabulary val KL "
+                f"on {live.get('examples')} validation answers: live teacher {live['val_kl_full']:.3f}, K = 64 cache {cached['val_kl_full']:.3f} "
+                f"nats per token ({100 * relative:+.1f}%; target within {100 * limit:.0f}%: {verdict(abs(relative) <= limit)}); "
+                f"val CE {live.get('val_loss', float('nan')):.3f} and {cached.get('val_loss', float('nan')):.3f}."
+            ),
+            "",
+        ]
     return lines
 
 
-def render(steps: dict[str, dict], quality: dict | None, memory: dict | None, results: Path, out_dir: Path, study: dict | None = None,
-           cache: tuple[dict[str, dict], dict[str, dict]] = ({}, {})) -> str:
+def render(
+    steps: dict[str, dict],
+    quality: dict | None,
+    memory: dict | None,
+    results: Path,
+    out_dir: Path,
+    study: dict | None = None,
+    cache: tuple[dict[str, dict], dict[str, dict]] = ({}, {}),
+) -> str:
     """``steps``: step_cost results by label ("" for ``step_cost.json``, ", AVX2 path" for
     ``step_cost-avx2.json``: the same benchmark without native bf16)."""
     lines = [
         "# Benchmark results",
         "",
-        ("Written by `benchmarks/report.py` from `benchmarks/results/*.json`; regenerate everything with "
-         "`.venv/bin/python benchmarks/report.py --run` (see `benchmarks/report.py`)."),
+        (
+            "Written by `benchmarks/report.py` from `benchmarks/results/*.json`; regenerate everything with "
+            "`.venv/bin/python benchmarks/report.py --run` (see `benchmarks/report.py`)."
+        ),
         "",
     ]
     lines += targets_section(steps, quality, memory)
@@ -321,9 +461,15 @@ def render(steps: dict[str, dict], quality: dict | None, memory: dict | None, re
     if quality:
         lines += quality_section(quality, results, out_dir)
     if memory:
-        lines += ["## Divergence memory (`divergence_memory.py`)", "",
-                  (f"{memory.get('cpu_count')} cores, {memory.get('threads')} threads, torch {memory.get('torch')}, {memory.get('device')}, "
-                   f"{memory.get('wall_seconds', 0) / 60:.0f} min; the full tables are in `results/divergence_memory.json`."), ""]
+        lines += [
+            "## Divergence memory (`divergence_memory.py`)",
+            "",
+            (
+                f"{memory.get('cpu_count')} cores, {memory.get('threads')} threads, torch {memory.get('torch')}, {memory.get('device')}, "
+                f"{memory.get('wall_seconds', 0) / 60:.0f} min; the full tables are in `results/divergence_memory.json`."
+            ),
+            "",
+        ]
     if NOTES.is_file():  # the maintainers' reading of the last full run, written by hand
         lines += [NOTES.read_text().strip(), ""]
     if cache[0] or cache[1]:
@@ -345,7 +491,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--memory", action="store_true", help="with --run: also divergence_memory.py (its full grid)")
     parser.add_argument("--steps", type=int, default=10, help="step_cost.py --steps")
     parser.add_argument("--warmup", type=int, default=2, help="step_cost.py --warmup")
-    parser.add_argument("--budget", type=float, default=300.0, help="quality_budget.py --budget (training seconds per recipe)")
+    parser.add_argument(
+        "--budget", type=float, default=300.0, help="quality_budget.py --budget (training seconds per recipe)"
+    )
     parser.add_argument("--evals", type=int, default=10, help="quality_budget.py --evals")
     parser.add_argument("--threads", type=int, help="torch threads in every benchmark")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON results")
@@ -353,13 +501,21 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.run:
         run_benchmarks(args)
-    steps = {label: found for label, name in STEP_COST_FILES.items() if (found := load(args.results / name)) is not None}
+    steps = {
+        label: found for label, name in STEP_COST_FILES.items() if (found := load(args.results / name)) is not None
+    }
     quality, memory = load(args.results / "quality_budget.json"), load(args.results / "divergence_memory.json")
     if not steps and quality is None:
         raise SystemExit(f"no step_cost.json or quality_budget.json in {args.results}; run with --run")
     study = load(args.results / "study.json")
-    cache = tuple({path.name: found for path in sorted(args.results.glob(f"teacher_cache_{kind}*.json")) if (found := load(path)) is not None}
-                  for kind in ("steps", "quality"))
+    cache = tuple(
+        {
+            path.name: found
+            for path in sorted(args.results.glob(f"teacher_cache_{kind}*.json"))
+            if (found := load(path)) is not None
+        }
+        for kind in ("steps", "quality")
+    )
     args.output.write_text(render(steps, quality, memory, args.results, args.output.resolve().parent, study, cache))
     print(f"wrote {args.output}")
     return args.output

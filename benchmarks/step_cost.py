@@ -194,12 +194,24 @@ def run_ours(args, registry, name: str, scratch: Path) -> dict[str, Any]:
     dtypes, dtypes_from = run_compute_dtypes(yaml.safe_load((out / "config.yaml").read_text()))
     shutil.rmtree(out, ignore_errors=True)
     timed = [m for m in metrics if m["step"] > args.warmup]
-    row = summarise(name, [m["seconds"] for m in timed], [m["source"] for m in timed], [parts.get(m["step"], {}) for m in timed])
-    row.update(kind="ours", recipe=cfg.recipe, divergence=cfg.divergence.name, divergence_params=cfg.divergence.params,
-               policy=cfg.policy.name, policy_params=cfg.policy.params, ce_weight=cfg.train.ce_weight,
-               tokens_per_step=mean([m["tokens"] for m in timed]))
-    row.update(summarise_work([works[m["step"]] for m in timed if m["step"] in works], work.matmuls()),
-               compute_dtypes=dtypes, compute_dtypes_from=dtypes_from)
+    row = summarise(
+        name, [m["seconds"] for m in timed], [m["source"] for m in timed], [parts.get(m["step"], {}) for m in timed]
+    )
+    row.update(
+        kind="ours",
+        recipe=cfg.recipe,
+        divergence=cfg.divergence.name,
+        divergence_params=cfg.divergence.params,
+        policy=cfg.policy.name,
+        policy_params=cfg.policy.params,
+        ce_weight=cfg.train.ce_weight,
+        tokens_per_step=mean([m["tokens"] for m in timed]),
+    )
+    row.update(
+        summarise_work([works[m["step"]] for m in timed if m["step"] in works], work.matmuls()),
+        compute_dtypes=dtypes,
+        compute_dtypes_from=dtypes_from,
+    )
     if name in JSD_CASES:
         row["compare_to"] = JSD_CASES[name]["compare_to"]
     return row
@@ -266,8 +278,8 @@ class TRLBatches:
         ids = torch.full((len(rows), width), value, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
         return ids, mask
 
 
@@ -289,10 +301,22 @@ class CaseInputs:
         # the sampler as distill.train builds it (one process), so the batches come in the same order
         grouping = cfg.data.group_by_length
         lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if grouping != "off" else None
-        sampler = iter(BatchSampler(len(train_set), cfg.train.batch_size, cfg.train.seed, lengths=lengths, grad_accum=cfg.train.grad_accum,
-                                    grouping=grouping if lengths else "groups"))
+        sampler = iter(
+            BatchSampler(
+                len(train_set),
+                cfg.train.batch_size,
+                cfg.train.seed,
+                lengths=lengths,
+                grad_accum=cfg.train.grad_accum,
+                grouping=grouping if lengths else "groups",
+            )
+        )
         batches = [next(sampler) for _ in range(cfg.train.max_steps * cfg.train.grad_accum)]
-        self.rows = [{"prompt_ids": train_set[i].prompt_ids, "response_ids": train_set[i].response_ids} for batch in batches for i in batch]
+        self.rows = [
+            {"prompt_ids": train_set[i].prompt_ids, "response_ids": train_set[i].response_ids}
+            for batch in batches
+            for i in batch
+        ]
 
     def tokens_per_step(self) -> int:
         """Mean real tokens (prompt + response) of a step's dataset sequences."""
@@ -350,8 +374,12 @@ def gkd_run(inputs: CaseInputs, name: str, scratch: Path, student, work: WorkCou
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     cfg, setting = inputs.cfg, TRL_CASES[name]
-    config = GKDConfig(lmbda=setting["lmbda"], max_new_tokens=cfg.generation.max_new_tokens, train_sampling_strategy="sequential",
-                       **trl_common_settings(cfg, name, scratch, setting))
+    config = GKDConfig(
+        lmbda=setting["lmbda"],
+        max_new_tokens=cfg.generation.max_new_tokens,
+        train_sampling_strategy="sequential",
+        **trl_common_settings(cfg, name, scratch, setting),
+    )
     random.seed(cfg.train.seed)  # GKDTrainer draws λ with the random module
     trainer = GKDTrainer(
         model=student,
@@ -372,7 +400,12 @@ def gkd_run(inputs: CaseInputs, name: str, scratch: Path, student, work: WorkCou
     def generated(outputs, model, batch, generation_config) -> None:
         _, attention_mask, _ = outputs
         prompt_width = batch["prompts"].shape[1]
-        work.generated("student", attention_mask.shape[0], int(attention_mask[:, :prompt_width].sum()), int(attention_mask[:, prompt_width:].sum()))
+        work.generated(
+            "student",
+            attention_mask.shape[0],
+            int(attention_mask[:, :prompt_width].sum()),
+            int(attention_mask[:, prompt_width:].sum()),
+        )
 
     return TRLRun(
         trainer=trainer,
@@ -384,7 +417,9 @@ def gkd_run(inputs: CaseInputs, name: str, scratch: Path, student, work: WorkCou
     )
 
 
-def distillation_run(inputs: CaseInputs, name: str, scratch: Path, student, work: WorkCounter, callbacks: list) -> TRLRun:
+def distillation_run(
+    inputs: CaseInputs, name: str, scratch: Path, student, work: WorkCounter, callbacks: list
+) -> TRLRun:
     """``trl.DistillationTrainer`` (on-policy only: every step trains on the student's generations
     for the batch's prompts), given our prompt ids in our batch order."""
     from datasets import Dataset
@@ -398,8 +433,13 @@ def distillation_run(inputs: CaseInputs, name: str, scratch: Path, student, work
             return [list(p) for p in prompts], None, {}
 
     cfg, setting = inputs.cfg, TRL_CASES[name]
-    config = DistillationConfig(max_completion_length=cfg.generation.max_new_tokens, top_k=cfg.generation.top_k, top_p=cfg.generation.top_p,
-                                shuffle_dataset=False, **trl_common_settings(cfg, name, scratch, setting))
+    config = DistillationConfig(
+        max_completion_length=cfg.generation.max_new_tokens,
+        top_k=cfg.generation.top_k,
+        top_p=cfg.generation.top_p,
+        shuffle_dataset=False,
+        **trl_common_settings(cfg, name, scratch, setting),
+    )
     trainer = PretokenizedDistillationTrainer(
         model=student,
         teacher_model=inputs.teacher,
@@ -460,21 +500,39 @@ def run_trl(args, inputs: CaseInputs, name: str, scratch: Path) -> dict[str, Any
     work.model("teacher", inputs.teacher)
     work.model("student", student)
     probe = DtypeProbe(breakdown)
-    with work.active(run.counted), breakdown.active(run.timed, modules=run.modules), probe.active({"teacher": inputs.teacher, "student": student}):
+    with (
+        work.active(run.counted),
+        breakdown.active(run.timed, modules=run.modules),
+        probe.active({"teacher": inputs.teacher, "student": student}),
+    ):
         run.trainer.train()
     shutil.rmtree(scratch / name, ignore_errors=True)
-    timed_seconds, timed_parts = seconds[args.warmup:], parts[args.warmup:]
+    timed_seconds, timed_parts = seconds[args.warmup :], parts[args.warmup :]
     row = summarise(name, timed_seconds, [run.source] * len(timed_seconds), timed_parts)
     mixed_precision = str(run.trainer.accelerator.mixed_precision)
     settings_precision = {"bf16": "bf16", "fp16": "fp16"}.get(mixed_precision, "fp32")
-    fallback = config_compute_dtypes(settings_precision, str(inputs.teacher.dtype).removeprefix("torch."), str(student.dtype).removeprefix("torch."))
+    fallback = config_compute_dtypes(
+        settings_precision, str(inputs.teacher.dtype).removeprefix("torch."), str(student.dtype).removeprefix("torch.")
+    )
     dtypes, observed = probe.dtypes(fallback)
-    row.update(kind="trl", trainer=setting["trainer"], beta=BETA, gradient_checkpointing=setting["gradient_checkpointing"],
-               temperature=cfg.generation.temperature, optimizer=getattr(run.trainer.args.optim, "value", str(run.trainer.args.optim)),
-               mixed_precision=mixed_precision, **run.settings)
-    row.update(summarise_work(works[args.warmup:], work.matmuls()), compute_dtypes=dtypes,
-               compute_dtypes_from=(f"observed by a hook on one decoder matmul of each model ({', '.join(observed)}); "
-                                    f"the rest from mixed precision {mixed_precision} and the weights' dtypes"))
+    row.update(
+        kind="trl",
+        trainer=setting["trainer"],
+        beta=BETA,
+        gradient_checkpointing=setting["gradient_checkpointing"],
+        temperature=cfg.generation.temperature,
+        optimizer=getattr(run.trainer.args.optim, "value", str(run.trainer.args.optim)),
+        mixed_precision=mixed_precision,
+        **run.settings,
+    )
+    row.update(
+        summarise_work(works[args.warmup :], work.matmuls()),
+        compute_dtypes=dtypes,
+        compute_dtypes_from=(
+            f"observed by a hook on one decoder matmul of each model ({', '.join(observed)}); "
+            f"the rest from mixed precision {mixed_precision} and the weights' dtypes"
+        ),
+    )
     del run, student
     return row
 
@@ -499,20 +557,41 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     checks = []
 
     def check(target: str, ratio: float | None, limit: float) -> None:
-        checks.append({"target": target, "ratio": ratio, "limit": limit, "pass": None if ratio is None else ratio <= limit})
+        checks.append(
+            {"target": target, "ratio": ratio, "limit": limit, "pass": None if ratio is None else ratio <= limit}
+        )
 
     def step_ratio(ours: str, theirs: str) -> float | None:
         a, b = (by_name.get(n, {}).get("seconds_per_step") for n in (ours, theirs))
         return a / b if a and b else None
 
-    check("jsd-offpolicy <= 0.6 x trl-lmbda0 (TRL gradient checkpointing off)", step_ratio("jsd-offpolicy", "trl-lmbda0"), TARGETS["trl_ratio"])
-    check("jsd-onpolicy <= 0.6 x trl-lmbda1 (TRL gradient checkpointing off)", step_ratio("jsd-onpolicy", "trl-lmbda1"), TARGETS["trl_ratio"])
-    check("jsd-onpolicy <= 0.6 x trl-distill-onpolicy (TRL DistillationTrainer, gradient checkpointing off)",
-          step_ratio("jsd-onpolicy", "trl-distill-onpolicy"), TARGETS["trl_ratio"])
+    check(
+        "jsd-offpolicy <= 0.6 x trl-lmbda0 (TRL gradient checkpointing off)",
+        step_ratio("jsd-offpolicy", "trl-lmbda0"),
+        TARGETS["trl_ratio"],
+    )
+    check(
+        "jsd-onpolicy <= 0.6 x trl-lmbda1 (TRL gradient checkpointing off)",
+        step_ratio("jsd-onpolicy", "trl-lmbda1"),
+        TARGETS["trl_ratio"],
+    )
+    check(
+        "jsd-onpolicy <= 0.6 x trl-distill-onpolicy (TRL DistillationTrainer, gradient checkpointing off)",
+        step_ratio("jsd-onpolicy", "trl-distill-onpolicy"),
+        TARGETS["trl_ratio"],
+    )
     check("distillm <= 1.3 x kd (step cost at phi = 0)", step_ratio("distillm", "kd"), TARGETS["distillm_over_kd"])
     check("distillm <= 0.5 x gkd (step cost at phi = 0)", step_ratio("distillm", "gkd"), TARGETS["distillm_over_gkd"])
-    check("kd <= 1.5 x its compute floor (off-policy step)", by_name.get("kd", {}).get("ratio_to_floor"), TARGETS["floor_ratio"])
-    check("distillm <= 1.5 x its compute floor (off-policy step at phi = 0)", by_name.get("distillm", {}).get("ratio_to_floor"), TARGETS["floor_ratio"])
+    check(
+        "kd <= 1.5 x its compute floor (off-policy step)",
+        by_name.get("kd", {}).get("ratio_to_floor"),
+        TARGETS["floor_ratio"],
+    )
+    check(
+        "distillm <= 1.5 x its compute floor (off-policy step at phi = 0)",
+        by_name.get("distillm", {}).get("ratio_to_floor"),
+        TARGETS["floor_ratio"],
+    )
     return checks
 
 
@@ -526,20 +605,48 @@ def trl_ratio(row: dict[str, Any], trainer: str) -> float | None:
 
 def format_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     """Header and rows of the summary table (plain strings, for the console and RESULTS.md)."""
+
     def num(value, fmt="{:.3f}"):
         return "-" if value is None else fmt.format(value)
 
-    table = [["case", "s/step", "median", "by source (s/step)", "generation", "teacher fwd", "optimizer", "floor s", "x floor",
-              "x kd", "x TRL GKD", "x TRL Distill"]]
+    table = [
+        [
+            "case",
+            "s/step",
+            "median",
+            "by source (s/step)",
+            "generation",
+            "teacher fwd",
+            "optimizer",
+            "floor s",
+            "x floor",
+            "x kd",
+            "x TRL GKD",
+            "x TRL Distill",
+        ]
+    ]
     for r in rows:
         if r.get("error"):
             table.append([r["name"], "error: " + r["error"], *[""] * (len(table[0]) - 2)])
             continue
         sources = ", ".join(f"{k} {v['seconds_per_step']:.2f} ({v['steps']})" for k, v in r["by_source"].items())
         b = r.get("breakdown", {})
-        table.append([r["name"], num(r["seconds_per_step"]), num(r["median_seconds"]), sources, num(b.get("generation")),
-                      num(b.get("teacher_forward")), num(b.get("optimizer")), num(r.get("floor_seconds"), "{:.3g}"), num(r.get("ratio_to_floor"), "{:.2f}"),
-                      num(r.get("ratio_to_kd"), "{:.2f}"), num(trl_ratio(r, "GKDTrainer"), "{:.2f}"), num(trl_ratio(r, "DistillationTrainer"), "{:.2f}")])
+        table.append(
+            [
+                r["name"],
+                num(r["seconds_per_step"]),
+                num(r["median_seconds"]),
+                sources,
+                num(b.get("generation")),
+                num(b.get("teacher_forward")),
+                num(b.get("optimizer")),
+                num(r.get("floor_seconds"), "{:.3g}"),
+                num(r.get("ratio_to_floor"), "{:.2f}"),
+                num(r.get("ratio_to_kd"), "{:.2f}"),
+                num(trl_ratio(r, "GKDTrainer"), "{:.2f}"),
+                num(trl_ratio(r, "DistillationTrainer"), "{:.2f}"),
+            ]
+        )
     return table
 
 
@@ -578,7 +685,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
         left = [a + b for a, b in zip(left, widths)]
     floors = [(i, r["floor_seconds"]) for i, r in enumerate(rows) if r.get("floor_seconds")]
     if floors:
-        ax.scatter([f for _, f in floors], [i for i, _ in floors], marker="|", s=300, color="black", zorder=3, label="compute floor")
+        ax.scatter(
+            [f for _, f in floors],
+            [i for i, _ in floors],
+            marker="|",
+            s=300,
+            color="black",
+            zorder=3,
+            label="compute floor",
+        )
     ax.set_yticks(range(len(rows)), [r["name"] for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("seconds per optimizer step (mean)")
@@ -596,7 +711,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each case left out of the timing")
-    parser.add_argument("--only", nargs="+", choices=names, metavar="CASE", help=f"run these cases only: {', '.join(names)}")
+    parser.add_argument(
+        "--only", nargs="+", choices=names, metavar="CASE", help=f"run these cases only: {', '.join(names)}"
+    )
     parser.add_argument("--no-trl", action="store_true", help="skip TRL's cases even when trl is installed")
     parser.add_argument("--output", type=Path, default=RESULTS / "step_cost.json")
     add_setting_flags(parser)
@@ -611,12 +728,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference, resolved_by = resolve_auto(ours_config(args, registry, "kd", Path("unused")))
     if any(n in TRL_CASES for n in selected) and reference.student.lora is not None:
         parser.error("the TRL cases train every student weight; with student.lora pass --no-trl")
-    settings = {**settings_record(reference), "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
-                "lr": reference.train.lr, "schedule": reference.train.schedule, "jsd_beta": BETA,
-                "generation_temperature": reference.generation.temperature, "precision_resolved_by": resolved_by}
-    print(f"step cost: {len(selected)} cases, {args.warmup} warm-up + {args.steps} timed steps each, batch {settings['batch_size']}, "
-          f"max_new_tokens {settings['max_new_tokens']}, {resolved_by}, teacher {settings['teacher']}, "
-          f"student {settings['student']}, threads {torch.get_num_threads()}", flush=True)
+    settings = {
+        **settings_record(reference),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "lr": reference.train.lr,
+        "schedule": reference.train.schedule,
+        "jsd_beta": BETA,
+        "generation_temperature": reference.generation.temperature,
+        "precision_resolved_by": resolved_by,
+    }
+    print(
+        f"step cost: {len(selected)} cases, {args.warmup} warm-up + {args.steps} timed steps each, batch {settings['batch_size']}, "
+        f"max_new_tokens {settings['max_new_tokens']}, {resolved_by}, teacher {settings['teacher']}, "
+        f"student {settings['student']}, threads {torch.get_num_threads()}",
+        flush=True,
+    )
     if skipped:
         print(f"  skipped (trl, or its trainer, not installed, or --no-trl): {', '.join(skipped)}", flush=True)
     started = time.time()
@@ -624,10 +752,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # --- the models once (TRL's cases train copies of them) and this machine's matmul throughput, before any case
     inputs = CaseInputs(reference)
-    throughput = MatmulThroughput.for_model(inputs.student, inputs.tokens_per_step(), "cuda" if torch.cuda.is_available() else "cpu")
+    throughput = MatmulThroughput.for_model(
+        inputs.student, inputs.tokens_per_step(), "cuda" if torch.cuda.is_available() else "cpu"
+    )
     for dtype in ("float32", "bfloat16"):
         throughput.rate(dtype)
-    print(f"  matmul throughput {throughput.record()['shape']}: " + ", ".join(f"{d} {g:.1f} GFLOP/s" for d, g in throughput.gflops.items()), flush=True)
+    print(
+        f"  matmul throughput {throughput.record()['shape']}: "
+        + ", ".join(f"{d} {g:.1f} GFLOP/s" for d, g in throughput.gflops.items()),
+        flush=True,
+    )
     if not any(n in TRL_CASES for n in selected):
         inputs = None  # only the throughput's shape was needed
 
@@ -635,10 +769,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for row in rows:
             add_floor(row, throughput)
         add_ratios(rows)
-        report = {"benchmark": "step_cost", "complete": complete, "environment": environment(), "settings": settings,
-                  "wall_seconds": time.time() - started, "targets": TARGETS, "verdicts": check_targets(rows),
-                  "matmul_throughput": throughput.record(), "skipped": skipped,
-                  "plot": args.output.with_suffix(".png").name if complete else None, "cases": rows}
+        report = {
+            "benchmark": "step_cost",
+            "complete": complete,
+            "environment": environment(),
+            "settings": settings,
+            "wall_seconds": time.time() - started,
+            "targets": TARGETS,
+            "verdicts": check_targets(rows),
+            "matmul_throughput": throughput.record(),
+            "skipped": skipped,
+            "plot": args.output.with_suffix(".png").name if complete else None,
+            "cases": rows,
+        }
         write_json(args.output, report)
         return report
 
@@ -658,7 +801,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print_table(format_table(rows))
     for verdict in report["verdicts"]:
-        shown = "not measured" if verdict["ratio"] is None else f"{verdict['ratio']:.2f} ({'pass' if verdict['pass'] else 'MISS'})"
+        shown = (
+            "not measured"
+            if verdict["ratio"] is None
+            else f"{verdict['ratio']:.2f} ({'pass' if verdict['pass'] else 'MISS'})"
+        )
         print(f"target {verdict['target']}: {shown}")
     print(f"\nwrote {args.output}" + (f" and {picture}" if picture else ""))
     return report

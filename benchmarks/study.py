@@ -70,7 +70,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "distillm": ("distillm", {}),
     "distillm_rkl": ("distillm", {"divergence": {"name": "skew_rkl", "params": {"alpha": 0.1}}}),
     "gkd": ("gkd", {}),
-    "gkd_distillm": ("gkd", {"divergence": {"params": {"beta": 0.1}}, "policy": {"params": {"prob": 0.5, "replay": True}}}),
+    "gkd_distillm": (
+        "gkd",
+        {"divergence": {"params": {"beta": 0.1}}, "policy": {"params": {"prob": 0.5, "replay": True}}},
+    ),
     "imitkd": ("imitkd", {}),
     "minillm": ("minillm", {}),
     "distillm2": ("distillm2", {}),
@@ -95,8 +98,20 @@ def base_config(args) -> dict[str, Any]:
 
     layer = copy.deepcopy(DEFAULT_RUN)
     layer["data"] = {**layer["data"], "path": str(args.root / "train_subset.jsonl"), "validation": "builtin:val"}
-    layer["train"] = {**layer["train"], "lr": args.lr, "warmup_steps": args.warmup, "schedule": "cosine", "ce_weight": 0.0}
-    layer["eval"] = {**layer["eval"], "every": "epoch", "rouge_samples": args.rouge_samples, "rouge_before": 0, "rouge_draws": args.draws}
+    layer["train"] = {
+        **layer["train"],
+        "lr": args.lr,
+        "warmup_steps": args.warmup,
+        "schedule": "cosine",
+        "ce_weight": 0.0,
+    }
+    layer["eval"] = {
+        **layer["eval"],
+        "every": "epoch",
+        "rouge_samples": args.rouge_samples,
+        "rouge_before": 0,
+        "rouge_draws": args.draws,
+    }
     layer["data"]["val_max"] = args.val_prompts
     layer["checkpoint"] = {"every": 0, "keep": 1}
     layer["log"] = {"with": []}
@@ -141,13 +156,16 @@ def make_init(args, registry) -> Path:
     if (final / "config.json").exists():
         return final
     print(f"init: {args.init_steps} steps of sft from {args.student} on builtin:train", flush=True)
-    layer = merge(base_config(args), {
-        "student": {"ref": args.student, "freeze": ["embeddings"]},
-        "data": {"path": "builtin:train", "validation": "builtin:val"},
-        "train": {"max_steps": args.init_steps, "seed": 0, "lr": args.init_lr, "ce_weight": 1.0},
-        "eval": {"every": 0, "rouge_samples": 0, "rouge_draws": 0},
-        "output_dir": str(args.root / "init"),
-    })
+    layer = merge(
+        base_config(args),
+        {
+            "student": {"ref": args.student, "freeze": ["embeddings"]},
+            "data": {"path": "builtin:train", "validation": "builtin:val"},
+            "train": {"max_steps": args.init_steps, "seed": 0, "lr": args.init_lr, "ce_weight": 1.0},
+            "eval": {"every": 0, "rouge_samples": 0, "rouge_draws": 0},
+            "output_dir": str(args.root / "init"),
+        },
+    )
     cfg = resolve_config(layer, recipe="sft", embedded=False, registry=registry)
     train(cfg, registry=registry, overwrite=True)
     return final
@@ -160,7 +178,9 @@ def record_path(args, budget: str, name: str, seed: int) -> Path:
     return args.root / "records" / f"{budget}-{name}-s{seed}.json"
 
 
-def run_one(args, registry, name: str, seed: int, budget: str, seconds: float | None, seconds_per_step: float | None) -> dict[str, Any]:
+def run_one(
+    args, registry, name: str, seed: int, budget: str, seconds: float | None, seconds_per_step: float | None
+) -> dict[str, Any]:
     from distill.engine import train
     from distill.resolve import resolve_config
 
@@ -172,7 +192,10 @@ def run_one(args, registry, name: str, seed: int, budget: str, seconds: float | 
         # run's own clock does not stop it: on a shared machine the load, not the recipe, would decide
         layer = merge(layer, {"train": {"max_steps": max(1, math.ceil(seconds / seconds_per_step))}})
     cfg = resolve_config(layer, recipe=recipe, embedded=False, registry=registry)
-    print(f"{budget} {name} seed {seed}: {cfg.train.max_steps} steps" + (f", {seconds:.0f} s" if seconds else ""), flush=True)
+    print(
+        f"{budget} {name} seed {seed}: {cfg.train.max_steps} steps" + (f", {seconds:.0f} s" if seconds else ""),
+        flush=True,
+    )
     started = time.perf_counter()
     last_line = [started]
 
@@ -180,10 +203,17 @@ def run_one(args, registry, name: str, seed: int, budget: str, seconds: float | 
         now = time.perf_counter()
         if kind == "step" and (now - last_line[0] > 60 or record["step"] == 1):
             last_line[0] = now
-            print(f"  step {record['step']}  loss {record['loss']:.4f}  {record['source']}  {record['seconds']:.1f} s"
-                  + (f"  φ {record['sgo_prob']:.1f}" if "sgo_prob" in record else ""), flush=True)
+            print(
+                f"  step {record['step']}  loss {record['loss']:.4f}  {record['source']}  {record['seconds']:.1f} s"
+                + (f"  φ {record['sgo_prob']:.1f}" if "sgo_prob" in record else ""),
+                flush=True,
+            )
         elif kind == "eval":
-            print("  eval @ {step}: ".format(**record) + "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"), flush=True)
+            print(
+                "  eval @ {step}: ".format(**record)
+                + "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"),
+                flush=True,
+            )
 
     train(cfg, registry=registry, report=report, overwrite=True)
     wall = time.perf_counter() - started
@@ -199,18 +229,41 @@ def run_one(args, registry, name: str, seed: int, budget: str, seconds: float | 
             sources[source] = sources.get(source, 0) + 1
     final = evals[-1]
     record = {
-        "recipe": name, "distill_recipe": recipe, "seed": seed, "budget": budget,
-        "divergence": cfg.divergence.name, "divergence_params": cfg.divergence.params, "policy": cfg.policy.name, "policy_params": cfg.policy.params,
-        "budget_seconds": seconds, "pace_seconds_per_step": seconds_per_step,
-        "steps": len(metrics), "steps_planned": cfg.train.max_steps, "train_seconds": clock, "wall_seconds": wall,
+        "recipe": name,
+        "distill_recipe": recipe,
+        "seed": seed,
+        "budget": budget,
+        "divergence": cfg.divergence.name,
+        "divergence_params": cfg.divergence.params,
+        "policy": cfg.policy.name,
+        "policy_params": cfg.policy.params,
+        "budget_seconds": seconds,
+        "pace_seconds_per_step": seconds_per_step,
+        "steps": len(metrics),
+        "steps_planned": cfg.train.max_steps,
+        "train_seconds": clock,
+        "wall_seconds": wall,
         "seconds_per_step": clock / max(len(metrics), 1),
         "sources": sources,
-        "student_share": sum(m["source"] in ("student", "replay") or "student" in m["source"].split("+") for m in metrics) / max(len(metrics), 1),
+        "student_share": sum(
+            m["source"] in ("student", "replay") or "student" in m["source"].split("+") for m in metrics
+        )
+        / max(len(metrics), 1),
         "max_sgo_prob": max((m.get("sgo_prob", 0.0) for m in metrics), default=0.0),
-        "rouge_l_greedy": final.get("rouge_l"), "rouge_l_sampled": final.get("rouge_l_sampled"),
-        "token_kl": final.get("val_kl"), "val_ce": final.get("val_loss"),
+        "rouge_l_greedy": final.get("rouge_l"),
+        "rouge_l_sampled": final.get("rouge_l_sampled"),
+        "token_kl": final.get("val_kl"),
+        "val_ce": final.get("val_loss"),
         "before": {k: v for k, v in evals[0].items() if k != "step"},
-        "curve": [{"step": e["step"], "train_seconds": elapsed.get(e["step"], clock), "val_ce": e.get("val_loss"), "token_kl": e.get("val_kl")} for e in evals],
+        "curve": [
+            {
+                "step": e["step"],
+                "train_seconds": elapsed.get(e["step"], clock),
+                "val_ce": e.get("val_loss"),
+                "token_kl": e.get("val_kl"),
+            }
+            for e in evals
+        ],
         "sgo_prob": [m.get("sgo_prob") for m in metrics] if any("sgo_prob" in m for m in metrics) else None,
         "step_sources": [m["source"] for m in metrics],
         "load_average": _load_average(),
@@ -244,9 +297,21 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["budget"], r["recipe"]), []).append(r)
     rows = []
     order = list(VARIANTS)
-    for (budget, name), runs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "steps", order.index(kv[0][1]) if kv[0][1] in order else 99)):
+    for (budget, name), runs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0] != "steps", order.index(kv[0][1]) if kv[0][1] in order else 99)
+    ):
         row = {"budget": budget, "recipe": name, "seeds": sorted(r["seed"] for r in runs)}
-        for key in ("rouge_l_greedy", "rouge_l_sampled", "token_kl", "val_ce", "seconds_per_step", "train_seconds", "student_share", "max_sgo_prob", "steps"):
+        for key in (
+            "rouge_l_greedy",
+            "rouge_l_sampled",
+            "token_kl",
+            "val_ce",
+            "seconds_per_step",
+            "train_seconds",
+            "student_share",
+            "max_sgo_prob",
+            "steps",
+        ):
             values = [r[key] for r in runs if r.get(key) is not None]
             if values:
                 row[key] = statistics.fmean(values)
@@ -265,12 +330,36 @@ def print_table(rows: list[dict[str, Any]]) -> list[list[str]]:
         lo, hi = row[key + "_range"]
         return fmt.format(row[key]) + (f" ({fmt.format(lo)}-{fmt.format(hi)})" if len(row["seeds"]) > 1 else "")
 
-    header = ["budget", "recipe", "seeds", "steps", "s/step", "student share", "max φ", "ROUGE-L greedy", "ROUGE-L sampled", "token KL", "val CE"]
+    header = [
+        "budget",
+        "recipe",
+        "seeds",
+        "steps",
+        "s/step",
+        "student share",
+        "max φ",
+        "ROUGE-L greedy",
+        "ROUGE-L sampled",
+        "token KL",
+        "val CE",
+    ]
     lines = [header]
     for r in rows:
-        lines.append([r["budget"], r["recipe"], ",".join(map(str, r["seeds"])), f"{r.get('steps', 0):.0f}", cell(r, "seconds_per_step", "{:.2f}"),
-                      f"{100 * r.get('student_share', 0):.0f}%", f"{r.get('max_sgo_prob', 0):.1f}", cell(r, "rouge_l_greedy", "{:.1f}"),
-                      cell(r, "rouge_l_sampled", "{:.1f}"), cell(r, "token_kl", "{:.3f}"), cell(r, "val_ce", "{:.3f}")])
+        lines.append(
+            [
+                r["budget"],
+                r["recipe"],
+                ",".join(map(str, r["seeds"])),
+                f"{r.get('steps', 0):.0f}",
+                cell(r, "seconds_per_step", "{:.2f}"),
+                f"{100 * r.get('student_share', 0):.0f}%",
+                f"{r.get('max_sgo_prob', 0):.1f}",
+                cell(r, "rouge_l_greedy", "{:.1f}"),
+                cell(r, "rouge_l_sampled", "{:.1f}"),
+                cell(r, "token_kl", "{:.3f}"),
+                cell(r, "val_ce", "{:.3f}"),
+            ]
+        )
     table = Table(title="study: mean over seeds (min-max)", title_justify="left")
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i < 2 else "right")
@@ -333,8 +422,15 @@ def write_report(args, records: list[dict[str, Any]], settings: dict[str, Any], 
     rows = summarise(records)
     plots = plot(records, args.output.parent) if records else []
     slim = [{k: v for k, v in r.items() if k not in ("step_sources",)} for r in records]
-    report = {"benchmark": "study", "complete": complete, "environment": environment(), "settings": settings, "summary": rows,
-              "plots": [p.name for p in plots], "runs": slim}
+    report = {
+        "benchmark": "study",
+        "complete": complete,
+        "environment": environment(),
+        "settings": settings,
+        "summary": rows,
+        "plots": [p.name for p in plots],
+        "runs": slim,
+    }
     write_json(args.output, report)
     return report
 
@@ -343,23 +439,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import distill
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, default=RESULTS / "study", help="runs, records and the initial student (resumable)")
+    parser.add_argument(
+        "--root", type=Path, default=RESULTS / "study", help="runs, records and the initial student (resumable)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "study.json")
     parser.add_argument("--budgets", nargs="+", choices=("steps", "seconds"), default=["steps", "seconds"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="RECIPE", help=f"these only: {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(VARIANTS), metavar="RECIPE", help=f"these only: {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--teacher", help="teacher reference (default: the embedded default's)")
     parser.add_argument("--student", default="prune:6", help="the student before its supervised fine-tune")
     parser.add_argument("--init-steps", type=int, default=40, help="sft steps that make the shared starting student")
     parser.add_argument("--init-lr", type=float, default=1e-3, help="learning rate of that fine-tune")
-    parser.add_argument("--train-prompts", type=int, default=96, help="distillation prompts (the first N built-in ones)")
+    parser.add_argument(
+        "--train-prompts", type=int, default=96, help="distillation prompts (the first N built-in ones)"
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--val-prompts", type=int, default=48, help="validation prompts (val CE, token KL; evaluated every epoch)")
+    parser.add_argument(
+        "--val-prompts", type=int, default=48, help="validation prompts (val CE, token KL; evaluated every epoch)"
+    )
     parser.add_argument("--rouge-samples", type=int, default=48, help="validation prompts answered for ROUGE-L")
     parser.add_argument("--draws", type=int, default=5, help="sampled answers per prompt (temperature 1)")
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="any config key, every run")
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="any config key, every run"
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--keep-runs", action="store_true", help="keep each run's folder under ROOT/runs")
     parser.add_argument("--report-only", action="store_true", help="rewrite the JSON, table and plots from the records")
@@ -369,9 +475,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     known = set(registry.names("recipe"))
     names = [n for n in (args.only or VARIANTS) if VARIANTS[n][0] in known]
     skipped = [n for n in (args.only or VARIANTS) if VARIANTS[n][0] not in known]
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("report_only", "only", "budgets", "seeds")}
-    settings.update({"steps": base_config(args)["train"]["max_steps"], "variants": {n: VARIANTS[n] for n in names}, "lr_grid": [args.lr],
-                     "not_registered": skipped})
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("report_only", "only", "budgets", "seeds")
+    }
+    settings.update(
+        {
+            "steps": base_config(args)["train"]["max_steps"],
+            "variants": {n: VARIANTS[n] for n in names},
+            "lr_grid": [args.lr],
+            "not_registered": skipped,
+        }
+    )
     if args.report_only:
         report = write_report(args, load_records(args), settings, complete=False)
         print_table(report["summary"])
@@ -391,13 +507,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue
                 seconds = pace = None
                 if budget == "seconds":
-                    reference = [json.loads(p.read_text()) for p in (record_path(args, "steps", "distillm", s) for s in args.seeds) if p.exists()]
+                    reference = [
+                        json.loads(p.read_text())
+                        for p in (record_path(args, "steps", "distillm", s) for s in args.seeds)
+                        if p.exists()
+                    ]
                     own = record_path(args, "steps", name, seed)
                     if not reference or not own.exists():
-                        print(f"seconds {name} seed {seed}: needs the equal-steps runs of distillm and of {name} first; left out", flush=True)
+                        print(
+                            f"seconds {name} seed {seed}: needs the equal-steps runs of distillm and of {name} first; left out",
+                            flush=True,
+                        )
                         continue
                     seconds = statistics.fmean(r["train_seconds"] for r in reference)
-                    own_runs = [json.loads(p.read_text()) for p in (record_path(args, "steps", name, s) for s in args.seeds) if p.exists()]
+                    own_runs = [
+                        json.loads(p.read_text())
+                        for p in (record_path(args, "steps", name, s) for s in args.seeds)
+                        if p.exists()
+                    ]
                     pace = statistics.fmean(r["seconds_per_step"] for r in own_runs)
                 record = run_one(args, registry, name, seed, budget, seconds, pace)
                 write_json(path, record)

@@ -49,7 +49,17 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, add_setting_flags, case_config, environment, mean, read_jsonl, set_threads, settings_record, write_json
+from common import (
+    RESULTS,
+    add_setting_flags,
+    case_config,
+    environment,
+    mean,
+    read_jsonl,
+    set_threads,
+    settings_record,
+    write_json,
+)
 
 RECIPES = ("kd", "distillm")
 TARGETS = {"step_ratio": 0.6, "bytes_per_token_k64": 512, "val_kl_relative": 0.03}
@@ -57,8 +67,14 @@ TARGETS = {"step_ratio": 0.6, "bytes_per_token_k64": 512, "val_kl_relative": 0.0
 
 def bench_layer(args, out: Path) -> dict[str, Any]:
     """Short runs: warm-up + timed steps, no evaluation in between, a few validation examples."""
-    return {"output_dir": str(out), "train": {"max_steps": args.warmup + args.steps}, "eval": {"every": 0, "rouge_samples": 0},
-            "data": {"val_max": 8}, "checkpoint": {"every": 0, "keep": 1}, "log": {"with": []}}
+    return {
+        "output_dir": str(out),
+        "train": {"max_steps": args.warmup + args.steps},
+        "eval": {"every": 0, "rouge_samples": 0},
+        "data": {"val_max": 8},
+        "checkpoint": {"every": 0, "keep": 1},
+        "log": {"with": []},
+    }
 
 
 def cache_record(folder: Path) -> dict[str, Any]:
@@ -66,9 +82,19 @@ def cache_record(folder: Path) -> dict[str, Any]:
     manifest = json.loads((folder / "manifest.json").read_text())
     k = manifest["top_k"]
     id_bytes = 2 if manifest["storage"]["ids"] == "uint16" else 4
-    return {"folder": str(folder), "top_k": k, "examples": manifest["examples"], "tokens": manifest["tokens"], "bytes": manifest["bytes"],
-            "bytes_per_token": manifest["bytes"] / max(manifest["tokens"], 1), "payload_bytes_per_token": 2 * k + id_bytes * k + 4,
-            "storage": manifest["storage"], "teacher": manifest["teacher"], "teacher_dtype": manifest["teacher_dtype"], "seconds_to_make": manifest.get("seconds")}
+    return {
+        "folder": str(folder),
+        "top_k": k,
+        "examples": manifest["examples"],
+        "tokens": manifest["tokens"],
+        "bytes": manifest["bytes"],
+        "bytes_per_token": manifest["bytes"] / max(manifest["tokens"], 1),
+        "payload_bytes_per_token": 2 * k + id_bytes * k + 4,
+        "storage": manifest["storage"],
+        "teacher": manifest["teacher"],
+        "teacher_dtype": manifest["teacher_dtype"],
+        "seconds_to_make": manifest.get("seconds"),
+    }
 
 
 def ensure_cache(args, registry) -> Path:
@@ -76,7 +102,9 @@ def ensure_cache(args, registry) -> Path:
     if (folder / "manifest.json").is_file():
         return folder
     if not args.top_k:
-        raise SystemExit(f"{folder}: no cache there; make one with distill cache-teacher, or pass --top-k K to make it here")
+        raise SystemExit(
+            f"{folder}: no cache there; make one with distill cache-teacher, or pass --top-k K to make it here"
+        )
     from distill.teacher_cache import build_cache
 
     build_cache(case_config(args, registry, recipe="kd"), folder, top_k=args.top_k)
@@ -103,11 +131,18 @@ def floor_ratio(cfg) -> dict[str, Any]:
     tokens = mean([len(e.prompt_ids) + len(e.response_ids) for e in train_set])
     rows = mean([len(e.response_ids) for e in train_set])
     t, s = ModelMatmuls.of(teacher), ModelMatmuls.of(student)
-    flops = {"teacher_forward": t.forward_flops(tokens, rows), "student_forward": s.forward_flops(tokens, rows),
-             "student_backward": s.backward_flops(tokens, rows)}
+    flops = {
+        "teacher_forward": t.forward_flops(tokens, rows),
+        "student_forward": s.forward_flops(tokens, rows),
+        "student_backward": s.backward_flops(tokens, rows),
+    }
     cached = flops["student_forward"] + flops["student_backward"]
-    return {"tokens_per_sequence": tokens, "logit_rows_per_sequence": rows, "gflop_per_sequence": {k: v / 1e9 for k, v in flops.items()},
-            "cached_over_live": cached / (cached + flops["teacher_forward"])}
+    return {
+        "tokens_per_sequence": tokens,
+        "logit_rows_per_sequence": rows,
+        "gflop_per_sequence": {k: v / 1e9 for k, v in flops.items()},
+        "cached_over_live": cached / (cached + flops["teacher_forward"]),
+    }
 
 
 def run_case(args, registry, recipe: str, cache: Path | None, scratch: Path) -> list[float]:
@@ -122,7 +157,9 @@ def run_case(args, registry, recipe: str, cache: Path | None, scratch: Path) -> 
     train(cfg, registry=registry, overwrite=True)
     metrics = read_jsonl(out / "metrics.jsonl")
     shutil.rmtree(out, ignore_errors=True)
-    assert all(m["source"] == "dataset" for m in metrics), "a step on generated sequences: not what this benchmark compares"
+    assert all(m["source"] == "dataset" for m in metrics), (
+        "a step on generated sequences: not what this benchmark compares"
+    )
     return [m["seconds"] for m in metrics if m["step"] > args.warmup]
 
 
@@ -133,8 +170,15 @@ def steps(args, output: Path) -> dict[str, Any]:
     registry = distill.default_registry()
     cache = ensure_cache(args, registry)
     seconds: dict[str, dict[str, list[float]]] = {r: {"live": [], "cache": []} for r in args.recipes}
-    record = {"environment": environment(), "settings": settings_record(case_config(args, registry, recipe="kd")), "cache": cache_record(cache),
-              "warmup": args.warmup, "rounds": args.rounds, "targets": TARGETS, "complete": False}
+    record = {
+        "environment": environment(),
+        "settings": settings_record(case_config(args, registry, recipe="kd")),
+        "cache": cache_record(cache),
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "targets": TARGETS,
+        "complete": False,
+    }
     record["floor"] = floor_ratio(case_config(args, registry, recipe="kd"))
     scratch = Path(tempfile.mkdtemp(prefix="teacher-cache-bench-"))
     try:
@@ -143,7 +187,10 @@ def steps(args, output: Path) -> dict[str, Any]:
                 for variant in ("live", "cache"):
                     times = run_case(args, registry, recipe, cache if variant == "cache" else None, scratch)
                     seconds[recipe][variant].extend(times)
-                    print(f"  round {round_ + 1} {recipe:<9} {variant:<5} {statistics.mean(times):7.2f} s/step", flush=True)
+                    print(
+                        f"  round {round_ + 1} {recipe:<9} {variant:<5} {statistics.mean(times):7.2f} s/step",
+                        flush=True,
+                    )
                     record["recipes"] = _rows(seconds)
                     write_json(output, record)
     finally:
@@ -159,23 +206,39 @@ def _rows(seconds: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
         live, cached = times["live"], times["cache"]
         row: dict[str, Any] = {"recipe": recipe, "live_seconds": live, "cache_seconds": cached}
         if live and cached:
-            row.update(live_mean=mean(live), cache_mean=mean(cached), live_median=statistics.median(live), cache_median=statistics.median(cached),
-                       ratio_mean=mean(cached) / mean(live), ratio_median=statistics.median(cached) / statistics.median(live))
+            row.update(
+                live_mean=mean(live),
+                cache_mean=mean(cached),
+                live_median=statistics.median(live),
+                cache_median=statistics.median(cached),
+                ratio_mean=mean(cached) / mean(live),
+                ratio_median=statistics.median(cached) / statistics.median(live),
+            )
         rows.append(row)
     return rows
 
 
 def print_steps(record: dict[str, Any]) -> None:
     cache = record["cache"]
-    print(f"\nteacher cache K={cache['top_k']}: {cache['tokens']:,} tokens, {cache['bytes']:,} bytes on disk = "
-          f"{cache['bytes_per_token']:.1f} bytes/token (payload {cache['payload_bytes_per_token']}: {cache['storage']})")
-    print(f"{'recipe':<10} {'live s/step':>12} {'cache s/step':>13} {'ratio (mean)':>13} {'ratio (median)':>15}   target <= {TARGETS['step_ratio']}")
+    print(
+        f"\nteacher cache K={cache['top_k']}: {cache['tokens']:,} tokens, {cache['bytes']:,} bytes on disk = "
+        f"{cache['bytes_per_token']:.1f} bytes/token (payload {cache['payload_bytes_per_token']}: {cache['storage']})"
+    )
+    print(
+        f"{'recipe':<10} {'live s/step':>12} {'cache s/step':>13} {'ratio (mean)':>13} {'ratio (median)':>15}   target <= {TARGETS['step_ratio']}"
+    )
     for row in record["recipes"]:
-        print(f"{row['recipe']:<10} {row['live_mean']:>12.2f} {row['cache_mean']:>13.2f} {row['ratio_mean']:>13.2f} {row['ratio_median']:>15.2f}")
-    print(f"CPU: {record['environment']['cpu']} ({record['environment']['cpu_path']}); {record['steps_timed']} timed steps per case")
+        print(
+            f"{row['recipe']:<10} {row['live_mean']:>12.2f} {row['cache_mean']:>13.2f} {row['ratio_mean']:>13.2f} {row['ratio_median']:>15.2f}"
+        )
+    print(
+        f"CPU: {record['environment']['cpu']} ({record['environment']['cpu_path']}); {record['steps_timed']} timed steps per case"
+    )
     floor = record.get("floor")
     if floor:
-        print(f"compute floor (matmul FLOPs per sequence): a cached step is at least {floor['cached_over_live']:.3f} x the live one")
+        print(
+            f"compute floor (matmul FLOPs per sequence): a cached step is at least {floor['cached_over_live']:.3f} x the live one"
+        )
 
 
 def quality(args) -> dict[str, Any]:
@@ -184,25 +247,49 @@ def quality(args) -> dict[str, Any]:
     runs = {"live": Path(args.live), "cached": Path(args.cached)}
     configs = {name: yaml.safe_load((path / "config.yaml").read_text()) for name, path in runs.items()}
     differ = _differences(configs["live"], configs["cached"])
-    if differ - {"teacher.cache", "output_dir"} or configs["live"]["teacher"].get("cache") or not configs["cached"]["teacher"].get("cache"):
-        raise SystemExit(f"the runs must differ only in teacher.cache (the live one without): they differ in {sorted(differ)}")
+    if (
+        differ - {"teacher.cache", "output_dir"}
+        or configs["live"]["teacher"].get("cache")
+        or not configs["cached"]["teacher"].get("cache")
+    ):
+        raise SystemExit(
+            f"the runs must differ only in teacher.cache (the live one without): they differ in {sorted(differ)}"
+        )
     cfg = configs["live"]
     validation = cfg["data"]["validation"] or cfg["data"]["path"]
-    result: dict[str, Any] = {"environment": environment(), "config": cfg, "cache": cache_record(Path(configs["cached"]["teacher"]["cache"]))}
+    result: dict[str, Any] = {
+        "environment": environment(),
+        "config": cfg,
+        "cache": cache_record(Path(configs["cached"]["teacher"]["cache"])),
+    }
     for name, path in runs.items():
-        evaluated = evaluate_model(str(path / "final"), cfg["teacher"]["ref"], validation, rouge_samples=0, max_prompt_tokens=cfg["data"]["max_prompt_tokens"],
-                                   max_response_tokens=cfg["data"]["max_response_tokens"])
+        evaluated = evaluate_model(
+            str(path / "final"),
+            cfg["teacher"]["ref"],
+            validation,
+            rouge_samples=0,
+            max_prompt_tokens=cfg["data"]["max_prompt_tokens"],
+            max_response_tokens=cfg["data"]["max_response_tokens"],
+        )
         logged = read_jsonl(path / "eval.jsonl")
-        result[name] = {"run": str(path), "val_kl_full": evaluated["val_kl"], "val_loss": evaluated["val_loss"], "examples": evaluated["examples"],
-                        "steps": len(read_jsonl(path / "metrics.jsonl")), "logged_val_kl": logged[-1].get("val_kl")}
+        result[name] = {
+            "run": str(path),
+            "val_kl_full": evaluated["val_kl"],
+            "val_loss": evaluated["val_loss"],
+            "examples": evaluated["examples"],
+            "steps": len(read_jsonl(path / "metrics.jsonl")),
+            "logged_val_kl": logged[-1].get("val_kl"),
+        }
     result["relative_difference"] = result["cached"]["val_kl_full"] / result["live"]["val_kl_full"] - 1
     result["targets"] = TARGETS
     print(f"{'run':<8} {'steps':>5} {'val KL, full vocabulary':>24} {'val CE':>8} {'val KL in eval.jsonl':>21}")
     for name in runs:
         r = result[name]
         print(f"{name:<8} {r['steps']:>5} {r['val_kl_full']:>24.4f} {r['val_loss']:>8.4f} {r['logged_val_kl']:>21.4f}")
-    print(f"cached / live - 1 = {100 * result['relative_difference']:+.2f}% (target within ±{100 * TARGETS['val_kl_relative']:.0f}%); "
-          f"the cached run's eval.jsonl KL is the coarse (K+1-outcome) one")
+    print(
+        f"cached / live - 1 = {100 * result['relative_difference']:+.2f}% (target within ±{100 * TARGETS['val_kl_relative']:.0f}%); "
+        f"the cached run's eval.jsonl KL is the coarse (K+1-outcome) one"
+    )
     return result
 
 
@@ -213,7 +300,9 @@ def _differences(a: Any, b: Any, prefix: str = "") -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("part", nargs="?", choices=("steps", "quality"), default="steps")
     add_setting_flags(parser)
     parser.add_argument("--cache", default="runs/cache-k64", help="teacher cache folder (steps)")

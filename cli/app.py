@@ -35,7 +35,9 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Knowledge distillation for language models."""
 
@@ -80,15 +82,23 @@ def run(
     policy: Optional[str] = typer.Option(None, "--policy", help="Sampling policy name (distill list policies)."),
     policy_params: list[str] = typer.Option([], "-P", help="Policy parameter key=value (repeatable)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model directory or hub id."),
-    teacher_cache: Optional[str] = typer.Option(None, "--teacher-cache", help="A folder from distill cache-teacher: dataset steps read it instead of running the teacher."),
+    teacher_cache: Optional[str] = typer.Option(
+        None,
+        "--teacher-cache",
+        help="A folder from distill cache-teacher: dataset steps read it instead of running the teacher.",
+    ),
     student: Optional[str] = typer.Option(None, "--student", help="Student model directory or hub id."),
-    data: Optional[str] = typer.Option(None, "--data", help="Training data (JSON Lines with prompt/response or messages)."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Training data (JSON Lines with prompt/response or messages)."
+    ),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where the run's files go."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     settings: list[str] = typer.Option([], "--set", help="Any config key: dotted.key=value (repeatable)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in --output-dir."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its newest checkpoint, with its saved config."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --output-dir from its newest checkpoint, with its saved config."
+    ),
 ) -> None:
     """Distil a teacher into a student. Precedence: recipe < config file < flags."""
     from transformers.utils import logging as hf_logging
@@ -101,9 +111,18 @@ def run(
     hf_logging.set_verbosity_error()
     started = time.perf_counter()
     flags = flag_layer(
-        recipe=recipe, divergence=divergence, divergence_params=divergence_params, policy=policy,
-        policy_params=policy_params, teacher=teacher, student=student, data=data, output_dir=output_dir,
-        max_steps=max_steps, seed=seed, settings=settings,
+        recipe=recipe,
+        divergence=divergence,
+        divergence_params=divergence_params,
+        policy=policy,
+        policy_params=policy_params,
+        teacher=teacher,
+        student=student,
+        data=data,
+        output_dir=output_dir,
+        max_steps=max_steps,
+        seed=seed,
+        settings=settings,
     )
     if teacher_cache is not None:
         flags.setdefault("teacher", {})["cache"] = teacher_cache
@@ -122,14 +141,26 @@ def run(
 @user_errors
 def cache_teacher(
     output_dir: str = typer.Option(..., "--output-dir", "-o", help="Folder for the cache (manifest.json and parts/)."),
-    top_k: int = typer.Option(64, "--top-k", help="Teacher log-probs kept per response position (the rest is one outcome)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML, TOML or JSON config (its teacher, tokenizer, data and seed)."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model directory or hub id (default: the embedded default's)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Training data (JSON Lines with prompt/response or messages)."),
+    top_k: int = typer.Option(
+        64, "--top-k", help="Teacher log-probs kept per response position (the rest is one outcome)."
+    ),
+    config: Optional[str] = typer.Option(
+        None, "--config", "-c", help="YAML, TOML or JSON config (its teacher, tokenizer, data and seed)."
+    ),
+    teacher: Optional[str] = typer.Option(
+        None, "--teacher", help="Teacher model directory or hub id (default: the embedded default's)."
+    ),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Training data (JSON Lines with prompt/response or messages)."
+    ),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the validation split (as distill run --seed)."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Divides the teacher's logits (a run's divergence.temperature must match)."),
+    temperature: float = typer.Option(
+        1.0, "--temperature", help="Divides the teacher's logits (a run's divergence.temperature must match)."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per teacher forward."),
-    settings: list[str] = typer.Option([], "--set", help="Any config key, e.g. data.max_response_tokens=128 (repeatable)."),
+    settings: list[str] = typer.Option(
+        [], "--set", help="Any config key, e.g. data.max_response_tokens=128 (repeatable)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache in --output-dir."),
 ) -> None:
     """Run the teacher once over the data's responses and store its top-K log-probs per position,
@@ -143,14 +174,33 @@ def cache_teacher(
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     started = time.perf_counter()
-    flags = flag_layer(recipe=None, divergence=None, divergence_params=[], policy=None, policy_params=[], teacher=teacher, student=None,
-                       data=data, output_dir=None, max_steps=None, seed=seed, settings=settings)
+    flags = flag_layer(
+        recipe=None,
+        divergence=None,
+        divergence_params=[],
+        policy=None,
+        policy_params=[],
+        teacher=teacher,
+        student=None,
+        data=data,
+        output_dir=None,
+        max_steps=None,
+        seed=seed,
+        settings=settings,
+    )
     resolved = resolve_cache_config(config, flags)
     reporter = make_reporter(console, 0)
     try:
-        manifest = build_cache(resolved, output_dir, top_k=top_k, temperature=temperature, batch_size=batch_size, overwrite=overwrite,
-                               progress=lambda phase, done, total: reporter("progress", {"phase": phase, "done": done, "total": total}),
-                               report=lambda message: console.print(message, soft_wrap=True, highlight=False))
+        manifest = build_cache(
+            resolved,
+            output_dir,
+            top_k=top_k,
+            temperature=temperature,
+            batch_size=batch_size,
+            overwrite=overwrite,
+            progress=lambda phase, done, total: reporter("progress", {"phase": phase, "done": done, "total": total}),
+            report=lambda message: console.print(message, soft_wrap=True, highlight=False),
+        )
     finally:
         reporter.close()
     if manifest is not None:  # the main process (under accelerate launch)
@@ -177,8 +227,14 @@ def evaluate(
     hf_logging.set_verbosity_error()
     reporter = make_reporter(console, 0)  # validation and ROUGE-L passes: a bar, or plain lines off a terminal
     try:
-        result = evaluate_model(model, teacher, data, rouge_samples=rouge_samples, max_new_tokens=max_new_tokens,
-                                progress=lambda phase, done, total: reporter("progress", {"phase": phase, "done": done, "total": total}))
+        result = evaluate_model(
+            model,
+            teacher,
+            data,
+            rouge_samples=rouge_samples,
+            max_new_tokens=max_new_tokens,
+            progress=lambda phase, done, total: reporter("progress", {"phase": phase, "done": done, "total": total}),
+        )
     finally:
         reporter.close()
     console.print(result_table(model, result))
@@ -189,7 +245,9 @@ def evaluate(
 @user_errors
 def list_plugins(
     kind: Optional[Kind] = typer.Argument(None, help="Show only divergences, policies or recipes."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON: names, aliases, providers, parameters with defaults and ranges."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON: names, aliases, providers, parameters with defaults and ranges."
+    ),
 ) -> None:
     """Show installed divergences, sampling policies and recipes, with parameters and providers.
     A table on a terminal (one block per plugin below 100 columns), one line per plugin when piped."""

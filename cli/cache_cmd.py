@@ -28,10 +28,16 @@ def manifest_table(manifest: dict[str, Any], out: str, seconds: float) -> Table:
     rows = [
         ("teacher", f"{manifest['teacher']} ({manifest['teacher_dtype']})"),
         ("top-k", str(manifest["top_k"])),
-        ("sequences (train + validation)", f"{manifest['examples']:,} ({manifest['train_examples']:,} + {manifest['validation_examples']:,} examples)"),
+        (
+            "sequences (train + validation)",
+            f"{manifest['examples']:,} ({manifest['train_examples']:,} + {manifest['validation_examples']:,} examples)",
+        ),
         ("response tokens", f"{manifest['tokens']:,}"),
         ("bytes", f"{manifest['bytes']:,} ({manifest['bytes'] / 1e6:,.1f} MB)"),
-        ("bytes per token", f"{manifest['bytes_per_token']:.1f} (log-probs {storage['logprobs']}, ids {storage['ids']}, rest {storage['rest']})"),
+        (
+            "bytes per token",
+            f"{manifest['bytes_per_token']:.1f} (log-probs {storage['logprobs']}, ids {storage['ids']}, rest {storage['rest']})",
+        ),
         ("wall time", f"{seconds:.1f} s"),
         ("output", out),
     ]

@@ -16,9 +16,18 @@ from distill.generation import ResponseGenerator
 from distill.models import load_model, load_tokenizer, share_vocabulary
 
 
-def evaluate_model(model: str, teacher: str = SMOLLM2, data: str = "builtin:val", *, rouge_samples: int = 64,
-                   max_new_tokens: int = 128, batch_size: int = 16, max_prompt_tokens: int = 256,
-                   max_response_tokens: int = 256, progress=None) -> dict[str, float]:
+def evaluate_model(
+    model: str,
+    teacher: str = SMOLLM2,
+    data: str = "builtin:val",
+    *,
+    rouge_samples: int = 64,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    max_prompt_tokens: int = 256,
+    max_response_tokens: int = 256,
+    progress=None,
+) -> dict[str, float]:
     """Evaluate the model at ``model`` against ``teacher`` on the responses in ``data``;
     ``progress(phase, done, total)`` sees each batch (``distill.progress.Progress``)."""
     tokenizer = load_tokenizer(model if Path(model).is_dir() else teacher)
@@ -38,7 +47,12 @@ def result_table(model: str, result: dict[str, float]) -> Table:
     table = Table(title=f"distill eval {model}", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    names = {"val_loss": "validation CE (nats/token)", "val_kl": "KL(teacher || student) (nats/token)", "rouge_l": "ROUGE-L vs references", "examples": "examples"}
+    names = {
+        "val_loss": "validation CE (nats/token)",
+        "val_kl": "KL(teacher || student) (nats/token)",
+        "rouge_l": "ROUGE-L vs references",
+        "examples": "examples",
+    }
     for key, value in result.items():
         if key == "val_divergence":
             continue

@@ -102,7 +102,14 @@ def render_listing(registry: Registry, kind: str) -> Table:
     for column in ("parameters", "aliases", "description", "provided by"):
         table.add_column(column, overflow="fold")
     for entry in entries:
-        _row(table, entry.name, _parameters(entry, kind), ", ".join(entry.aliases) or "-", _summary(entry), entry.provider)
+        _row(
+            table,
+            entry.name,
+            _parameters(entry, kind),
+            ", ".join(entry.aliases) or "-",
+            _summary(entry),
+            entry.provider,
+        )
     return table
 
 
@@ -117,7 +124,11 @@ def render_blocks(registry: Registry, kind: str) -> Group:
             if entry.obj.note:
                 lines.append(f"note: {entry.obj.note}")
         else:
-            lines = [_summary(entry), f"aliases: {', '.join(entry.aliases) or '-'}", *_parameters(entry, kind).splitlines()]
+            lines = [
+                _summary(entry),
+                f"aliases: {', '.join(entry.aliases) or '-'}",
+                *_parameters(entry, kind).splitlines(),
+            ]
         parts.append(Padding(Text("\n".join(lines), overflow="fold"), (0, 0, 0, 2)))
     return Group(*parts)
 
@@ -148,16 +159,28 @@ def listing_json(registry: Registry, kinds: list[str]) -> dict[str, list[dict[st
             item: dict[str, Any] = {"name": entry.name, "aliases": list(entry.aliases), "provider": entry.provider}
             if kind == "recipes":
                 recipe = entry.obj
-                item.update(description=recipe.description,
-                            divergence={"name": recipe.divergence, "params": _jsonable(dict(recipe.divergence_params))},
-                            policy={"name": recipe.policy, "params": _jsonable(dict(recipe.policy_params))},
-                            config=_jsonable(dict(recipe.config)), note=recipe.note)
+                item.update(
+                    description=recipe.description,
+                    divergence={"name": recipe.divergence, "params": _jsonable(dict(recipe.divergence_params))},
+                    policy={"name": recipe.policy, "params": _jsonable(dict(recipe.policy_params))},
+                    config=_jsonable(dict(recipe.config)),
+                    note=recipe.note,
+                )
             else:
                 item["description"] = _summary(entry)
                 item["parameters"] = [_parameter_json(n, f) for n, f in entry.obj.Params.model_fields.items()]
                 if kind == "divergences":
-                    item["parameters"].append({"name": "temperature", "type": "float", "required": False, "default": 1.0,
-                                               "range": {"gt": 0}, "description": "divides both logits", "core": True})
+                    item["parameters"].append(
+                        {
+                            "name": "temperature",
+                            "type": "float",
+                            "required": False,
+                            "default": 1.0,
+                            "range": {"gt": 0},
+                            "description": "divides both logits",
+                            "core": True,
+                        }
+                    )
             items.append(item)
         out[kind] = items
     return out
@@ -166,9 +189,13 @@ def listing_json(registry: Registry, kinds: list[str]) -> dict[str, list[dict[st
 def _parameter_json(name: str, field: FieldInfo) -> dict[str, Any]:
     required = field.is_required()
     item: dict[str, Any] = {
-        "name": name, "type": _type_name(field.annotation), "required": required,
+        "name": name,
+        "type": _type_name(field.annotation),
+        "required": required,
         "default": None if required else _jsonable(field.get_default(call_default_factory=True)),
-        "range": _jsonable(field_bounds(field)), "description": field.description or "", "core": False,
+        "range": _jsonable(field_bounds(field)),
+        "description": field.description or "",
+        "core": False,
     }
     if typing.get_origin(field.annotation) is typing.Literal:
         item["choices"] = _jsonable(list(typing.get_args(field.annotation)))

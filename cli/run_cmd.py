@@ -17,15 +17,31 @@ from distill.config import parse_assignments, read_config_file, set_dotted
 
 
 def flag_layer(
-    *, recipe: Optional[str], divergence: Optional[str], divergence_params: list[str], policy: Optional[str],
-    policy_params: list[str], teacher: Optional[str], student: Optional[str], data: Optional[str],
-    output_dir: Optional[str], max_steps: Optional[int], seed: Optional[int], settings: list[str],
+    *,
+    recipe: Optional[str],
+    divergence: Optional[str],
+    divergence_params: list[str],
+    policy: Optional[str],
+    policy_params: list[str],
+    teacher: Optional[str],
+    student: Optional[str],
+    data: Optional[str],
+    output_dir: Optional[str],
+    max_steps: Optional[int],
+    seed: Optional[int],
+    settings: list[str],
 ) -> dict[str, Any]:
     """The command-line flags as a config layer (highest precedence)."""
     layer: dict[str, Any] = {}
     for dotted, value in (
-        ("recipe", recipe), ("divergence.name", divergence), ("policy.name", policy), ("teacher.ref", teacher),
-        ("student.ref", student), ("data.path", data), ("output_dir", output_dir), ("train.max_steps", max_steps),
+        ("recipe", recipe),
+        ("divergence.name", divergence),
+        ("policy.name", policy),
+        ("teacher.ref", teacher),
+        ("student.ref", student),
+        ("data.path", data),
+        ("output_dir", output_dir),
+        ("train.max_steps", max_steps),
         ("train.seed", seed),
     ):
         if value is not None:
@@ -49,13 +65,17 @@ def resolve_config(config_file: Optional[str], flags: dict[str, Any], registry=N
     return resolve(file_layer, flags, stamp_output=True, registry=registry)
 
 
-def resolve_resume_config(config_file: Optional[str], flags: dict[str, Any], overwrite: bool = False) -> distill.config.RunConfig:
+def resolve_resume_config(
+    config_file: Optional[str], flags: dict[str, Any], overwrite: bool = False
+) -> distill.config.RunConfig:
     """``--resume``: the config saved in ``--output-dir``; the file and flags may only change the
     fields in ``distill.checkpoint.RESUMABLE_FIELDS`` (or repeat the saved values)."""
     from distill.resolve import resume_config
 
     if overwrite:
-        raise distill.ConfigError("--resume continues the run in --output-dir, --overwrite replaces it; pass one of them")
+        raise distill.ConfigError(
+            "--resume continues the run in --output-dir, --overwrite replaces it; pass one of them"
+        )
     file_layer = read_config_file(config_file) if config_file else {}
     out = flags.get("output_dir") or file_layer.get("output_dir")
     if not out:
@@ -77,7 +97,9 @@ def progress_interval() -> float:
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds >= 0):
-        raise distill.ConfigError(f"{PROGRESS_ENV}={raw!r}: expected seconds between progress lines, a number >= 0 (0 = every step)")
+        raise distill.ConfigError(
+            f"{PROGRESS_ENV}={raw!r}: expected seconds between progress lines, a number >= 0 (0 = every step)"
+        )
     return seconds
 
 
@@ -116,7 +138,8 @@ class ConsoleReporter:
             self.console.print(
                 f"[bold]distill[/] {record['train_examples']} training / {record['val_examples']} validation examples"
                 + (f"; {dropped}" if dropped else "")
-                + (f"; {record['processes']} processes" if record["processes"] > 1 else "") + f" -> {record['output_dir']}"
+                + (f"; {record['processes']} processes" if record["processes"] > 1 else "")
+                + f" -> {record['output_dir']}"
             )
             if record.get("precision"):
                 self.console.print(f"  {record['precision']}", highlight=False, soft_wrap=True)
@@ -135,7 +158,10 @@ class ConsoleReporter:
             self.training(record["step"])
         elif kind == "checkpoint":
             size = record["bytes"]
-            self.console.print(f"  checkpoint @ step {record['step']}: {record['path']} ({size / 1e6:,.1f} MB, {size} bytes)", soft_wrap=True)
+            self.console.print(
+                f"  checkpoint @ step {record['step']}: {record['path']} ({size / 1e6:,.1f} MB, {size} bytes)",
+                soft_wrap=True,
+            )
         elif kind == "step":
             self.tokens += record["tokens"]
             self.step_seconds += record["seconds"]
@@ -179,8 +205,14 @@ class RichReporter(ConsoleReporter):
     def __init__(self, console: Console, total_steps: int, clock=time.perf_counter) -> None:
         super().__init__(console, total_steps, clock)
         self.progress = Progress(
-            TextColumn("{task.description} {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+            TextColumn("{task.description} {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
         )
         self.task = None
         self.phases: dict[str, Any] = {}
@@ -233,7 +265,9 @@ class PlainReporter(ConsoleReporter):
         step, now = record["step"], self.clock()
         if step == self.first_step[0] or step == self.total or now - self.last_line >= self.interval:
             elapsed = now - self.first_step[1]
-            self._line(f"step {step}/{self.total}  {self.step_info(record)}  elapsed {duration(elapsed)}  ETA {duration(self.eta(step))}")
+            self._line(
+                f"step {step}/{self.total}  {self.step_info(record)}  elapsed {duration(elapsed)}  ETA {duration(self.eta(step))}"
+            )
 
     def phase(self, phase: str, done: int, total: int) -> None:
         now = self.clock()
@@ -250,8 +284,11 @@ def summary_table(result, wall_seconds: float | None = None) -> Table:
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    names = {"val_loss": "validation loss (student CE)", "val_divergence": "validation divergence (training loss)",
-             "val_kl": "KL(teacher || student) per token"}
+    names = {
+        "val_loss": "validation loss (student CE)",
+        "val_divergence": "validation divergence (training loss)",
+        "val_kl": "KL(teacher || student) per token",
+    }
     for key in result.before:
         if key.startswith("rouge"):
             continue
@@ -275,8 +312,18 @@ def _rouge_rows(table: Table, before: dict[str, float], after: dict[str, float])
         return
     shown_before = f"{before['rouge_l']:.4f}" if "rouge_l" in before else ""
     if "rouge_l_subset" in after:
-        table.add_row(f"ROUGE-L vs reference answers, first {before.get('rouge_prompts', '?')} prompts", shown_before, f"{after['rouge_l_subset']:.4f}")
-        table.add_row(f"ROUGE-L vs reference answers, all {after['rouge_prompts']} prompts", "", f"{after['rouge_l']:.4f}")
+        table.add_row(
+            f"ROUGE-L vs reference answers, first {before.get('rouge_prompts', '?')} prompts",
+            shown_before,
+            f"{after['rouge_l_subset']:.4f}",
+        )
+        table.add_row(
+            f"ROUGE-L vs reference answers, all {after['rouge_prompts']} prompts", "", f"{after['rouge_l']:.4f}"
+        )
     else:
         prompts = after.get("rouge_prompts", before.get("rouge_prompts"))
-        table.add_row(f"ROUGE-L vs reference answers ({prompts} prompts)", shown_before, f"{after['rouge_l']:.4f}" if "rouge_l" in after else "")
+        table.add_row(
+            f"ROUGE-L vs reference answers ({prompts} prompts)",
+            shown_before,
+            f"{after['rouge_l']:.4f}" if "rouge_l" in after else "",
+        )

@@ -151,7 +151,12 @@ DEFAULT_RUN = {
     # state (measured, 100 steps: prune:6 KL 16.1 -> 3.6, ROUGE-L 12.9; prune:12 12.9 -> 2.3, 17.9;
     # prune:15 with frozen embeddings 11.3 -> 2.0, 20.8 at about the same seconds per step)
     "student": {"ref": "prune:15", "freeze": ["embeddings"]},
-    "data": {"path": "builtin:train", "validation": "builtin:val", "max_prompt_tokens": 192, "max_response_tokens": 128},
+    "data": {
+        "path": "builtin:train",
+        "validation": "builtin:val",
+        "max_prompt_tokens": 192,
+        "max_response_tokens": 128,
+    },
     # ce_weight: the pruned student starts far from the teacher (11-16 nats of KL), where skew KL
     # saturates near -log(alpha) and gives little gradient; the cross-entropy on the teacher's answers
     # pulls it into range (measured with prune:6: KL after 20 steps 5.4 with it, 8.8 without)
@@ -161,7 +166,15 @@ DEFAULT_RUN = {
     # every step weighing the same, 18.6 with train.step_weight tokens; random batches of 8: 21.2
     # at 5.8 s a step (seed 0 each; bf16 on a 2-core AMD EPYC with native bf16, AVX512-BF16; under
     # the AVX2 emulation, float32, this default: 6.4 s a step, ROUGE-L 19.1)
-    "train": {"max_steps": 100, "batch_size": 2, "grad_accum": 4, "lr": 1e-3, "warmup_steps": 5, "schedule": "cosine", "ce_weight": 1.0},  # precision auto
+    "train": {
+        "max_steps": 100,
+        "batch_size": 2,
+        "grad_accum": 4,
+        "lr": 1e-3,
+        "warmup_steps": 5,
+        "schedule": "cosine",
+        "ce_weight": 1.0,
+    },  # precision auto
     "generation": {"max_new_tokens": 128},
     # the untrained student answers every prompt up to the cap: before training, 16 of the 64 prompts
     # say as much (ROUGE-L near 0) at a quarter of the cost; the final evaluation scores those 16 too

@@ -190,7 +190,16 @@ def reapply_schedule(scheduler) -> None:
 # --- writing
 
 
-def save_checkpoint(files: RunFiles, accelerator, student, tokenizer, step: int, shared: dict[str, Any], local: dict[str, Any], keep: int) -> tuple[Path, int]:
+def save_checkpoint(
+    files: RunFiles,
+    accelerator,
+    student,
+    tokenizer,
+    step: int,
+    shared: dict[str, Any],
+    local: dict[str, Any],
+    keep: int,
+) -> tuple[Path, int]:
     """Write ``checkpoints/step-{step}`` atomically; returns its path and size in bytes.
 
     ``shared``: state that is the same on every process (optimizer, scheduler, data position, run

@@ -29,7 +29,9 @@ class LoraSpec(_Section):
     rank: int = Field(8, gt=0, description="rank r of each adapter")
     alpha: float = Field(16.0, gt=0, description="scale: the update is (alpha / rank) * B @ A")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
-    target_modules: list[str] | str | None = Field(None, description="module names to adapt, or 'all-linear'; default: peft's choice for the architecture")
+    target_modules: list[str] | str | None = Field(
+        None, description="module names to adapt, or 'all-linear'; default: peft's choice for the architecture"
+    )
     save_merged: bool = Field(False, description="also save final/merged/: the adapters merged into the base weights")
 
 
@@ -38,17 +40,20 @@ class ModelSpec(_Section):
 
     ref: str | None = Field(None, description="local directory, hub id, built-in name, or (student) prune:K[:REF]")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of the loaded weights; auto: the teacher's follows train.precision, the student's is float32 (master weights)"
+        "auto",
+        description="dtype of the loaded weights; auto: the teacher's follows train.precision, the student's is float32 (master weights)",
     )
     adapter: str | None = Field(None, description="a PEFT (LoRA) adapter folder, merged into the weights at load")
     tokenizer: str | None = Field(
-        None, description="student only: its own tokenizer (default: the student folder's, when it has one, else the teacher's); "
-        "one that differs from the teacher's allows sequence-level KD only (--recipe seqkd)"
+        None,
+        description="student only: its own tokenizer (default: the student folder's, when it has one, else the teacher's); "
+        "one that differs from the teacher's allows sequence-level KD only (--recipe seqkd)",
     )
     lora: LoraSpec | None = Field(None, description="student only: train LoRA adapters instead of every weight")
     cache: str | None = Field(
-        None, description="teacher only: a folder written by distill cache-teacher; steps on the dataset's sequences read the teacher's "
-        "top-K log-probs from it (divergences on K+1 outcomes) instead of running the teacher, which is loaded only if the policy generates"
+        None,
+        description="teacher only: a folder written by distill cache-teacher; steps on the dataset's sequences read the teacher's "
+        "top-K log-probs from it (divergences on K+1 outcomes) instead of running the teacher, which is loaded only if the policy generates",
     )
     freeze: list[str] = Field(
         default_factory=list,
@@ -75,13 +80,28 @@ class TermSpec(_Section):
     """The loss term of one source's group of sequences (``objective.terms.<source>``); a plain string
     in a file or flag sets ``divergence``."""
 
-    divergence: str | None = Field(None, description="registered divergence name or alias; default: the run's divergence (its params and temperature too)")
+    divergence: str | None = Field(
+        None,
+        description="registered divergence name or alias; default: the run's divergence (its params and temperature too)",
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="the divergence's parameters")
-    temperature: float | None = Field(None, gt=0, description="divides teacher and student logits; default: the run's divergence.temperature")
+    temperature: float | None = Field(
+        None, gt=0, description="divides teacher and student logits; default: the run's divergence.temperature"
+    )
     weight: float = Field(1.0, ge=0, description="the term's weight (at the first step, with a schedule)")
-    weight_end: float | None = Field(None, ge=0, description="linear schedule: the weight moves from `weight` to this over `ramp` (then stays); none: constant")
-    ramp: float = Field(1.0, gt=0, le=1, description="share of train.max_steps over which the weight moves to weight_end")
-    ce_weight: float | None = Field(None, ge=0, description="weight of the student's cross-entropy on this group's responses; default: train.ce_weight")
+    weight_end: float | None = Field(
+        None,
+        ge=0,
+        description="linear schedule: the weight moves from `weight` to this over `ramp` (then stays); none: constant",
+    )
+    ramp: float = Field(
+        1.0, gt=0, le=1, description="share of train.max_steps over which the weight moves to weight_end"
+    )
+    ce_weight: float | None = Field(
+        None,
+        ge=0,
+        description="weight of the student's cross-entropy on this group's responses; default: train.ce_weight",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -105,7 +125,10 @@ class ObjectiveConfig(_Section):
         description="one loss term per source (dataset, teacher, student, replay, or a policy's own); a source without one "
         "uses the run's divergence with weight 1. Each term is normalised by its own group's global response-token count",
     )
-    curriculum: bool = Field(True, description="apply the terms' weight schedules (weight -> weight_end); false: every term keeps its `weight`")
+    curriculum: bool = Field(
+        True,
+        description="apply the terms' weight schedules (weight -> weight_end); false: every term keeps its `weight`",
+    )
 
 
 class PolicySpec(_Section):
@@ -114,20 +137,25 @@ class PolicySpec(_Section):
 
 
 class DataConfig(_Section):
-    path: str | None = Field(None, description="JSON Lines with prompt/response or messages, or anything datasets.load_dataset reads")
+    path: str | None = Field(
+        None, description="JSON Lines with prompt/response or messages, or anything datasets.load_dataset reads"
+    )
     validation: str | None = Field(None, description="separate validation file; default: a split of `path`")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="share of `path` held out when `validation` is unset")
     val_max: int = Field(256, ge=1, description="at most this many validation examples")
     split: str = Field("train", description="dataset split when loading through datasets")
-    prompt_template: str | None = Field(None, description="format string with {prompt}, used when the tokenizer has no chat template")
+    prompt_template: str | None = Field(
+        None, description="format string with {prompt}, used when the tokenizer has no chat template"
+    )
     max_prompt_tokens: int = Field(256, ge=1, description="longer prompts are dropped (counted and reported)")
     max_response_tokens: int = Field(256, ge=1, description="responses are cut to this many tokens (EOS included)")
     group_by_length: Literal["step", "groups", "off"] = Field(
-        "step", description="batch examples of similar lengths together (less padding). step: each optimizer step's examples "
+        "step",
+        description="batch examples of similar lengths together (less padding). step: each optimizer step's examples "
         "are the shuffled order's, sorted by length only to deal them to micro-batches and processes (the step's gradient is "
         "unchanged; cuts padding when train.grad_accum or the processes split a step); groups: steps drawn from groups of "
         "similar lengths (cuts padding with one micro-batch too, but each step holds only short or only long examples); "
-        "off: neither. true = groups, false = off"
+        "off: neither. true = groups, false = off",
     )
 
     @field_validator("group_by_length", mode="before")
@@ -136,12 +164,19 @@ class DataConfig(_Section):
         if isinstance(value, bool):
             return "groups" if value else "off"
         return {"true": "groups", "false": "off"}.get(value, value) if isinstance(value, str) else value
-    lm_path: str | None = Field(None, description="plain-text corpus (.txt or JSON Lines with `text`) for the auxiliary LM loss")
+
+    lm_path: str | None = Field(
+        None, description="plain-text corpus (.txt or JSON Lines with `text`) for the auxiliary LM loss"
+    )
 
 
 class TrainConfig(_Section):
     max_steps: int = Field(100, gt=0, description="optimizer steps")
-    max_seconds: float = Field(0.0, ge=0, description="time budget: stop after the step at which this invocation's training time (optimizer steps only, not evaluation or checkpoints) reaches it, then evaluate and save as at max_steps (0 = no limit)")
+    max_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="time budget: stop after the step at which this invocation's training time (optimizer steps only, not evaluation or checkpoints) reaches it, then evaluate and save as at max_steps (0 = no limit)",
+    )
     batch_size: int = Field(8, gt=0, description="sequences per micro-batch per process")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
@@ -150,37 +185,51 @@ class TrainConfig(_Section):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 = off")
     step_weight: Literal["tokens", "equal"] = Field(
-        "tokens", description="how much an optimizer step counts. Its gradient is the mean over its response tokens, clipped; "
+        "tokens",
+        description="how much an optimizer step counts. Its gradient is the mean over its response tokens, clipped; "
         "tokens: then scaled by the step's response tokens over the run's mean per step, so every token weighs the same "
-        "whichever batch it lands in (length-grouped batches alternate short and long); equal: every step weighs the same"
+        "whichever batch it lands in (length-grouped batches alternate short and long); equal: every step weighs the same",
     )
     normalize: Literal["token", "sequence"] = Field(
-        "token", description="each group's loss: token = the mean over its response tokens (all micro-batches, all processes); "
-        "sequence = each sequence's token mean, then the mean over its sequences (DistiLLM-2's averaging)"
+        "token",
+        description="each group's loss: token = the mean over its response tokens (all micro-batches, all processes); "
+        "sequence = each sequence's token mean, then the mean over its sequences (DistiLLM-2's averaging)",
     )
-    ce_weight: float = Field(0.0, ge=0, description="weight of the student's cross-entropy on the same response tokens (per group: objective.terms.<source>.ce_weight)")
+    ce_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the student's cross-entropy on the same response tokens (per group: objective.terms.<source>.ce_weight)",
+    )
     kd_weight: float = Field(
-        1.0, ge=0, description="weight of the divergence term; 0 trains on the cross-entropy alone (recipe sft: the teacher's answers as "
+        1.0,
+        ge=0,
+        description="weight of the divergence term; 0 trains on the cross-entropy alone (recipe sft: the teacher's answers as "
         "plain targets) and skips the teacher's forward in training steps (validation still reports the KL to the teacher). "
-        "With objective.terms: multiplies every term's weight"
+        "With objective.terms: multiplies every term's weight",
     )
     fused_head: bool | Literal["auto"] = Field(
-        "auto", description="compute the teacher's and the student's logits from their final hidden states a chunk of positions at a time, "
+        "auto",
+        description="compute the teacher's and the student's logits from their final hidden states a chunk of positions at a time, "
         "fused with the divergence and cross-entropy, so the [B, R, V] logits and their gradient never exist whole; auto: wherever the "
         "heads allow it (a plain linear head, soft-capping and a bias included; not a LoRA or quantised head, not FSDP / ZeRO-3), else "
-        "full logits with one line saying why; true: a head that does not allow it is an error; false: full logits"
+        "full logits with one line saying why; true: a head that does not allow it is an error; false: full logits",
     )
     lm_weight: float = Field(0.0, ge=0, description="weight of the LM loss on data.lm_path")
     seed: int = Field(0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="student compute precision (autocast); auto: bf16 where the device computes it natively, else fp32; the divergence math is float32 regardless"
+        "auto",
+        description="student compute precision (autocast); auto: bf16 where the device computes it natively, else fp32; the divergence math is float32 regardless",
     )
-    skip_nonfinite: bool = Field(False, description="skip (and count) steps whose loss or gradients are not finite instead of stopping")
+    skip_nonfinite: bool = Field(
+        False, description="skip (and count) steps whose loss or gradients are not finite instead of stopping"
+    )
 
     @model_validator(mode="after")
     def _something_to_train(self) -> "TrainConfig":
         if self.kd_weight == 0 and self.ce_weight == 0 and self.lm_weight == 0:
-            raise ValueError("kd_weight, ce_weight and lm_weight are all 0: nothing to train; set train.kd_weight or train.ce_weight above 0")
+            raise ValueError(
+                "kd_weight, ce_weight and lm_weight are all 0: nothing to train; set train.kd_weight or train.ce_weight above 0"
+            )
         return self
 
 
@@ -197,11 +246,15 @@ class GenerationConfig(_Section):
 
 class EvalConfig(_Section):
     every: int | Literal["epoch"] = Field(
-        50, description="evaluate every N steps (0 = only before and after training), or `epoch`: at the end of every pass over the training set "
-        "(as DistiLLM's official code does; the adaptive policy's φ can change only at an evaluation)"
+        50,
+        description="evaluate every N steps (0 = only before and after training), or `epoch`: at the end of every pass over the training set "
+        "(as DistiLLM's official code does; the adaptive policy's φ can change only at an evaluation)",
     )
     batch_size: int = Field(8, gt=0)
-    rouge_samples: int = Field(0, ge=0, description="validation prompts answered greedily for ROUGE-L (0 = no generation eval)")
+    rouge_samples: int = Field(
+        0, ge=0, description="validation prompts answered greedily for ROUGE-L (0 = no generation eval)"
+    )
+
     @field_validator("every", mode="before")
     @classmethod
     def _steps_or_epoch(cls, value: Any) -> Any:
@@ -216,11 +269,14 @@ class EvalConfig(_Section):
         return steps
 
     rouge_draws: int = Field(
-        0, ge=0, description="at the final evaluation, also answer each ROUGE-L prompt this many times by sampling (generation.temperature, "
-        "top_k, top_p) and report their mean as rouge_l_sampled (DistiLLM's evaluation: 5 draws at temperature 1)"
+        0,
+        ge=0,
+        description="at the final evaluation, also answer each ROUGE-L prompt this many times by sampling (generation.temperature, "
+        "top_k, top_p) and report their mean as rouge_l_sampled (DistiLLM's evaluation: 5 draws at temperature 1)",
     )
     rouge_before: int | None = Field(
-        None, ge=0,
+        None,
+        ge=0,
         description="prompts answered before training: the first N of the rouge_samples prompts (an untrained student answers up to the token cap, so this pass is slow); the final evaluation also reports ROUGE-L on them (rouge_l_subset); default: all",
     )
 
@@ -239,7 +295,11 @@ class LogConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    with_: list[str] = Field(default_factory=list, alias="with", description=f"trackers to log to through Accelerate: none, or a list of {', '.join(TRACKERS)}")
+    with_: list[str] = Field(
+        default_factory=list,
+        alias="with",
+        description=f"trackers to log to through Accelerate: none, or a list of {', '.join(TRACKERS)}",
+    )
     project: str = Field("distill", description="project (run group) name in the trackers")
 
     @field_validator("with_", mode="before")
@@ -364,10 +424,17 @@ def merge_layer(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any
     layer = _terms_as_mappings(layer)
     old_terms = out["objective"].get("terms") if isinstance(out.get("objective"), dict) else None
     new_terms = layer["objective"].get("terms") if isinstance(layer.get("objective"), Mapping) else None
-    if isinstance(old_terms, dict) and isinstance(new_terms, Mapping):  # a term that changes divergence drops its params
+    if isinstance(old_terms, dict) and isinstance(
+        new_terms, Mapping
+    ):  # a term that changes divergence drops its params
         for source, new in new_terms.items():
             old = old_terms.get(source)
-            if isinstance(old, dict) and isinstance(new, Mapping) and "divergence" in new and new["divergence"] != old.get("divergence"):
+            if (
+                isinstance(old, dict)
+                and isinstance(new, Mapping)
+                and "divergence" in new
+                and new["divergence"] != old.get("divergence")
+            ):
                 old.pop("params", None)
     _deep_merge(out, layer)
     return out

@@ -62,10 +62,12 @@ class Batch:
 
     @property
     def labels(self) -> torch.Tensor:
-        return self.input_ids[:, -self.response_mask.shape[1]:]
+        return self.input_ids[:, -self.response_mask.shape[1] :]
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.response_mask)))
+        return Batch(
+            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.response_mask))
+        )
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
@@ -76,9 +78,9 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     attention = torch.zeros_like(ids)
     response_mask = torch.zeros((len(examples), r), dtype=torch.bool)
     for row, e in enumerate(examples):
-        ids[row, p - len(e.prompt_ids): p] = torch.tensor(e.prompt_ids, dtype=torch.long)
-        ids[row, p: p + len(e.response_ids)] = torch.tensor(e.response_ids, dtype=torch.long)
-        attention[row, p - len(e.prompt_ids): p + len(e.response_ids)] = 1
+        ids[row, p - len(e.prompt_ids) : p] = torch.tensor(e.prompt_ids, dtype=torch.long)
+        ids[row, p : p + len(e.response_ids)] = torch.tensor(e.response_ids, dtype=torch.long)
+        attention[row, p - len(e.prompt_ids) : p + len(e.response_ids)] = 1
         response_mask[row, : len(e.response_ids)] = True
     position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
     return Batch(ids, attention, position_ids, response_mask)
@@ -90,8 +92,8 @@ def collate_prompts(examples: list[Example], pad_id: int) -> tuple[torch.Tensor,
     ids = torch.full((len(examples), p), pad_id, dtype=torch.long)
     attention = torch.zeros_like(ids)
     for row, e in enumerate(examples):
-        ids[row, p - len(e.prompt_ids):] = torch.tensor(e.prompt_ids, dtype=torch.long)
-        attention[row, p - len(e.prompt_ids):] = 1
+        ids[row, p - len(e.prompt_ids) :] = torch.tensor(e.prompt_ids, dtype=torch.long)
+        attention[row, p - len(e.prompt_ids) :] = 1
     return ids, attention
 
 
@@ -151,7 +153,8 @@ def split_record(record: dict[str, Any], where: str) -> tuple[list[dict[str, str
     if "messages" in record:
         messages = record["messages"]
         if (
-            not isinstance(messages, list) or len(messages) < 2
+            not isinstance(messages, list)
+            or len(messages) < 2
             or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
             or messages[-1]["role"] != "assistant"
         ):
@@ -187,7 +190,9 @@ class PromptFormatter:
         return list(self.tokenizer(text).input_ids)
 
 
-def encode_records(records: list[dict[str, Any]], tokenizer, data_cfg, source: str) -> tuple[list[Example], dict[str, int]]:
+def encode_records(
+    records: list[dict[str, Any]], tokenizer, data_cfg, source: str
+) -> tuple[list[Example], dict[str, int]]:
     """Tokenize records; prompts longer than ``max_prompt_tokens`` are dropped (counted)."""
     formatter = PromptFormatter(tokenizer, data_cfg.prompt_template)
     eos = tokenizer.eos_token_id
@@ -227,11 +232,15 @@ def load_examples(data_cfg, tokenizer, seed: int) -> tuple[list[Example], list[E
         random.Random(seed).shuffle(order)
         n_val = min(data_cfg.val_max, max(1, round(len(order) * data_cfg.val_fraction)))
         if len(order) - n_val < 1:
-            raise ConfigError(f"{data_cfg.path}: {len(order)} example(s) is too few to hold out a validation split; add data or set data.validation")
+            raise ConfigError(
+                f"{data_cfg.path}: {len(order)} example(s) is too few to hold out a validation split; add data or set data.validation"
+            )
         val_records = [train_records[i] for i in order[:n_val]]
         train_records = [train_records[i] for i in sorted(order[n_val:])]
     train, dropped = encode_records(train_records, tokenizer, data_cfg, data_cfg.path)
-    val, _ = encode_records(val_records[: data_cfg.val_max], tokenizer, data_cfg, data_cfg.validation or f"{data_cfg.path} (validation)")
+    val, _ = encode_records(
+        val_records[: data_cfg.val_max], tokenizer, data_cfg, data_cfg.validation or f"{data_cfg.path} (validation)"
+    )
     return train, val, dropped
 
 
@@ -252,7 +261,7 @@ def load_lm_corpus(path: str, tokenizer, block: int) -> list[list[int]]:
         stream.extend(tokenizer(text, add_special_tokens=False).input_ids)
         if tokenizer.eos_token_id is not None:
             stream.append(tokenizer.eos_token_id)
-    blocks = [stream[i: i + block] for i in range(0, len(stream) - block + 1, block)]
+    blocks = [stream[i : i + block] for i in range(0, len(stream) - block + 1, block)]
     if not blocks:
         raise ConfigError(f"data.lm_path {path}: fewer than {block} tokens of text")
     return blocks
@@ -281,8 +290,17 @@ class BatchSampler:
     GROUP_STEPS = 50
     RESPONSE_BUCKET = 16
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, lengths: list[tuple[int, int]] | None = None,
-                 grad_accum: int = 1, grouping: str = "groups") -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        lengths: list[tuple[int, int]] | None = None,
+        grad_accum: int = 1,
+        grouping: str = "groups",
+    ) -> None:
         """``grad_accum``: batches per optimizer step; length groups are formed per optimizer step,
         so the same global batch is drawn however it is split over processes and micro-batches."""
         if grouping not in ("step", "groups"):
@@ -290,7 +308,9 @@ class BatchSampler:
         self.grouping = grouping
         per_step = batch_size * world_size
         if n < per_step:
-            raise ConfigError(f"{n} training example(s) cannot fill one batch of {batch_size} x {world_size} process(es); lower train.batch_size")
+            raise ConfigError(
+                f"{n} training example(s) cannot fill one batch of {batch_size} x {world_size} process(es); lower train.batch_size"
+            )
         if lengths is not None and len(lengths) != n:
             raise ValueError(f"{len(lengths)} lengths for {n} examples")
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
@@ -306,12 +326,16 @@ class BatchSampler:
         per_step = self.batch_size * self.world_size * self.grad_accum  # one optimizer step
         if self.grouping == "step":  # the same steps; inside each, similar lengths share a micro-batch
             usable = self.n - self.n % per_step
-            return [i for start in range(0, usable, per_step) for i in sorted(order[start: start + per_step], key=self._length_key)] + order[usable:]
+            return [
+                i
+                for start in range(0, usable, per_step)
+                for i in sorted(order[start : start + per_step], key=self._length_key)
+            ] + order[usable:]
         group, usable = per_step * self.GROUP_STEPS, self.n - self.n % per_step
         steps: list[list[int]] = []
         for start in range(0, usable, group):
-            members = sorted(order[start: min(start + group, usable)], key=self._length_key, reverse=True)
-            steps.extend(members[i: i + per_step] for i in range(0, len(members), per_step))
+            members = sorted(order[start : min(start + group, usable)], key=self._length_key, reverse=True)
+            steps.extend(members[i : i + per_step] for i in range(0, len(members), per_step))
         shuffled = torch.randperm(len(steps), generator=g).tolist()
         return [i for s in shuffled for i in steps[s]]
 
@@ -324,9 +348,9 @@ class BatchSampler:
             order = self._order()
             per_step = self.batch_size * self.world_size
             while self.position + per_step <= len(order):
-                chunk = order[self.position: self.position + per_step]
+                chunk = order[self.position : self.position + per_step]
                 self.position += per_step
-                yield chunk[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+                yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:

@@ -42,7 +42,9 @@ def make_accelerator(cfg: RunConfig):
     for name in trackers:
         installed = getattr(accelerate.utils, f"is_{name}_available", lambda: True)
         if not installed():
-            raise ConfigError(f"log.with {name}: the {name} package is not installed; pip install {name}, or drop it from log.with")
+            raise ConfigError(
+                f"log.with {name}: the {name} package is not installed; pip install {name}, or drop it from log.with"
+            )
     options = {"log_with": trackers, "project_dir": str(Path(cfg.output_dir) / "trackers")} if trackers else {}
     AcceleratorState._reset_state()  # another run in this process (tests, a notebook) may use another precision
     try:
@@ -52,9 +54,13 @@ def make_accelerator(cfg: RunConfig):
     except ValueError as error:
         raise ConfigError(f"train.precision {precision}: {str(error).splitlines()[0]}") from None
     except RuntimeError as error:
-        raise ConfigError(f"Accelerate cannot start with this launch config here: {str(error).splitlines()[0]}") from None
+        raise ConfigError(
+            f"Accelerate cannot start with this launch config here: {str(error).splitlines()[0]}"
+        ) from None
     if precision == "fp16" and accelerator.device.type == "cpu":
-        raise ConfigError("train.precision fp16: needs a GPU (on CPU Accelerate ignores it and the run would be float32); use bf16 or fp32")
+        raise ConfigError(
+            "train.precision fp16: needs a GPU (on CPU Accelerate ignores it and the run would be float32); use bf16 or fp32"
+        )
     if accelerator.distributed_type.name == "DEEPSPEED":  # it wants the micro-batch size; we prepare no data loader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     return accelerator
@@ -98,7 +104,9 @@ def full_params(accelerator):
         return None
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    return lambda model: FSDP.summon_full_params(model, writeback=False, recurse=False) if isinstance(model, FSDP) else nullcontext()
+    return lambda model: (
+        FSDP.summon_full_params(model, writeback=False, recurse=False) if isinstance(model, FSDP) else nullcontext()
+    )
 
 
 @contextmanager
@@ -146,4 +154,13 @@ def rank_log(accelerator) -> Callable[[dict[str, Any]], None]:
     return write
 
 
-__all__ = ["accumulating", "budget_spent", "full_params", "make_accelerator", "prepare_teacher", "rank_log", "share", "synced_generation"]
+__all__ = [
+    "accumulating",
+    "budget_spent",
+    "full_params",
+    "make_accelerator",
+    "prepare_teacher",
+    "rank_log",
+    "share",
+    "synced_generation",
+]

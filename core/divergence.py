@@ -58,9 +58,13 @@ class ConfiguredDivergence:
         try:
             temperature = float(temperature)
         except (TypeError, ValueError):
-            raise ConfigError(f"divergence {plugin_cls.name}.temperature: must be a number (got {temperature!r})") from None
+            raise ConfigError(
+                f"divergence {plugin_cls.name}.temperature: must be a number (got {temperature!r})"
+            ) from None
         if not (math.isfinite(temperature) and temperature > 0):
-            raise ConfigError(f"divergence {plugin_cls.name}.temperature: must be a finite number > 0 (got {temperature!r})")
+            raise ConfigError(
+                f"divergence {plugin_cls.name}.temperature: must be a finite number > 0 (got {temperature!r})"
+            )
         params = validate_params(plugin_cls.Params, dict(values), f"divergence {plugin_cls.name}")
         return cls(plugin_cls(params), params, temperature)
 

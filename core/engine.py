@@ -52,8 +52,14 @@ class RunResult:
         return (self.sources.get("student", 0) + self.sources.get("replay", 0)) / total if total else 0.0
 
 
-def train(config: RunConfig | RunPlan, *, registry: Registry | None = None, report: Reporter | None = None, overwrite: bool = False,
-          resume: bool = False) -> RunResult:
+def train(
+    config: RunConfig | RunPlan,
+    *,
+    registry: Registry | None = None,
+    report: Reporter | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> RunResult:
     """Run the distillation described by ``config``; ``report(kind, record)`` sees every event.
 
     ``config``: a ``RunConfig`` (its plugins are checked against ``registry`` first), or a
@@ -63,7 +69,9 @@ def train(config: RunConfig | RunPlan, *, registry: Registry | None = None, repo
     """
     registry = registry or default_registry()
     plan = config if isinstance(config, RunPlan) else plan_run(config, registry)
-    s = open_session(plan, registry=registry, report=report or (lambda kind, record: None), overwrite=overwrite, resume=resume)
+    s = open_session(
+        plan, registry=registry, report=report or (lambda kind, record: None), overwrite=overwrite, resume=resume
+    )
     cfg, accelerator, report = s.cfg, s.accelerator, s.report
     if s.saved is None:  # evaluate before training: the "before" numbers and the adaptive policy's reference loss
         before = _evaluate(s, 0, rouge="before")
@@ -80,8 +88,13 @@ def train(config: RunConfig | RunPlan, *, registry: Registry | None = None, repo
             examples = [s.train_set[i] for _ in range(cfg.train.grad_accum) for i in next(batches)]
             groups = as_groups(s.policy.sample(step, cfg.train.max_steps, examples, s.context), cfg.policy.name)
             size = cfg.train.batch_size
-            examples_of = {source: [group[i: i + size] for i in range(0, len(group), size)] for source, group in groups.items()}
-            micro = {source: [collate(part, s.data_tokenizer.pad_token_id).to(accelerator.device) for part in parts] for source, parts in examples_of.items()}
+            examples_of = {
+                source: [group[i : i + size] for i in range(0, len(group), size)] for source, group in groups.items()
+            }
+            micro = {
+                source: [collate(part, s.data_tokenizer.pad_token_id).to(accelerator.device) for part in parts]
+                for source, parts in examples_of.items()
+            }
             # --- forward and backward; each group's term is normalised once, by its global token (or sequence) count
             counts = group_counts(micro, accelerator)
             step_loss, terms = _backward_groups(s, step, micro, counts, examples_of)
@@ -91,12 +104,20 @@ def train(config: RunConfig | RunPlan, *, registry: Registry | None = None, repo
             for source in groups:
                 run.sources[source] = run.sources.get(source, 0) + 1
             # --- log one line per optimizer step
-            record = _step_record(s, step, groups, micro, counts, step_loss if finite else None, terms, norm, weight, tick)
+            record = _step_record(
+                s, step, groups, micro, counts, step_loss if finite else None, terms, norm, weight, tick
+            )
             trained_seconds += record["seconds"]
             last = step == cfg.train.max_steps or budget_spent(cfg.train.max_seconds, trained_seconds, accelerator)
             s.files.append("metrics.jsonl", record)
             accelerator.log(_numbers("train", record), step=step)
-            s.rank_log({"step": step, "source": record["source"], "tokens": sum(b.n_tokens for parts in micro.values() for b in parts)})
+            s.rank_log(
+                {
+                    "step": step,
+                    "source": record["source"],
+                    "tokens": sum(b.n_tokens for parts in micro.values() for b in parts),
+                }
+            )
             report("step", record)
             # --- evaluate once in a while, and at the end (with ROUGE-L: before and after)
             if last or s.evaluates_at(step):
@@ -107,13 +128,26 @@ def train(config: RunConfig | RunPlan, *, registry: Registry | None = None, repo
                 path = s.save(step, run)
             if signum:
                 name = signal.Signals(signum).name
-                raise RunStopped(f"{name} after step {step}; checkpoint saved to {path}; continue with: distill run --resume --output-dir {s.out}", 128 + signum)
+                raise RunStopped(
+                    f"{name} after step {step}; checkpoint saved to {path}; continue with: distill run --resume --output-dir {s.out}",
+                    128 + signum,
+                )
             if last:  # max_steps, or the train.max_seconds budget is spent
                 break
     s.write_final()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    result = RunResult(s.out, run.step, time.perf_counter() - started, run.before, run.after, run.sources, run.last_loss, run.skipped, accelerator.is_main_process)
+    result = RunResult(
+        s.out,
+        run.step,
+        time.perf_counter() - started,
+        run.before,
+        run.after,
+        run.sources,
+        run.last_loss,
+        run.skipped,
+        accelerator.is_main_process,
+    )
     report("end", {"output_dir": str(s.out), "seconds": result.seconds, "skipped": run.skipped})
     return result
 
@@ -128,8 +162,13 @@ def _evaluate(s: Session, step: int, **options) -> dict[str, float]:
     return numbers
 
 
-def _backward_groups(session: Session, step: int, micro: dict[str, list], counts: dict[str, tuple[float, float]],
-                     examples_of: dict[str, list]) -> tuple[float, dict[str, float]]:
+def _backward_groups(
+    session: Session,
+    step: int,
+    micro: dict[str, list],
+    counts: dict[str, tuple[float, float]],
+    examples_of: dict[str, list],
+) -> tuple[float, dict[str, float]]:
     """Forward and backward of every micro-batch of every group of one optimizer step.
 
     ``examples_of[source]`` lists each micro-batch's examples (a teacher cache looks them up). Returns
@@ -146,7 +185,9 @@ def _backward_groups(session: Session, step: int, micro: dict[str, list], counts
         denominator = group_denominator(counts[s], cfg.train.normalize, accelerator.num_processes)
         # each backward() adds to the gradients, so only the last micro-batch synchronises them
         with accumulating(accelerator, session.student, last=i == len(batches) - 1):
-            loss, parts = session.micro_loss(batch, term, denominator, term.weight(step, cfg.train.max_steps, objective.curriculum), s, examples)
+            loss, parts = session.micro_loss(
+                batch, term, denominator, term.weight(step, cfg.train.max_steps, objective.curriculum), s, examples
+            )
             if lm_loss is not None:
                 loss = loss + cfg.train.lm_weight * lm_loss(len(batches))
             accelerator.backward(loss)
@@ -163,10 +204,18 @@ def _optimizer_step(s: Session, run: RunState, step: int, step_loss: float, coun
     """Clip, weigh (``train.step_weight``) and take the step, unless the loss or the gradient norm is
     not finite: then skip it (``train.skip_nonfinite``) or stop. Returns (finite, norm, weight)."""
     cfg = s.cfg
-    norm = s.accelerator.clip_grad_norm_(s.student.parameters(), cfg.train.max_grad_norm) if cfg.train.max_grad_norm > 0 else None
+    norm = (
+        s.accelerator.clip_grad_norm_(s.student.parameters(), cfg.train.max_grad_norm)
+        if cfg.train.max_grad_norm > 0
+        else None
+    )
     finite = math.isfinite(step_loss) and (norm is None or math.isfinite(float(norm)))
     # with train.normalize: sequence every sequence weighs the same, so steps are weighed by their sequences
-    units = int(round(sum(t for t, _ in counts.values()))) if cfg.train.normalize == "token" else sum(n for _, n in counts.values())
+    units = (
+        int(round(sum(t for t, _ in counts.values())))
+        if cfg.train.normalize == "token"
+        else sum(n for _, n in counts.values())
+    )
     weight = run.token_weight(units) if cfg.train.step_weight == "tokens" else 1.0
     if finite:
         if weight != 1.0:
@@ -181,26 +230,48 @@ def _optimizer_step(s: Session, run: RunState, step: int, step_loss: float, coun
     return finite, norm, weight
 
 
-def _step_record(s: Session, step: int, groups: dict[str, list], micro: dict[str, list], counts, loss: float | None, terms: dict[str, float],
-                 norm, weight: float, tick: float) -> dict[str, Any]:
+def _step_record(
+    s: Session,
+    step: int,
+    groups: dict[str, list],
+    micro: dict[str, list],
+    counts,
+    loss: float | None,
+    terms: dict[str, float],
+    norm,
+    weight: float,
+    tick: float,
+) -> dict[str, Any]:
     """One line of ``metrics.jsonl``: loss (None when skipped), source, tokens, padding, seconds, lr,
     and what applies: per-group terms and their weights, the gradient norm, the step weight, the
     share of generated responses cut at the token cap, the policy's own numbers."""
     cfg, accelerator = s.cfg, s.accelerator
     every_batch = [b for batches in micro.values() for b in batches]
-    record = {"step": step, "loss": loss, "source": "+".join(groups), "tokens": int(round(sum(tokens for tokens, _ in counts.values()))),
-              "padding": _padding(every_batch, accelerator), "seconds": time.perf_counter() - tick, "lr": s.scheduler.get_last_lr()[0]}
+    record = {
+        "step": step,
+        "loss": loss,
+        "source": "+".join(groups),
+        "tokens": int(round(sum(tokens for tokens, _ in counts.values()))),
+        "padding": _padding(every_batch, accelerator),
+        "seconds": time.perf_counter() - tick,
+        "lr": s.scheduler.get_last_lr()[0],
+    }
     if len(groups) > 1 or cfg.objective.terms:
         record["terms"] = terms
         if s.objective.scheduled:
-            record["term_weights"] = {g: round(s.objective.term(g).weight(step, cfg.train.max_steps, s.objective.curriculum), 6) for g in groups}
+            record["term_weights"] = {
+                g: round(s.objective.term(g).weight(step, cfg.train.max_steps, s.objective.curriculum), 6)
+                for g in groups
+            }
     if norm is not None:
         record["grad_norm"] = round(float(norm), 4)  # before clipping
     if cfg.train.step_weight == "tokens":
         record["step_weight"] = round(weight, 4)
     generated = [(g, e) for g, group in groups.items() if g in s.ends for e in group]
     if generated:  # generated responses: the share that reached generation.max_new_tokens
-        record["truncated"] = share(sum(e.response_ids[-1] not in s.ends[g] for g, e in generated), len(generated), accelerator)
+        record["truncated"] = share(
+            sum(e.response_ids[-1] not in s.ends[g] for g, e in generated), len(generated), accelerator
+        )
     record.update(s.policy.metrics())
     if loss is None:
         record["skipped"] = True
@@ -209,7 +280,11 @@ def _step_record(s: Session, step: int, groups: dict[str, list], micro: dict[str
 
 def _numbers(prefix: str, record: dict[str, Any]) -> dict[str, float]:
     """The numeric fields of a metrics or eval record, as tracker scalars ``prefix/name``."""
-    return {f"{prefix}/{k}": v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        f"{prefix}/{k}": v
+        for k, v in record.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 @torch.no_grad()

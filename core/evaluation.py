@@ -30,8 +30,22 @@ class Evaluator:
     process whose shard is shorter runs stand-in batches (the first validation example) that count
     for nothing. The metrics are those of the real examples, each counted once."""
 
-    def __init__(self, examples: list[Example], tokenizer, divergence, generate, batch_size: int, rouge_samples: int, accelerator=None, kl=None,
-                 rouge_before: int | None = None, progress: Progress | None = None, fused=None, rouge_draws: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        examples: list[Example],
+        tokenizer,
+        divergence,
+        generate,
+        batch_size: int,
+        rouge_samples: int,
+        accelerator=None,
+        kl=None,
+        rouge_before: int | None = None,
+        progress: Progress | None = None,
+        fused=None,
+        rouge_draws: int = 0,
+        seed: int = 0,
+    ) -> None:
         """``kl``: forward KL (``get_divergence("kl")``), reported as ``val_kl`` beside the run's divergence.
         ``rouge_before``: answer only the first this many of the ``rouge_samples`` prompts in a
         ``rouge="before"`` pass; a full pass then also reports ROUGE-L on those prompts
@@ -78,7 +92,9 @@ class Evaluator:
         return tensor.tolist()
 
     @torch.no_grad()
-    def __call__(self, student, teacher, *, with_teacher: bool = True, with_rouge: bool = True, rouge: str = "all") -> dict[str, float]:
+    def __call__(
+        self, student, teacher, *, with_teacher: bool = True, with_rouge: bool = True, rouge: str = "all"
+    ) -> dict[str, float]:
         """``val_loss`` (student CE), ``val_divergence`` (the run's divergence), ``val_kl`` (forward KL
         to the teacher) per response token, and ``rouge_l`` when ``with_rouge`` and samples are set:
         over all ``rouge_samples`` prompts (``rouge="all"``, with ``rouge_l_subset`` over the first
@@ -90,16 +106,22 @@ class Evaluator:
         if self.progress:
             self.progress("validation examples", 0, len(self.examples))
         for i in range(self.n_batches):
-            chunk = self.examples[i * self.batch_size: (i + 1) * self.batch_size]
+            chunk = self.examples[i * self.batch_size : (i + 1) * self.batch_size]
             batch = collate(chunk or self.stand_in, self.tokenizer.pad_token_id)
             batch = batch.to(next(self.unwrap(student).parameters()).device)
             sums = self._batch_sums(student, teacher if with_teacher else None, chunk or self.stand_in, batch)
             if not chunk:
                 continue  # a stand-in batch: its forwards match the other processes' (collectives under sharding)
-            ce_sum, div_sum, kl_sum = ce_sum + sums["ce"], div_sum + sums.get("divergence", 0.0), kl_sum + sums.get("kl", 0.0)
+            ce_sum, div_sum, kl_sum = (
+                ce_sum + sums["ce"],
+                div_sum + sums.get("divergence", 0.0),
+                kl_sum + sums.get("kl", 0.0),
+            )
             tokens += batch.n_tokens
             if self.progress:
-                self.progress("validation examples", min((i + 1) * self.batch_size, len(self.examples)), len(self.examples))
+                self.progress(
+                    "validation examples", min((i + 1) * self.batch_size, len(self.examples)), len(self.examples)
+                )
         ce_sum, div_sum, kl_sum, tokens = self._reduce([ce_sum, div_sum, kl_sum, tokens])
         result = {"val_loss": ce_sum / max(tokens, 1.0)}
         if with_teacher:
@@ -132,9 +154,20 @@ class Evaluator:
         from distill.fused import fused_sums
 
         hidden, teacher_hidden = self.fused.inputs(student, teacher, batch)
-        divergences = {"divergence": self.divergence, **({"kl": self.kl} if self.kl is not None else {})} if teacher is not None else {}
-        return fused_sums(self.fused.student, hidden, self.fused.teacher if teacher is not None else None, teacher_hidden,
-                          batch.response_mask, batch.labels, divergences)
+        divergences = (
+            {"divergence": self.divergence, **({"kl": self.kl} if self.kl is not None else {})}
+            if teacher is not None
+            else {}
+        )
+        return fused_sums(
+            self.fused.student,
+            hidden,
+            self.fused.teacher if teacher is not None else None,
+            teacher_hidden,
+            batch.response_mask,
+            batch.labels,
+            divergences,
+        )
 
     def _teacher_side(self, teacher, examples: list[Example], batch) -> torch.Tensor:
         """The teacher's logits ``[B, R, V]``, or from a ``TeacherCache`` its packed top-K ``[B, R, 2K + 1]``."""
@@ -142,13 +175,19 @@ class Evaluator:
             return response_logits(teacher, batch, self.unwrap)
         packed = teacher.targets(examples, batch.response_mask.shape[1], batch.input_ids.device)
         if packed is None:
-            raise RuntimeError("a validation sequence is missing from the teacher cache (TeacherCache.check_run lets no such run start)")
+            raise RuntimeError(
+                "a validation sequence is missing from the teacher cache (TeacherCache.check_run lets no such run start)"
+            )
         return packed
 
     def _rouge(self, rouge: str, student=None) -> dict[str, float]:
         """ROUGE-L of greedy answers: ``rouge_l`` over the pass's prompts, ``rouge_prompts`` their
         number, ``rouge_l_subset`` over the first ``rouge_before`` in a full pass over more."""
-        chosen = [(i, e) for i, e in zip(self.rouge_indices, self.rouge_examples) if rouge != "before" or i < self.rouge_subset]
+        chosen = [
+            (i, e)
+            for i, e in zip(self.rouge_indices, self.rouge_examples)
+            if rouge != "before" or i < self.rouge_subset
+        ]
         scores = self._answer_and_score(student, chosen, rouge, "ROUGE-L answers", greedy=True)
         subset = [score for (i, _), score in zip(chosen, scores) if i < self.rouge_subset]
         sampled = []
@@ -157,9 +196,12 @@ class Evaluator:
                 cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
                 with torch.random.fork_rng(devices=cuda):  # the training's generators are left as they were
                     torch.manual_seed(self.seed * 1_000_003 + draw * 1_009 + self.rank)  # CPU and CUDA
-                    sampled += self._answer_and_score(student, chosen, rouge, f"ROUGE-L sampled answers {draw + 1}/{self.rouge_draws}", greedy=False)
+                    sampled += self._answer_and_score(
+                        student, chosen, rouge, f"ROUGE-L sampled answers {draw + 1}/{self.rouge_draws}", greedy=False
+                    )
         rouge_sum, rouge_n, subset_sum, subset_n, sampled_sum, sampled_n = self._reduce(
-            [sum(scores), float(len(scores)), sum(subset), float(len(subset)), sum(sampled), float(len(sampled))])
+            [sum(scores), float(len(scores)), sum(subset), float(len(subset)), sum(sampled), float(len(sampled))]
+        )
         result = {"rouge_l": rouge_sum / max(rouge_n, 1.0), "rouge_prompts": int(rouge_n)}
         if 0 < subset_n < rouge_n:  # rouge_before: 0 answers none before training: nothing to compare
             result["rouge_l_subset"] = subset_sum / max(subset_n, 1.0)
@@ -178,6 +220,8 @@ class Evaluator:
         # as many generation calls as the process with the most prompts makes (one per batch): under
         # sharding each is a collective; one token is enough, synced generation steps on with the others
         calls = -(-len(chosen) // self.batch_size)
-        for _ in range(self._largest_shard_batches(self.rouge_subset if rouge == "before" else self.rouge_total) - calls):
+        for _ in range(
+            self._largest_shard_batches(self.rouge_subset if rouge == "before" else self.rouge_total) - calls
+        ):
             self.generate(student, self.stand_in, greedy=greedy, max_new_tokens=1, batch_size=self.batch_size)
         return scores

@@ -138,7 +138,7 @@ def head_input(model, batch, head: Head, unwrap=lambda m: m) -> torch.Tensor:
     r = batch.response_mask.shape[1]
     hidden = seen["hidden"]
     head.dtype = seen["dtype"] or head.weight.dtype
-    return hidden[:, -(r + 1):-1]
+    return hidden[:, -(r + 1) : -1]
 
 
 # --- the loss: one autograd function for the divergence and the cross-entropy of one micro-batch
@@ -203,7 +203,11 @@ class _FusedHeadLoss(torch.autograd.Function):
                         totals["divergence"] += float(value.detach())
                         chunk_terms.append(value)
                     if terms.ce_weight > 0:
-                        ce = F.cross_entropy(logits.float(), terms.labels[block][rows], reduction="none" if row_weights is not None else "sum")
+                        ce = F.cross_entropy(
+                            logits.float(),
+                            terms.labels[block][rows],
+                            reduction="none" if row_weights is not None else "sum",
+                        )
                         if row_weights is not None:
                             ce = (ce * row_weights).sum()
                         totals["ce"] += float(ce.detach())
@@ -227,7 +231,11 @@ class _FusedHeadLoss(torch.autograd.Function):
                     grad_weight[:n].add_(raw.t() @ h.to(w.dtype))
             if want_bias:
                 grad_bias[:n].add_(raw.float().sum(0))
-        ctx.grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(bias.dtype))
+        ctx.grads = (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+        )
         for key, value in totals.items():
             terms.parts[key] = value * terms.scale
         loss = totals["divergence"] + terms.ce_weight * totals["ce"]
@@ -240,10 +248,21 @@ class _FusedHeadLoss(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None
 
 
-def fused_loss(student: Head, hidden: torch.Tensor, teacher: Head | None = None, teacher_hidden: torch.Tensor | None = None, divergence=None,
-               mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *, ce_weight: float = 0.0,
-               n_tokens: float | None = None, chunk_size: int | None = None, block_size: int | None = None,
-               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def fused_loss(
+    student: Head,
+    hidden: torch.Tensor,
+    teacher: Head | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    divergence=None,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    ce_weight: float = 0.0,
+    n_tokens: float | None = None,
+    chunk_size: int | None = None,
+    block_size: int | None = None,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """``(divergence + ce_weight x cross-entropy)`` summed over the positions where ``mask`` is true,
     divided by ``n_tokens``, computed from the heads' inputs: the fused ``divergence_loss`` +
     ``token_cross_entropy``.
@@ -269,8 +288,10 @@ def fused_loss(student: Head, hidden: torch.Tensor, teacher: Head | None = None,
     if divergence is not None and (teacher is None or teacher_hidden is None):
         raise ValueError("a divergence needs the teacher's head and hidden states")
     if divergence is not None and teacher.n != student.n:
-        raise ConfigError(f"student and teacher vocabularies differ: the student's head gives {student.n} logits, the teacher's "
-                          f"{teacher.n}; use models that share a tokenizer")
+        raise ConfigError(
+            f"student and teacher vocabularies differ: the student's head gives {student.n} logits, the teacher's "
+            f"{teacher.n}; use models that share a tokenizer"
+        )
     positions = hidden.shape[:-1]
     if mask is None:
         mask = torch.ones(positions, dtype=torch.bool, device=hidden.device)
@@ -284,10 +305,17 @@ def fused_loss(student: Head, hidden: torch.Tensor, teacher: Head | None = None,
     if ce_weight > 0 and labels is None:
         raise ValueError("ce_weight > 0 needs labels")
     parts: dict[str, float] = {}
-    terms = _Terms(student, teacher if divergence is not None else None, None if divergence is None else ConfiguredDivergence.wrap(divergence),
-                   None if labels is None else labels[index], float(ce_weight), 0.0 if count == 0 else 1.0 / denominator,
-                   *fused_sizes(student.n, chunk_size, block_size), parts,
-                   None if weights is None else weights.to(hidden.device)[index].float())
+    terms = _Terms(
+        student,
+        teacher if divergence is not None else None,
+        None if divergence is None else ConfiguredDivergence.wrap(divergence),
+        None if labels is None else labels[index],
+        float(ce_weight),
+        0.0 if count == 0 else 1.0 / denominator,
+        *fused_sizes(student.n, chunk_size, block_size),
+        parts,
+        None if weights is None else weights.to(hidden.device)[index].float(),
+    )
     rows = hidden[index]
     teacher_rows = teacher_hidden[index].detach() if divergence is not None else None
     weight, bias = student.weight, student.bias
@@ -298,8 +326,18 @@ def fused_loss(student: Head, hidden: torch.Tensor, teacher: Head | None = None,
 
 
 @torch.no_grad()
-def fused_sums(student: Head, hidden: torch.Tensor, teacher: Head | None, teacher_hidden: torch.Tensor | None, mask: torch.Tensor,
-               labels: torch.Tensor, divergences: dict, *, chunk_size: int | None = None, block_size: int | None = None) -> dict[str, float]:
+def fused_sums(
+    student: Head,
+    hidden: torch.Tensor,
+    teacher: Head | None,
+    teacher_hidden: torch.Tensor | None,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    divergences: dict,
+    *,
+    chunk_size: int | None = None,
+    block_size: int | None = None,
+) -> dict[str, float]:
     """Sums over the counted positions, without gradients (evaluation): ``"ce"`` (the student's
     cross-entropy) and, with a teacher, each named divergence of ``divergences``."""
     index = mask.to(device=hidden.device, dtype=torch.bool).nonzero(as_tuple=True)
@@ -342,18 +380,45 @@ class FusedHeads:
             teacher_hidden = head_input(teacher, batch, self.teacher, self.unwrap)
         return hidden, teacher_hidden
 
-    def micro_batch_loss(self, student, teacher, batch, divergence, denominator: float, ce_weight: float = 0.0, *, kd_weight: float = 1.0,
-                         weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_batch_loss(
+        self,
+        student,
+        teacher,
+        batch,
+        divergence,
+        denominator: float,
+        ce_weight: float = 0.0,
+        *,
+        kd_weight: float = 1.0,
+        weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """``distill.objective.micro_batch_loss`` through the fused heads."""
         if teacher is None or kd_weight == 0:  # cross-entropy alone: the teacher is not run
             hidden, _ = self.inputs(student, None, batch)
-            loss, parts = fused_loss(self.student, hidden, mask=batch.response_mask, labels=batch.labels, ce_weight=1.0, n_tokens=denominator,
-                                     weights=weights)
+            loss, parts = fused_loss(
+                self.student,
+                hidden,
+                mask=batch.response_mask,
+                labels=batch.labels,
+                ce_weight=1.0,
+                n_tokens=denominator,
+                weights=weights,
+            )
             return (loss if teacher is None else ce_weight * loss), {"ce": parts["ce"]}
         hidden, teacher_hidden = self.inputs(student, teacher, batch)
         # kd_weight x (divergence + ce_weight / kd_weight x cross-entropy): one pass over the heads
-        loss, parts = fused_loss(self.student, hidden, self.teacher, teacher_hidden, divergence, batch.response_mask, batch.labels,
-                                 ce_weight=ce_weight / kd_weight, n_tokens=denominator, weights=weights)
+        loss, parts = fused_loss(
+            self.student,
+            hidden,
+            self.teacher,
+            teacher_hidden,
+            divergence,
+            batch.response_mask,
+            batch.labels,
+            ce_weight=ce_weight / kd_weight,
+            n_tokens=denominator,
+            weights=weights,
+        )
         if kd_weight != 1.0:
             loss = kd_weight * loss
         return loss, {"divergence": parts["divergence"], **({"ce": parts["ce"]} if ce_weight > 0 else {})}
@@ -362,7 +427,9 @@ class FusedHeads:
 SHARDED_BACKENDS = ("FSDP",)
 
 
-def plan_fused_head(setting, student, teacher, batch, unwrap=lambda m: m, accelerator=None) -> tuple[FusedHeads | None, str]:
+def plan_fused_head(
+    setting, student, teacher, batch, unwrap=lambda m: m, accelerator=None
+) -> tuple[FusedHeads | None, str]:
     """Whether this run computes its loss through the fused heads, and the start line saying so.
 
     ``setting``: ``train.fused_head`` (``"auto"``, True, False). ``batch``: one real example, on
@@ -375,7 +442,9 @@ def plan_fused_head(setting, student, teacher, batch, unwrap=lambda m: m, accele
     why = _unsupported(student, teacher, batch, unwrap, accelerator)
     if isinstance(why, str):
         if setting is True:
-            raise ConfigError(f"train.fused_head true: {why}; set train.fused_head=auto (falls back to full logits) or false")
+            raise ConfigError(
+                f"train.fused_head true: {why}; set train.fused_head=auto (falls back to full logits) or false"
+            )
         return None, f"fused head: off ({why}): full logits"
     block, chunk = fused_sizes(why.student.n)
     return why, f"fused head: on (logits {block} positions at a time, the loss {chunk} at a time; never whole)"

@@ -34,8 +34,18 @@ class ResponseGenerator:
     Ids at or past ``len(tokenizer)`` (rows a model's head has beyond the tokenizer) are never generated.
     """
 
-    def __init__(self, tokenizer, generation_cfg, batch_size: int, unwrap=lambda m: m, synced: bool = False, full_params=None,
-                 inference_dtype: torch.dtype | None = None, *, always_generate: bool = False) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        generation_cfg,
+        batch_size: int,
+        unwrap=lambda m: m,
+        synced: bool = False,
+        full_params=None,
+        inference_dtype: torch.dtype | None = None,
+        *,
+        always_generate: bool = False,
+    ) -> None:
         """``inference_dtype`` (bf16/fp16 runs with whole weights on every process): generate with a
         copy of a model whose weights are in another dtype, converted to this one and refreshed from
         the model at every call (see ``InferenceCopies``). ``always_generate``: transformers'
@@ -52,8 +62,17 @@ class ResponseGenerator:
         self.synced = synced
         self.full_params = full_params or (lambda model: nullcontext())
 
-    def __call__(self, model, examples: list[Example], *, greedy: bool = False, max_new_tokens: int | None = None, batch_size: int | None = None,
-                 progress: Callable[[int, int], None] | None = None, even: bool = False) -> list[Example]:
+    def __call__(
+        self,
+        model,
+        examples: list[Example],
+        *,
+        greedy: bool = False,
+        max_new_tokens: int | None = None,
+        batch_size: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        even: bool = False,
+    ) -> list[Example]:
         """``progress(done, total)``: called with 0 first, then after each batch with the number of examples answered.
         ``even`` (synced only): the processes may hold different numbers of examples (even none); they
         first agree on the largest number of batches (a collective), and those with fewer run stand-in
@@ -71,12 +90,25 @@ class ResponseGenerator:
         """The ids that end the responses ``model`` (wrapped or not) generates."""
         return stop_ids(self.unwrap(model), self.tokenizer)
 
-    def _generate(self, model, examples: list[Example], greedy: bool, max_new_tokens: int | None, batch_size: int | None,
-                  stops: list[int], progress: Callable[[int, int], None] | None = None, even: bool = False) -> list[Example]:
+    def _generate(
+        self,
+        model,
+        examples: list[Example],
+        greedy: bool,
+        max_new_tokens: int | None,
+        batch_size: int | None,
+        stops: list[int],
+        progress: Callable[[int, int], None] | None = None,
+        even: bool = False,
+    ) -> list[Example]:
         was_training = model.training
         model.eval()
         sample = not greedy and self.cfg.temperature > 0
-        pick = TokenPicker(self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.n_tokens) if sample else TokenPicker.greedy(self.n_tokens)
+        pick = (
+            TokenPicker(self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.n_tokens)
+            if sample
+            else TokenPicker.greedy(self.n_tokens)
+        )
         max_new_tokens = max_new_tokens or self.cfg.max_new_tokens
         lean = not (self.synced or self.always_generate) and decodable(model)
         device = next(model.parameters()).device
@@ -88,7 +120,7 @@ class ResponseGenerator:
             local = -(-len(examples) // step)
             calls = _largest_batches(local, device) if self.synced and even else local
             for call in range(calls):
-                chunk = examples[call * step: (call + 1) * step]
+                chunk = examples[call * step : (call + 1) * step]
                 if not chunk:  # a stand-in call (see ``even``): its answer is dropped
                     stand_in = examples[:1] or [Example([self.eos_id if self.eos_id is not None else 0], [])]
                     ids, attention = collate_prompts(stand_in, self.pad_id)
@@ -110,10 +142,17 @@ class ResponseGenerator:
             model.train(was_training)
         return out
 
-    def _transformers_generate(self, model, ids: torch.Tensor, attention: torch.Tensor, sample: bool, max_new_tokens: int,
-                               stops: list[int]) -> torch.Tensor:
+    def _transformers_generate(
+        self, model, ids: torch.Tensor, attention: torch.Tensor, sample: bool, max_new_tokens: int, stops: list[int]
+    ) -> torch.Tensor:
         """transformers' ``generate`` with the same settings as ``decode``: ``[B, P]`` -> ``[B, <= max_new_tokens]``."""
-        options = dict(do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=stops or None, use_cache=True)
+        options = dict(
+            do_sample=sample,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=stops or None,
+            use_cache=True,
+        )
         if sample:
             options.update(temperature=self.cfg.temperature, top_k=self.cfg.top_k, top_p=self.cfg.top_p)
         else:
@@ -123,7 +162,7 @@ class ResponseGenerator:
             options["suppress_tokens"] = list(range(self.n_tokens, head_rows))
         if self.synced:
             options["synced_gpus"] = True
-        return model.generate(input_ids=ids, attention_mask=attention, **options)[:, ids.shape[1]:]
+        return model.generate(input_ids=ids, attention_mask=attention, **options)[:, ids.shape[1] :]
 
     def _cut(self, tokens: list[int], stops: list[int] | None = None) -> list[int]:
         """Up to and including the first stop id (default: the tokenizer's EOS); without one, all
@@ -150,8 +189,16 @@ class TokenPicker:
     1-4 ms for this draw (2-core AMD EPYC, 1 and 2 threads, either CPU path).
     """
 
-    def __init__(self, temperature: float, top_k: int, top_p: float, n_tokens: int | None = None, *, sample: bool = True) -> None:
-        self.temperature, self.top_k, self.top_p, self.n_tokens, self.sample = temperature, top_k, top_p, n_tokens, sample
+    def __init__(
+        self, temperature: float, top_k: int, top_p: float, n_tokens: int | None = None, *, sample: bool = True
+    ) -> None:
+        self.temperature, self.top_k, self.top_p, self.n_tokens, self.sample = (
+            temperature,
+            top_k,
+            top_p,
+            n_tokens,
+            sample,
+        )
 
     @classmethod
     def greedy(cls, n_tokens: int | None = None) -> TokenPicker:
@@ -182,7 +229,9 @@ class TokenPicker:
     @staticmethod
     def _draw(probs: torch.Tensor) -> torch.Tensor:
         """One id per row of ``[B, V]`` probabilities: the first whose cumulative sum reaches u in (0, total]."""
-        cdf = probs.cumsum(-1, dtype=torch.float64)  # float32 running sums over 1e5 ids drift by ~1e-7; float64 costs little more
+        cdf = probs.cumsum(
+            -1, dtype=torch.float64
+        )  # float32 running sums over 1e5 ids drift by ~1e-7; float64 costs little more
         total = cdf[:, -1:]
         if not torch.isfinite(total).all():
             raise RuntimeError("generation: the model's next-token probabilities are not finite (NaN or inf weights?)")
@@ -220,8 +269,15 @@ def decodable(model) -> bool:
     return {"position_ids", "use_cache"} <= keywords and _cache_keyword(keywords) is not None
 
 
-def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pick: TokenPicker, max_new_tokens: int,
-           stops: int | list[int] | None, pad_id: int) -> torch.Tensor:
+def decode(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pick: TokenPicker,
+    max_new_tokens: int,
+    stops: int | list[int] | None,
+    pad_id: int,
+) -> torch.Tensor:
     """New tokens for left-padded prompts: ``[B, P]`` ids and mask -> ``[B, max_new_tokens]`` ids.
 
     A row ends at its first id in ``stops`` (one id or several; kept) or at ``max_new_tokens``; after its end a row holds
@@ -240,10 +296,20 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pick: T
     rows = torch.arange(batch, device=device)  # the row of `responses` each live row writes to
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     # the mask of every step, sliced; None without padding (what generate does: the model's causal path is faster)
-    attention = None if bool(attention_mask.all()) else torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
+    attention = (
+        None
+        if bool(attention_mask.all())
+        else torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
+    )
     first = dict(logits_to_keep=1) if "logits_to_keep" in keywords else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask if attention is not None else None, position_ids=positions,
-                   use_cache=True, **{cache_keyword: cache}, **first).logits[:, -1]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask if attention is not None else None,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_keyword: cache},
+        **first,
+    ).logits[:, -1]
     next_position = positions[:, -1:] + 1
     for step in range(max_new_tokens):
         tokens = pick(logits)
@@ -260,8 +326,13 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pick: T
                 attention = attention[kept] if attention is not None else None
                 cache.batch_select_indices(kept)
         step_mask = attention[:, : prompt_length + step + 1] if attention is not None else None
-        logits = model(input_ids=tokens[:, None], attention_mask=step_mask, position_ids=next_position,
-                       use_cache=True, **{cache_keyword: cache}).logits[:, -1]
+        logits = model(
+            input_ids=tokens[:, None],
+            attention_mask=step_mask,
+            position_ids=next_position,
+            use_cache=True,
+            **{cache_keyword: cache},
+        ).logits[:, -1]
         next_position = next_position + 1
     return responses
 
@@ -313,15 +384,21 @@ class InferenceCopies:
         from transformers import PreTrainedModel
 
         weights = [p for p in model.parameters() if p.is_floating_point()]
-        if (not isinstance(model, PreTrainedModel) or getattr(model, "peft_config", None)
-                or all(p.dtype == self.dtype for p in weights) or not any(p.requires_grad for p in weights)):
+        if (
+            not isinstance(model, PreTrainedModel)
+            or getattr(model, "peft_config", None)
+            or all(p.dtype == self.dtype for p in weights)
+            or not any(p.requires_grad for p in weights)
+        ):
             return model  # not a plain model, already in the dtype, or frozen (a teacher: no second copy of it)
         copy = self.copies.get(id(model))
         if copy is None:
             copy = self._new_copy(model)
             self.copies[id(model)] = copy
         with torch.no_grad():
-            for target, source in zip(copy.state_dict(keep_vars=True).values(), model.state_dict(keep_vars=True).values()):
+            for target, source in zip(
+                copy.state_dict(keep_vars=True).values(), model.state_dict(keep_vars=True).values()
+            ):
                 target.copy_(source)
         return copy
 
@@ -332,6 +409,8 @@ class InferenceCopies:
             copy = type(model)(model.config)
         copy.to(device=next(model.parameters()).device, dtype=self.dtype)
         if list(copy.state_dict()) != list(model.state_dict()):
-            raise RuntimeError(f"cannot copy {type(model).__name__} for generation: its weights differ from a fresh instance's")
+            raise RuntimeError(
+                f"cannot copy {type(model).__name__} for generation: its weights differ from a fresh instance's"
+            )
         copy.generation_config = model.generation_config
         return copy.eval().requires_grad_(False)

@@ -63,12 +63,17 @@ def _cpu_bf16() -> Bf16Support:
     # oneDNN's own check honours ONEDNN_MAX_CPU_ISA; the instruction check tells native from the
     # AVX512 emulation that oneDNN also accepts
     onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    instructions = [name for name, check in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
-                    if getattr(torch.cpu, check, lambda: False)()]
+    instructions = [
+        name
+        for name, check in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+        if getattr(torch.cpu, check, lambda: False)()
+    ]
     capability = torch.backends.cpu.get_cpu_capability()
     if onednn and instructions and capability not in ("DEFAULT", "AVX2"):
         return Bf16Support(True, f"this CPU has {' and '.join(instructions)}")
-    return Bf16Support(False, f"this CPU ({capability}) has no native bf16: emulated bf16 is several times slower than float32")
+    return Bf16Support(
+        False, f"this CPU ({capability}) has no native bf16: emulated bf16 is several times slower than float32"
+    )
 
 
 def auto_precision() -> tuple[str, str]:
@@ -109,8 +114,10 @@ def resolve_precision(config):
     if uses_bf16 and device_type() == "cpu":
         support = bf16_support("cpu")
         if not support.native:
-            warning = ("bf16 on a CPU without native bf16 is emulated, several times slower than float32; "
-                       "set train.precision=auto (or fp32) and teacher.dtype=auto (or float32)")
+            warning = (
+                "bf16 on a CPU without native bf16 is emulated, several times slower than float32; "
+                "set train.precision=auto (or fp32) and teacher.dtype=auto (or float32)"
+            )
     resolved = config.model_copy(deep=True)
     resolved.train.precision = precision
     resolved.teacher.dtype = teacher_dtype
@@ -118,4 +125,12 @@ def resolve_precision(config):
     return resolved, text, warning
 
 
-__all__ = ["Bf16Support", "PRECISION_DTYPE", "auto_precision", "bf16_support", "device_type", "resolve_precision", "weights_dtype"]
+__all__ = [
+    "Bf16Support",
+    "PRECISION_DTYPE",
+    "auto_precision",
+    "bf16_support",
+    "device_type",
+    "resolve_precision",
+    "weights_dtype",
+]

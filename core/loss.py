@@ -56,7 +56,9 @@ def divergence_loss(
     """
     divergence = ConfiguredDivergence.wrap(divergence)
     check_logits(student_logits, teacher_logits)
-    return chunked_token_mean(divergence, student_logits, teacher_logits, mask, chunk_size=chunk_size, n_tokens=n_tokens, weights=weights)
+    return chunked_token_mean(
+        divergence, student_logits, teacher_logits, mask, chunk_size=chunk_size, n_tokens=n_tokens, weights=weights
+    )
 
 
 def chunked_token_mean(

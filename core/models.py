@@ -30,13 +30,19 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
     if hasattr(ref, "ref"):
         spec = ref
         if role == "teacher" and spec.lora is not None:
-            raise ConfigError("teacher.lora: the teacher is frozen; to load a LoRA-tuned teacher set teacher.adapter=PATH")
+            raise ConfigError(
+                "teacher.lora: the teacher is frozen; to load a LoRA-tuned teacher set teacher.adapter=PATH"
+            )
         if role == "teacher" and spec.tokenizer:
-            raise ConfigError("teacher.tokenizer: the teacher's tokenizer is set by tokenizer=DIR (student.tokenizer is the student's own)")
+            raise ConfigError(
+                "teacher.tokenizer: the teacher's tokenizer is set by tokenizer=DIR (student.tokenizer is the student's own)"
+            )
         if role == "teacher" and spec.freeze:
             raise ConfigError("teacher.freeze: the teacher is always frozen; set student.freeze instead")
         if role == "student" and spec.cache:
-            raise ConfigError("student.cache: a cache holds the teacher's log-probs; set teacher.cache=DIR (--teacher-cache DIR)")
+            raise ConfigError(
+                "student.cache: a cache holds the teacher's log-probs; set teacher.cache=DIR (--teacher-cache DIR)"
+            )
         if spec.lora is not None and spec.freeze:
             raise ConfigError("student.freeze: with student.lora only the adapters train already; drop one of the two")
         model = load_model(spec.ref, role, getattr(torch, _concrete_dtype(spec.dtype, role)), teacher=teacher)
@@ -65,7 +71,9 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
     try:
         return AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else ref, dtype=dtype)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"--{role} {ref}: cannot load a causal language model ({str(error).splitlines()[0]})") from None
+        raise ConfigError(
+            f"--{role} {ref}: cannot load a causal language model ({str(error).splitlines()[0]})"
+        ) from None
 
 
 def _concrete_dtype(dtype: str, role: str) -> str:
@@ -115,7 +123,9 @@ def freeze(model, patterns: list[str]) -> int:
             chosen = [p for name, p in named.items() if fnmatch.fnmatchcase(name, pattern)]
         if not chosen:
             example = next(iter(named), "")
-            raise ConfigError(f"student.freeze {pattern!r}: matches no parameter (names look like {example!r}; or use 'embeddings')")
+            raise ConfigError(
+                f"student.freeze {pattern!r}: matches no parameter (names look like {example!r}; or use 'embeddings')"
+            )
         for parameter in chosen:
             parameter.requires_grad_(False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -128,7 +138,9 @@ def _peft(setting: str):
     try:
         import peft
     except ImportError:
-        raise ConfigError(f"{setting} needs the peft package: pip install 'distill[lora]' (or pip install peft)") from None
+        raise ConfigError(
+            f"{setting} needs the peft package: pip install 'distill[lora]' (or pip install peft)"
+        ) from None
     return peft
 
 
@@ -142,7 +154,9 @@ def merge_adapter(model, adapter: str | Path, role: str):
     try:
         return peft.PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     except (ValueError, RuntimeError, KeyError) as error:
-        raise ConfigError(f"{role}.adapter {adapter}: does not fit the {role} ({str(error).strip().splitlines()[0]})") from None
+        raise ConfigError(
+            f"{role}.adapter {adapter}: does not fit the {role} ({str(error).strip().splitlines()[0]})"
+        ) from None
 
 
 def add_lora(model, lora, adapter_dir: str | Path | None = None):
@@ -152,7 +166,11 @@ def add_lora(model, lora, adapter_dir: str | Path | None = None):
     if adapter_dir is not None:
         return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     config = peft.LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM",
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
     )
     try:
         return peft.get_peft_model(model, config)
@@ -207,8 +225,10 @@ def check_vocabularies(teacher, student, tokenizer, student_tokenizer=None) -> i
             continue
         n, rows = len(its_tokenizer), vocab_size(model)
         if rows < n:
-            raise ConfigError(f"the tokenizer has {n} tokens but the {role}'s output head only {rows} rows; "
-                              f"use the tokenizer the {role} was trained with (set {'tokenizer' if role == 'teacher' else 'student.tokenizer'}=DIR)")
+            raise ConfigError(
+                f"the tokenizer has {n} tokens but the {role}'s output head only {rows} rows; "
+                f"use the tokenizer the {role} was trained with (set {'tokenizer' if role == 'teacher' else 'student.tokenizer'}=DIR)"
+            )
     return min(len(tokenizer), len(student_tokenizer))
 
 
@@ -265,7 +285,10 @@ def check_stop_ids(teacher, student, tokenizer, n_logits: int, student_tokenizer
     tokenizer's size, and no warning (their ids mean different tokens)."""
     apart = student_tokenizer is not None and student_tokenizer is not tokenizer
     found, limits = {}, {}
-    for role, model, its_tokenizer in (("teacher", teacher, tokenizer), ("student", student, student_tokenizer or tokenizer)):
+    for role, model, its_tokenizer in (
+        ("teacher", teacher, tokenizer),
+        ("student", student, student_tokenizer or tokenizer),
+    ):
         if model is None:  # a teacher a cache stands in for: it generates nothing
             continue
         found[role] = stop_ids(model, its_tokenizer)
@@ -273,11 +296,15 @@ def check_stop_ids(teacher, student, tokenizer, n_logits: int, student_tokenizer
     for role, ids in found.items():
         outside = [i for i in ids if not 0 <= i < limits[role]]
         if outside:
-            raise ConfigError(f"the {role}'s stop id {outside[0]} (generation_config.eos_token_id) lies outside the {limits[role]} "
-                              f"logits it is trained on (the tokenizer's tokens); fix the {role}'s generation_config.json or use its own tokenizer")
+            raise ConfigError(
+                f"the {role}'s stop id {outside[0]} (generation_config.eos_token_id) lies outside the {limits[role]} "
+                f"logits it is trained on (the tokenizer's tokens); fix the {role}'s generation_config.json or use its own tokenizer"
+            )
     if not apart and "teacher" in found and set(found["teacher"]) != set(found["student"]):
-        return (f"teacher and student end responses on different ids (teacher {_shown(found['teacher'])}, student {_shown(found['student'])}); "
-                "each model's own ids end the responses it generates")
+        return (
+            f"teacher and student end responses on different ids (teacher {_shown(found['teacher'])}, student {_shown(found['student'])}); "
+            "each model's own ids end the responses it generates"
+        )
     return None
 
 

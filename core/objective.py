@@ -66,7 +66,9 @@ class Objective:
                 divergence = registry.get_divergence(name, temperature=temperature, **params)
             except (ConfigError, UnknownPluginError) as error:
                 raise type(error)(f"objective.terms.{source}: {error}") from None
-            self.terms[source] = Term(divergence, spec, cfg.train.ce_weight if spec.ce_weight is None else spec.ce_weight)
+            self.terms[source] = Term(
+                divergence, spec, cfg.train.ce_weight if spec.ce_weight is None else spec.ce_weight
+            )
 
     def term(self, source: str) -> Term:
         return self.terms.get(source, self.fallback)
@@ -93,7 +95,13 @@ class Objective:
 def group_counts(groups: dict[str, list[Batch]], accelerator=None) -> dict[str, tuple[float, float]]:
     """Global ``(response tokens, sequences)`` of each group of an optimizer step, all processes
     together (one reduction for all groups; the groups are the same, in the same order, everywhere)."""
-    local = torch.tensor([[float(sum(b.n_tokens for b in batches)), float(sum(b.n_sequences for b in batches))] for batches in groups.values()], dtype=torch.float64)
+    local = torch.tensor(
+        [
+            [float(sum(b.n_tokens for b in batches)), float(sum(b.n_sequences for b in batches))]
+            for batches in groups.values()
+        ],
+        dtype=torch.float64,
+    )
     if accelerator is not None and accelerator.num_processes > 1:
         local = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
     return {source: (tokens, sequences) for source, (tokens, sequences) in zip(groups, local.tolist())}
@@ -131,15 +139,24 @@ def _cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *, n_tokens: float | None = None, chunk_size: int | None = None,
-                        weights: torch.Tensor | None = None) -> torch.Tensor:
+def token_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    n_tokens: float | None = None,
+    chunk_size: int | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]`` summed where ``mask`` (times
     ``weights [B, T]`` if given) / ``n_tokens``.
 
     Chunked like ``divergence_loss`` (the same autograd function), so no whole-vocabulary
     log-softmax is kept.
     """
-    return chunked_token_mean(_cross_entropy_rows, logits, labels, mask, chunk_size=chunk_size, n_tokens=n_tokens, weights=weights)
+    return chunked_token_mean(
+        _cross_entropy_rows, logits, labels, mask, chunk_size=chunk_size, n_tokens=n_tokens, weights=weights
+    )
 
 
 _KEEPS_LOGITS: dict[type, bool] = {}
@@ -158,12 +175,29 @@ def response_logits(model, batch: Batch, unwrap=lambda m: m) -> torch.Tensor:
     if inner not in _KEEPS_LOGITS:
         _KEEPS_LOGITS[inner] = "logits_to_keep" in inspect.signature(inner.forward).parameters
     extra = {"logits_to_keep": r + 1} if _KEEPS_LOGITS[inner] else {}
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False, **extra)
-    return out.logits[:, -(r + 1):-1]
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        **extra,
+    )
+    return out.logits[:, -(r + 1) : -1]
 
 
-def micro_batch_loss(student, teacher, batch: Batch, divergence, denominator: float, ce_weight: float = 0.0, unwrap=lambda m: m, *,
-                     kd_weight: float = 1.0, normalize: str = "token", fused=None) -> tuple[torch.Tensor, dict[str, float]]:
+def micro_batch_loss(
+    student,
+    teacher,
+    batch: Batch,
+    divergence,
+    denominator: float,
+    ce_weight: float = 0.0,
+    unwrap=lambda m: m,
+    *,
+    kd_weight: float = 1.0,
+    normalize: str = "token",
+    fused=None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """``kd_weight`` x divergence + ``ce_weight`` x student cross-entropy on the response tokens of one
     micro-batch, over ``denominator`` (``group_denominator``; with ``normalize="sequence"`` each token
     weighs 1 / its sequence's length). Without a teacher (sequence-level KD across tokenizers: no
@@ -173,25 +207,44 @@ def micro_batch_loss(student, teacher, batch: Batch, divergence, denominator: fl
     so no ``[B, R, V]`` logits are held."""
     weights = sequence_weights(batch.response_mask) if normalize == "sequence" else None
     if fused is not None:
-        return fused.micro_batch_loss(student, teacher, batch, divergence, denominator, ce_weight, kd_weight=kd_weight, weights=weights)
+        return fused.micro_batch_loss(
+            student, teacher, batch, divergence, denominator, ce_weight, kd_weight=kd_weight, weights=weights
+        )
     if teacher is None or kd_weight == 0:
-        ce = token_cross_entropy(response_logits(student, batch, unwrap), batch.labels, batch.response_mask, n_tokens=denominator, weights=weights)
+        ce = token_cross_entropy(
+            response_logits(student, batch, unwrap),
+            batch.labels,
+            batch.response_mask,
+            n_tokens=denominator,
+            weights=weights,
+        )
         return (ce if teacher is None else ce_weight * ce), {"ce": float(ce.detach())}
     with torch.no_grad():
         teacher_logits = response_logits(teacher, batch, unwrap)
     student_logits = response_logits(student, batch, unwrap)
-    value = divergence_loss(divergence, student_logits, teacher_logits, batch.response_mask, n_tokens=denominator, weights=weights)
+    value = divergence_loss(
+        divergence, student_logits, teacher_logits, batch.response_mask, n_tokens=denominator, weights=weights
+    )
     return with_cross_entropy(value, student_logits, batch, denominator, ce_weight, kd_weight, weights)
 
 
-def with_cross_entropy(value: torch.Tensor, student_logits: torch.Tensor, batch: Batch, denominator: float, ce_weight: float, kd_weight: float,
-                       weights: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+def with_cross_entropy(
+    value: torch.Tensor,
+    student_logits: torch.Tensor,
+    batch: Batch,
+    denominator: float,
+    ce_weight: float,
+    kd_weight: float,
+    weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """``kd_weight`` x ``value`` (a micro-batch's divergence term) + ``ce_weight`` x the student's
     cross-entropy on the same tokens, and the unweighted parts."""
     parts = {"divergence": float(value.detach())}
     loss = value if kd_weight == 1.0 else kd_weight * value
     if ce_weight > 0:
-        ce = token_cross_entropy(student_logits, batch.labels, batch.response_mask, n_tokens=denominator, weights=weights)
+        ce = token_cross_entropy(
+            student_logits, batch.labels, batch.response_mask, n_tokens=denominator, weights=weights
+        )
         parts["ce"] = float(ce.detach())
         loss = loss + ce_weight * ce
     return loss, parts

@@ -41,7 +41,12 @@ def reopen_output_dir(path: str | Path, step: int) -> Path:
     out = Path(path)
     for name in ("metrics.jsonl", "eval.jsonl"):
         _truncate_jsonl(out / name, step)
-    for tmp in [*out.glob(".*.tmp"), *out.glob(".*.old"), *out.glob("checkpoints/.*.tmp"), *out.glob("checkpoints/.*.old")]:
+    for tmp in [
+        *out.glob(".*.tmp"),
+        *out.glob(".*.old"),
+        *out.glob("checkpoints/.*.tmp"),
+        *out.glob("checkpoints/.*.old"),
+    ]:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     return out
 

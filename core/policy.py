@@ -38,7 +38,9 @@ def as_groups(sampled: Any, policy_name: str = "policy") -> dict[str, list[Examp
     elif isinstance(sampled, tuple) and len(sampled) == 2 and isinstance(sampled[1], str):
         groups = {sampled[1]: sampled[0]}
     else:
-        raise TypeError(f"policy {policy_name}: sample() must return (examples, source) or {{source: examples}}, got {type(sampled).__name__}")
+        raise TypeError(
+            f"policy {policy_name}: sample() must return (examples, source) or {{source: examples}}, got {type(sampled).__name__}"
+        )
     if not groups:
         raise TypeError(f"policy {policy_name}: sample() returned no group")
     for source, examples in groups.items():

@@ -41,7 +41,15 @@ def decoder_layers(model) -> str:
     """The name of ``model``'s list of decoder layers (``model.layers``, ``transformer.h``, ...): the
     one ``ModuleList`` of ``config.num_hidden_layers`` modules (GPT-2's config maps the name to ``n_layer``)."""
     total = getattr(model.config, "num_hidden_layers", None)
-    found = [name for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList) and len(module) == total] if total else []
+    found = (
+        [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.ModuleList) and len(module) == total
+        ]
+        if total
+        else []
+    )
     if len(found) == 1:
         return found[0]
     if not total:
@@ -50,7 +58,9 @@ def decoder_layers(model) -> str:
         why = f"no list of its {total} decoder layers"
     else:
         why = f"{len(found)} lists of {total} modules ({', '.join(found[:3])}), which is the decoder's is unclear"
-    raise ConfigError(f"cannot prune {type(model).__name__} ({model.config.model_type}): {why}; pass a student directory instead of prune:K")
+    raise ConfigError(
+        f"cannot prune {type(model).__name__} ({model.config.model_type}): {why}; pass a student directory instead of prune:K"
+    )
 
 
 def prune_layers(teacher, keep: int):
@@ -92,4 +102,3 @@ def prune_layers(teacher, keep: int):
     if getattr(config, "tie_word_embeddings", False):
         student.tie_weights()
     return student.eval()  # like from_pretrained; the engine switches to train mode
-

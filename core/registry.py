@@ -134,7 +134,9 @@ class Registry:
                 raise PluginError(f"{provider}: register the {kind} class {name!r}, not an instance")
             params = getattr(obj, "Params", None)
             if not (inspect.isclass(params) and issubclass(params, BaseModel)):
-                raise PluginError(f"{provider}: {kind} {name!r} needs a pydantic `Params` class (subclass distill.Params)")
+                raise PluginError(
+                    f"{provider}: {kind} {name!r} needs a pydantic `Params` class (subclass distill.Params)"
+                )
             if params.model_config.get("extra") != "forbid":  # else a misspelt parameter is silently dropped
                 raise PluginError(
                     f"{provider}: {kind} {name!r}: its `Params` must reject unknown keys "
@@ -145,10 +147,14 @@ class Registry:
                 raise PluginError(f"{provider}: divergence {name!r} must define __call__")
             missing = [m for m in _POLICY_METHODS if kind == "policy" and not callable(getattr(obj, m, None))]
             if missing:
-                raise PluginError(f"{provider}: policy {name!r} lacks {', '.join(missing)} (distill.policy.RandomPolicy gives defaults)")
+                raise PluginError(
+                    f"{provider}: policy {name!r} lacks {', '.join(missing)} (distill.policy.RandomPolicy gives defaults)"
+                )
         aliases = getattr(obj, "aliases", ()) or ()
         if not isinstance(aliases, (tuple, list)) or not all(isinstance(a, str) and _NAME.match(a) for a in aliases):
-            raise PluginError(f"{provider}: {kind} {name!r}: `aliases` must be a tuple of lowercase names, got {aliases!r}")
+            raise PluginError(
+                f"{provider}: {kind} {name!r}: `aliases` must be a tuple of lowercase names, got {aliases!r}"
+            )
         aliases = tuple(aliases)
         registration = Registration(kind, name, obj, aliases, provider)
         for key in (name, *aliases):
@@ -216,4 +222,3 @@ def reset_default_registry() -> None:
     """Forget the process-wide registry (after installing a plugin, or in tests)."""
     global _default
     _default = None
-

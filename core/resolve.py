@@ -32,8 +32,13 @@ DEFAULT_RECIPE = "distillm"
 """The recipe of a run whose layers name none."""
 
 
-def resolve_config(*layers: Mapping[str, Any], recipe: str | bool | None = None, embedded: bool | None = None,
-                   stamp_output: bool = False, registry: Registry | None = None) -> RunConfig:
+def resolve_config(
+    *layers: Mapping[str, Any],
+    recipe: str | bool | None = None,
+    embedded: bool | None = None,
+    stamp_output: bool = False,
+    registry: Registry | None = None,
+) -> RunConfig:
     """Merge ``layers`` (lowest precedence first) over the recipe and the embedded default.
 
     ``recipe``: the recipe under everything; default: the one the topmost layer names, else
@@ -44,7 +49,11 @@ def resolve_config(*layers: Mapping[str, Any], recipe: str | bool | None = None,
     ``runs/<recipe>-<time>`` (the CLI never reuses a folder by accident).
     """
     bottom: list[Mapping[str, Any]] = []
-    name = recipe if isinstance(recipe, str) else next((layer["recipe"] for layer in reversed(layers) if layer.get("recipe")), None) or DEFAULT_RECIPE
+    name = (
+        recipe
+        if isinstance(recipe, str)
+        else next((layer["recipe"] for layer in reversed(layers) if layer.get("recipe")), None) or DEFAULT_RECIPE
+    )
     if recipe is not False:
         bottom.append(recipe_layer((registry or default_registry()).get_recipe(name)))
     if embedded if embedded is not None else not any(_names_model(layer.get("teacher")) for layer in layers):
@@ -90,10 +99,13 @@ def resume_config(out: str | Path, *layers: Mapping[str, Any], registry: Registr
     the command line that started a run, plus ``--resume``, continues it.
     """
     saved = saved_config(out)
-    overrides = functools.reduce(merge_layer, layers, {})  # the spelling a saved config uses (e.g. `teacher: DIR` -> teacher.ref)
+    overrides = functools.reduce(
+        merge_layer, layers, {}
+    )  # the spelling a saved config uses (e.g. `teacher: DIR` -> teacher.ref)
     flat_saved = flatten_config(saved)
     changed = [
-        key for key, value in flatten_config(overrides).items()
+        key
+        for key, value in flatten_config(overrides).items()
         if key != "output_dir" and key not in RESUMABLE_FIELDS and flat_saved.get(key, object()) != value
     ]
     if changed:

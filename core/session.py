@@ -17,7 +17,16 @@ from typing import Any, Callable
 
 import torch
 
-from distill.checkpoint import RunState, capture_rng, flatten_config, rank_state, reapply_schedule, restore_rng, resume_point, save_checkpoint
+from distill.checkpoint import (
+    RunState,
+    capture_rng,
+    flatten_config,
+    rank_state,
+    reapply_schedule,
+    restore_rng,
+    resume_point,
+    save_checkpoint,
+)
 from distill.config import ModelSpec, RunConfig, dump_config
 from distill.data import BatchSampler, collate, load_examples, load_lm_corpus
 from distill.distributed import full_params, make_accelerator, prepare_teacher, rank_log, synced_generation
@@ -26,7 +35,16 @@ from distill.evaluation import Evaluator
 from distill.fused import plan_fused_head
 from distill.generation import ResponseGenerator
 from distill.hardware import resolve_precision
-from distill.models import add_lora, check_stop_ids, freeze, load_model, load_tokenizer, merge_adapter, share_vocabulary, vocab_size
+from distill.models import (
+    add_lora,
+    check_stop_ids,
+    freeze,
+    load_model,
+    load_tokenizer,
+    merge_adapter,
+    share_vocabulary,
+    vocab_size,
+)
 from distill.objective import Objective, micro_batch_loss, token_cross_entropy
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
 from distill.policy import SamplingContext
@@ -37,9 +55,11 @@ from distill.vocabulary import TextBridge, check_data_ids, cross_tokenizer_error
 
 Reporter = Callable[[str, dict[str, Any]], None]
 
-CROSS_TOKENIZER_NOTE = ("teacher and student tokenizers differ: sequence-level KD; the teacher answers in its own chat template, "
-                        "the student trains with token cross-entropy on that text in its own tokens (no logit-level term); "
-                        "validation: CE and ROUGE-L against the teacher's answers, no KL")
+CROSS_TOKENIZER_NOTE = (
+    "teacher and student tokenizers differ: sequence-level KD; the teacher answers in its own chat template, "
+    "the student trains with token cross-entropy on that text in its own tokens (no logit-level term); "
+    "validation: CE and ROUGE-L against the teacher's answers, no KL"
+)
 
 
 @dataclass(eq=False)
@@ -88,25 +108,56 @@ class Session:
         cfg = self.cfg
         options = {"kd_weight": cfg.train.kd_weight * weight, "normalize": cfg.train.normalize}
         unwrap = self.accelerator.unwrap_model
-        cached = self.cache.targets(examples, batch.response_mask.shape[1], self.accelerator.device) if self.cache is not None and not self.apart else None
+        cached = (
+            self.cache.targets(examples, batch.response_mask.shape[1], self.accelerator.device)
+            if self.cache is not None and not self.apart
+            else None
+        )
         if cached is not None:
-            return cached_micro_batch_loss(self.student, batch, cached, term.divergence, denominator, term.ce_weight, unwrap, **options)
-        return micro_batch_loss(self.student, None if self.apart else _live(self.teacher, source), batch, term.divergence, denominator, term.ce_weight,
-                                unwrap, fused=self.fused, **options)
+            return cached_micro_batch_loss(
+                self.student, batch, cached, term.divergence, denominator, term.ce_weight, unwrap, **options
+            )
+        return micro_batch_loss(
+            self.student,
+            None if self.apart else _live(self.teacher, source),
+            batch,
+            term.divergence,
+            denominator,
+            term.ce_weight,
+            unwrap,
+            fused=self.fused,
+            **options,
+        )
 
     @property
     def lm_loss(self) -> Callable[[int], torch.Tensor] | None:
         """``lm_loss(n)``: the auxiliary LM loss share of one of ``n`` micro-batches (None: no LM loss)."""
         if self.lm_blocks is None:
             return None
-        return lambda n: _lm_loss(self.student, self.lm_blocks, self.lm_rng, self.cfg.train.batch_size, self.accelerator) / n
+        return lambda n: (
+            _lm_loss(self.student, self.lm_blocks, self.lm_rng, self.cfg.train.batch_size, self.accelerator) / n
+        )
 
     def save(self, step: int, run: RunState) -> Path:
         """A checkpoint after ``step``: weights, optimizer, schedule, sampler, the run's tallies and
         every process's policy state and random generators."""
-        shared = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "run": run.state_dict()}
+        shared = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "run": run.state_dict(),
+        }
         local = {"policy": self.policy.state_dict(), "lm_rng": self.lm_rng.getstate(), "rng": capture_rng()}
-        path, size = save_checkpoint(self.files, self.accelerator, self.student, self.student_tokenizer, step, shared, local, self.cfg.checkpoint.keep)
+        path, size = save_checkpoint(
+            self.files,
+            self.accelerator,
+            self.student,
+            self.student_tokenizer,
+            step,
+            shared,
+            local,
+            self.cfg.checkpoint.keep,
+        )
         self.report("checkpoint", {"step": step, "path": str(path), "bytes": size})
         return path
 
@@ -135,7 +186,13 @@ class Session:
             self.student_tokenizer.save_pretrained(folder)
             if cfg.student.lora is not None and cfg.student.lora.save_merged:
                 teacher = self.teacher
-                base = unwrap(teacher) if teacher is not None else load_model(cfg.teacher, "teacher") if derives_from_teacher(cfg.student) else None
+                base = (
+                    unwrap(teacher)
+                    if teacher is not None
+                    else load_model(cfg.teacher, "teacher")
+                    if derives_from_teacher(cfg.student)
+                    else None
+                )
                 merged = merge_adapter(load_model(cfg.student, "student", teacher=base), folder, "student")
                 merged.save_pretrained(folder / "merged")
                 self.student_tokenizer.save_pretrained(folder / "merged")
@@ -143,7 +200,9 @@ class Session:
         self.files.write_folder("final", fill)
 
 
-def open_session(plan: RunPlan, *, registry: Registry, report: Reporter, overwrite: bool = False, resume: bool = False) -> Session:
+def open_session(
+    plan: RunPlan, *, registry: Registry, report: Reporter, overwrite: bool = False, resume: bool = False
+) -> Session:
     """Build a run from ``plan`` (a config whose plugins are checked, ``distill.resolve.plan_run``):
     everything that can fail on bad input fails before the output folder is touched. Reports
     ``warning`` events and, last, the ``start`` event."""
@@ -165,22 +224,42 @@ def open_session(plan: RunPlan, *, registry: Registry, report: Reporter, overwri
         report("warning", {"message": precision_warning})
     set_seed(seed)
     policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
-    teacher, tokenizer, student, student_tokenizer, apart, n_logits = _load_models(cfg, checkpoint, policy, cache, report)
+    teacher, tokenizer, student, student_tokenizer, apart, n_logits = _load_models(
+        cfg, checkpoint, policy, cache, report
+    )
     data_tokenizer = student_tokenizer if apart else tokenizer
     train_set, val_set, dropped = load_examples(cfg.data, data_tokenizer, seed)
     if not apart and len(student_tokenizer) != len(tokenizer):
-        check_data_ids(train_set + val_set, n_logits, "student" if len(student_tokenizer) < len(tokenizer) else "teacher")
+        check_data_ids(
+            train_set + val_set, n_logits, "student" if len(student_tokenizer) < len(tokenizer) else "teacher"
+        )
     if cache is not None:  # before anything is written: a cache of another teacher, tokenizer or data is refused
         if apart:
-            raise ConfigError("--teacher-cache: holds log-probs over the teacher's tokens; a student with another tokenizer trains on generated text, drop the cache")
+            raise ConfigError(
+                "--teacher-cache: holds log-probs over the teacher's tokens; a student with another tokenizer trains on generated text, drop the cache"
+            )
         cache.check_run(cfg, tokenizer, train_set + val_set, n_logits)
     lm_blocks = None
     if cfg.data.lm_path and cfg.train.lm_weight > 0:
-        lm_blocks = load_lm_corpus(cfg.data.lm_path, student_tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens)
-    lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if cfg.data.group_by_length != "off" else None
-    sampler = BatchSampler(len(train_set), cfg.train.batch_size, seed, accelerator.process_index, accelerator.num_processes, lengths, cfg.train.grad_accum,
-                           grouping=cfg.data.group_by_length if lengths else "groups")
-    evaluates_at = eval_schedule(cfg.eval.every, len(train_set) // (cfg.train.batch_size * accelerator.num_processes), cfg.train.grad_accum)
+        lm_blocks = load_lm_corpus(
+            cfg.data.lm_path, student_tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+        )
+    lengths = (
+        [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if cfg.data.group_by_length != "off" else None
+    )
+    sampler = BatchSampler(
+        len(train_set),
+        cfg.train.batch_size,
+        seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        lengths,
+        cfg.train.grad_accum,
+        grouping=cfg.data.group_by_length if lengths else "groups",
+    )
+    evaluates_at = eval_schedule(
+        cfg.eval.every, len(train_set) // (cfg.train.batch_size * accelerator.num_processes), cfg.train.grad_accum
+    )
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
         rank_state(saved, accelerator)  # fails now if the number of processes changed
@@ -200,40 +279,99 @@ def open_session(plan: RunPlan, *, registry: Registry, report: Reporter, overwri
     trainable = [p for p in student.parameters() if p.requires_grad]  # with LoRA: the adapters only
     optimizer = _adamw(trainable, cfg.train.lr, cfg.train.weight_decay)
     schedule = "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps)
+    scheduler = get_scheduler(
+        schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps
+    )
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     student.train()  # from_pretrained returns eval mode; dropout (GPT-2) belongs to training
     teacher = prepare_teacher(accelerator, teacher) if teacher is not None else None
 
     # --- generation, the evaluator, and the heads fused into the loss
     progress = lambda phase, done, total: report("progress", {"phase": phase, "done": done, "total": total})  # noqa: E731 (long passes)
-    generate, context, ends, val_set = _generation(cfg, accelerator, tokenizer, student_tokenizer, data_tokenizer, teacher, student, apart, val_set, progress)
-    probe = collate(train_set[:1], data_tokenizer.pad_token_id).to(accelerator.device)  # the fused heads are checked on one real example
-    fused, head_line = plan_fused_head(cfg.train.fused_head, student, None if apart else teacher, probe, accelerator.unwrap_model, accelerator)
-    evaluator = Evaluator(val_set, data_tokenizer, objective.default, generate, cfg.eval.batch_size, cfg.eval.rouge_samples, accelerator,
-                          kl=registry.get_divergence("kl"), rouge_before=cfg.eval.rouge_before, progress=progress, fused=fused,
-                          rouge_draws=cfg.eval.rouge_draws, seed=seed)
+    generate, context, ends, val_set = _generation(
+        cfg, accelerator, tokenizer, student_tokenizer, data_tokenizer, teacher, student, apart, val_set, progress
+    )
+    probe = collate(train_set[:1], data_tokenizer.pad_token_id).to(
+        accelerator.device
+    )  # the fused heads are checked on one real example
+    fused, head_line = plan_fused_head(
+        cfg.train.fused_head, student, None if apart else teacher, probe, accelerator.unwrap_model, accelerator
+    )
+    evaluator = Evaluator(
+        val_set,
+        data_tokenizer,
+        objective.default,
+        generate,
+        cfg.eval.batch_size,
+        cfg.eval.rouge_samples,
+        accelerator,
+        kl=registry.get_divergence("kl"),
+        rouge_before=cfg.eval.rouge_before,
+        progress=progress,
+        fused=fused,
+        rouge_draws=cfg.eval.rouge_draws,
+        seed=seed,
+    )
     evaluate = functools.partial(evaluator, with_teacher=not apart)
     if cache is not None:  # validation divergences from the cache too (coarse, like training's)
         evaluate = lambda student, _teacher, **options: evaluator(student, cache, with_teacher=True, **options)  # noqa: E731
     mode = CROSS_TOKENIZER_NOTE if apart else cache.note(loaded=teacher is not None) if cache is not None else None
-    report("start", {"train_examples": len(train_set), "val_examples": len(val_set), "dropped": dropped, "output_dir": str(out),
-                     "processes": accelerator.num_processes, "precision": precision, "mode": mode, "head": head_line})
-    return Session(cfg=cfg, accelerator=accelerator, report=report, objective=objective, policy=policy, cache=cache, teacher=teacher, student=student,
-                   student_tokenizer=student_tokenizer, data_tokenizer=data_tokenizer, apart=apart, train_set=train_set, sampler=sampler,
-                   evaluates_at=evaluates_at, evaluate=evaluate, context=context, ends=ends, fused=fused, optimizer=optimizer, scheduler=scheduler,
-                   out=out, files=files, saved=saved, checkpoint=checkpoint, lm_blocks=lm_blocks, lm_rng=random.Random(seed + accelerator.process_index),
-                   rank_log=rank_log(accelerator))
+    report(
+        "start",
+        {
+            "train_examples": len(train_set),
+            "val_examples": len(val_set),
+            "dropped": dropped,
+            "output_dir": str(out),
+            "processes": accelerator.num_processes,
+            "precision": precision,
+            "mode": mode,
+            "head": head_line,
+        },
+    )
+    return Session(
+        cfg=cfg,
+        accelerator=accelerator,
+        report=report,
+        objective=objective,
+        policy=policy,
+        cache=cache,
+        teacher=teacher,
+        student=student,
+        student_tokenizer=student_tokenizer,
+        data_tokenizer=data_tokenizer,
+        apart=apart,
+        train_set=train_set,
+        sampler=sampler,
+        evaluates_at=evaluates_at,
+        evaluate=evaluate,
+        context=context,
+        ends=ends,
+        fused=fused,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        out=out,
+        files=files,
+        saved=saved,
+        checkpoint=checkpoint,
+        lm_blocks=lm_blocks,
+        lm_rng=random.Random(seed + accelerator.process_index),
+        rank_log=rank_log(accelerator),
+    )
 
 
 def _load_models(cfg: RunConfig, checkpoint, policy, cache: TeacherCache | None, report: Reporter):
     """The teacher (None when a cache serves every sequence), the teacher's tokenizer, the student
     (from the checkpoint when resuming) and its tokenizer; whether the two tokenizers differ, and
     the number of logits the two heads share."""
-    teacher = load_model(cfg.teacher, "teacher") if cache is None or policy_generates(policy) else None  # first: a wrong --teacher is named as such
+    teacher = (
+        load_model(cfg.teacher, "teacher") if cache is None or policy_generates(policy) else None
+    )  # first: a wrong --teacher is named as such
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)  # the teacher's
     # a prune:K student is cut from the teacher: loaded for that alone when the run needs no teacher
-    base = teacher if teacher is not None or not derives_from_teacher(cfg.student) else load_model(cfg.teacher, "teacher")
+    base = (
+        teacher if teacher is not None or not derives_from_teacher(cfg.student) else load_model(cfg.teacher, "teacher")
+    )
     student = _load_student(cfg.student, checkpoint, base)
     own = student_tokenizer_ref(cfg.student, cfg.student.tokenizer)
     student_tokenizer = load_tokenizer(own) if own else tokenizer
@@ -245,33 +383,68 @@ def _load_models(cfg: RunConfig, checkpoint, policy, cache: TeacherCache | None,
     heads = (vocab_size(teacher) if teacher is not None else len(tokenizer), vocab_size(student))
     n_logits = share_vocabulary(teacher, student, tokenizer, student_tokenizer, shared=not apart)
     if own is None and not str(cfg.student.ref or "").startswith("prune:") and heads[0] != heads[1]:
-        report("warning", {"message": f"the student's folder has no tokenizer, so the teacher's is assumed; their heads differ "
-                                      f"({heads[0]} and {heads[1]} rows): if the student was trained with another tokenizer, "
-                                      "set student.tokenizer=DIR"})
+        report(
+            "warning",
+            {
+                "message": f"the student's folder has no tokenizer, so the teacher's is assumed; their heads differ "
+                f"({heads[0]} and {heads[1]} rows): if the student was trained with another tokenizer, "
+                "set student.tokenizer=DIR"
+            },
+        )
     stop_warning = check_stop_ids(teacher, student, tokenizer, n_logits, student_tokenizer if apart else None)
     if stop_warning:
         report("warning", {"message": stop_warning})
     return teacher, tokenizer, student, student_tokenizer, apart, n_logits
 
 
-def _generation(cfg: RunConfig, accelerator, tokenizer, student_tokenizer, data_tokenizer, teacher, student, apart: bool, val_set: list, progress):
+def _generation(
+    cfg: RunConfig,
+    accelerator,
+    tokenizer,
+    student_tokenizer,
+    data_tokenizer,
+    teacher,
+    student,
+    apart: bool,
+    val_set: list,
+    progress,
+):
     """The response generator, the policies' sampling context, the stop ids of each generated source,
     and the validation set (across tokenizers: the prompts with the teacher's greedy answers)."""
     unwrap, synced = accelerator.unwrap_model, synced_generation(accelerator)
-    inference_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision) if cfg.generation.inference_copy and not synced else None
+    inference_dtype = (
+        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        if cfg.generation.inference_copy and not synced
+        else None
+    )
     # generation has no backward to hold memory for: it answers a step's examples (all micro-batches) together
     batch = cfg.train.batch_size * cfg.train.grad_accum
-    generate = ResponseGenerator(data_tokenizer, cfg.generation, batch, unwrap, synced, full_params(accelerator), inference_dtype)
+    generate = ResponseGenerator(
+        data_tokenizer, cfg.generation, batch, unwrap, synced, full_params(accelerator), inference_dtype
+    )
     # even: a policy may ask the processes for different numbers of responses (contrastive's kept ones)
     context = SamplingContext(lambda ex: generate(student, ex, even=True), lambda ex: generate(teacher, ex, even=True))
-    ends = {"teacher": set(generate.stop_ids(teacher)) if teacher is not None else set(), "student": set(generate.stop_ids(student))}
+    ends = {
+        "teacher": set(generate.stop_ids(teacher)) if teacher is not None else set(),
+        "student": set(generate.stop_ids(student)),
+    }
     if apart:  # the teacher answers in its own tokens; the student trains on that text in its own
-        generate_teacher = ResponseGenerator(tokenizer, cfg.generation, batch, unwrap, synced, full_params(accelerator), inference_dtype)
+        generate_teacher = ResponseGenerator(
+            tokenizer, cfg.generation, batch, unwrap, synced, full_params(accelerator), inference_dtype
+        )
         bridge = TextBridge(tokenizer, student_tokenizer, cfg.data, generate_teacher.stop_ids(teacher))
-        context = SamplingContext(context.generate_student, lambda ex: bridge.generate_teacher(lambda prompts: generate_teacher(teacher, prompts), ex))
+        context = SamplingContext(
+            context.generate_student,
+            lambda ex: bridge.generate_teacher(lambda prompts: generate_teacher(teacher, prompts), ex),
+        )
         ends["teacher"] = {student_tokenizer.eos_token_id}
         # validation: the teacher's greedy answers are the references (val CE and ROUGE-L against them)
-        answers = generate_teacher(teacher, bridge.teacher_prompts(val_set), greedy=True, progress=functools.partial(progress, "teacher answers (validation)"))
+        answers = generate_teacher(
+            teacher,
+            bridge.teacher_prompts(val_set),
+            greedy=True,
+            progress=functools.partial(progress, "teacher answers (validation)"),
+        )
         val_set = [bridge.to_student(e, a) for e, a in zip(val_set, answers)]
     ends["replay"] = ends["student"]
     return generate, context, ends, val_set
@@ -289,7 +462,9 @@ def eval_schedule(every: int | str, micro_per_epoch: int, grad_accum: int) -> Ca
 def _live(teacher, source: str):
     """The loaded teacher, for sequences a cache does not hold."""
     if teacher is None:
-        raise RuntimeError(f"a {source} step holds sequences the teacher cache lacks, and the policy said it never generates (generates = False)")
+        raise RuntimeError(
+            f"a {source} step holds sequences the teacher cache lacks, and the policy said it never generates (generates = False)"
+        )
     return teacher
 
 
@@ -307,13 +482,24 @@ def _load_student(spec: ModelSpec, checkpoint, teacher):
         student = load_model(checkpoint.student_ref(spec) if checkpoint else spec, "student", teacher=teacher)
         freeze(student, spec.freeze)
         return student
-    return add_lora(load_model(spec, "student", teacher=teacher), spec.lora, checkpoint.student_dir if checkpoint else None)
+    return add_lora(
+        load_model(spec, "student", teacher=teacher), spec.lora, checkpoint.student_dir if checkpoint else None
+    )
 
 
 def _tracker_config(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as flat ``section.key`` values that every tracker stores."""
     flat = flatten_config(cfg.model_dump(mode="json", by_alias=True))
-    return {key: (", ".join(map(str, value)) if isinstance(value, list) else json.dumps(value) if isinstance(value, dict) else value) for key, value in flat.items()}
+    return {
+        key: (
+            ", ".join(map(str, value))
+            if isinstance(value, list)
+            else json.dumps(value)
+            if isinstance(value, dict)
+            else value
+        )
+        for key, value in flat.items()
+    }
 
 
 def _lm_loss(student, blocks: list[list[int]], rng: random.Random, batch_size: int, accelerator) -> torch.Tensor:

@@ -66,7 +66,9 @@ def coarse_log_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.gather(-1, ids), rest], -1) - total
 
 
-def top_k_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_k_targets(
+    teacher_logits: torch.Tensor, k: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's side of a cache from its ``[N, V]`` logits: top-K log-probs ``[N, K]``
     (float32), their ids ``[N, K]`` and the log remaining mass ``[N]`` (``-inf`` when K = V)."""
     x = prepare_logits(teacher_logits, temperature)
@@ -98,19 +100,28 @@ class CoarseDivergence:
 
     def __call__(self, student_logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         k = (packed.shape[-1] - 1) // 2
-        ids = packed[:, k: 2 * k].long()
+        ids = packed[:, k : 2 * k].long()
         student = coarse_log_probs(prepare_logits(student_logits, self.temperature), ids)
-        teacher = torch.cat([packed[:, :k], packed[:, 2 * k:]], -1)
+        teacher = torch.cat([packed[:, :k], packed[:, 2 * k :]], -1)
         return self.divergence(student, teacher)
 
 
-def coarse_divergence_loss(divergence, student_logits: torch.Tensor, packed: torch.Tensor, mask: torch.Tensor | None = None, *,
-                           n_tokens: float | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+def coarse_divergence_loss(
+    divergence,
+    student_logits: torch.Tensor,
+    packed: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    n_tokens: float | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``divergence_loss`` with the teacher's side read from a cache: ``student_logits [B, R, V]``,
     ``packed [B, R, 2K + 1]`` (``pack_targets``), ``mask [B, R]``; the same masking, chunking (rows
     of ``V``-wide chunks) and token mean."""
     divergence = ConfiguredDivergence.wrap(divergence)
-    return chunked_token_mean(CoarseDivergence(divergence), student_logits, packed, mask, n_tokens=n_tokens, weights=weights)
+    return chunked_token_mean(
+        CoarseDivergence(divergence), student_logits, packed, mask, n_tokens=n_tokens, weights=weights
+    )
 
 
 # --- keys and fingerprints: what a cache was made from
@@ -168,7 +179,9 @@ def teacher_fingerprint(spec) -> str:
     return "+".join(parts)
 
 
-def cache_settings(cfg, tokenizer, examples: list[Example], n_train: int, top_k: int, temperature: float, n_logits: int) -> dict[str, Any]:
+def cache_settings(
+    cfg, tokenizer, examples: list[Example], n_train: int, top_k: int, temperature: float, n_logits: int
+) -> dict[str, Any]:
     """What a cache is made from; a cache answers a run only when these agree with the run's."""
     return {
         "format": FORMAT,
@@ -182,8 +195,14 @@ def cache_settings(cfg, tokenizer, examples: list[Example], n_train: int, top_k:
         "top_k": top_k,
         "temperature": temperature,
         "fingerprint": data_fingerprint(examples),
-        "data": {"path": cfg.data.path, "validation": cfg.data.validation, "split": cfg.data.split, "prompt_template": cfg.data.prompt_template,
-                 "max_prompt_tokens": cfg.data.max_prompt_tokens, "max_response_tokens": cfg.data.max_response_tokens},
+        "data": {
+            "path": cfg.data.path,
+            "validation": cfg.data.validation,
+            "split": cfg.data.split,
+            "prompt_template": cfg.data.prompt_template,
+            "max_prompt_tokens": cfg.data.max_prompt_tokens,
+            "max_response_tokens": cfg.data.max_response_tokens,
+        },
         "train_examples": n_train,
         "validation_examples": len(examples) - n_train,
     }
@@ -197,15 +216,26 @@ def _ids_dtype(n_logits: int):
 
 
 @torch.no_grad()
-def write_part(folder: Path, name: str, examples: list[Example], teacher, top_k: int, temperature: float, n_logits: int, pad_id: int,
-               batch_size: int, device, progress: Callable[[int], None] | None = None) -> int:
+def write_part(
+    folder: Path,
+    name: str,
+    examples: list[Example],
+    teacher,
+    top_k: int,
+    temperature: float,
+    n_logits: int,
+    pad_id: int,
+    batch_size: int,
+    device,
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Run ``teacher`` over ``examples`` (batches of ``batch_size``) and write one part folder,
     atomically (a temporary name renamed into place). Returns the bytes written."""
     from distill.objective import response_logits
 
     keys, log_probs, ids, rest = [], [], [], []
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start: start + batch_size]
+        chunk = examples[start : start + batch_size]
         batch = collate(chunk, pad_id).to(device)
         logits = response_logits(teacher, batch)[..., :n_logits]
         for row, example in enumerate(chunk):
@@ -251,12 +281,16 @@ def prepare_cache_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> b
     if overwrite:
         return False
     if (out / MANIFEST).is_file():
-        raise ConfigError(f"--output-dir {out} holds a finished teacher cache; pass --overwrite to replace it, or choose another folder")
+        raise ConfigError(
+            f"--output-dir {out} holds a finished teacher cache; pass --overwrite to replace it, or choose another folder"
+        )
     saved = json.loads((out / SETTINGS).read_text())
     differ = [key for key in settings if saved.get(key) != settings[key]]
     if differ:
-        raise ConfigError(f"--output-dir {out} holds an unfinished cache made with other settings ({', '.join(differ)} differ); "
-                          "repeat its command to continue it, pass --overwrite to start over, or choose another folder")
+        raise ConfigError(
+            f"--output-dir {out} holds an unfinished cache made with other settings ({', '.join(differ)} differ); "
+            "repeat its command to continue it, pass --overwrite to start over, or choose another folder"
+        )
     return True
 
 
@@ -307,17 +341,25 @@ class TeacherCache:
         manifest = self.folder / MANIFEST
         if not manifest.is_file():
             unfinished = (self.folder / SETTINGS).is_file()
-            why = "unfinished (run its distill cache-teacher command again to finish it)" if unfinished else "not a teacher cache (no manifest.json)"
+            why = (
+                "unfinished (run its distill cache-teacher command again to finish it)"
+                if unfinished
+                else "not a teacher cache (no manifest.json)"
+            )
             raise ConfigError(f"--teacher-cache {folder}: {why}")
         self.manifest = json.loads(manifest.read_text())
         if self.manifest.get("format") != FORMAT:
-            raise ConfigError(f"--teacher-cache {folder}: format {self.manifest.get('format')}, this distill reads {FORMAT}; make it again with distill cache-teacher")
+            raise ConfigError(
+                f"--teacher-cache {folder}: format {self.manifest.get('format')}, this distill reads {FORMAT}; make it again with distill cache-teacher"
+            )
         self.top_k = int(self.manifest["top_k"])
         self.parts: list[_Part] = []
         self.index: dict[str, tuple[int, int, int]] = {}
         for number, name in enumerate(self.manifest["parts"]):
             part = self.folder / "parts" / name
-            self.parts.append(_Part(*(np.load(part / f"{kind}.npy", mmap_mode="r") for kind in ("logprobs", "ids", "rest"))))
+            self.parts.append(
+                _Part(*(np.load(part / f"{kind}.npy", mmap_mode="r") for kind in ("logprobs", "ids", "rest")))
+            )
             offset = 0
             for key, n in json.loads((part / "keys.json").read_text()):
                 self.index[key] = (number, offset, n)
@@ -325,9 +367,15 @@ class TeacherCache:
 
     def note(self, *, loaded: bool) -> str:
         """The start line's word on the cache."""
-        teacher = "the live teacher answers generated sequences" if loaded else "the teacher is not loaded (the policy never generates)"
-        return (f"teacher cache {self.folder} (top-{self.top_k}, {self.manifest['examples']:,} sequences): dataset sequences read it, {teacher}; "
-                f"divergences, validation ones included, are over the top {self.top_k} + 1 outcomes")
+        teacher = (
+            "the live teacher answers generated sequences"
+            if loaded
+            else "the teacher is not loaded (the policy never generates)"
+        )
+        return (
+            f"teacher cache {self.folder} (top-{self.top_k}, {self.manifest['examples']:,} sequences): dataset sequences read it, {teacher}; "
+            f"divergences, validation ones included, are over the top {self.top_k} + 1 outcomes"
+        )
 
     def __contains__(self, example: Example) -> bool:
         return example_key(example) in self.index
@@ -342,9 +390,9 @@ class TeacherCache:
         out = np.zeros((len(examples), width, 2 * k + 1), dtype=np.float32)
         for row, (number, offset, n) in enumerate(found):
             part = self.parts[number]
-            out[row, :n, :k] = part.log_probs[offset: offset + n]
-            out[row, :n, k: 2 * k] = part.ids[offset: offset + n]
-            out[row, :n, 2 * k] = part.rest[offset: offset + n]
+            out[row, :n, :k] = part.log_probs[offset : offset + n]
+            out[row, :n, k : 2 * k] = part.ids[offset : offset + n]
+            out[row, :n, 2 * k] = part.rest[offset : offset + n]
         return torch.from_numpy(out).to(device) if device is not None else torch.from_numpy(out)
 
     def check_run(self, cfg, tokenizer, examples: list[Example], n_logits: int) -> None:
@@ -353,21 +401,29 @@ class TeacherCache:
         as tokenized) in the cache; a run on part of the cached data is fine."""
         m, where = self.manifest, f"--teacher-cache {self.folder}"
         if teacher_fingerprint(cfg.teacher) != m["teacher_fingerprint"]:
-            raise ConfigError(f"{where} was made with teacher {m['teacher']}{' + adapter ' + m['teacher_adapter'] if m.get('teacher_adapter') else ''}, "
-                              f"not this run's {cfg.teacher.ref}; pass --teacher {m['teacher']} or make a cache with this teacher (distill cache-teacher)")
+            raise ConfigError(
+                f"{where} was made with teacher {m['teacher']}{' + adapter ' + m['teacher_adapter'] if m.get('teacher_adapter') else ''}, "
+                f"not this run's {cfg.teacher.ref}; pass --teacher {m['teacher']} or make a cache with this teacher (distill cache-teacher)"
+            )
         if tokenizer_fingerprint(tokenizer) != m["tokenizer_fingerprint"] or n_logits != m["vocabulary"]:
-            raise ConfigError(f"{where} was made with another tokenizer ({m['tokenizer']}, {m['vocabulary']} logits) than this run's "
-                              f"({cfg.tokenizer or cfg.teacher.ref}, {n_logits}); use the teacher's tokenizer or make the cache again")
+            raise ConfigError(
+                f"{where} was made with another tokenizer ({m['tokenizer']}, {m['vocabulary']} logits) than this run's "
+                f"({cfg.tokenizer or cfg.teacher.ref}, {n_logits}); use the teacher's tokenizer or make the cache again"
+            )
         if cfg.divergence.temperature != m["temperature"]:
-            raise ConfigError(f"{where} holds the teacher at temperature {m['temperature']}, this run's divergence.temperature is "
-                              f"{cfg.divergence.temperature}; set divergence.temperature={m['temperature']} or make the cache with --temperature {cfg.divergence.temperature}")
+            raise ConfigError(
+                f"{where} holds the teacher at temperature {m['temperature']}, this run's divergence.temperature is "
+                f"{cfg.divergence.temperature}; set divergence.temperature={m['temperature']} or make the cache with --temperature {cfg.divergence.temperature}"
+            )
         missing = len({example_key(e) for e in examples} - set(self.index))
         if missing:  # a run may use part of the cached data (fewer validation examples, say), nothing outside it
             d = m["data"]
-            raise ConfigError(f"{where} was made from other data or another tokenization: {missing} of this run's {len(examples)} examples "
-                              f"are not in it (it holds {m['examples']} sequences from data.path {d['path']}, data.validation {d['validation']}, "
-                              f"max_prompt_tokens {d['max_prompt_tokens']}, max_response_tokens {d['max_response_tokens']}); "
-                              "use the same data settings or make the cache again")
+            raise ConfigError(
+                f"{where} was made from other data or another tokenization: {missing} of this run's {len(examples)} examples "
+                f"are not in it (it holds {m['examples']} sequences from data.path {d['path']}, data.validation {d['validation']}, "
+                f"max_prompt_tokens {d['max_prompt_tokens']}, max_response_tokens {d['max_response_tokens']}); "
+                "use the same data settings or make the cache again"
+            )
 
 
 # --- training and evaluation with a cache
@@ -385,8 +441,18 @@ def policy_generates(policy) -> bool:
     return bool(getattr(policy, "generates", True))
 
 
-def cached_micro_batch_loss(student, batch: Batch, packed: torch.Tensor, divergence, denominator: float, ce_weight: float = 0.0,
-                            unwrap=lambda m: m, *, kd_weight: float = 1.0, normalize: str = "token") -> tuple[torch.Tensor, dict[str, float]]:
+def cached_micro_batch_loss(
+    student,
+    batch: Batch,
+    packed: torch.Tensor,
+    divergence,
+    denominator: float,
+    ce_weight: float = 0.0,
+    unwrap=lambda m: m,
+    *,
+    kd_weight: float = 1.0,
+    normalize: str = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
     """``distill.objective.micro_batch_loss`` with the teacher's side from a cache: ``kd_weight`` x the
     divergence on coarse distributions (no teacher forward), plus ``ce_weight`` x the student's
     cross-entropy; ``normalize="sequence"``: each token weighs 1 / its sequence's length."""
@@ -394,7 +460,9 @@ def cached_micro_batch_loss(student, batch: Batch, packed: torch.Tensor, diverge
 
     weights = sequence_weights(batch.response_mask) if normalize == "sequence" else None
     student_logits = response_logits(student, batch, unwrap)
-    value = coarse_divergence_loss(divergence, student_logits, packed, batch.response_mask, n_tokens=denominator, weights=weights)
+    value = coarse_divergence_loss(
+        divergence, student_logits, packed, batch.response_mask, n_tokens=denominator, weights=weights
+    )
     return with_cross_entropy(value, student_logits, batch, denominator, ce_weight, kd_weight, weights)
 
 
@@ -405,8 +473,17 @@ def rank_share(examples: list[Example], rank: int, world: int) -> list[Example]:
     return sorted(mine, key=lambda e: (len(e.response_ids), len(e.prompt_ids)))
 
 
-def build_cache(cfg, out: str | Path, *, top_k: int, temperature: float = 1.0, batch_size: int = 8, overwrite: bool = False,
-                progress: Callable[[str, int, int], None] | None = None, report: Callable[[str], None] | None = None) -> dict[str, Any]:
+def build_cache(
+    cfg,
+    out: str | Path,
+    *,
+    top_k: int,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+    report: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """``distill cache-teacher``: the teacher of ``cfg`` over the training and validation examples of
     ``cfg.data`` (split as a run with ``cfg.train.seed`` splits them; the cache holds both), top
     ``top_k`` per response position, into ``out``. Under ``accelerate launch`` every process takes
@@ -425,7 +502,9 @@ def build_cache(cfg, out: str | Path, *, top_k: int, temperature: float = 1.0, b
     cfg, _, _ = resolve_precision(cfg)
     if not cfg.teacher.ref:
         raise ConfigError("--teacher: required (a model folder, hub id or built-in name)")
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads the launcher's CPU flag
+    state = PartialState(
+        cpu=parse_flag_from_env("ACCELERATE_USE_CPU")
+    )  # as Accelerator() reads the launcher's CPU flag
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)
     n_logits = len(tokenizer)
     if not 1 <= top_k <= n_logits:
@@ -439,7 +518,9 @@ def build_cache(cfg, out: str | Path, *, top_k: int, temperature: float = 1.0, b
     resuming = prepare_cache_dir(out, settings, overwrite)  # reads only
     teacher = load_model(cfg.teacher, "teacher").eval().requires_grad_(False)
     if vocab_size(teacher) < n_logits:
-        raise ConfigError(f"the tokenizer has {n_logits} tokens but the teacher's output head only {vocab_size(teacher)} rows; set tokenizer=DIR to the teacher's")
+        raise ConfigError(
+            f"the tokenizer has {n_logits} tokens but the teacher's output head only {vocab_size(teacher)} rows; set tokenizer=DIR to the teacher's"
+        )
     trim_head(teacher, n_logits)
     teacher.to(state.device)
     # --- nothing was written so far; now the folder (main process), then every process's parts
@@ -459,9 +540,13 @@ def build_cache(cfg, out: str | Path, *, top_k: int, temperature: float = 1.0, b
     todo = rank_share([e for e in examples if example_key(e) not in done], state.process_index, state.num_processes)
     if resuming and state.is_main_process:
         report(f"continuing {out}: {len(done)} sequences cached before")
-    first = 1 + max((int(p.name.split("-")[1]) for p in (out / "parts").glob(f"r{state.process_index:03d}-*")), default=-1)
+    first = 1 + max(
+        (int(p.name.split("-")[1]) for p in (out / "parts").glob(f"r{state.process_index:03d}-*")), default=-1
+    )
     finished = 0
-    tell = progress if progress and state.is_main_process else (lambda phase, n, total: None)  # one console: the main process's share
+    tell = (
+        progress if progress and state.is_main_process else (lambda phase, n, total: None)
+    )  # one console: the main process's share
     tell("teacher cache (sequences)", 0, len(todo))
 
     def advance(n: int) -> None:
@@ -470,8 +555,19 @@ def build_cache(cfg, out: str | Path, *, top_k: int, temperature: float = 1.0, b
         tell("teacher cache (sequences)", finished, len(todo))
 
     for number, start in enumerate(range(0, len(todo), PART_EXAMPLES)):
-        write_part(out / "parts", f"r{state.process_index:03d}-{first + number:05d}", todo[start: start + PART_EXAMPLES], teacher, top_k, temperature,
-                   n_logits, tokenizer.pad_token_id, batch_size, state.device, advance)
+        write_part(
+            out / "parts",
+            f"r{state.process_index:03d}-{first + number:05d}",
+            todo[start : start + PART_EXAMPLES],
+            teacher,
+            top_k,
+            temperature,
+            n_logits,
+            tokenizer.pad_token_id,
+            batch_size,
+            state.device,
+            advance,
+        )
     state.wait_for_everyone()
     manifest = None
     if state.is_main_process:

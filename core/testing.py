@@ -125,8 +125,12 @@ def _check_params(kind: str, plugin_cls: type, params: Mapping[str, Any]) -> Any
         try:
             plugin_cls.Params.model_validate({**values.model_dump(), name: default})
         except ValidationError as error:
-            _fail(kind, plugin_cls, "params are validated",
-                  f"the default {name}={default!r} is refused: {describe_validation_error(error, 'Params')}")
+            _fail(
+                kind,
+                plugin_cls,
+                "params are validated",
+                f"the default {name}={default!r} is refused: {describe_validation_error(error, 'Params')}",
+            )
     return values
 
 
@@ -143,8 +147,14 @@ class _Logits:
 
 
 @st.composite
-def _logits(draw, *, same: bool = False, masked: bool = False, dtypes: tuple[torch.dtype, ...] = (torch.float32,),
-            bound: float = EXTREME) -> _Logits:
+def _logits(
+    draw,
+    *,
+    same: bool = False,
+    masked: bool = False,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+    bound: float = EXTREME,
+) -> _Logits:
     """Student and teacher logits ``[N, V]``, entries in [-bound, bound] (the ends included), with
     ``-inf`` at the same entries of both when ``masked`` (every row keeps a finite entry)."""
     n, v = draw(st.integers(1, 4)), draw(st.integers(2, 8))
@@ -153,6 +163,7 @@ def _logits(draw, *, same: bool = False, masked: bool = False, dtypes: tuple[tor
     student = rows()
     teacher = student.clone() if same else rows()
     if masked:
+
         def mask() -> torch.Tensor:
             dropped = torch.tensor(draw(st.lists(st.booleans(), min_size=n * v, max_size=n * v))).view(n, v)
             kept = draw(st.lists(st.integers(0, v - 1), min_size=n, max_size=n))
@@ -194,11 +205,14 @@ def _divergence_checks(plugin_cls: type, d: ConfiguredDivergence) -> list[tuple[
             got = f"{str(values.dtype).removeprefix('torch.')}{list(values.shape)}"
             fail(prop, f"returned {got}, expected float32[{n}], on {case}")
         for row in range(n):
-            alone = d.plugin(prepare_logits(case.student[row: row + 1]), prepare_logits(case.teacher[row: row + 1]))
+            alone = d.plugin(prepare_logits(case.student[row : row + 1]), prepare_logits(case.teacher[row : row + 1]))
             alone = alone.detach().float()
-            if not torch.allclose(values[row: row + 1].detach(), alone, rtol=1e-4, atol=1e-5, equal_nan=True):
-                fail(prop, f"row {row} is {values[row].item()!r} in the batch but {alone.flatten()[0].item()!r} "
-                           f"alone, on {case}")
+            if not torch.allclose(values[row : row + 1].detach(), alone, rtol=1e-4, atol=1e-5, equal_nan=True):
+                fail(
+                    prop,
+                    f"row {row} is {values[row].item()!r} in the batch but {alone.flatten()[0].item()!r} "
+                    f"alone, on {case}",
+                )
 
     def zero_on_equal(case: _Logits) -> None:
         values, _ = call("D(p, p) = 0", case)
@@ -216,8 +230,10 @@ def _divergence_checks(plugin_cls: type, d: ConfiguredDivergence) -> list[tuple[
         if not torch.isfinite(values).all():
             fail(prop, f"values {values.tolist()} on {case}")
         if not torch.isfinite(gradient).all():
-            fail(prop, f"student gradient {_show(gradient)} on {case} "
-                       f"(take sqrt and log of probabilities from log_softmax)")
+            fail(
+                prop,
+                f"student gradient {_show(gradient)} on {case} (take sqrt and log of probabilities from log_softmax)",
+            )
 
     low = (torch.float32, torch.bfloat16, torch.float16)
     return [
@@ -284,8 +300,12 @@ class SimulatedContext(SamplingContext):
 
     @classmethod
     def for_rank(cls, process_index: int, num_processes: int) -> "SimulatedContext":
-        context = cls(lambda ex: context.generate("student", ex), lambda ex: context.generate("teacher", ex),
-                      process_index, num_processes)
+        context = cls(
+            lambda ex: context.generate("student", ex),
+            lambda ex: context.generate("teacher", ex),
+            process_index,
+            num_processes,
+        )
         return context
 
     def generate(self, model: str, examples: list[Example]) -> list[Example]:
@@ -312,8 +332,10 @@ class _Schedule:
 
     def __repr__(self) -> str:
         losses = ", ".join(f"{x:.6g}" for x in self.val_losses)
-        return (f"run: seed={self.seed}, total_steps={self.total_steps}, evaluation every {self.eval_every} "
-                f"steps with val losses [{losses}], checkpoint after step {self.checkpoint}")
+        return (
+            f"run: seed={self.seed}, total_steps={self.total_steps}, evaluation every {self.eval_every} "
+            f"steps with val losses [{losses}], checkpoint after step {self.checkpoint}"
+        )
 
     def val_loss(self, step: int) -> float | None:
         """The loss observed after ``step`` (step 0: before training), or None when no evaluation."""
@@ -394,14 +416,19 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
             if source not in SOURCES:
                 fail(prop, f"step {t}: source {source!r} is not one of {sorted(SOURCES)} ({schedule})")
             if not isinstance(group, list) or not group or not all(isinstance(e, Example) for e in group):
-                fail(prop, f"step {t}: the {source!r} examples are not a non-empty list of distill.Example: "
-                           f"{group!r} ({schedule})")
+                fail(
+                    prop,
+                    f"step {t}: the {source!r} examples are not a non-empty list of distill.Example: "
+                    f"{group!r} ({schedule})",
+                )
             sources.append(source)
             returned.append([(tuple(e.prompt_ids), tuple(e.response_ids)) for e in group])
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         if not isinstance(metrics, dict) or not all(isinstance(k, str) and number(v) for k, v in metrics.items()):
-            fail(prop, f"step {t}: metrics() must return dict[str, float] of finite numbers, got {metrics!r} "
-                       f"({schedule})")
+            fail(
+                prop,
+                f"step {t}: metrics() must return dict[str, float] of finite numbers, got {metrics!r} ({schedule})",
+            )
         return _Step(sources, context.calls[first_call:], returned, dict(metrics))
 
     def start(policy: Any, context: SimulatedContext, schedule: _Schedule, prop: str) -> None:
@@ -420,15 +447,20 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
         for t in range(1, schedule.total_steps + 1):
             dataset.update((tuple(e.prompt_ids), tuple(e.response_ids)) for e in context.batch(t))
             record = step(prop, policy, context, schedule, t)
-            fresh = {model: {(p, r) for p, r in context.generated[model] if r[1] == 20 + t}
-                     for model in ("student", "teacher")}
+            fresh = {
+                model: {(p, r) for p, r in context.generated[model] if r[1] == 20 + t}
+                for model in ("student", "teacher")
+            }
             origin = {"dataset": dataset, **fresh, "replay": context.generated["student"]}
             for source, examples in zip(record.sources, record.examples):
                 stray = [e for e in examples if e not in origin[source]]
                 if stray:
-                    where = {"dataset": "the dataset examples seen so far",
-                             "student": "this step's student generations",
-                             "teacher": "this step's teacher generations", "replay": "past student generations"}[source]
+                    where = {
+                        "dataset": "the dataset examples seen so far",
+                        "student": "this step's student generations",
+                        "teacher": "this step's teacher generations",
+                        "replay": "past student generations",
+                    }[source]
                     fail(prop, f"step {t}: labelled {source!r} but {stray[0]} is not among {where} ({schedule})")
 
     def same_on_every_rank(schedule: _Schedule) -> None:
@@ -443,9 +475,12 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
             for rank, record in enumerate(records[1:], 1):
                 for what in ("sources", "calls", "metrics"):
                     if getattr(record, what) != getattr(records[0], what):
-                        fail(prop, f"step {t}: rank 0 {what} {getattr(records[0], what)} but rank {rank} "
-                                   f"{getattr(record, what)} ({schedule}; the ranks differ only in their data, "
-                                   f"RANK and the global random generators: draw from self.generator)")
+                        fail(
+                            prop,
+                            f"step {t}: rank 0 {what} {getattr(records[0], what)} but rank {rank} "
+                            f"{getattr(record, what)} ({schedule}; the ranks differ only in their data, "
+                            f"RANK and the global random generators: draw from self.generator)",
+                        )
 
     def round_trip(schedule: _Schedule) -> None:
         prop = "a state_dict round trip reproduces the choices that follow"
@@ -458,9 +493,12 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
             torch.save(policy.state_dict(), buffer)
             state = torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
         except Exception as error:
-            fail(prop, f"state_dict() after step {schedule.checkpoint} cannot be checkpointed "
-                       f"(torch.save, then torch.load(weights_only=True)): {type(error).__name__}: {error} "
-                       f"({schedule})")
+            fail(
+                prop,
+                f"state_dict() after step {schedule.checkpoint} cannot be checkpointed "
+                f"(torch.save, then torch.load(weights_only=True)): {type(error).__name__}: {error} "
+                f"({schedule})",
+            )
         resumed, resumed_context = build(), SimulatedContext.for_rank(0, 1)
         try:  # as the engine resumes: reseed with the run's seed, then load
             resumed.reseed(schedule.seed)
@@ -471,8 +509,11 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
             expected, got = step(prop, policy, context, schedule, t), step(prop, resumed, resumed_context, schedule, t)
             for what in ("sources", "calls", "metrics", "examples"):
                 if getattr(got, what) != getattr(expected, what):
-                    fail(prop, f"step {t} after a checkpoint at step {schedule.checkpoint}: {what} "
-                               f"{getattr(expected, what)} uninterrupted but {getattr(got, what)} resumed ({schedule})")
+                    fail(
+                        prop,
+                        f"step {t} after a checkpoint at step {schedule.checkpoint}: {what} "
+                        f"{getattr(expected, what)} uninterrupted but {getattr(got, what)} resumed ({schedule})",
+                    )
 
     return [
         ("sources are valid", _schedules(), valid_sources),

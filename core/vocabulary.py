@@ -40,8 +40,10 @@ def mismatch(teacher_tokenizer, student_tokenizer) -> str | None:
     shared = min(len(teacher_tokenizer), len(student_tokenizer))
     for i in range(shared):
         if teacher_tokens.get(i) != student_tokens.get(i):
-            return (f"id {i} is {teacher_tokens.get(i)!r} in the teacher's tokenizer and {student_tokens.get(i)!r} in the student's "
-                    f"({len(teacher_tokenizer)} and {len(student_tokenizer)} tokens)")
+            return (
+                f"id {i} is {teacher_tokens.get(i)!r} in the teacher's tokenizer and {student_tokens.get(i)!r} in the student's "
+                f"({len(teacher_tokenizer)} and {len(student_tokenizer)} tokens)"
+            )
     return None
 
 
@@ -58,8 +60,10 @@ def check_data_ids(examples: list[Example], n: int, role: str) -> None:
     for example in examples:
         for i in (*example.prompt_ids, *example.response_ids):
             if i >= n:
-                raise ConfigError(f"the data encodes to token id {i}, past the {n} ids the {role}'s tokenizer shares with the "
-                                  "other's; encode with the smaller tokenizer (set tokenizer=DIR)")
+                raise ConfigError(
+                    f"the data encodes to token id {i}, past the {n} ids the {role}'s tokenizer shares with the "
+                    "other's; encode with the smaller tokenizer (set tokenizer=DIR)"
+                )
 
 
 class TextBridge:
@@ -79,7 +83,9 @@ class TextBridge:
 
     def teacher_prompts(self, examples: list[Example]) -> list[Example]:
         """The examples' prompts in the teacher's tokens and chat template (responses empty)."""
-        return [Example(self.format_teacher(e.messages), [], reference=e.reference, messages=e.messages) for e in examples]
+        return [
+            Example(self.format_teacher(e.messages), [], reference=e.reference, messages=e.messages) for e in examples
+        ]
 
     def to_student(self, example: Example, answer: Example) -> Example:
         """``example`` (student tokens) with the teacher's ``answer`` (teacher tokens) as its response."""

@@ -70,7 +70,9 @@ class JSD:
 
     class Params(distill.Params):
         beta: float = Field(
-            0.5, gt=0.0, lt=1.0,
+            0.5,
+            gt=0.0,
+            lt=1.0,
             description="teacher weight in the mixture m; 0 and 1 are refused (use kl or rkl)",
         )
 
@@ -100,7 +102,9 @@ class TVD:
 
 class _SkewParams(distill.Params):
     alpha: float = Field(
-        0.1, ge=0.0, le=1.0,
+        0.1,
+        ge=0.0,
+        le=1.0,
         description="share of the first distribution in the mixture; 0 = plain KL, 1 = always 0",
     )
 
@@ -140,7 +144,8 @@ class SkewReverseKL:
 
     class Params(_SkewParams):
         detach_mixture: bool = Field(
-            False, description="no gradient through the student's share of the mixture (DistiLLM-2); values unchanged",
+            False,
+            description="no gradient through the student's share of the mixture (DistiLLM-2); values unchanged",
         )
 
     def __init__(self, params: "SkewReverseKL.Params") -> None:

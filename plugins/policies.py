@@ -195,12 +195,21 @@ class Contrastive(RandomPolicy):
     sources = ("dataset", "teacher", "student")
 
     class Params(distill.Params):
-        teacher: Literal["dataset", "generate"] = Field("dataset", description="the teacher-side group: the dataset's responses, or responses sampled from the teacher")
-        refresh_every: int = Field(1, ge=1, description="steps a prompt's student response is reused for before it is generated again (1: fresh every step)")
+        teacher: Literal["dataset", "generate"] = Field(
+            "dataset",
+            description="the teacher-side group: the dataset's responses, or responses sampled from the teacher",
+        )
+        refresh_every: int = Field(
+            1,
+            ge=1,
+            description="steps a prompt's student response is reused for before it is generated again (1: fresh every step)",
+        )
 
     def __init__(self, params: "Contrastive.Params") -> None:
         super().__init__(params)
-        self.responses: dict[tuple[int, ...], tuple[list[int], int]] = {}  # prompt ids -> (student response ids, step generated)
+        self.responses: dict[
+            tuple[int, ...], tuple[list[int], int]
+        ] = {}  # prompt ids -> (student response ids, step generated)
 
     def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
         if self.params.teacher == "generate":
@@ -213,12 +222,17 @@ class Contrastive(RandomPolicy):
         """Fresh student responses, or with ``refresh_every`` > 1 the kept ones that are recent enough."""
         if self.params.refresh_every == 1:
             return context.generate_student(examples)
-        self.responses = {k: v for k, v in self.responses.items() if step - v[1] < self.params.refresh_every}  # drop stale ones
+        self.responses = {
+            k: v for k, v in self.responses.items() if step - v[1] < self.params.refresh_every
+        }  # drop stale ones
         keys = [tuple(e.prompt_ids) for e in examples]
         missing = list({k: e for k, e in zip(keys, examples) if k not in self.responses}.values())
         for example in context.generate_student(missing):
             self.responses[tuple(example.prompt_ids)] = (list(example.response_ids), step)
-        return [Example(list(e.prompt_ids), list(self.responses[k][0]), reference=e.reference) for k, e in zip(keys, examples)]
+        return [
+            Example(list(e.prompt_ids), list(self.responses[k][0]), reference=e.reference)
+            for k, e in zip(keys, examples)
+        ]
 
     def metrics(self) -> dict[str, float]:
         return {"kept_responses": len(self.responses)} if self.params.refresh_every > 1 else {}

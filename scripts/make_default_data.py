@@ -50,8 +50,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, default=0, help="answer only the first N prompts (a trial)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                        help="teacher precision for generation (bfloat16 is several times faster on CPUs with AMX)")
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="teacher precision for generation (bfloat16 is several times faster on CPUs with AMX)",
+    )
     args = parser.parse_args()
 
     rows = [json.loads(line) for line in (ASSETS / "prompts.jsonl").read_text().splitlines() if line.strip()]
@@ -68,13 +72,15 @@ def main() -> None:
     tokenizer = load_tokenizer(SMOLLM2)
     teacher = load_model(SMOLLM2, "teacher", dtype=getattr(torch, args.dtype)).eval()
     formatter = PromptFormatter(tokenizer)
-    generate = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0), args.batch_size)
+    generate = ResponseGenerator(
+        tokenizer, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0), args.batch_size
+    )
     todo.sort(key=lambda r: len(formatter([{"role": "user", "content": r["prompt"]}])))
     started = time.perf_counter()
     with Progress() as progress, open(cache_path, "a") as cache_file:
         task = progress.add_task("teacher answers", total=len(todo))
         for start in range(0, len(todo), args.batch_size):
-            chunk = todo[start: start + args.batch_size]
+            chunk = todo[start : start + args.batch_size]
             examples = [Example(formatter([{"role": "user", "content": r["prompt"]}]), []) for r in chunk]
             with torch.inference_mode():
                 answers = generate(teacher, examples, greedy=True)
@@ -88,12 +94,22 @@ def main() -> None:
             progress.advance(task, len(chunk))
     val_ids = split_ids(rows, args.val, args.seed)
     answered = [cache[r["id"]] for r in rows]
-    for name, part in (("default_train.jsonl", [r for r in answered if r["id"] not in val_ids]), ("default_val.jsonl", [r for r in answered if r["id"] in val_ids])):
+    for name, part in (
+        ("default_train.jsonl", [r for r in answered if r["id"] not in val_ids]),
+        ("default_val.jsonl", [r for r in answered if r["id"] in val_ids]),
+    ):
         with open(ASSETS / name, "w") as handle:
             for r in part:
-                handle.write(json.dumps({"id": r["id"], "category": r["category"], "prompt": r["prompt"], "response": r["response"]}) + "\n")
+                handle.write(
+                    json.dumps(
+                        {"id": r["id"], "category": r["category"], "prompt": r["prompt"], "response": r["response"]}
+                    )
+                    + "\n"
+                )
     unfinished = sum(not r["finished"] for r in answered)
-    print(f"{len(answered)} answers ({len(todo)} new, {time.perf_counter() - started:.0f} s); {unfinished} hit the {args.max_new_tokens}-token cap; validation {len(val_ids)}")
+    print(
+        f"{len(answered)} answers ({len(todo)} new, {time.perf_counter() - started:.0f} s); {unfinished} hit the {args.max_new_tokens}-token cap; validation {len(val_ids)}"
+    )
 
 
 if __name__ == "__main__":

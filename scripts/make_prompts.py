@@ -118,7 +118,7 @@ LIST = [
     "List three popular programming languages.",
     "Give three examples of renewable energy sources.",
     "Name four musical instruments that have strings.",
-    "List five words that rhyme with \"cat\".",
+    'List five words that rhyme with "cat".',
     "Name the seven continents.",
     "Name three gases found in the air we breathe.",
     "List four vegetables that grow underground.",
@@ -167,55 +167,55 @@ LIST = [
 # rewriting (every prompt carries the sentence to rewrite)
 # ---------------------------------------------------------------------------------------------
 REWRITING = [
-    "Rewrite this sentence in a more formal tone: \"Hey, can you send me that report ASAP?\"",
-    "Simplify this sentence for a young reader: \"The precipitation will persist throughout the afternoon.\"",
-    "Paraphrase the following sentence: \"The meeting has been postponed until next week.\"",
-    "Make this sentence more concise: \"At this point in time, we are currently in the process of reviewing your application.\"",
-    "Rewrite this sentence in the passive voice: \"The chef cooked a delicious meal.\"",
-    "Rewrite this sentence in the active voice: \"The ball was kicked by the boy.\"",
-    "Make this request sound more polite: \"Give me the menu.\"",
-    "Rewrite this sentence in the past tense: \"I walk to school every morning.\"",
-    "Rewrite this sentence in the future tense: \"We visited our grandparents.\"",
-    "Make this sentence more exciting: \"The dog ran across the park.\"",
-    "Turn this statement into a question: \"The train leaves at nine o'clock.\"",
-    "Turn this casual message into a professional email opening: \"yo, quick question about the invoice\"",
-    "Rewrite this sentence so it sounds more positive: \"This plan will probably fail.\"",
-    "Replace the business jargon with plain words: \"We need to leverage our synergies to optimise deliverables.\"",
-    "Shorten this sentence to fewer than ten words: \"Due to the fact that it was raining heavily, the football match was cancelled by the organisers.\"",
-    "Rewrite this sentence in the first person: \"She finished her homework before dinner.\"",
-    "Combine these two sentences into one: \"The library is quiet. It is a good place to study.\"",
-    "Split this long sentence into two shorter ones: \"We packed the car early in the morning and drove for five hours until we reached the coast, where we found a small hotel with a view of the harbour.\"",
-    "Rewrite this with a friendlier tone: \"Your request has been denied.\"",
-    "Make this sentence more descriptive: \"The house was old.\"",
-    "Rewrite this sentence as a newspaper headline: \"A local cat saved its owner from a kitchen fire yesterday.\"",
-    "Rewrite this sentence without using the word \"very\": \"The soup was very hot and very salty.\"",
-    "Change this to reported speech: He said, \"I am tired.\"",
-    "Change this sentence from plural to singular: \"The children are playing in the gardens.\"",
-    "Make this sentence gender-neutral: \"Every student should bring his own book.\"",
-    "Rewrite this in a more confident tone: \"I think maybe I could possibly help with the project.\"",
-    "Rewrite this in simpler words: \"The physician recommended that the patient abstain from consuming sugary beverages.\"",
-    "Rewrite this announcement as a short social media post: \"Our bakery is opening a second shop downtown next Saturday, with free coffee for the first fifty customers.\"",
-    "Rewrite this sentence using a metaphor: \"She was very brave.\"",
-    "Remove the redundant word from this sentence: \"Please return back the book to the library.\"",
-    "Rewrite this sentence in a formal style: \"The boss is super mad about the late delivery.\"",
-    "Rewrite this sentence in a casual, friendly style: \"We regret to inform you that the event has been cancelled.\"",
-    "Rewrite this sentence as a direct instruction: \"You should probably close the window.\"",
-    "Rewrite this sentence in the negative form: \"He likes coffee.\"",
-    "Rewrite this text to avoid repetition: \"The cake was good. The cake was sweet. The cake was soft.\"",
-    "Rewrite this sentence so a seven-year-old can understand it: \"Photosynthesis converts light energy into chemical energy.\"",
-    "Change this sentence to the present continuous tense: \"They eat lunch.\"",
-    "Rewrite this message in a calm, polite tone: \"STOP SENDING ME THESE EMAILS!\"",
-    "Rewrite this sentence to make it clearer: \"The report that the manager who was new wrote was long.\"",
-    "Join these sentences using the word \"although\": \"It was cold. We went swimming.\"",
-    "Rewrite this as a polite apology to a customer: \"Your package arrived late.\"",
-    "Fix the capitalisation in this sentence: \"i visited paris in june with my friend anna.\"",
+    'Rewrite this sentence in a more formal tone: "Hey, can you send me that report ASAP?"',
+    'Simplify this sentence for a young reader: "The precipitation will persist throughout the afternoon."',
+    'Paraphrase the following sentence: "The meeting has been postponed until next week."',
+    'Make this sentence more concise: "At this point in time, we are currently in the process of reviewing your application."',
+    'Rewrite this sentence in the passive voice: "The chef cooked a delicious meal."',
+    'Rewrite this sentence in the active voice: "The ball was kicked by the boy."',
+    'Make this request sound more polite: "Give me the menu."',
+    'Rewrite this sentence in the past tense: "I walk to school every morning."',
+    'Rewrite this sentence in the future tense: "We visited our grandparents."',
+    'Make this sentence more exciting: "The dog ran across the park."',
+    'Turn this statement into a question: "The train leaves at nine o\'clock."',
+    'Turn this casual message into a professional email opening: "yo, quick question about the invoice"',
+    'Rewrite this sentence so it sounds more positive: "This plan will probably fail."',
+    'Replace the business jargon with plain words: "We need to leverage our synergies to optimise deliverables."',
+    'Shorten this sentence to fewer than ten words: "Due to the fact that it was raining heavily, the football match was cancelled by the organisers."',
+    'Rewrite this sentence in the first person: "She finished her homework before dinner."',
+    'Combine these two sentences into one: "The library is quiet. It is a good place to study."',
+    'Split this long sentence into two shorter ones: "We packed the car early in the morning and drove for five hours until we reached the coast, where we found a small hotel with a view of the harbour."',
+    'Rewrite this with a friendlier tone: "Your request has been denied."',
+    'Make this sentence more descriptive: "The house was old."',
+    'Rewrite this sentence as a newspaper headline: "A local cat saved its owner from a kitchen fire yesterday."',
+    'Rewrite this sentence without using the word "very": "The soup was very hot and very salty."',
+    'Change this to reported speech: He said, "I am tired."',
+    'Change this sentence from plural to singular: "The children are playing in the gardens."',
+    'Make this sentence gender-neutral: "Every student should bring his own book."',
+    'Rewrite this in a more confident tone: "I think maybe I could possibly help with the project."',
+    'Rewrite this in simpler words: "The physician recommended that the patient abstain from consuming sugary beverages."',
+    'Rewrite this announcement as a short social media post: "Our bakery is opening a second shop downtown next Saturday, with free coffee for the first fifty customers."',
+    'Rewrite this sentence using a metaphor: "She was very brave."',
+    'Remove the redundant word from this sentence: "Please return back the book to the library."',
+    'Rewrite this sentence in a formal style: "The boss is super mad about the late delivery."',
+    'Rewrite this sentence in a casual, friendly style: "We regret to inform you that the event has been cancelled."',
+    'Rewrite this sentence as a direct instruction: "You should probably close the window."',
+    'Rewrite this sentence in the negative form: "He likes coffee."',
+    'Rewrite this text to avoid repetition: "The cake was good. The cake was sweet. The cake was soft."',
+    'Rewrite this sentence so a seven-year-old can understand it: "Photosynthesis converts light energy into chemical energy."',
+    'Change this sentence to the present continuous tense: "They eat lunch."',
+    'Rewrite this message in a calm, polite tone: "STOP SENDING ME THESE EMAILS!"',
+    'Rewrite this sentence to make it clearer: "The report that the manager who was new wrote was long."',
+    'Join these sentences using the word "although": "It was cold. We went swimming."',
+    'Rewrite this as a polite apology to a customer: "Your package arrived late."',
+    'Fix the capitalisation in this sentence: "i visited paris in june with my friend anna."',
     "Correct the grammar in this sentence: \"She don't like apples and he don't neither.\"",
-    "Rewrite this sentence from the point of view of the dog: \"The girl threw the stick into the lake.\"",
-    "Make this product sentence more persuasive: \"This chair is comfortable.\"",
-    "Rewrite this sentence so it is less wordy: \"In my personal opinion, I think that the film was really quite long.\"",
-    "Paraphrase this sentence in plain English: \"Do not count your chickens before they hatch.\"",
-    "Rewrite this note so it sounds more urgent: \"The server may need to be restarted at some point.\"",
-    "Rewrite the following in the third person: \"I am learning to play the guitar.\"",
+    'Rewrite this sentence from the point of view of the dog: "The girl threw the stick into the lake."',
+    'Make this product sentence more persuasive: "This chair is comfortable."',
+    'Rewrite this sentence so it is less wordy: "In my personal opinion, I think that the film was really quite long."',
+    'Paraphrase this sentence in plain English: "Do not count your chickens before they hatch."',
+    'Rewrite this note so it sounds more urgent: "The server may need to be restarted at some point."',
+    'Rewrite the following in the third person: "I am learning to play the guitar."',
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ CREATIVE = [
     "Write a slogan for a public library.",
     "Begin a short fable about a fox and a crow.",
     "Write a product description for a smart alarm clock.",
-    "Write a short riddle whose answer is \"a shadow\".",
+    'Write a short riddle whose answer is "a shadow".',
     "Write a cheerful weather forecast for tomorrow as a pirate would say it.",
     "Write an acrostic poem using the word SUN.",
     "Write a postcard message from a holiday in the mountains.",
@@ -302,9 +302,9 @@ _SENTIMENT = [
     "The package arrived on Tuesday as expected.",
 ]
 _SENTIMENT_TEMPLATES = [
-    "Classify the sentiment of this review as positive, negative or neutral: \"{t}\"",
-    "Is the following customer review positive, negative or neutral? Review: \"{t}\"",
-    "Review: \"{t}\"\nLabel the sentiment of this review. Choose one: positive, negative, neutral.",
+    'Classify the sentiment of this review as positive, negative or neutral: "{t}"',
+    'Is the following customer review positive, negative or neutral? Review: "{t}"',
+    'Review: "{t}"\nLabel the sentiment of this review. Choose one: positive, negative, neutral.',
 ]
 _HEADLINES = [
     "Local team wins national football championship after penalty shoot-out",
@@ -323,8 +323,8 @@ _HEADLINES = [
     "Software update fixes security flaw in popular web browser",
 ]
 _HEADLINE_TEMPLATES = [
-    "Classify the topic of this headline as sports, politics, technology, health, business, science or entertainment: \"{t}\"",
-    "Headline: \"{t}\"\nWhich category does this headline belong to: sports, politics, technology, health, business, science or entertainment?",
+    'Classify the topic of this headline as sports, politics, technology, health, business, science or entertainment: "{t}"',
+    'Headline: "{t}"\nWhich category does this headline belong to: sports, politics, technology, health, business, science or entertainment?',
 ]
 _EMAILS = [
     "Congratulations! You have won a free cruise. Click this link within 24 hours to claim your prize!",
@@ -339,22 +339,22 @@ _EMAILS = [
     "Hi all, attached are the slides from today's lecture. Let me know if you have questions.",
 ]
 _EMAIL_TEMPLATES = [
-    "Is this email spam or not spam? Email: \"{t}\"",
-    "Classify the following message as spam or not spam, and give a one-sentence reason.\nMessage: \"{t}\"",
+    'Is this email spam or not spam? Email: "{t}"',
+    'Classify the following message as spam or not spam, and give a one-sentence reason.\nMessage: "{t}"',
 ]
 _CLASSIFICATION_MISC = [
-    "Is this sentence a fact or an opinion? Answer \"fact\" or \"opinion\": \"Water boils at 100 degrees Celsius at sea level.\"",
-    "Is this sentence a fact or an opinion? Answer \"fact\" or \"opinion\": \"Summer is the best season of the year.\"",
+    'Is this sentence a fact or an opinion? Answer "fact" or "opinion": "Water boils at 100 degrees Celsius at sea level."',
+    'Is this sentence a fact or an opinion? Answer "fact" or "opinion": "Summer is the best season of the year."',
     "Classify each animal as a mammal, bird, reptile or fish: dolphin, eagle, crocodile, salmon.",
-    "Is the following text formal or informal? \"Gonna grab some food, wanna come?\"",
-    "Is the following text formal or informal? \"We kindly request that all attendees arrive by 9 a.m.\"",
-    "Classify this customer message by urgency as high, medium or low: \"Our whole website is down and customers cannot pay.\"",
-    "Classify this customer message by urgency as high, medium or low: \"Could you update the font on our invoice template when you have time?\"",
+    'Is the following text formal or informal? "Gonna grab some food, wanna come?"',
+    'Is the following text formal or informal? "We kindly request that all attendees arrive by 9 a.m."',
+    'Classify this customer message by urgency as high, medium or low: "Our whole website is down and customers cannot pay."',
+    'Classify this customer message by urgency as high, medium or low: "Could you update the font on our invoice template when you have time?"',
     "Label each food as a fruit or a vegetable: banana, carrot, strawberry, spinach.",
-    "Is this sentence a question, a command or a statement? \"Please shut the door.\"",
-    "Decide whether this support ticket is about billing, shipping or a technical problem: \"I was charged twice for the same order.\"",
-    "Classify the emotion in this sentence as joy, sadness, anger or fear: \"I can't believe they cancelled my flight again!\"",
-    "Classify the emotion in this sentence as joy, sadness, anger or fear: \"We finally adopted a puppy today!\"",
+    'Is this sentence a question, a command or a statement? "Please shut the door."',
+    'Decide whether this support ticket is about billing, shipping or a technical problem: "I was charged twice for the same order."',
+    'Classify the emotion in this sentence as joy, sadness, anger or fear: "I can\'t believe they cancelled my flight again!"',
+    'Classify the emotion in this sentence as joy, sadness, anger or fear: "We finally adopted a puppy today!"',
     "Sort these words into nouns and verbs: run, table, eat, window, jump, river.",
     "Is each of these materials a solid, a liquid or a gas at room temperature: iron, milk, oxygen, wood?",
 ]
@@ -363,52 +363,52 @@ _CLASSIFICATION_MISC = [
 # extraction (the text is always given)
 # ---------------------------------------------------------------------------------------------
 EXTRACTION = [
-    "Extract all the people's names from this text: \"Maria met Tom and Aisha at the station, and later they called Daniel.\"",
-    "List every city mentioned in this sentence: \"Last year I flew from Lisbon to Berlin, then took a train to Prague and Vienna.\"",
-    "What date is mentioned in this text? \"The conference will take place on 14 March 2025 in the main hall.\"",
-    "Pull out all the numbers from this text: \"The shop sold 42 apples, 17 pears and 8 melons on Saturday.\"",
-    "Find the email address in this message: \"For questions, write to help@example.com or call the front desk.\"",
-    "From the text below, extract the product name and its price.\nText: \"The new Aurora desk lamp costs $39 and comes in three colours.\"",
-    "Extract the time and place of the meeting: \"Let's meet at 4:30 pm outside the Central Library.\"",
-    "Which countries are mentioned in this sentence? \"The river flows through Germany, Austria and Hungary before reaching Serbia.\"",
-    "Extract the names of the companies from this text: \"Greenleaf Foods and Bluewave Energy announced a partnership on Monday.\"",
-    "Find the phone number in this text: \"Call our office on 555-0142 between 9 and 5.\"",
-    "List the ingredients mentioned in this sentence: \"Mix flour, sugar and two eggs, then add a cup of milk.\"",
-    "From this sentence, extract who did what: \"Leila repaired the broken fence on Sunday.\"",
-    "Extract the year each event happened: \"The bridge opened in 1932, was damaged in 1953 and was rebuilt in 1961.\"",
-    "What is the total amount of money mentioned in this text? \"I spent $12 on lunch and $8 on a taxi.\"",
-    "Extract the departure and arrival cities from this booking: \"Flight BA204 departs Madrid at 07:15 and arrives in Dublin at 09:05.\"",
-    "Find all the colours mentioned in this text: \"She wore a red scarf, a green coat and blue boots.\"",
-    "Pick out the dates in this note: \"Submit the draft by 2 May and the final version by 30 May.\"",
-    "Extract the name, age and job from this sentence: \"Carlos, 34, works as a nurse in a busy hospital.\"",
-    "List the animals mentioned in this story: \"On the farm, the goat chased the chickens while the old dog slept next to a cat.\"",
-    "Extract the author and title from this sentence: \"My favourite novel is The Quiet River by Helen Marsh.\"",
-    "Which days of the week are mentioned here? \"The gym is closed on Monday but open late on Wednesday and Friday.\"",
-    "Find the website address in this text: \"Tickets are available at www.cityfestival.org from June.\"",
-    "Extract the temperatures from this weather report: \"Tomorrow will start at 8 degrees and reach a high of 21 degrees by the afternoon.\"",
-    "From this invoice line, extract the quantity, item and unit price: \"3 x notebook @ $2.50\"",
-    "List the names of the rivers in this text: \"The Thames, the Seine and the Danube are among Europe's best-known rivers.\"",
-    "Extract the address from this message: \"Please deliver the parcel to 12 Oak Street, Springfield.\"",
-    "What percentage is mentioned in this sentence, and what does it refer to? \"About 70 percent of the Earth's surface is covered by water.\"",
-    "Extract the names of the languages mentioned: \"She speaks Spanish at home, English at work and is learning Japanese.\"",
-    "Who are the sender and the recipient of this note? \"Dear Mr Evans, thank you for your help last week. Best wishes, Olivia Grant.\"",
-    "List all the sports mentioned in this text: \"The school offers swimming, basketball and chess, and next year it will add tennis.\"",
-    "Extract the start time and the duration of the event: \"The workshop starts at 10 am and lasts two hours.\"",
-    "Find the measurements in this text: \"The table is 120 cm long, 80 cm wide and 75 cm high.\"",
-    "Extract the names of the planets mentioned: \"The probe passed Venus before heading towards Jupiter and Saturn.\"",
-    "From this sentence, extract the problem and the requested action: \"My laptop will not turn on, please send a technician.\"",
-    "Extract every word that starts with a capital letter from this sentence: \"On Friday, Ana and Li visited the British Museum in London.\"",
-    "List the book titles mentioned in this text: \"For the summer, the class will read Treasure Island and Little Women.\"",
-    "Extract the key facts (who, what, where) from this headline: \"Firefighters rescue kitten from tree in Oakville\"",
-    "Find the order number and the delivery date in this message: \"Your order 77-5120 will be delivered on 9 October.\"",
-    "List the hobbies mentioned in this sentence: \"In his free time, Jamal enjoys painting, cycling and baking bread.\"",
-    "Extract the prices and find which item is the cheapest: \"Tea costs $3, coffee costs $4 and juice costs $2.\"",
-    "Extract the names of the mountains in this text: \"Climbers tried Everest and K2 before finally reaching the top of Kilimanjaro.\"",
-    "From this recipe step, extract the oven temperature and the baking time: \"Bake at 180 degrees Celsius for 25 minutes.\"",
-    "List all the verbs in this sentence: \"The children laughed, sang and danced in the rain.\"",
-    "Extract the names of the people and their roles: \"The director, Ms Patel, thanked the treasurer, Mr Okoro, at the meeting.\"",
-    "Find the two cities and the distance between them in this text: \"The road from Lyon to Marseille is about 315 kilometres long.\"",
-    "Which months are mentioned in this text? \"The farm picks strawberries in June and apples in September and October.\"",
+    'Extract all the people\'s names from this text: "Maria met Tom and Aisha at the station, and later they called Daniel."',
+    'List every city mentioned in this sentence: "Last year I flew from Lisbon to Berlin, then took a train to Prague and Vienna."',
+    'What date is mentioned in this text? "The conference will take place on 14 March 2025 in the main hall."',
+    'Pull out all the numbers from this text: "The shop sold 42 apples, 17 pears and 8 melons on Saturday."',
+    'Find the email address in this message: "For questions, write to help@example.com or call the front desk."',
+    'From the text below, extract the product name and its price.\nText: "The new Aurora desk lamp costs $39 and comes in three colours."',
+    'Extract the time and place of the meeting: "Let\'s meet at 4:30 pm outside the Central Library."',
+    'Which countries are mentioned in this sentence? "The river flows through Germany, Austria and Hungary before reaching Serbia."',
+    'Extract the names of the companies from this text: "Greenleaf Foods and Bluewave Energy announced a partnership on Monday."',
+    'Find the phone number in this text: "Call our office on 555-0142 between 9 and 5."',
+    'List the ingredients mentioned in this sentence: "Mix flour, sugar and two eggs, then add a cup of milk."',
+    'From this sentence, extract who did what: "Leila repaired the broken fence on Sunday."',
+    'Extract the year each event happened: "The bridge opened in 1932, was damaged in 1953 and was rebuilt in 1961."',
+    'What is the total amount of money mentioned in this text? "I spent $12 on lunch and $8 on a taxi."',
+    'Extract the departure and arrival cities from this booking: "Flight BA204 departs Madrid at 07:15 and arrives in Dublin at 09:05."',
+    'Find all the colours mentioned in this text: "She wore a red scarf, a green coat and blue boots."',
+    'Pick out the dates in this note: "Submit the draft by 2 May and the final version by 30 May."',
+    'Extract the name, age and job from this sentence: "Carlos, 34, works as a nurse in a busy hospital."',
+    'List the animals mentioned in this story: "On the farm, the goat chased the chickens while the old dog slept next to a cat."',
+    'Extract the author and title from this sentence: "My favourite novel is The Quiet River by Helen Marsh."',
+    'Which days of the week are mentioned here? "The gym is closed on Monday but open late on Wednesday and Friday."',
+    'Find the website address in this text: "Tickets are available at www.cityfestival.org from June."',
+    'Extract the temperatures from this weather report: "Tomorrow will start at 8 degrees and reach a high of 21 degrees by the afternoon."',
+    'From this invoice line, extract the quantity, item and unit price: "3 x notebook @ $2.50"',
+    'List the names of the rivers in this text: "The Thames, the Seine and the Danube are among Europe\'s best-known rivers."',
+    'Extract the address from this message: "Please deliver the parcel to 12 Oak Street, Springfield."',
+    'What percentage is mentioned in this sentence, and what does it refer to? "About 70 percent of the Earth\'s surface is covered by water."',
+    'Extract the names of the languages mentioned: "She speaks Spanish at home, English at work and is learning Japanese."',
+    'Who are the sender and the recipient of this note? "Dear Mr Evans, thank you for your help last week. Best wishes, Olivia Grant."',
+    'List all the sports mentioned in this text: "The school offers swimming, basketball and chess, and next year it will add tennis."',
+    'Extract the start time and the duration of the event: "The workshop starts at 10 am and lasts two hours."',
+    'Find the measurements in this text: "The table is 120 cm long, 80 cm wide and 75 cm high."',
+    'Extract the names of the planets mentioned: "The probe passed Venus before heading towards Jupiter and Saturn."',
+    'From this sentence, extract the problem and the requested action: "My laptop will not turn on, please send a technician."',
+    'Extract every word that starts with a capital letter from this sentence: "On Friday, Ana and Li visited the British Museum in London."',
+    'List the book titles mentioned in this text: "For the summer, the class will read Treasure Island and Little Women."',
+    'Extract the key facts (who, what, where) from this headline: "Firefighters rescue kitten from tree in Oakville"',
+    'Find the order number and the delivery date in this message: "Your order 77-5120 will be delivered on 9 October."',
+    'List the hobbies mentioned in this sentence: "In his free time, Jamal enjoys painting, cycling and baking bread."',
+    'Extract the prices and find which item is the cheapest: "Tea costs $3, coffee costs $4 and juice costs $2."',
+    'Extract the names of the mountains in this text: "Climbers tried Everest and K2 before finally reaching the top of Kilimanjaro."',
+    'From this recipe step, extract the oven temperature and the baking time: "Bake at 180 degrees Celsius for 25 minutes."',
+    'List all the verbs in this sentence: "The children laughed, sang and danced in the rain."',
+    'Extract the names of the people and their roles: "The director, Ms Patel, thanked the treasurer, Mr Okoro, at the meeting."',
+    'Find the two cities and the distance between them in this text: "The road from Lyon to Marseille is about 315 kilometres long."',
+    'Which months are mentioned in this text? "The farm picks strawberries in June and apples in September and October."',
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -433,31 +433,31 @@ CODE = [
     "Write a Python function that joins a list of words into one sentence separated by spaces.",
     "Write a Python function that returns only the positive numbers from a list.",
     "Write a Python function that capitalises the first letter of every word in a string.",
-    "What does this Python code print?\nprint(len(\"hello\"))",
-    "What does this Python code print?\nprint(3 * \"ab\")",
+    'What does this Python code print?\nprint(len("hello"))',
+    'What does this Python code print?\nprint(3 * "ab")',
     "What does this Python code print?\nprint([1, 2, 3][-1])",
     "What does this Python code print?\nprint(10 // 3, 10 % 3)",
-    "What does this Python code print?\nprint(\"Python\".upper())",
+    'What does this Python code print?\nprint("Python".upper())',
     "What does this Python code print?\nprint(sorted([3, 1, 2]))",
     "What does this Python code print?\nprint(sum(range(5)))",
-    "What does this Python code print?\nprint(\"a,b,c\".split(\",\"))",
+    'What does this Python code print?\nprint("a,b,c".split(","))',
     "What does this Python code print?\nx = [1, 2]\nx.append(3)\nprint(x)",
     "What does this Python code print?\nprint(bool(0), bool(5))",
-    "What does this Python code print?\nprint({\"a\": 1, \"b\": 2}[\"b\"])",
-    "What does this Python code print?\nprint(\"hello\"[1:4])",
+    'What does this Python code print?\nprint({"a": 1, "b": 2}["b"])',
+    'What does this Python code print?\nprint("hello"[1:4])',
     "Find and fix the bug in this Python function:\ndef add(a, b):\n    return a - b",
     "Fix the error in this Python code:\nfor i in range(3)\n    print(i)",
     "This function should return the last item of a list but fails. Fix it:\ndef last(items):\n    return items[len(items)]",
-    "Why does this Python code raise an error, and how do you fix it?\nage = 25\nprint(\"Age: \" + age)",
+    'Why does this Python code raise an error, and how do you fix it?\nage = 25\nprint("Age: " + age)',
     "Fix the bug: this function should count down from n to 1.\ndef countdown(n):\n    while n > 0:\n        print(n)",
-    "This code should print \"even\" for even numbers. What is wrong?\nif n % 2 = 0:\n    print(\"even\")",
+    'This code should print "even" for even numbers. What is wrong?\nif n % 2 = 0:\n    print("even")',
     "Explain in one or two sentences what a Python list comprehension is.",
     "What is the difference between a list and a tuple in Python? Answer briefly.",
-    "Explain what the Python keyword \"return\" does in a function.",
+    'Explain what the Python keyword "return" does in a function.',
     "What does the Python function len() do? Give a short example.",
     "Write a Python dictionary that stores the capitals of France, Spain and Italy.",
     "Write a Python function that returns the number of characters in a string, not counting spaces.",
-    "Write a Python function that takes a name and returns the greeting \"Hello, <name>!\".",
+    'Write a Python function that takes a name and returns the greeting "Hello, <name>!".',
     "Write a Python function that returns the smaller of two numbers.",
     "Write a Python function that checks whether a list is empty.",
     "Explain what this Python line does: squares = {n: n * n for n in range(4)}",
@@ -637,30 +637,71 @@ _COMPARISON_TEMPLATES = [
 # definition (terms; the phrasing is picked by the seeded RNG)
 # ---------------------------------------------------------------------------------------------
 _DEFINITION_TERMS = [
-    "photosynthesis", "democracy", "gravity", "algorithm", "inflation", "biodiversity",
-    "budget", "empathy", "habitat", "ecosystem", "carbon footprint", "hypothesis",
-    "procrastination", "pixel", "antonym", "erosion", "evaporation", "compound interest",
-    "firewall", "mammal", "nostalgia", "prime number", "fossil", "currency", "vertebrate",
-    "idiom", "resilience", "omnivore", "galaxy", "supply and demand", "URL", "invoice",
-    "humidity", "palindrome", "insulation", "calorie", "software bug", "equator", "dividend",
-    "spreadsheet", "allergy", "etiquette", "freelancer", "pandemic", "metabolism",
-    "renewable resource", "recession", "cloud storage", "migration",
+    "photosynthesis",
+    "democracy",
+    "gravity",
+    "algorithm",
+    "inflation",
+    "biodiversity",
+    "budget",
+    "empathy",
+    "habitat",
+    "ecosystem",
+    "carbon footprint",
+    "hypothesis",
+    "procrastination",
+    "pixel",
+    "antonym",
+    "erosion",
+    "evaporation",
+    "compound interest",
+    "firewall",
+    "mammal",
+    "nostalgia",
+    "prime number",
+    "fossil",
+    "currency",
+    "vertebrate",
+    "idiom",
+    "resilience",
+    "omnivore",
+    "galaxy",
+    "supply and demand",
+    "URL",
+    "invoice",
+    "humidity",
+    "palindrome",
+    "insulation",
+    "calorie",
+    "software bug",
+    "equator",
+    "dividend",
+    "spreadsheet",
+    "allergy",
+    "etiquette",
+    "freelancer",
+    "pandemic",
+    "metabolism",
+    "renewable resource",
+    "recession",
+    "cloud storage",
+    "migration",
 ]
 _DEFINITION_TEMPLATES = [
-    "What does the term \"{x}\" mean?",
-    "Define \"{x}\" in one sentence.",
-    "What is meant by \"{x}\"?",
-    "Give a simple definition of \"{x}\" with a short example.",
-    "Explain what \"{x}\" means as if to a ten-year-old.",
-    "What does \"{x}\" mean? Answer in one or two sentences.",
+    'What does the term "{x}" mean?',
+    'Define "{x}" in one sentence.',
+    'What is meant by "{x}"?',
+    'Give a simple definition of "{x}" with a short example.',
+    'Explain what "{x}" means as if to a ten-year-old.',
+    'What does "{x}" mean? Answer in one or two sentences.',
 ]
 _DEFINITION_IDIOMS = [
-    "What does the idiom \"break the ice\" mean?",
-    "What does it mean when someone says a task is \"a piece of cake\"?",
-    "What does the phrase \"under the weather\" mean?",
-    "If something happens \"once in a blue moon\", how often does it happen?",
-    "What does the expression \"cost an arm and a leg\" mean?",
-    "What does \"hit the books\" mean?",
+    'What does the idiom "break the ice" mean?',
+    'What does it mean when someone says a task is "a piece of cake"?',
+    'What does the phrase "under the weather" mean?',
+    'If something happens "once in a blue moon", how often does it happen?',
+    'What does the expression "cost an arm and a leg" mean?',
+    'What does "hit the books" mean?',
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -748,65 +789,90 @@ ANALOGY = [
 # translation (simple words and phrases into French or Spanish)
 # ---------------------------------------------------------------------------------------------
 _TRANSLATION_WORDS = [
-    "hello", "thank you", "water", "bread", "house", "cat", "dog", "book", "friend",
-    "good morning", "goodbye", "apple", "school", "red", "sun", "please", "tomorrow",
-    "tree", "milk", "cheese", "family", "window", "chair",
+    "hello",
+    "thank you",
+    "water",
+    "bread",
+    "house",
+    "cat",
+    "dog",
+    "book",
+    "friend",
+    "good morning",
+    "goodbye",
+    "apple",
+    "school",
+    "red",
+    "sun",
+    "please",
+    "tomorrow",
+    "tree",
+    "milk",
+    "cheese",
+    "family",
+    "window",
+    "chair",
 ]
 _TRANSLATION_PHRASES = [
-    "How are you?", "Where is the train station?", "I am hungry.", "What time is it?",
-    "My name is Anna.", "I like music.", "See you tomorrow.",
+    "How are you?",
+    "Where is the train station?",
+    "I am hungry.",
+    "What time is it?",
+    "My name is Anna.",
+    "I like music.",
+    "See you tomorrow.",
 ]
 _TRANSLATION_WORD_TEMPLATES = [
-    "Translate \"{w}\" into {lang}.",
-    "How do you say \"{w}\" in {lang}?",
-    "What is the {lang} word for \"{w}\"?",
+    'Translate "{w}" into {lang}.',
+    'How do you say "{w}" in {lang}?',
+    'What is the {lang} word for "{w}"?',
 ]
 _TRANSLATION_PHRASE_TEMPLATES = [
-    "Translate this sentence into {lang}: \"{w}\"",
-    "How would you say \"{w}\" in {lang}?",
+    'Translate this sentence into {lang}: "{w}"',
+    'How would you say "{w}" in {lang}?',
 ]
 _TRANSLATION_REVERSE = [
-    "What does the French word \"merci\" mean in English?",
-    "What does the Spanish word \"gracias\" mean in English?",
-    "Translate the Spanish word \"biblioteca\" into English.",
-    "What does the French phrase \"bon appétit\" mean?",
-    "What is the English meaning of the Spanish word \"playa\"?",
-    "Translate the French word \"fromage\" into English.",
+    'What does the French word "merci" mean in English?',
+    'What does the Spanish word "gracias" mean in English?',
+    'Translate the Spanish word "biblioteca" into English.',
+    'What does the French phrase "bon appétit" mean?',
+    'What is the English meaning of the Spanish word "playa"?',
+    'Translate the French word "fromage" into English.',
 ]
 
 # ---------------------------------------------------------------------------------------------
 # grammar
 # ---------------------------------------------------------------------------------------------
 GRAMMAR = [
-    "What is the plural of \"mouse\"?",
-    "What is the past tense of \"go\"?",
-    "When should I use \"affect\" and when should I use \"effect\"?",
-    "Which is correct: \"fewer people\" or \"less people\"? Explain briefly.",
-    "What is the difference between \"its\" and \"it's\"?",
-    "Identify the verb in this sentence: \"The cat sleeps on the sofa.\"",
-    "Fill in the blank with \"their\", \"there\" or \"they're\": \"___ going to the park later.\"",
+    'What is the plural of "mouse"?',
+    'What is the past tense of "go"?',
+    'When should I use "affect" and when should I use "effect"?',
+    'Which is correct: "fewer people" or "less people"? Explain briefly.',
+    'What is the difference between "its" and "it\'s"?',
+    'Identify the verb in this sentence: "The cat sleeps on the sofa."',
+    'Fill in the blank with "their", "there" or "they\'re": "___ going to the park later."',
     "What is an adjective? Give two examples.",
-    "What is the comparative form of \"good\"?",
-    "Choose the correct word, \"than\" or \"then\": \"She is taller ___ her brother.\"",
-    "What is the opposite of \"generous\"?",
-    "Give three synonyms for \"happy\".",
-    "What is the past participle of \"write\"?",
-    "Should you write \"a hour\" or \"an hour\"? Why?",
-    "Find the adverb in this sentence: \"He quickly opened the door.\"",
+    'What is the comparative form of "good"?',
+    'Choose the correct word, "than" or "then": "She is taller ___ her brother."',
+    'What is the opposite of "generous"?',
+    'Give three synonyms for "happy".',
+    'What is the past participle of "write"?',
+    'Should you write "a hour" or "an hour"? Why?',
+    'Find the adverb in this sentence: "He quickly opened the door."',
     "What is the Oxford comma? Give an example.",
-    "What is the subject of this sentence: \"The tall man opened the gate.\"",
-    "What is the superlative form of \"bad\"?",
-    "Choose \"who\" or \"whom\": \"To ___ should I send the letter?\"",
+    'What is the subject of this sentence: "The tall man opened the gate."',
+    'What is the superlative form of "bad"?',
+    'Choose "who" or "whom": "To ___ should I send the letter?"',
     "What is a conjunction? Give three examples.",
-    "Is this a complete sentence? \"Because it was raining.\" Explain.",
-    "What is the plural of \"child\"?",
-    "What is the difference between \"borrow\" and \"lend\"?",
-    "Which tense is used in this sentence: \"I have lived here for five years.\"",
+    'Is this a complete sentence? "Because it was raining." Explain.',
+    'What is the plural of "child"?',
+    'What is the difference between "borrow" and "lend"?',
+    'Which tense is used in this sentence: "I have lived here for five years."',
     "Put these words in the right order to make a sentence: park, to, went, the, we.",
-    "How many syllables are in the word \"banana\"?",
+    'How many syllables are in the word "banana"?',
     "What is a prefix? Give an example of a word with a prefix.",
-    "When do you use \"good\" and when do you use \"well\"?",
-    "Is \"information\" countable or uncountable in English?",
+    'When do you use "good" and when do you use "well"?',
+    'Is "information" countable or uncountable in English?',
     "What is a pronoun? Give three examples.",
 ]
 
@@ -857,21 +923,47 @@ N_ARITHMETIC = 140
 ARITH_MAX_SIMILARITY = 0.6  # 3-gram Jaccard ceiling between any two generated problems
 
 _NAMES = [
-    ("Anna", "she"), ("Ben", "he"), ("Chloe", "she"), ("David", "he"), ("Emma", "she"),
-    ("Farid", "he"), ("Grace", "she"), ("Hugo", "he"), ("Isla", "she"), ("Jonas", "he"),
-    ("Keiko", "she"), ("Liam", "he"), ("Mei", "she"), ("Noah", "he"), ("Olga", "she"),
-    ("Pablo", "he"), ("Rosa", "she"), ("Sami", "he"), ("Tara", "she"), ("Victor", "he"),
+    ("Anna", "she"),
+    ("Ben", "he"),
+    ("Chloe", "she"),
+    ("David", "he"),
+    ("Emma", "she"),
+    ("Farid", "he"),
+    ("Grace", "she"),
+    ("Hugo", "he"),
+    ("Isla", "she"),
+    ("Jonas", "he"),
+    ("Keiko", "she"),
+    ("Liam", "he"),
+    ("Mei", "she"),
+    ("Noah", "he"),
+    ("Olga", "she"),
+    ("Pablo", "he"),
+    ("Rosa", "she"),
+    ("Sami", "he"),
+    ("Tara", "she"),
+    ("Victor", "he"),
 ]
 _ITEMS = [  # (plural, singular, price range in dollars)
-    ("apples", "apple", (1, 3)), ("notebooks", "notebook", (2, 6)), ("pens", "pen", (1, 4)),
-    ("sandwiches", "sandwich", (3, 7)), ("cinema tickets", "cinema ticket", (6, 12)),
-    ("candles", "candle", (2, 8)), ("T-shirts", "T-shirt", (8, 15)), ("mugs", "mug", (4, 9)),
-    ("bus tickets", "bus ticket", (2, 5)), ("plants", "plant", (5, 12)),
+    ("apples", "apple", (1, 3)),
+    ("notebooks", "notebook", (2, 6)),
+    ("pens", "pen", (1, 4)),
+    ("sandwiches", "sandwich", (3, 7)),
+    ("cinema tickets", "cinema ticket", (6, 12)),
+    ("candles", "candle", (2, 8)),
+    ("T-shirts", "T-shirt", (8, 15)),
+    ("mugs", "mug", (4, 9)),
+    ("bus tickets", "bus ticket", (2, 5)),
+    ("plants", "plant", (5, 12)),
 ]
 _SHAREABLES = ["sweets", "marbles", "stickers", "biscuits", "cards", "strawberries", "coins"]
 _VEHICLES = {  # realistic average speeds in km/h
-    "A train": [60, 80, 90, 100, 120], "A car": [40, 50, 60, 70, 80, 90], "A bus": [30, 40, 45, 50, 60],
-    "A cyclist": [10, 12, 15, 18, 20], "A boat": [15, 20, 25, 30], "A lorry": [50, 60, 70, 80],
+    "A train": [60, 80, 90, 100, 120],
+    "A car": [40, 50, 60, 70, 80, 90],
+    "A bus": [30, 40, 45, 50, 60],
+    "A cyclist": [10, 12, 15, 18, 20],
+    "A boat": [15, 20, 25, 30],
+    "A lorry": [50, 60, 70, 80],
 }
 _SUFFIXES = ["", "", "", " Show your working.", " Explain your answer in one sentence."]
 
@@ -888,16 +980,14 @@ def _arith_shopping_change(r: random.Random) -> str:
     plural, _, (lo, hi) = r.choice(_ITEMS)
     n, p = r.randint(2, 4), r.randint(lo, hi)
     note = next(v for v in (10, 20, 50, 100) if v > n * p)
-    return (f"{name} buys {n} {plural} at ${p} each and pays with a ${note} note. "
-            f"How much change does {pron} get?")
+    return f"{name} buys {n} {plural} at ${p} each and pays with a ${note} note. How much change does {pron} get?"
 
 
 def _arith_shopping_mix(r: random.Random) -> str:
     (pa, _, ra), (pb, _, rb) = r.sample(_ITEMS, 2)
     a, b = r.randint(*ra), r.randint(*rb)
     x, y = r.randint(2, 6), r.randint(1, 5)
-    return (f"{pa.capitalize()} cost ${a} each and {pb} cost ${b} each. "
-            f"What is the total cost of {x} {pa} and {y} {pb}?")
+    return f"{pa.capitalize()} cost ${a} each and {pb} cost ${b} each. What is the total cost of {x} {pa} and {y} {pb}?"
 
 
 def _arith_travel_time(r: random.Random) -> str:
@@ -939,8 +1029,10 @@ def _arith_share_left(r: random.Random) -> str:
     k, q, rem = r.randint(3, 6), r.randint(2, 7), 0
     while rem == 0:
         rem = r.randint(1, k - 1)
-    return (f"A teacher has {k * q + rem} {thing} to hand out equally to {k} children. "
-            f"How many does each child get, and how many are left over?")
+    return (
+        f"A teacher has {k * q + rem} {thing} to hand out equally to {k} children. "
+        f"How many does each child get, and how many are left over?"
+    )
 
 
 def _arith_bill(r: random.Random) -> str:
@@ -968,26 +1060,42 @@ def _arith_age_past(r: random.Random) -> str:
 
 
 def _arith_recipe_scale(r: random.Random) -> str:
-    dish, ing, unit = r.choice([("pancake batter", "flour", "grams"), ("rice pudding", "rice", "grams"),
-                                ("hot chocolate", "milk", "millilitres"), ("shortbread", "butter", "grams"),
-                                ("fruit crumble", "sugar", "grams"), ("vegetable soup", "stock", "millilitres")])
+    dish, ing, unit = r.choice(
+        [
+            ("pancake batter", "flour", "grams"),
+            ("rice pudding", "rice", "grams"),
+            ("hot chocolate", "milk", "millilitres"),
+            ("shortbread", "butter", "grams"),
+            ("fruit crumble", "sugar", "grams"),
+            ("vegetable soup", "stock", "millilitres"),
+        ]
+    )
     base = r.choice([2, 4])
     per = r.choice([25, 50, 75, 100])
     target = base * r.choice([2, 3]) if r.random() < 0.6 else base // 2
     who = "person" if target == 1 else "people"
     if r.random() < 0.5:
-        return (f"A recipe for {base} people uses {per * base} {unit} of {ing}. "
-                f"How much {ing} is needed for {target} {who}?")
-    return (f"A batch of {dish} that serves {base} needs {per * base} {unit} of {ing}. "
-            f"If you cook it for {target} {who} instead, how much {ing} do you need?")
+        return (
+            f"A recipe for {base} people uses {per * base} {unit} of {ing}. "
+            f"How much {ing} is needed for {target} {who}?"
+        )
+    return (
+        f"A batch of {dish} that serves {base} needs {per * base} {unit} of {ing}. "
+        f"If you cook it for {target} {who} instead, how much {ing} do you need?"
+    )
 
 
 def _arith_recipe_count(r: random.Random) -> str:
-    item, one, many = r.choice([
-        ("eggs", "cake", "cakes"), ("bananas", "loaf of banana bread", "loaves of banana bread"),
-        ("lemons", "jug of lemonade", "jugs of lemonade"), ("tomatoes", "pot of soup", "pots of soup"),
-        ("apples", "apple pie", "apple pies"), ("potatoes", "tray of roast potatoes", "trays of roast potatoes"),
-    ])
+    item, one, many = r.choice(
+        [
+            ("eggs", "cake", "cakes"),
+            ("bananas", "loaf of banana bread", "loaves of banana bread"),
+            ("lemons", "jug of lemonade", "jugs of lemonade"),
+            ("tomatoes", "pot of soup", "pots of soup"),
+            ("apples", "apple pie", "apple pies"),
+            ("potatoes", "tray of roast potatoes", "trays of roast potatoes"),
+        ]
+    )
     per, n = r.randint(2, 5), r.randint(3, 8)
     if r.random() < 0.5:
         return f"One {one} needs {per} {item}. How many {item} are needed to make {n} {many}?"
@@ -1030,11 +1138,15 @@ def _arith_temperature(r: random.Random) -> str:
     place = r.choice(["Oslo", "a mountain village", "the desert camp", "Toronto", "the school yard"])
     if r.random() < 0.5:
         up = r.random() < 0.6
-        return (f"In {place} the temperature was {t0} degrees Celsius in the morning. By the afternoon "
-                f"it was {d} degrees {'warmer' if up else 'colder'}. What was the afternoon temperature?")
+        return (
+            f"In {place} the temperature was {t0} degrees Celsius in the morning. By the afternoon "
+            f"it was {d} degrees {'warmer' if up else 'colder'}. What was the afternoon temperature?"
+        )
     t1 = t0 + d
-    return (f"At midnight in {place} it was {t0} degrees Celsius, and at noon it was {t1} degrees. "
-            f"By how many degrees did the temperature rise?")
+    return (
+        f"At midnight in {place} it was {t0} degrees Celsius, and at noon it was {t1} degrees. "
+        f"By how many degrees did the temperature rise?"
+    )
 
 
 def _arith_tiles(r: random.Random) -> str:
@@ -1051,10 +1163,26 @@ def _arith_minutes(r: random.Random) -> str:
 
 
 _ARITH_GENERATORS = [
-    _arith_shopping_total, _arith_shopping_change, _arith_shopping_mix, _arith_travel_time,
-    _arith_travel_distance, _arith_arrival, _arith_share, _arith_share_left, _arith_bill,
-    _arith_age_future, _arith_age_sum, _arith_age_past, _arith_recipe_scale, _arith_recipe_count,
-    _arith_savings, _arith_area, _arith_discount, _arith_pages, _arith_temperature, _arith_tiles,
+    _arith_shopping_total,
+    _arith_shopping_change,
+    _arith_shopping_mix,
+    _arith_travel_time,
+    _arith_travel_distance,
+    _arith_arrival,
+    _arith_share,
+    _arith_share_left,
+    _arith_bill,
+    _arith_age_future,
+    _arith_age_sum,
+    _arith_age_past,
+    _arith_recipe_scale,
+    _arith_recipe_count,
+    _arith_savings,
+    _arith_area,
+    _arith_discount,
+    _arith_pages,
+    _arith_temperature,
+    _arith_tiles,
     _arith_minutes,
 ]
 
@@ -1104,10 +1232,10 @@ def build() -> list[dict]:
         + _CLASSIFICATION_MISC
     )
     summarise = _templated(r, _PARAGRAPHS, _SUMMARY_TEMPLATES, lambda t, p: t.format(t=p))
-    comparison = _templated(r, _COMPARISON_PAIRS, _COMPARISON_TEMPLATES,
-                            lambda t, ab: t.format(a=ab[0], b=ab[1]))
-    definition = _templated(r, _DEFINITION_TERMS, _DEFINITION_TEMPLATES,
-                            lambda t, x: t.format(x=x)) + _DEFINITION_IDIOMS
+    comparison = _templated(r, _COMPARISON_PAIRS, _COMPARISON_TEMPLATES, lambda t, ab: t.format(a=ab[0], b=ab[1]))
+    definition = (
+        _templated(r, _DEFINITION_TERMS, _DEFINITION_TEMPLATES, lambda t, x: t.format(x=x)) + _DEFINITION_IDIOMS
+    )
     translation = []
     for i, w in enumerate(_TRANSLATION_WORDS):
         lang = ("French", "Spanish")[i % 2]
@@ -1154,7 +1282,7 @@ def to_jsonl(records: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 def _shingles(text: str, k: int = 3) -> set[tuple[str, ...]]:
     words = normalise(text).split()
-    return {tuple(words[i:i + k]) for i in range(max(1, len(words) - k + 1))}
+    return {tuple(words[i : i + k]) for i in range(max(1, len(words) - k + 1))}
 
 
 def check(path: Path, near: float = 0.7) -> int:
@@ -1210,8 +1338,10 @@ def check(path: Path, near: float = 0.7) -> int:
 
     words = sorted(len(rec["prompt"].split()) for rec in records)
     q = lambda p: words[min(len(words) - 1, int(p * len(words)))]  # noqa: E731
-    print(f"prompt length in words: min {words[0]}, p10 {q(0.1)}, median {q(0.5)}, "
-          f"p90 {q(0.9)}, max {words[-1]}, mean {sum(words) / len(words):.1f}")
+    print(
+        f"prompt length in words: min {words[0]}, p10 {q(0.1)}, median {q(0.5)}, "
+        f"p90 {q(0.9)}, max {words[-1]}, mean {sum(words) / len(words):.1f}"
+    )
     bins = [(1, 5), (6, 10), (11, 15), (16, 25), (26, 40), (41, 60), (61, 100)]
     for lo, hi in bins:
         k = sum(lo <= w <= hi for w in words)
@@ -1219,8 +1349,7 @@ def check(path: Path, near: float = 0.7) -> int:
     per_cat = {}
     for rec in records:
         per_cat.setdefault(rec["category"], []).append(len(rec["prompt"].split()))
-    print("mean words per category: " + ", ".join(
-        f"{c} {sum(v) / len(v):.0f}" for c, v in sorted(per_cat.items())))
+    print("mean words per category: " + ", ".join(f"{c} {sum(v) / len(v):.0f}" for c, v in sorted(per_cat.items())))
     print("OK" if problems == 0 else f"{problems} problem(s)")
     return problems
 

@@ -33,7 +33,12 @@ def global_batch():
     examples = []
     for length in RESPONSE_LENGTHS:
         prompt = int(torch.randint(3, 7, (), generator=g))
-        examples.append(Example(torch.randint(1, VOCAB, (prompt,), generator=g).tolist(), torch.randint(1, VOCAB, (length,), generator=g).tolist()))
+        examples.append(
+            Example(
+                torch.randint(1, VOCAB, (prompt,), generator=g).tolist(),
+                torch.randint(1, VOCAB, (length,), generator=g).tolist(),
+            )
+        )
     return examples
 
 
@@ -43,8 +48,16 @@ def models():
 
     def build(layers: int, seed: int):
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
         return LlamaForCausalLM(config)
 
     return build(2, 1), build(1, 2)
@@ -59,7 +72,9 @@ def step_gradients(accelerator, student, teacher, micro, denominators, fused=Non
     for i, (batch, denominator) in enumerate(zip(micro, denominators)):
         last = i == len(micro) - 1
         with nullcontext() if last else accelerator.no_sync(student):
-            loss, _ = micro_batch_loss(student, teacher, batch, divergence, denominator, CE_WEIGHT, accelerator.unwrap_model, fused=fused)
+            loss, _ = micro_batch_loss(
+                student, teacher, batch, divergence, denominator, CE_WEIGHT, accelerator.unwrap_model, fused=fused
+            )
             accelerator.backward(loss)
     grads = {name: p.grad.detach().clone() for name, p in accelerator.unwrap_model(student).named_parameters()}
     student.zero_grad(set_to_none=True)

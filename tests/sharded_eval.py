@@ -17,7 +17,11 @@ from pathlib import Path
 
 VAL_EXAMPLES, BATCH_SIZE, ROUGE_BEFORE, MAX_NEW_TOKENS = 5, 2, 1, 6
 # rank 0 holds 3 examples (2 batches), rank 1 holds 2 (1 batch); the first ROUGE_BEFORE prompts all sit on rank 0
-PASSES = {"all": dict(rouge="all"), "before": dict(rouge="before"), "no_teacher": dict(with_teacher=False, with_rouge=False)}
+PASSES = {
+    "all": dict(rouge="all"),
+    "before": dict(rouge="before"),
+    "no_teacher": dict(with_teacher=False, with_rouge=False),
+}
 
 
 def setup(tiny: Path, accelerator=None, *, synced: bool = False):
@@ -40,15 +44,27 @@ def setup(tiny: Path, accelerator=None, *, synced: bool = False):
     # the untrained student's answers are noise (ROUGE-L 0 against any reference): make every other
     # prompt's reference its own greedy answer, computed here in each process alone, so scores differ
     answers = ResponseGenerator(tokenizer, generation, BATCH_SIZE, always_generate=True)(student, val, greedy=True)
-    val = [replace(e, reference=tokenizer.decode(a.response_ids, skip_special_tokens=True)) if i % 2 == 0 else e for i, (e, a) in enumerate(zip(val, answers))]
+    val = [
+        replace(e, reference=tokenizer.decode(a.response_ids, skip_special_tokens=True)) if i % 2 == 0 else e
+        for i, (e, a) in enumerate(zip(val, answers))
+    ]
     unwrap = accelerator.unwrap_model if accelerator else (lambda m: m)
     if accelerator is not None:
         student = accelerator.prepare(student)
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
     # one process: transformers' generate too (not distill's own loop), so the greedy answers match
     generate = ResponseGenerator(tokenizer, generation, BATCH_SIZE, unwrap, synced=synced, always_generate=True)
-    evaluator = Evaluator(val, tokenizer, distill.get_divergence("skew_kl", alpha=0.1), generate, BATCH_SIZE, rouge_samples=len(val),
-                          accelerator=accelerator, kl=distill.get_divergence("kl"), rouge_before=ROUGE_BEFORE)
+    evaluator = Evaluator(
+        val,
+        tokenizer,
+        distill.get_divergence("skew_kl", alpha=0.1),
+        generate,
+        BATCH_SIZE,
+        rouge_samples=len(val),
+        accelerator=accelerator,
+        kl=distill.get_divergence("kl"),
+        rouge_before=ROUGE_BEFORE,
+    )
     return val, student, teacher, evaluator
 
 
@@ -65,6 +81,7 @@ def worker(tiny: str, out: str) -> None:
     def count(name):
         def hook(*_):
             counts[name] += 1
+
         return hook
 
     inner = accelerator.unwrap_model(student)
@@ -77,7 +94,12 @@ def worker(tiny: str, out: str) -> None:
         return real_generate(*args, **kwargs)
 
     inner.generate = generate
-    result = {"val_examples": len(val), "shard": len(evaluator.examples), "rouge_shard": len(evaluator.rouge_examples), "passes": {}}
+    result = {
+        "val_examples": len(val),
+        "shard": len(evaluator.examples),
+        "rouge_shard": len(evaluator.rouge_examples),
+        "passes": {},
+    }
     for name, options in PASSES.items():
         metrics = evaluator(student, teacher, **options)
         result["passes"][name] = {"metrics": metrics, "counts": dict(counts)}

@@ -37,11 +37,36 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def run_distillm_on_student_outputs(pair: dict[str, Path], out: Path, student: str):
-    return runner.invoke(app, [
-        "run", "--teacher", str(pair["teacher"]), "--student", student, "--data", str(pair["data"]), "--output-dir", str(out),
-        "--recipe", "distillm", "-P", "init_prob=1", "--max-steps", "2", "--set", "train.batch_size=4", "--set", "eval.batch_size=8",
-        "--set", "eval.every=0", "--set", "eval.rouge_samples=2", "--set", "generation.max_new_tokens=8",
-    ])
+    return runner.invoke(
+        app,
+        [
+            "run",
+            "--teacher",
+            str(pair["teacher"]),
+            "--student",
+            student,
+            "--data",
+            str(pair["data"]),
+            "--output-dir",
+            str(out),
+            "--recipe",
+            "distillm",
+            "-P",
+            "init_prob=1",
+            "--max-steps",
+            "2",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "eval.batch_size=8",
+            "--set",
+            "eval.every=0",
+            "--set",
+            "eval.rouge_samples=2",
+            "--set",
+            "generation.max_new_tokens=8",
+        ],
+    )
 
 
 def check_run_and_final(out: Path, architecture: str, head_rows: int) -> None:
@@ -118,17 +143,32 @@ def test_decode_gives_what_generate_gives_past_the_sliding_window(architecture):
 
     def theirs(eos):
         with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=eos,
-                                  temperature=None, top_k=None, top_p=None)[:, ids.shape[1]:]
+            return model.generate(
+                input_ids=ids,
+                attention_mask=attention,
+                max_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=eos,
+                temperature=None,
+                top_k=None,
+                top_p=None,
+            )[:, ids.shape[1] :]
 
     free = ours(None)
     assert torch.equal(free, theirs(None)) and len(set(free.flatten().tolist())) > 4
     rows = free.tolist()
     # an id that row 0 first emits at step 2 or later, before the cap, and some other row never does
-    step, eos = next((s, t) for s, t in enumerate(rows[0][: new - 1]) if s >= 2 and t != 0 and t not in rows[0][:s] and any(t not in row for row in rows))
+    step, eos = next(
+        (s, t)
+        for s, t in enumerate(rows[0][: new - 1])
+        if s >= 2 and t != 0 and t not in rows[0][:s] and any(t not in row for row in rows)
+    )
     ended = ours(eos)
-    assert torch.equal(ended[:, : theirs(eos).shape[1]], theirs(eos))  # generate stops when every row has; ours pads to the cap
-    assert ended[0, step] == eos and (ended[0, step + 1:] == 0).all() and any(eos not in row for row in ended.tolist())
+    assert torch.equal(
+        ended[:, : theirs(eos).shape[1]], theirs(eos)
+    )  # generate stops when every row has; ours pads to the cap
+    assert ended[0, step] == eos and (ended[0, step + 1 :] == 0).all() and any(eos not in row for row in ended.tolist())
 
 
 def test_an_unclear_layer_list_is_a_one_line_error_naming_the_architecture():
@@ -139,4 +179,8 @@ def test_an_unclear_layer_list_is_a_one_line_error_naming_the_architecture():
     with pytest.raises(distill.ConfigError) as error:
         load_model("prune:1", "student", teacher=teacher)
     message = str(error.value)
-    assert f"cannot prune {type(teacher).__name__} ({teacher.config.model_type})" in message and layers in message and "\n" not in message
+    assert (
+        f"cannot prune {type(teacher).__name__} ({teacher.config.model_type})" in message
+        and layers in message
+        and "\n" not in message
+    )

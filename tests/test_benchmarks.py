@@ -26,7 +26,9 @@ def load_script(name: str):
     return module
 
 
-step_cost, quality_budget, report, compute_floor = (load_script(name) for name in ("step_cost", "quality_budget", "report", "compute_floor"))
+step_cost, quality_budget, report, compute_floor = (
+    load_script(name) for name in ("step_cost", "quality_budget", "report", "compute_floor")
+)
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 TRL_TRAINERS = load_script("common").trl_trainers() if HAS_TRL else set()
@@ -40,12 +42,37 @@ def results(tmp_path_factory, single_thread) -> dict[str, Path]:
     """Both benchmarks run once on tiny models; step_cost first, so quality_budget sizes its runs from it."""
     root = tmp_path_factory.mktemp("bench")
     tiny = make_pair(root)
-    settings = ["--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]),
-                "--batch-size", "4", "--max-new-tokens", "6", "--set", "eval.batch_size=8"]
+    settings = [
+        "--teacher",
+        str(tiny["teacher"]),
+        "--student",
+        str(tiny["student"]),
+        "--data",
+        str(tiny["data"]),
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--set",
+        "eval.batch_size=8",
+    ]
     out = root / "results"
     step_cost.main([*settings, "--steps", "1", "--warmup", "0", "--output", str(out / "step_cost.json")])
-    quality_budget.main([*settings, "--budget", "0.2", "--evals", "2", "--rouge-samples", "2",
-                         "--step-cost", str(out / "step_cost.json"), "--output", str(out / "quality_budget.json")])
+    quality_budget.main(
+        [
+            *settings,
+            "--budget",
+            "0.2",
+            "--evals",
+            "2",
+            "--rouge-samples",
+            "2",
+            "--step-cost",
+            str(out / "step_cost.json"),
+            "--output",
+            str(out / "quality_budget.json"),
+        ]
+    )
     return {"folder": out, "step_cost": out / "step_cost.json", "quality_budget": out / "quality_budget.json"}
 
 
@@ -58,14 +85,20 @@ def test_step_cost_times_every_recipe_our_jsd_cases_and_trl(results):
     assert report_["complete"] and report_["settings"]["batch_size"] == 4 and report_["settings"]["max_new_tokens"] == 6
     for case in cases.values():
         assert case["steps_timed"] == 1 and case["seconds_per_step"] > 0
-        assert case["breakdown"]["other"] + sum(case["breakdown"][p] for p in ("generation", "teacher_forward", "student_forward", "optimizer")) == pytest.approx(case["seconds_per_step"])
+        assert case["breakdown"]["other"] + sum(
+            case["breakdown"][p] for p in ("generation", "teacher_forward", "student_forward", "optimizer")
+        ) == pytest.approx(case["seconds_per_step"])
     assert cases["kd"]["ratio_to_kd"] == 1.0
     assert cases["kd"]["sources"] == ["dataset"] and cases["seqkd"]["sources"] == ["teacher"]
     assert cases["jsd-onpolicy"]["sources"] == ["student"] and cases["jsd-onpolicy"]["breakdown"]["generation"] > 0
-    assert cases["jsd-offpolicy"]["divergence"] == "jsd" and cases["jsd-offpolicy"]["divergence_params"] == {"beta": 0.5}
+    assert cases["jsd-offpolicy"]["divergence"] == "jsd" and cases["jsd-offpolicy"]["divergence_params"] == {
+        "beta": 0.5
+    }
     assert cases["jsd-offpolicy"]["ce_weight"] == 0.0
     targets = {v["target"].split(" (")[0]: v for v in report_["verdicts"]}
-    assert targets["distillm <= 1.3 x kd"]["ratio"] == pytest.approx(cases["distillm"]["seconds_per_step"] / cases["kd"]["seconds_per_step"])
+    assert targets["distillm <= 1.3 x kd"]["ratio"] == pytest.approx(
+        cases["distillm"]["seconds_per_step"] / cases["kd"]["seconds_per_step"]
+    )
     assert (results["folder"] / "step_cost.png").read_bytes().startswith(PNG)
 
 
@@ -74,15 +107,33 @@ def test_step_cost_runs_trl_at_both_lambdas_with_and_without_checkpointing(resul
     cases = {c["name"]: c for c in json.loads(results["step_cost"].read_text())["cases"]}
     report_ = json.loads(results["step_cost"].read_text())
     precision = report_["settings"]["precision"]  # auto, resolved as a run here resolves it
-    for name, lmbda, checkpointing in (("trl-lmbda0", 0.0, False), ("trl-lmbda1", 1.0, False), ("trl-lmbda0-gc", 0.0, True), ("trl-lmbda1-gc", 1.0, True)):
+    for name, lmbda, checkpointing in (
+        ("trl-lmbda0", 0.0, False),
+        ("trl-lmbda1", 1.0, False),
+        ("trl-lmbda0-gc", 0.0, True),
+        ("trl-lmbda1-gc", 1.0, True),
+    ):
         case = cases[name]
-        assert (case["trainer"], case["lmbda"], case["beta"], case["gradient_checkpointing"]) == ("GKDTrainer", lmbda, 0.5, checkpointing)
+        assert (case["trainer"], case["lmbda"], case["beta"], case["gradient_checkpointing"]) == (
+            "GKDTrainer",
+            lmbda,
+            0.5,
+            checkpointing,
+        )
         assert case["mixed_precision"] == {"fp32": "no"}.get(precision, precision) and case["seconds_per_step"] > 0
         # GKDTrainer's forwards go through Accelerate's autocast: the observed dtype is the run's precision
-        assert case["compute_dtypes"]["student_forward"] == DTYPE[precision] and case["compute_dtypes_from"].startswith("observed")
+        assert case["compute_dtypes"]["student_forward"] == DTYPE[precision] and case["compute_dtypes_from"].startswith(
+            "observed"
+        )
     assert cases["trl-lmbda1"]["breakdown"]["generation"] > 0 and cases["trl-lmbda0"]["breakdown"]["generation"] == 0
-    assert cases["jsd-offpolicy"]["ratio_to_trl"] == {"trl-lmbda0": pytest.approx(cases["jsd-offpolicy"]["seconds_per_step"] / cases["trl-lmbda0"]["seconds_per_step"])}
-    assert cases["jsd-onpolicy"]["ratio_to_trl"]["trl-lmbda1"] == pytest.approx(cases["jsd-onpolicy"]["seconds_per_step"] / cases["trl-lmbda1"]["seconds_per_step"])
+    assert cases["jsd-offpolicy"]["ratio_to_trl"] == {
+        "trl-lmbda0": pytest.approx(
+            cases["jsd-offpolicy"]["seconds_per_step"] / cases["trl-lmbda0"]["seconds_per_step"]
+        )
+    }
+    assert cases["jsd-onpolicy"]["ratio_to_trl"]["trl-lmbda1"] == pytest.approx(
+        cases["jsd-onpolicy"]["seconds_per_step"] / cases["trl-lmbda1"]["seconds_per_step"]
+    )
 
 
 @pytest.mark.skipif(not HAS_DISTILLATION_TRAINER, reason="this trl has no DistillationTrainer")
@@ -91,13 +142,22 @@ def test_step_cost_runs_trl_distillation_trainer_on_policy_with_and_without_chec
     cases = {c["name"]: c for c in report_["cases"]}
     for name, checkpointing in (("trl-distill-onpolicy", False), ("trl-distill-onpolicy-gc", True)):
         case = cases[name]
-        assert (case["trainer"], case["beta"], case["gradient_checkpointing"], case["temperature"]) == ("DistillationTrainer", 0.5, checkpointing, 1.0)
+        assert (case["trainer"], case["beta"], case["gradient_checkpointing"], case["temperature"]) == (
+            "DistillationTrainer",
+            0.5,
+            checkpointing,
+            1.0,
+        )
         assert (case["max_completion_length"], case["top_k"], case["top_p"]) == (6, 0, 1.0)
         assert case["sources"] == ["student"] and case["breakdown"]["generation"] > 0
         assert case["breakdown"]["teacher_forward"] > 0 and case["breakdown"]["student_forward"] > 0
-        assert {"student_forward", "student_generation", "teacher_forward"} <= set(case["compute_dtypes"]) and "student_forward" in case["compute_dtypes_from"]
+        assert {"student_forward", "student_generation", "teacher_forward"} <= set(
+            case["compute_dtypes"]
+        ) and "student_forward" in case["compute_dtypes_from"]
     ratio = cases["jsd-onpolicy"]["ratio_to_trl"]["trl-distill-onpolicy"]
-    assert ratio == pytest.approx(cases["jsd-onpolicy"]["seconds_per_step"] / cases["trl-distill-onpolicy"]["seconds_per_step"])
+    assert ratio == pytest.approx(
+        cases["jsd-onpolicy"]["seconds_per_step"] / cases["trl-distill-onpolicy"]["seconds_per_step"]
+    )
     targets = {v["target"].split(" (")[0]: v for v in report_["verdicts"]}
     assert targets["jsd-onpolicy <= 0.6 x trl-distill-onpolicy"]["ratio"] == pytest.approx(ratio)
 
@@ -108,17 +168,30 @@ def test_step_cost_counts_the_same_real_tokens_for_the_same_batches_in_every_imp
     report_ = json.loads(results["step_cost"].read_text())
     work = {c["name"]: c["work_per_step"] for c in report_["cases"]}
     settings = report_["settings"]
-    max_new_tokens, batch = settings["max_new_tokens"], settings["batch_size"] * settings["grad_accum"]  # sequences per optimizer step
+    max_new_tokens, batch = (
+        settings["max_new_tokens"],
+        settings["batch_size"] * settings["grad_accum"],
+    )  # sequences per optimizer step
     offpolicy = ["kd", "jsd-offpolicy", "distillm"] + (["trl-lmbda0"] if HAS_TRL else [])
     for name in offpolicy:
         assert work[name] == work["kd"] and work[name]["generated_tokens"] == 0
     assert 0 < work["kd"]["logit_rows"] < work["kd"]["trained_tokens"]
-    onpolicy = ["jsd-onpolicy", "minillm"] + (["trl-lmbda1"] if HAS_TRL else []) + (["trl-distill-onpolicy"] if HAS_DISTILLATION_TRAINER else [])
+    onpolicy = (
+        ["jsd-onpolicy", "minillm"]
+        + (["trl-lmbda1"] if HAS_TRL else [])
+        + (["trl-distill-onpolicy"] if HAS_DISTILLATION_TRAINER else [])
+    )
     for name in onpolicy:
         w = work[name]
-        assert w["generated_sequences"] == batch and w["generation_prompt_tokens"] == work["jsd-onpolicy"]["generation_prompt_tokens"]
+        assert (
+            w["generated_sequences"] == batch
+            and w["generation_prompt_tokens"] == work["jsd-onpolicy"]["generation_prompt_tokens"]
+        )
         assert batch <= w["generated_tokens"] <= batch * max_new_tokens  # real tokens: up to the first EOS
-        assert w["logit_rows"] == w["generated_tokens"] and w["trained_tokens"] == w["generation_prompt_tokens"] + w["generated_tokens"]
+        assert (
+            w["logit_rows"] == w["generated_tokens"]
+            and w["trained_tokens"] == w["generation_prompt_tokens"] + w["generated_tokens"]
+        )
     assert work["seqkd"]["generated_sequences"] == batch
 
 
@@ -126,25 +199,44 @@ def test_step_cost_reports_each_case_against_its_compute_floor(results):
     report_ = json.loads(results["step_cost"].read_text())
     cases = {c["name"]: c for c in report_["cases"]}
     throughput = report_["matmul_throughput"]
-    assert throughput["gflops"]["float32"] > 0 and throughput["gflops"]["bfloat16"] > 0 and throughput["torch_threads"] == 1
+    assert (
+        throughput["gflops"]["float32"] > 0
+        and throughput["gflops"]["bfloat16"] > 0
+        and throughput["torch_threads"] == 1
+    )
     precision = report_["settings"]["precision"]
     for case in cases.values():
-        assert case["floor_seconds"] > 0 and case["ratio_to_floor"] == pytest.approx(case["seconds_per_step"] / case["floor_seconds"])
+        assert case["floor_seconds"] > 0 and case["ratio_to_floor"] == pytest.approx(
+            case["seconds_per_step"] / case["floor_seconds"]
+        )
         assert sum(case["floor_by_part"].values()) == pytest.approx(case["floor_seconds"])
         for part, seconds in case["floor_by_part"].items():
             rate = throughput["gflops"][case["compute_dtypes"][part]]
             assert seconds == pytest.approx(case["flops_per_step"][part] / (rate * 1e9))
     # ours: the dtypes of the run's resolved config.yaml
-    assert cases["kd"]["compute_dtypes"]["student_backward"] == DTYPE[precision] and "config.yaml" in cases["kd"]["compute_dtypes_from"]
+    assert (
+        cases["kd"]["compute_dtypes"]["student_backward"] == DTYPE[precision]
+        and "config.yaml" in cases["kd"]["compute_dtypes_from"]
+    )
     # the tiny student: 1 Llama layer of hidden 32, intermediate 64, untied head over the tokenizer's vocabulary, embeddings frozen
     student = cases["kd"]["matmul_params"]["student"]
     vocab = student["config"]["vocab_size"]
-    assert (student["body_params"], student["head_params"], student["head_trainable"]) == (4 * 32 * 32 + 3 * 32 * 64, 32 * vocab, False)
+    assert (student["body_params"], student["head_params"], student["head_trainable"]) == (
+        4 * 32 * 32 + 3 * 32 * 64,
+        32 * vocab,
+        False,
+    )
     assert student["body_input_grad"] == student["body_params"] and student["head_input_grad"]
     assert cases["kd"]["matmul_params"]["teacher"]["body_trainable"] == 0
     # off-policy: no generation; on-policy: generation counted with the student, seqkd: with the teacher
-    assert cases["kd"]["flops_per_step"]["student_generation"] == 0 and cases["jsd-onpolicy"]["flops_per_step"]["student_generation"] > 0
-    assert cases["seqkd"]["flops_per_step"]["teacher_generation"] > 0 and cases["seqkd"]["flops_per_step"]["student_generation"] == 0
+    assert (
+        cases["kd"]["flops_per_step"]["student_generation"] == 0
+        and cases["jsd-onpolicy"]["flops_per_step"]["student_generation"] > 0
+    )
+    assert (
+        cases["seqkd"]["flops_per_step"]["teacher_generation"] > 0
+        and cases["seqkd"]["flops_per_step"]["student_generation"] == 0
+    )
     targets = {v["target"].split(" (")[0]: v for v in report_["verdicts"]}
     assert targets["kd <= 1.5 x its compute floor"]["ratio"] == pytest.approx(cases["kd"]["ratio_to_floor"])
     assert targets["distillm <= 1.5 x its compute floor"]["ratio"] == pytest.approx(cases["distillm"]["ratio_to_floor"])
@@ -165,7 +257,10 @@ def test_quality_budget_trains_every_recipe_within_the_budget_and_plots(results)
             assert key in row["final"] and key in row["before"]
         assert row["curve"][0]["step"] == 0 and row["curve"][-1]["step"] == row["steps_done"]
     assert all("sgo_prob" in s for s in rows["distillm"]["steps"])
-    assert {v["target"] for v in report_["verdicts"]} >= {"distillm token KL < kd's at equal budget", "distillm token KL < gkd's at equal budget"}
+    assert {v["target"] for v in report_["verdicts"]} >= {
+        "distillm token KL < kd's at equal budget",
+        "distillm token KL < gkd's at equal budget",
+    }
     for name in ("quality_budget_curves.png", "quality_budget_distillm.png"):
         assert name in report_["plots"] and (results["folder"] / name).read_bytes().startswith(PNG)
 
@@ -178,7 +273,11 @@ def test_report_writes_results_markdown_with_targets_tables_and_plots(results, t
     assert "| floor s | x floor |" in text and "GFLOP/s" in text
     assert "**Not the embedded default**" in text  # tiny models: never mistaken for the real results
     env = json.loads(results["step_cost"].read_text())["environment"]
-    assert f"({env['cpu_count']} cores, " in text and f"torch threads {env['torch_threads']} " in text and env["date"] in text
+    assert (
+        f"({env['cpu_count']} cores, " in text
+        and f"torch threads {env['torch_threads']} " in text
+        and env["date"] in text
+    )
     assert "| kd |" in text and "| distillm |" in text
     for image in ("step_cost.png", "quality_budget_curves.png", "quality_budget_distillm.png"):
         link = next(line for line in text.splitlines() if line.startswith("![") and image in line)
@@ -187,7 +286,22 @@ def test_report_writes_results_markdown_with_targets_tables_and_plots(results, t
 
 def test_divergence_memory_still_measures_ours_against_the_peer(tmp_path):
     output = tmp_path / "divergence_memory.json"
-    load_script("divergence_memory").main(["--vocab", "256", "--tokens", "32", "--divergences", "kl", "--repeats", "1", "--threads", "1", "--output", str(output)])
+    load_script("divergence_memory").main(
+        [
+            "--vocab",
+            "256",
+            "--tokens",
+            "32",
+            "--divergences",
+            "kl",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--output",
+            str(output),
+        ]
+    )
     result = json.loads(output.read_text())
     (case,) = result["cases"]
     assert result["complete"] and case["divergence"] == "kl" and (case["vocab"], case["tokens"]) == (256, 32)
@@ -198,17 +312,56 @@ def test_divergence_memory_still_measures_ours_against_the_peer(tmp_path):
 def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path, single_thread):
     study = load_script("study")
     tiny = make_pair(tmp_path / "pair")
-    argv = ["--root", str(tmp_path / "root"), "--output", str(tmp_path / "study.json"), "--teacher", str(tiny["teacher"]),
-            "--student", str(tiny["student"]), "--train-prompts", "16", "--epochs", "2", "--init-steps", "1", "--rouge-samples", "2",
-            "--draws", "2", "--seeds", "0", "--only", "kd", "sft", "distillm", "--set", "eval.batch_size=8",
-            "--set", "generation.max_new_tokens=4", "--set", "data.val_max=4"]
+    argv = [
+        "--root",
+        str(tmp_path / "root"),
+        "--output",
+        str(tmp_path / "study.json"),
+        "--teacher",
+        str(tiny["teacher"]),
+        "--student",
+        str(tiny["student"]),
+        "--train-prompts",
+        "16",
+        "--epochs",
+        "2",
+        "--init-steps",
+        "1",
+        "--rouge-samples",
+        "2",
+        "--draws",
+        "2",
+        "--seeds",
+        "0",
+        "--only",
+        "kd",
+        "sft",
+        "distillm",
+        "--set",
+        "eval.batch_size=8",
+        "--set",
+        "generation.max_new_tokens=4",
+        "--set",
+        "data.val_max=4",
+    ]
     report_ = study.main(argv)
     assert report_["complete"]
     runs = {(r["budget"], r["recipe"]): r for r in report_["runs"]}
     assert set(runs) == {(b, n) for b in ("steps", "seconds") for n in ("kd", "sft", "distillm")}
     for key, run in runs.items():
-        for field in ("recipe", "seed", "budget", "steps", "train_seconds", "sources", "max_sgo_prob", "rouge_l_greedy", "rouge_l_sampled",
-                      "token_kl", "val_ce"):
+        for field in (
+            "recipe",
+            "seed",
+            "budget",
+            "steps",
+            "train_seconds",
+            "sources",
+            "max_sgo_prob",
+            "rouge_l_greedy",
+            "rouge_l_sampled",
+            "token_kl",
+            "val_ce",
+        ):
             assert run[field] is not None, (key, field)
         assert [c["step"] for c in run["curve"]][0] == 0
     assert all(runs["steps", n]["steps"] == 4 for n in ("kd", "sft", "distillm"))  # 2 epochs of 16 prompts, 8 a step
@@ -222,7 +375,11 @@ def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path,
     for name in ("study_quality.png", "study_distillm.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG)
     section = "\n".join(report.study_section(report_, tmp_path, tmp_path))
-    assert "Status: complete" in section and "| steps | distillm | 0 | 4 |" in section and "![quality against training seconds]" in section
+    assert (
+        "Status: complete" in section
+        and "| steps | distillm | 0 | 4 |" in section
+        and "![quality against training seconds]" in section
+    )
     # finished runs are kept and skipped: a second call trains nothing
     records = sorted((tmp_path / "root" / "records").glob("*.json"))
     stamps = [p.stat().st_mtime_ns for p in records]
@@ -238,8 +395,16 @@ def tiny_llama(tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=tie, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(config)
 
 
@@ -249,7 +414,9 @@ def counted_matmul_flops(run) -> int:
 
     with FlopCounterMode(display=False) as counter:
         run()
-    return sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm", "aten.bmm"))
+    return sum(
+        n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm", "aten.bmm")
+    )
 
 
 @pytest.mark.parametrize("frozen", [["embeddings"], [], ["embeddings", "layer 0"]])
@@ -289,9 +456,18 @@ def test_floor_flops_of_generation_match_torch_flop_counter():
 
     def generate():
         with torch.no_grad():
-            model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            model.generate(
+                input_ids=prompts,
+                attention_mask=torch.ones_like(prompts),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
-    assert counted_matmul_flops(generate) == compute_floor.ModelMatmuls.of(model).generation_flops(2, prompts.numel(), 2 * new)
+    assert counted_matmul_flops(generate) == compute_floor.ModelMatmuls.of(model).generation_flops(
+        2, prompts.numel(), 2 * new
+    )
 
 
 def test_dtype_probe_sees_the_dtype_each_part_computes_in():
@@ -308,8 +484,16 @@ def test_dtype_probe_sees_the_dtype_each_part_computes_in():
             model(input_ids=ids)
     fallback = dict.fromkeys(compute_floor.PARTS, "float16")
     dtypes, observed = probe.dtypes(fallback)
-    assert (dtypes["student_forward"], dtypes["student_backward"], dtypes["student_generation"]) == ("bfloat16", "bfloat16", "float32")
-    assert dtypes["teacher_forward"] == "float16" and set(observed) == {"student_forward", "student_backward", "student_generation"}
+    assert (dtypes["student_forward"], dtypes["student_backward"], dtypes["student_generation"]) == (
+        "bfloat16",
+        "bfloat16",
+        "float32",
+    )
+    assert dtypes["teacher_forward"] == "float16" and set(observed) == {
+        "student_forward",
+        "student_backward",
+        "student_generation",
+    }
 
 
 def test_matmul_throughput_is_measured_once_per_dtype():
@@ -321,18 +505,45 @@ def test_matmul_throughput_is_measured_once_per_dtype():
 
 def test_fused_head_measures_fused_today_and_peer_and_a_whole_run(tmp_path):
     output = tmp_path / "fused_head.json"
-    load_script("fused_head").main(["--vocab", "256", "--tokens", "32", "--hidden", "8", "--divergences", "skew_kl", "--repeats", "1",
-                                    "--threads", "1", "--run-vocab", "512", "--output", str(output)])
+    load_script("fused_head").main(
+        [
+            "--vocab",
+            "256",
+            "--tokens",
+            "32",
+            "--hidden",
+            "8",
+            "--divergences",
+            "skew_kl",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--run-vocab",
+            "512",
+            "--output",
+            str(output),
+        ]
+    )
     result = json.loads(output.read_text())
     (case,) = result["cases"]
-    assert result["complete"] and case["divergence"] == "skew_kl" and (case["vocab"], case["hidden"], case["tokens"]) == (256, 8, 32)
+    assert (
+        result["complete"]
+        and case["divergence"] == "skew_kl"
+        and (case["vocab"], case["hidden"], case["tokens"]) == (256, 8, 32)
+    )
     for implementation in ("fused", "today", "peer"):
         assert case[implementation]["seconds"] > 0 and case[implementation]["peak_extra_bytes"] >= 0
     assert case["fused_time_ratio"] == pytest.approx(case["fused"]["seconds"] / case["peer"]["seconds"])
     assert case["loss_rel_diff"] < 1e-5 and case["grad_max_abs_diff"] < 1e-5
     run = result["run"]
-    assert (run["vocab"], run["sequences"], run["response_tokens"]) == (512, 8, 128) and run["logits_bytes_per_model"] == 4 * 8 * 128 * 512
-    assert run["fused"]["head"].startswith("fused head: on") and run["full"]["head"] == "fused head: off (train.fused_head=false): full logits"
+    assert (run["vocab"], run["sequences"], run["response_tokens"]) == (512, 8, 128) and run[
+        "logits_bytes_per_model"
+    ] == 4 * 8 * 128 * 512
+    assert (
+        run["fused"]["head"].startswith("fused head: on")
+        and run["full"]["head"] == "fused head: off (train.fused_head=false): full logits"
+    )
     for name in ("fused", "full"):
         assert run[name]["start_rss_bytes"] > 0 and run[name]["seconds"] > 0
 
@@ -344,29 +555,98 @@ def test_teacher_cache_benchmark_times_both_variants_and_compares_full_vocabular
 
     teacher_cache = load_script("teacher_cache")
     tiny = make_pair(tmp_path)
-    settings = ["--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]), "--batch-size", "4"]
+    settings = [
+        "--teacher",
+        str(tiny["teacher"]),
+        "--student",
+        str(tiny["student"]),
+        "--data",
+        str(tiny["data"]),
+        "--batch-size",
+        "4",
+    ]
     cache = tmp_path / "cache"
-    teacher_cache.main([*settings, "--cache", str(cache), "--top-k", "8", "--steps", "1", "--warmup", "0", "--output", str(tmp_path / "steps.json")])
+    teacher_cache.main(
+        [
+            *settings,
+            "--cache",
+            str(cache),
+            "--top-k",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--output",
+            str(tmp_path / "steps.json"),
+        ]
+    )
     record = json.loads((tmp_path / "steps.json").read_text())
     assert record["complete"] and [r["recipe"] for r in record["recipes"]] == ["kd", "distillm"]
-    assert all(len(r["live_seconds"]) == len(r["cache_seconds"]) == 1 and r["ratio_mean"] > 0 for r in record["recipes"])
-    assert record["cache"]["top_k"] == 8 and record["cache"]["payload_bytes_per_token"] == 36 and record["cache"]["bytes_per_token"] >= 36
-    floor = record["floor"]  # the compute floor of the tiny pair: skipping the teacher saves its forward, never the student's work
+    assert all(
+        len(r["live_seconds"]) == len(r["cache_seconds"]) == 1 and r["ratio_mean"] > 0 for r in record["recipes"]
+    )
+    assert (
+        record["cache"]["top_k"] == 8
+        and record["cache"]["payload_bytes_per_token"] == 36
+        and record["cache"]["bytes_per_token"] >= 36
+    )
+    floor = record[
+        "floor"
+    ]  # the compute floor of the tiny pair: skipping the teacher saves its forward, never the student's work
     assert 0.4 < floor["cached_over_live"] < 1 and floor["gflop_per_sequence"]["teacher_forward"] > 0
     runs = {}
     for name, extra in (("live", []), ("cached", ["--teacher-cache", str(cache)])):
         runs[name] = tmp_path / name
-        result = CliRunner().invoke(app, ["run", "--recipe", "kd", *settings[:6], "--max-steps", "2", "--set", "train.batch_size=4",
-                                          "--set", "eval.every=0", "-o", str(runs[name]), *extra])
+        result = CliRunner().invoke(
+            app,
+            [
+                "run",
+                "--recipe",
+                "kd",
+                *settings[:6],
+                "--max-steps",
+                "2",
+                "--set",
+                "train.batch_size=4",
+                "--set",
+                "eval.every=0",
+                "-o",
+                str(runs[name]),
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
-    teacher_cache.main(["quality", "--live", str(runs["live"]), "--cached", str(runs["cached"]), "--output", str(tmp_path / "quality.json")])
+    teacher_cache.main(
+        [
+            "quality",
+            "--live",
+            str(runs["live"]),
+            "--cached",
+            str(runs["cached"]),
+            "--output",
+            str(tmp_path / "quality.json"),
+        ]
+    )
     quality = json.loads((tmp_path / "quality.json").read_text())
     assert quality["live"]["val_kl_full"] > 0 and quality["cached"]["val_kl_full"] > 0
-    assert quality["relative_difference"] == pytest.approx(quality["cached"]["val_kl_full"] / quality["live"]["val_kl_full"] - 1)
+    assert quality["relative_difference"] == pytest.approx(
+        quality["cached"]["val_kl_full"] / quality["live"]["val_kl_full"] - 1
+    )
     # the cached run logged the coarse KL, which is at most the full one of the same student
     assert quality["cached"]["logged_val_kl"] <= quality["cached"]["val_kl_full"] * 1.01
     with pytest.raises(SystemExit):  # not the same settings: refused
-        teacher_cache.main(["quality", "--live", str(runs["cached"]), "--cached", str(runs["live"]), "--output", str(tmp_path / "no.json")])
+        teacher_cache.main(
+            [
+                "quality",
+                "--live",
+                str(runs["cached"]),
+                "--cached",
+                str(runs["live"]),
+                "--output",
+                str(tmp_path / "no.json"),
+            ]
+        )
     # RESULTS.md renders both files, each with its machine and verdicts
     lines = report.teacher_cache_section({"teacher_cache_steps.json": record}, {"teacher_cache_quality.json": quality})
     text = "\n".join(lines)

@@ -60,9 +60,14 @@ def fake_plugin() -> types.ModuleType:
             return examples, "dataset"
 
     recipe = distill.Recipe(
-        name="bracket_kd", description="test", divergence="bracketed", policy="always",
-        divergence_params={"floor": 0.5}, policy_params={"schedule": "constant"},
-        config={"train.lr": 0.001}, note="see [docs]",
+        name="bracket_kd",
+        description="test",
+        divergence="bracketed",
+        policy="always",
+        divergence_params={"floor": 0.5},
+        policy_params={"schedule": "constant"},
+        config={"train.lr": 0.001},
+        note="see [docs]",
     )
     module = types.ModuleType("acme_distill")
     module.register_divergences = distill.hookimpl(lambda register: register(Bracketed))
@@ -88,8 +93,6 @@ def with_fake_plugin(monkeypatch, wide):
     monkeypatch.setattr(registry_module, "_default", Registry.build(plugins=[fake_plugin()], autoload=False))
 
 
-
-
 def test_list_divergences_shows_names_aliases_ranges_and_provider(builtins_only):
     result = runner.invoke(cli_app.app, ["list", "divergences"])
     assert result.exit_code == 0, result.output
@@ -110,7 +113,9 @@ def test_list_divergences_shows_names_aliases_ranges_and_provider(builtins_only)
 def test_list_everything_shows_three_tables(builtins_only):
     result = runner.invoke(cli_app.app, ["list"])
     assert result.exit_code == 0, result.output
-    titles = [line.strip() for line in result.output.splitlines() if line.strip() in ("divergences", "policies", "recipes")]
+    titles = [
+        line.strip() for line in result.output.splitlines() if line.strip() in ("divergences", "policies", "recipes")
+    ]
     assert titles == ["divergences", "policies", "recipes"]
     assert "skew_rkl" in result.output
 
@@ -170,8 +175,12 @@ def test_console_script_lists_divergences():
     assert {"kl", "rkl", "jsd", "tvd", "skew_kl", "skew_rkl"} <= set(table)
     assert re.search(r"skl, sfkl", table["skew_kl"])
     assert len(result.stdout.splitlines()) == len(table)
-    policies = subprocess.run([str(script), "list", "policies"], capture_output=True, text=True, env=env, timeout=120).stdout
-    assert [line.split()[0] for line in policies.splitlines() if "adaptive_offpolicy" in line] == ["adaptive_offpolicy"]  # | grep
+    policies = subprocess.run(
+        [str(script), "list", "policies"], capture_output=True, text=True, env=env, timeout=120
+    ).stdout
+    assert [line.split()[0] for line in policies.splitlines() if "adaptive_offpolicy" in line] == [
+        "adaptive_offpolicy"
+    ]  # | grep
 
 
 # --- names are never cut: tables, narrow terminals, pipes, JSON
@@ -212,18 +221,36 @@ def test_names_are_never_cut_at_any_terminal_width(monkeypatch, width):
 
 def test_piped_output_is_one_line_per_plugin(monkeypatch):
     """CliRunner's output is not a terminal: what `distill list policies | grep NAME` sees."""
-    monkeypatch.setattr(registry_module, "_default", Registry.build(plugins=[fake_plugin(), long_named_plugin()], autoload=False))
+    monkeypatch.setattr(
+        registry_module, "_default", Registry.build(plugins=[fake_plugin(), long_named_plugin()], autoload=False)
+    )
     result = runner.invoke(cli_app.app, ["list", "policies"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert [line.split()[0] for line in lines] == ["adaptive_offpolicy", "adaptive_offpolicy_with_warmup", "always", "contrastive", "mixed", "offpolicy", "onpolicy", "teacher"]
+    assert [line.split()[0] for line in lines] == [
+        "adaptive_offpolicy",
+        "adaptive_offpolicy_with_warmup",
+        "always",
+        "contrastive",
+        "mixed",
+        "offpolicy",
+        "onpolicy",
+        "teacher",
+    ]
     (adaptive,) = [line for line in lines if line.startswith("adaptive_offpolicy ")]
     assert "init_prob=0.0 [>=0, <=1]" in adaptive and adaptive.endswith(f"provider: {BUILTIN_PROVIDER}")
     (long,) = [line for line in lines if "adaptive_offpolicy_with_warmup" in line]
-    assert "aliases: adaptive_offpolicy_warm" in long and "warmup_steps=100 [>=0]" in long and long.endswith("provider: acme_long")
+    assert (
+        "aliases: adaptive_offpolicy_warm" in long
+        and "warmup_steps=100 [>=0]" in long
+        and long.endswith("provider: acme_long")
+    )
     everything = runner.invoke(cli_app.app, ["list"]).output.splitlines()
     assert [line for line in everything if line.startswith("#")] == ["# divergences", "# policies", "# recipes"]
-    assert any(line.startswith("bracket_kd  divergence: bracketed (floor=0.5)  policy: always (schedule=constant)") for line in everything)
+    assert any(
+        line.startswith("bracket_kd  divergence: bracketed (floor=0.5)  policy: always (schedule=constant)")
+        for line in everything
+    )
 
 
 def test_json_lists_names_parameters_ranges_aliases_and_providers(with_fake_plugin):
@@ -237,20 +264,43 @@ def test_json_lists_names_parameters_ranges_aliases_and_providers(with_fake_plug
     assert bracketed["aliases"] == ["brk"] and bracketed["provider"] == "acme_distill"
     assert bracketed["description"] == "Weights [teacher] first; closes [/bold] nothing."
     weights, floor, temperature = bracketed["parameters"]
-    assert weights == {"name": "weights", "type": "list[float]", "required": False, "default": [0.25, 0.75], "range": {},
-                       "description": "one of [low|high]", "core": False}
-    assert floor == {"name": "floor", "type": "float", "required": True, "default": None, "range": {"gt": 0.0},
-                     "description": "required, positive", "core": False}
+    assert weights == {
+        "name": "weights",
+        "type": "list[float]",
+        "required": False,
+        "default": [0.25, 0.75],
+        "range": {},
+        "description": "one of [low|high]",
+        "core": False,
+    }
+    assert floor == {
+        "name": "floor",
+        "type": "float",
+        "required": True,
+        "default": None,
+        "range": {"gt": 0.0},
+        "description": "required, positive",
+        "core": False,
+    }
     assert temperature["name"] == "temperature" and temperature["core"] and temperature["range"] == {"gt": 0}
     skew = {p["name"]: p for p in divergences["skew_kl"]["parameters"]}
     assert skew["alpha"]["default"] == 0.1 and skew["alpha"]["range"] == {"ge": 0.0, "le": 1.0}
-    assert divergences["skew_kl"]["aliases"] == ["skl", "sfkl"] and divergences["skew_kl"]["provider"] == BUILTIN_PROVIDER
+    assert (
+        divergences["skew_kl"]["aliases"] == ["skl", "sfkl"] and divergences["skew_kl"]["provider"] == BUILTIN_PROVIDER
+    )
     policies = {item["name"]: item for item in data["policies"]}
     schedule = {p["name"]: p for p in policies["adaptive_offpolicy"]["parameters"]}["replay_schedule"]
     assert schedule["default"] == "decreasing" and schedule["choices"] == ["decreasing", "increasing", "constant"]
     (recipe,) = [item for item in data["recipes"] if item["name"] == "bracket_kd"]
-    assert recipe == {"name": "bracket_kd", "aliases": [], "provider": "acme_distill", "description": "test",
-                      "divergence": {"name": "bracketed", "params": {"floor": 0.5}}, "policy": {"name": "always", "params": {"schedule": "constant"}},
-                      "config": {"train.lr": 0.001}, "note": "see [docs]"}
+    assert recipe == {
+        "name": "bracket_kd",
+        "aliases": [],
+        "provider": "acme_distill",
+        "description": "test",
+        "divergence": {"name": "bracketed", "params": {"floor": 0.5}},
+        "policy": {"name": "always", "params": {"schedule": "constant"}},
+        "config": {"train.lr": 0.001},
+        "note": "see [docs]",
+    }
     only = json.loads(runner.invoke(cli_app.app, ["list", "policies", "--json"]).output)
     assert list(only) == ["policies"] and only["policies"] == data["policies"]

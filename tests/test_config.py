@@ -13,8 +13,20 @@ import yaml
 
 
 def flags(**kwargs):
-    base = dict(recipe=None, divergence=None, divergence_params=[], policy=None, policy_params=[], teacher=None,
-                student=None, data=None, output_dir=None, max_steps=None, seed=None, settings=[])
+    base = dict(
+        recipe=None,
+        divergence=None,
+        divergence_params=[],
+        policy=None,
+        policy_params=[],
+        teacher=None,
+        student=None,
+        data=None,
+        output_dir=None,
+        max_steps=None,
+        seed=None,
+        settings=[],
+    )
     base.update(kwargs)
     return flag_layer(**base)
 
@@ -34,16 +46,35 @@ def test_default_recipe_is_distillm_and_flags_override_it():
     assert (config.divergence.name, config.policy.name) == ("skew_kl", "adaptive_offpolicy")
     config = resolve_config(None, flags(divergence="kl"))
     assert config.divergence.name == "kl" and config.divergence.params == {}  # skew_kl's alpha dropped
-    config = resolve_config(None, flags(divergence="skew_kl", divergence_params=["alpha=0.3"], policy_params=["init_prob=0.2", "replay_schedule=constant"]))
+    config = resolve_config(
+        None,
+        flags(
+            divergence="skew_kl",
+            divergence_params=["alpha=0.3"],
+            policy_params=["init_prob=0.2", "replay_schedule=constant"],
+        ),
+    )
     assert config.divergence.params == {"alpha": 0.3}
     assert config.policy.params == {"init_prob": 0.2, "replay_schedule": "constant"}
 
 
 def test_required_keys_exist_under_their_names():
     config = RunConfig()
-    for dotted in ["train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.ce_weight", "train.seed",
-                   "eval.every", "eval.rouge_samples", "generation.max_new_tokens", "generation.temperature",
-                   "data.max_prompt_tokens", "data.max_response_tokens", "checkpoint.every"]:
+    for dotted in [
+        "train.max_steps",
+        "train.batch_size",
+        "train.grad_accum",
+        "train.lr",
+        "train.ce_weight",
+        "train.seed",
+        "eval.every",
+        "eval.rouge_samples",
+        "generation.max_new_tokens",
+        "generation.temperature",
+        "data.max_prompt_tokens",
+        "data.max_response_tokens",
+        "checkpoint.every",
+    ]:
         section, key = dotted.split(".")
         assert hasattr(getattr(config, section), key), dotted
 
@@ -93,7 +124,7 @@ def test_config_file_errors_name_file_and_line(tmp_path):
     with pytest.raises(distill.ConfigError, match="cannot read"):
         read_config_file(tmp_path / "missing.yaml")
     toml = tmp_path / "run.toml"
-    toml.write_text('[train]\nlr = 0.01\n')
+    toml.write_text("[train]\nlr = 0.01\n")
     assert read_config_file(toml) == {"train": {"lr": 0.01}}
 
 
@@ -113,8 +144,14 @@ def test_one_path_resolves_recipe_then_embedded_default_then_layers():
     from distill.builtin import DEFAULT_RUN
 
     plain = resolve.resolve_config()  # no recipe, no teacher: distillm on the embedded default
-    assert plain.recipe == "distillm" and plain.teacher.ref == DEFAULT_RUN["teacher"] and plain.student.ref == DEFAULT_RUN["student"]["ref"]
-    named = resolve.resolve_config({"teacher": "t", "student": "s"}, {"recipe": "kd"})  # a teacher named: no embedded default
+    assert (
+        plain.recipe == "distillm"
+        and plain.teacher.ref == DEFAULT_RUN["teacher"]
+        and plain.student.ref == DEFAULT_RUN["student"]["ref"]
+    )
+    named = resolve.resolve_config(
+        {"teacher": "t", "student": "s"}, {"recipe": "kd"}
+    )  # a teacher named: no embedded default
     assert named.recipe == "kd" and named.teacher.ref == "t" and named.train.max_steps == RunConfig().train.max_steps
     assert resolve.resolve_config({"teacher": "t"}, recipe="gkd").policy.name == "mixed"
     bare = resolve.resolve_config({"teacher": "t"}, recipe=False)  # no recipe layer: the RunConfig defaults
@@ -134,8 +171,14 @@ def test_plugin_params_are_validated_once_on_the_way_to_the_loss(monkeypatch):
     calls = []
     for module in (distill.divergence, distill.resolve):
         original = module.validate_params
-        monkeypatch.setattr(module, "validate_params", lambda cls, values, prefix, original=original: calls.append(prefix) or original(cls, values, prefix))
-    config = resolve_config(None, flags(divergence="skew_kl", divergence_params=["alpha=0.3"], policy_params=["init_prob=0.2"]))
+        monkeypatch.setattr(
+            module,
+            "validate_params",
+            lambda cls, values, prefix, original=original: calls.append(prefix) or original(cls, values, prefix),
+        )
+    config = resolve_config(
+        None, flags(divergence="skew_kl", divergence_params=["alpha=0.3"], policy_params=["init_prob=0.2"])
+    )
     assert calls == []  # merging alone checks no plugin
     plan = plan_run(config)
     assert calls == ["divergence skew_kl", "policy adaptive_offpolicy"]

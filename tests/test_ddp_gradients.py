@@ -31,10 +31,12 @@ def reference_gradients() -> dict[str, torch.Tensor]:
     r = batch.response_mask.shape[1]
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     with torch.no_grad():
-        teacher_logits = teacher(**inputs).logits[:, -(r + 1):-1][batch.response_mask]
-    student_logits = student(**inputs).logits[:, -(r + 1):-1][batch.response_mask]
+        teacher_logits = teacher(**inputs).logits[:, -(r + 1) : -1][batch.response_mask]
+    student_logits = student(**inputs).logits[:, -(r + 1) : -1][batch.response_mask]
     divergence = distill.get_divergence("skew_kl", alpha=0.1)
-    per_token = divergence(student_logits, teacher_logits) + CE_WEIGHT * F.cross_entropy(student_logits, batch.labels[batch.response_mask], reduction="none")
+    per_token = divergence(student_logits, teacher_logits) + CE_WEIGHT * F.cross_entropy(
+        student_logits, batch.labels[batch.response_mask], reduction="none"
+    )
     per_token.mean().backward()
     return {name: p.grad for name, p in student.named_parameters()}
 
@@ -43,8 +45,14 @@ def reference_gradients() -> dict[str, torch.Tensor]:
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ddp_gradients.py")), str(out)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("ddp_gradients.py")), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:

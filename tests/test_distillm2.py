@@ -28,8 +28,20 @@ runner = CliRunner()
 
 
 def flags(**kwargs):
-    base = dict(recipe=None, divergence=None, divergence_params=[], policy=None, policy_params=[], teacher=None,
-                student=None, data=None, output_dir=None, max_steps=None, seed=None, settings=[])
+    base = dict(
+        recipe=None,
+        divergence=None,
+        divergence_params=[],
+        policy=None,
+        policy_params=[],
+        teacher=None,
+        student=None,
+        data=None,
+        output_dir=None,
+        max_steps=None,
+        seed=None,
+        settings=[],
+    )
     base.update(kwargs)
     return flag_layer(**base)
 
@@ -46,6 +58,7 @@ def official_distillm2(chosen, rejected, alpha_1: float, alpha_2: float, beta: f
     on the teacher's (chosen) responses, skew reverse KL with the student's share of the mixture
     detached on the student's (rejected) ones; each sequence's token mean; (2 - beta) x chosen +
     beta x rejected, averaged over pairs."""
+
     def sequence_means(per_token, mask):
         return (per_token * mask).sum(-1) / mask.sum(-1)
 
@@ -77,7 +90,13 @@ def our_step_loss(objective: Objective, groups: dict, step: int, total: int, mic
         denominator = group_denominator((float(mask.sum()), float(mask.any(-1).sum())), "sequence")
         for rows in torch.arange(len(mask)).split(micro):
             loss = loss + term.weight(step, total, objective.curriculum) * distill.divergence_loss(
-                term.divergence, student[rows].float(), teacher[rows].float(), mask[rows], n_tokens=denominator, weights=sequence_weights(mask[rows]))
+                term.divergence,
+                student[rows].float(),
+                teacher[rows].float(),
+                mask[rows],
+                n_tokens=denominator,
+                weights=sequence_weights(mask[rows]),
+            )
     return loss
 
 
@@ -87,12 +106,16 @@ def test_step_loss_and_student_gradient_equal_the_official_formula_in_float64(st
     objective = Objective(config, default_registry())
     chosen, rejected = fixed_group(0, [7, 3, 5, 1]), fixed_group(1, [2, 7, 6, 4])
     leaves = [chosen[0].float().requires_grad_(), rejected[0].float().requires_grad_()]
-    ours = our_step_loss(objective, {"dataset": (leaves[0], *chosen[1:]), "student": (leaves[1], *rejected[1:])}, step, 10, micro=3)
+    ours = our_step_loss(
+        objective, {"dataset": (leaves[0], *chosen[1:]), "student": (leaves[1], *rejected[1:])}, step, 10, micro=3
+    )
     ours.backward()
 
     reference_leaves = [chosen[0].clone().requires_grad_(), rejected[0].clone().requires_grad_()]
     beta = 1.0 + 0.5 * min(1.0, 2 * (step - 1) / 10)  # the official curriculum at global_step = step - 1
-    reference = official_distillm2((reference_leaves[0], *chosen[1:]), (reference_leaves[1], *rejected[1:]), 0.1, 0.1, beta)
+    reference = official_distillm2(
+        (reference_leaves[0], *chosen[1:]), (reference_leaves[1], *rejected[1:]), 0.1, 0.1, beta
+    )
     reference.backward()
     assert float(ours.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
     for leaf, expected in zip(leaves, reference_leaves):
@@ -111,7 +134,13 @@ def test_token_normalisation_divides_each_group_by_its_own_tokens():
     objective = Objective(config, default_registry())
     student, teacher, mask = fixed_group(2, [7, 1, 4])
     term = objective.term("student")
-    ours = distill.divergence_loss(term.divergence, student.float(), teacher.float(), mask, n_tokens=group_denominator((float(mask.sum()), 3.0), "token"))
+    ours = distill.divergence_loss(
+        term.divergence,
+        student.float(),
+        teacher.float(),
+        mask,
+        n_tokens=group_denominator((float(mask.sum()), 3.0), "token"),
+    )
     lq, lp = student.log_softmax(-1), teacher.log_softmax(-1)
     values = (lq.exp() * (lq - torch.logaddexp(math.log(0.9) + lp, math.log(0.1) + lq))).sum(-1)
     assert float(ours.detach()) == pytest.approx(float(values[mask].mean()), rel=1e-5)
@@ -201,19 +230,33 @@ def _saved(state) -> Path:
 
 def test_recipe_terms_curriculum_and_one_line_errors():
     config = resolve_config(None, flags(recipe="distillm2", max_steps=10))
-    assert (config.divergence.name, config.policy.name, config.train.normalize) == ("skew_kl", "contrastive", "sequence")
+    assert (config.divergence.name, config.policy.name, config.train.normalize) == (
+        "skew_kl",
+        "contrastive",
+        "sequence",
+    )
     objective = Objective(config, default_registry())
     assert objective.term("student").divergence.params.detach_mixture is True
-    assert objective.term("dataset").divergence.name == "skew_kl" and objective.term("dataset").divergence.params.alpha == 0.1
+    assert (
+        objective.term("dataset").divergence.name == "skew_kl"
+        and objective.term("dataset").divergence.params.alpha == 0.1
+    )
     assert not objective.scheduled and objective.term("student").weight(10, 10, objective.curriculum) == 1.0
-    curriculum = Objective(resolve_config(None, flags(recipe="distillm2", settings=["objective.curriculum=true"])), default_registry())
+    curriculum = Objective(
+        resolve_config(None, flags(recipe="distillm2", settings=["objective.curriculum=true"])), default_registry()
+    )
     weights = [(curriculum.term("teacher").weight(s, 10), curriculum.term("student").weight(s, 10)) for s in (1, 6, 10)]
     assert weights == [(1.0, 1.0), (0.5, 1.5), (0.5, 1.5)]
     # a name alone replaces a term's divergence and drops its old params
     config = resolve_config(None, flags(recipe="distillm2", settings=["objective.terms.student=rkl"]))
     assert config.objective.terms["student"].divergence == "rkl" and config.objective.terms["student"].params == {}
-    with pytest.raises(DistillError, match=r"^objective\.terms\.student: divergence 'skew_rkll': unknown; did you mean skew_rkl\?"):
-        Objective(resolve_config(None, flags(recipe="distillm2", settings=["objective.terms.student.divergence=skew_rkll"])), default_registry())
+    with pytest.raises(
+        DistillError, match=r"^objective\.terms\.student: divergence 'skew_rkll': unknown; did you mean skew_rkl\?"
+    ):
+        Objective(
+            resolve_config(None, flags(recipe="distillm2", settings=["objective.terms.student.divergence=skew_rkll"])),
+            default_registry(),
+        )
     with pytest.raises(ConfigError, match=r"objective\.terms\.student\.ramp"):
         resolve_config(None, flags(recipe="distillm2", settings=["objective.terms.student.ramp=0"]))
     with pytest.raises(ConfigError, match=r"train\.normalize"):
@@ -226,27 +269,56 @@ def test_recipe_terms_curriculum_and_one_line_errors():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     paths = make_pair(tmp_path_factory.mktemp("tiny"))
-    paths["small"] = write_data(paths["data"].with_name("small.jsonl"), n=14)  # 13 to train on: prompts come back every 4 steps
+    paths["small"] = write_data(
+        paths["data"].with_name("small.jsonl"), n=14
+    )  # 13 to train on: prompts come back every 4 steps
     return paths
 
 
 def run_args(tiny, out: Path, *extra: str, data: str = "data") -> list[str]:
-    return ["run", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny[data]), "--output-dir", str(out),
-            "--recipe", "distillm2", "--seed", "1", "--set", "train.batch_size=4", "--set", "train.lr=3e-3", "--set", "eval.batch_size=8",
-            "--set", "generation.max_new_tokens=10", *extra]
+    return [
+        "run",
+        "--teacher",
+        str(tiny["teacher"]),
+        "--student",
+        str(tiny["student"]),
+        "--data",
+        str(tiny[data]),
+        "--output-dir",
+        str(out),
+        "--recipe",
+        "distillm2",
+        "--seed",
+        "1",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.lr=3e-3",
+        "--set",
+        "eval.batch_size=8",
+        "--set",
+        "generation.max_new_tokens=10",
+        *extra,
+    ]
 
 
 def test_distillm2_run_logs_joined_sources_terms_and_the_configs_divergence(tiny, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, run_args(tiny, out, "--max-steps", "3", "--set", "eval.every=0", "--set", "objective.curriculum=true"))
+    result = runner.invoke(
+        app, run_args(tiny, out, "--max-steps", "3", "--set", "eval.every=0", "--set", "objective.curriculum=true")
+    )
     assert result.exit_code == 0, result.output
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["source"] for m in metrics] == ["dataset+student"] * 3
     for m in metrics:
         assert set(m["terms"]) == {"dataset", "student"} and all(v > 0 for v in m["terms"].values())
         weights = m["term_weights"]
-        assert m["loss"] == pytest.approx(weights["dataset"] * m["terms"]["dataset"] + weights["student"] * m["terms"]["student"], rel=1e-5)
-    assert [m["term_weights"]["student"] for m in metrics] == pytest.approx([1.0, 1.0 + 0.5 / 1.5, 1.5])  # ramp: half of 3 steps
+        assert m["loss"] == pytest.approx(
+            weights["dataset"] * m["terms"]["dataset"] + weights["student"] * m["terms"]["student"], rel=1e-5
+        )
+    assert [m["term_weights"]["student"] for m in metrics] == pytest.approx(
+        [1.0, 1.0 + 0.5 / 1.5, 1.5]
+    )  # ramp: half of 3 steps
     evals = read_jsonl(out / "eval.jsonl")
     assert all({"val_loss", "val_divergence"} <= e.keys() for e in evals)
     assert "divergence:\n  name: skew_kl" in (out / "config.yaml").read_text()
@@ -261,14 +333,33 @@ def test_single_group_policies_log_as_before(tiny, tmp_path):
 
 
 def test_a_term_for_a_source_no_policy_returns_is_one_line_and_exit_2(tiny, tmp_path):
-    result = runner.invoke(app, run_args(tiny, tmp_path / "run", "--max-steps", "1", "--set", "objective.terms.studnet.weight=2"))
+    result = runner.invoke(
+        app, run_args(tiny, tmp_path / "run", "--max-steps", "1", "--set", "objective.terms.studnet.weight=2")
+    )
     assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1].startswith("error: objective.terms.studnet: no such source; policy contrastive returns dataset, teacher, student")
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: objective.terms.studnet: no such source; policy contrastive returns dataset, teacher, student"
+        )
+    )
 
 
 def test_resume_is_exact_with_kept_student_responses(tiny, tmp_path):
     """Prompts come back within refresh_every steps, so the kept responses decide later steps' losses."""
-    extra = ["--max-steps", "6", "--set", "checkpoint.every=3", "--set", "eval.every=3", "-P", "refresh_every=5", "-P", "teacher=generate"]
+    extra = [
+        "--max-steps",
+        "6",
+        "--set",
+        "checkpoint.every=3",
+        "--set",
+        "eval.every=3",
+        "-P",
+        "refresh_every=5",
+        "-P",
+        "teacher=generate",
+    ]
     reference = tmp_path / "reference"
     result = runner.invoke(app, run_args(tiny, reference, *extra, data="small"))
     assert result.exit_code == 0, result.output
@@ -276,7 +367,9 @@ def test_resume_is_exact_with_kept_student_responses(tiny, tmp_path):
     kept = state["ranks"][0]["policy"]["responses"]
     assert kept and all(type(t) is int for prompt, response, made in kept for t in [*prompt, *response, made])
     counts = [m["kept_responses"] for m in read_jsonl(reference / "metrics.jsonl")]
-    assert counts[3] == counts[2] and counts[5] < counts[4]  # step 4 reused its prompts' responses; at step 6 step 1's are stale
+    assert (
+        counts[3] == counts[2] and counts[5] < counts[4]
+    )  # step 4 reused its prompts' responses; at step 6 step 1's are stale
 
     out = tmp_path / "run"
     shutil.copytree(reference, out)
@@ -288,7 +381,9 @@ def test_resume_is_exact_with_kept_student_responses(tiny, tmp_path):
     assert [m["step"] for m in ours] == list(range(1, 7))
     for a, b in zip(ours, theirs):
         assert (a["source"], a["tokens"], a["kept_responses"]) == (b["source"], b["tokens"], b["kept_responses"])
-        assert a["loss"] == pytest.approx(b["loss"], rel=0, abs=1e-6) and a["terms"] == pytest.approx(b["terms"], rel=0, abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=0, abs=1e-6) and a["terms"] == pytest.approx(
+            b["terms"], rel=0, abs=1e-6
+        )
 
 
 def test_synced_generation_pads_the_ranks_with_fewer_prompts(tmp_path):
@@ -299,8 +394,14 @@ def test_synced_generation_pads_the_ranks_with_fewer_prompts(tmp_path):
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("synced_generation.py")), str(tmp_path)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("synced_generation.py")), str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -323,15 +424,21 @@ def test_micro_batch_loss_with_sequence_normalisation_is_the_mean_of_sequence_me
     student = AutoModelForCausalLM.from_pretrained(tiny["student"])
     examples = [Example([3, 4, 5], [8, 9, 1]), Example([3, 4], [10, 11, 12, 13, 14, 1]), Example([6], [7, 1])]
     divergence = distill.get_divergence("kl")
-    ours = sum(float(micro_batch_loss(student, teacher, collate(part, 0), divergence, 3.0, 0.5, kd_weight=2.0, normalize="sequence")[0].detach())
-               for part in (examples[:2], examples[2:]))
+    ours = sum(
+        float(
+            micro_batch_loss(
+                student, teacher, collate(part, 0), divergence, 3.0, 0.5, kd_weight=2.0, normalize="sequence"
+            )[0].detach()
+        )
+        for part in (examples[:2], examples[2:])
+    )
     reference = 0.0
     for example in examples:
         ids = torch.tensor([example.prompt_ids + example.response_ids])
         n = len(example.response_ids)
         with torch.no_grad():
-            s = student(input_ids=ids).logits[0, -n - 1:-1].double()
-            t = teacher(input_ids=ids).logits[0, -n - 1:-1].double()
+            s = student(input_ids=ids).logits[0, -n - 1 : -1].double()
+            t = teacher(input_ids=ids).logits[0, -n - 1 : -1].double()
         kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
         ce = torch.nn.functional.cross_entropy(s, torch.tensor(example.response_ids)).double()
         reference += (2.0 * kl + 0.5 * ce) / 3

@@ -46,7 +46,12 @@ SPECS = [
 SPEC_IDS = [name + "".join(f"-{k}={v}" for k, v in params.items()) for name, params in SPECS]
 NAMES = ["kl", "rkl", "jsd", "tvd", "skew_kl", "skew_rkl"]
 PLUGIN_CLASSES = {
-    "kl": ForwardKL, "rkl": ReverseKL, "jsd": JSD, "tvd": TVD, "skew_kl": SkewKL, "skew_rkl": SkewReverseKL,
+    "kl": ForwardKL,
+    "rkl": ReverseKL,
+    "jsd": JSD,
+    "tvd": TVD,
+    "skew_kl": SkewKL,
+    "skew_rkl": SkewReverseKL,
 }
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -56,8 +61,15 @@ specs = pytest.mark.parametrize("name, params", SPECS, ids=SPEC_IDS)
 # --- an independent reference: the DESIGN.md table, in float64, with plain probabilities
 
 
-def reference(name: str, student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0,
-              beta: float = 0.5, alpha: float = 0.1) -> torch.Tensor:
+def reference(
+    name: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> torch.Tensor:
     """Per-row D(p, q) for finite logits ``[N, V]`` -> ``[N]`` float64 (differentiable)."""
 
     def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -344,12 +356,21 @@ def test_unknown_parameters_are_refused_by_name(name, params):
 # --- example values against the independent float64 reference
 
 REFERENCE_CASES = [
-    ("kl", {}), ("kl", {"temperature": 2.0}),
-    ("rkl", {}), ("rkl", {"temperature": 0.5}),
-    ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.9, "temperature": 2.0}),
-    ("tvd", {}), ("tvd", {"temperature": 2.0}),
-    ("skew_kl", {"alpha": 0.1}), ("skew_kl", {"alpha": 0.5}), ("skew_kl", {"alpha": 0.1, "temperature": 0.5}),
-    ("skew_rkl", {"alpha": 0.1}), ("skew_rkl", {"alpha": 0.5}), ("skew_rkl", {"alpha": 0.9, "temperature": 2.0}),
+    ("kl", {}),
+    ("kl", {"temperature": 2.0}),
+    ("rkl", {}),
+    ("rkl", {"temperature": 0.5}),
+    ("jsd", {"beta": 0.5}),
+    ("jsd", {"beta": 0.1}),
+    ("jsd", {"beta": 0.9, "temperature": 2.0}),
+    ("tvd", {}),
+    ("tvd", {"temperature": 2.0}),
+    ("skew_kl", {"alpha": 0.1}),
+    ("skew_kl", {"alpha": 0.5}),
+    ("skew_kl", {"alpha": 0.1, "temperature": 0.5}),
+    ("skew_rkl", {"alpha": 0.1}),
+    ("skew_rkl", {"alpha": 0.5}),
+    ("skew_rkl", {"alpha": 0.9, "temperature": 2.0}),
 ]
 references = pytest.mark.parametrize(
     "name, params", REFERENCE_CASES, ids=[n + "".join(f"-{k}={v}" for k, v in p.items()) for n, p in REFERENCE_CASES]
@@ -450,7 +471,6 @@ def test_registered_class_is_the_builtin_plugin(name):
 def test_vocabulary_mismatch_names_both_sizes(name):
     with pytest.raises(distill.ConfigError, match=r"student logits have 5 .* teacher logits 6"):
         distill.get_divergence(name)(torch.zeros(2, 5), torch.zeros(2, 6))
-
 
 
 def test_values_are_float32_whatever_the_plugin_returns():

@@ -51,7 +51,7 @@ def code_blocks(path: Path) -> list[Block]:
         fence = re.match(r"^```(\w*)\s*$", lines[i])
         if fence:
             end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
-            blocks.append(Block(fence.group(1), "\n".join(lines[i + 1: end]) + "\n", i + 1))
+            blocks.append(Block(fence.group(1), "\n".join(lines[i + 1 : end]) + "\n", i + 1))
             i = end
         i += 1
     return blocks
@@ -250,7 +250,11 @@ def test_shell_block_commands_run(block, doc_modules, monkeypatch):
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         installed = AUTOLOAD_ENV not in env  # "installed": the page's plugin comes with the registry
-        monkeypatch.setattr(registry_module, "_default", Registry.build(plugins=[doc_modules["distill_hellinger"]], autoload=False) if installed else None)
+        monkeypatch.setattr(
+            registry_module,
+            "_default",
+            Registry.build(plugins=[doc_modules["distill_hellinger"]], autoload=False) if installed else None,
+        )
         if argv[0] == "distill":
             result = CliRunner().invoke(cli_app.app, argv[1:])
             assert result.exit_code == 0, (block.where, argv, result.output)
@@ -320,23 +324,38 @@ def test_the_two_group_policy_returns_labelled_groups_with_their_own_terms():
     registry = Registry.build(plugins=[plugin(namespace, "doc_two_views")], autoload=False)
     policy = registry.get_policy("two_views", every=2)
     calls = []
-    context = distill.SamplingContext(lambda ex: calls.append("student") or [distill.Example(e.prompt_ids, [7]) for e in ex],
-                                      lambda ex: calls.append("teacher") or [distill.Example(e.prompt_ids, [8]) for e in ex])
+    context = distill.SamplingContext(
+        lambda ex: calls.append("student") or [distill.Example(e.prompt_ids, [7]) for e in ex],
+        lambda ex: calls.append("teacher") or [distill.Example(e.prompt_ids, [8]) for e in ex],
+    )
     examples = [distill.Example([1, 2], [9])]
-    assert as_groups(policy.sample(1, 10, examples, context)) == {"teacher": [distill.Example([1, 2], [8])], "student": [distill.Example([1, 2], [7])]}
+    assert as_groups(policy.sample(1, 10, examples, context)) == {
+        "teacher": [distill.Example([1, 2], [8])],
+        "student": [distill.Example([1, 2], [7])],
+    }
     assert list(as_groups(policy.sample(2, 10, examples, context))) == ["teacher"]
     assert calls == ["teacher", "student", "teacher"]
-    config = resolve_config(None, {"policy": {"name": "two_views"}, "objective": {"terms": {"student": {"divergence": "rkl"}}}}, registry)
+    config = resolve_config(
+        None, {"policy": {"name": "two_views"}, "objective": {"terms": {"student": {"divergence": "rkl"}}}}, registry
+    )
     objective = Objective(config, registry)
-    assert (objective.term("student").divergence.name, objective.term("teacher").divergence.name) == ("rkl", config.divergence.name)
+    assert (objective.term("student").divergence.name, objective.term("teacher").divergence.name) == (
+        "rkl",
+        config.divergence.name,
+    )
     objective.check_sources(policy, "two_views")
     bad = resolve_config(None, {"policy": {"name": "two_views"}, "objective": {"terms": {"studnet": "rkl"}}}, registry)
-    with pytest.raises(distill.ConfigError, match="objective.terms.studnet: no such source; policy two_views returns teacher, student"):
+    with pytest.raises(
+        distill.ConfigError, match="objective.terms.studnet: no such source; policy two_views returns teacher, student"
+    ):
         Objective(bad, registry).check_sources(policy, "two_views")
 
 
 def test_the_recipe_block_resolves_with_the_warmup_policy(tmp_path):
-    modules = [plugin(run_block(block_with(text, "python")), name) for text, name in (("class Warmup", "doc_warmup"), ("warm_gkd", "doc_recipe"))]
+    modules = [
+        plugin(run_block(block_with(text, "python")), name)
+        for text, name in (("class Warmup", "doc_warmup"), ("warm_gkd", "doc_recipe"))
+    ]
     registry = Registry.build(plugins=modules, autoload=False)
     config = resolve_config(None, {"recipe": "warm_gkd", "output_dir": str(tmp_path / "run")}, registry)
     assert (config.divergence.name, config.divergence.params) == ("jsd", {"beta": 0.5})

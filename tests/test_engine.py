@@ -14,7 +14,16 @@ from distill.cli import app
 from tiny_models import make_pair
 
 runner = CliRunner()
-SMALL = ["--set", "train.batch_size=4", "--set", "eval.batch_size=8", "--set", "generation.max_new_tokens=12", "--set", "eval.every=2"]
+SMALL = [
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "eval.batch_size=8",
+    "--set",
+    "generation.max_new_tokens=12",
+    "--set",
+    "eval.every=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +34,19 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def run_cli(tiny, out: Path, *args: str):
     result = runner.invoke(
         app,
-        ["run", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]),
-         "--output-dir", str(out), *SMALL, *args],
+        [
+            "run",
+            "--teacher",
+            str(tiny["teacher"]),
+            "--student",
+            str(tiny["student"]),
+            "--data",
+            str(tiny["data"]),
+            "--output-dir",
+            str(out),
+            *SMALL,
+            *args,
+        ],
     )
     return result
 
@@ -55,7 +75,9 @@ def padded(tmp_path_factory) -> dict[str, Path]:
 def test_every_recipe_trains_evaluates_and_saves(padded, tmp_path, recipe):
     # on a pair whose heads are padded differently past the tokenizer (the logits compared: its 300)
     extra = ["-P", "init_prob=1", "-P", "capacity=8"] if recipe == "distillm" else []
-    result = run_cli(padded, tmp_path / "run", "--recipe", recipe, "--max-steps", "4", "--set", "checkpoint.every=2", *extra)
+    result = run_cli(
+        padded, tmp_path / "run", "--recipe", recipe, "--max-steps", "4", "--set", "checkpoint.every=2", *extra
+    )
     assert result.exit_code == 0, result.output
     out = tmp_path / "run"
     metrics = read_jsonl(out / "metrics.jsonl")
@@ -80,13 +102,28 @@ def test_every_recipe_trains_evaluates_and_saves(padded, tmp_path, recipe):
     assert f"recipe: {recipe}" in config
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
-    generated = model.generate(torch.tensor([tokenizer("What is 1 plus 2?").input_ids]), max_new_tokens=3, do_sample=False)
+    generated = model.generate(
+        torch.tensor([tokenizer("What is 1 plus 2?").input_ids]), max_new_tokens=3, do_sample=False
+    )
     assert generated.shape[1] > 0
 
 
 def test_time_budget_ends_the_run_with_the_final_evaluation_and_save(tiny, tmp_path):
     out = tmp_path / "run"
-    result = run_cli(tiny, out, "--recipe", "kd", "--max-steps", "50", "--set", "train.max_seconds=1e-9", "--set", "eval.every=0", "--set", "eval.rouge_samples=2")
+    result = run_cli(
+        tiny,
+        out,
+        "--recipe",
+        "kd",
+        "--max-steps",
+        "50",
+        "--set",
+        "train.max_seconds=1e-9",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "eval.rouge_samples=2",
+    )
     assert result.exit_code == 0, result.output
     # any step takes longer than the budget, so the first one is the last
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
@@ -98,8 +135,18 @@ def test_time_budget_ends_the_run_with_the_final_evaluation_and_save(tiny, tmp_p
 
 def test_divergence_and_policy_flags_as_the_user_wrote_them(tiny, tmp_path):
     result = run_cli(
-        tiny, tmp_path / "run", "--divergence", "skew_kl", "--policy", "adaptive_offpolicy", "-D", "alpha=0.2",
-        "--max-steps", "3", "--set", "eval.rouge_samples=2",
+        tiny,
+        tmp_path / "run",
+        "--divergence",
+        "skew_kl",
+        "--policy",
+        "adaptive_offpolicy",
+        "-D",
+        "alpha=0.2",
+        "--max-steps",
+        "3",
+        "--set",
+        "eval.rouge_samples=2",
     )
     assert result.exit_code == 0, result.output
     config = (tmp_path / "run" / "config.yaml").read_text()
@@ -112,7 +159,9 @@ def test_divergence_and_policy_flags_as_the_user_wrote_them(tiny, tmp_path):
 
 
 def test_loss_decreases_with_a_few_steps_of_kd(tiny, tmp_path):
-    result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "8", "--set", "train.lr=3e-3", "--set", "eval.every=0")
+    result = run_cli(
+        tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "8", "--set", "train.lr=3e-3", "--set", "eval.every=0"
+    )
     assert result.exit_code == 0, result.output
     evals = read_jsonl(tmp_path / "run" / "eval.jsonl")
     assert evals[-1]["val_divergence"] < evals[0]["val_divergence"]
@@ -122,9 +171,22 @@ def test_ce_weight_and_auxiliary_lm_loss(tiny, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("one two three four five six seven eight nine ten. " * 40)
     result = run_cli(
-        tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "2", "--set", "train.ce_weight=0.5",
-        "--set", f"data.lm_path={corpus}", "--set", "train.lm_weight=1.0", "--set", "data.max_prompt_tokens=24",
-        "--set", "data.max_response_tokens=24",
+        tiny,
+        tmp_path / "run",
+        "--recipe",
+        "kd",
+        "--max-steps",
+        "2",
+        "--set",
+        "train.ce_weight=0.5",
+        "--set",
+        f"data.lm_path={corpus}",
+        "--set",
+        "train.lm_weight=1.0",
+        "--set",
+        "data.max_prompt_tokens=24",
+        "--set",
+        "data.max_response_tokens=24",
     )
     assert result.exit_code == 0, result.output
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
@@ -132,15 +194,51 @@ def test_ce_weight_and_auxiliary_lm_loss(tiny, tmp_path):
 
 def test_chat_messages_data(tiny, tmp_path):
     data = tmp_path / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w}."}]} for w in "one two three four five six seven eight nine ten".split()] * 2
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w}."}]}
+        for w in "one two three four five six seven eight nine ten".split()
+    ] * 2
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = runner.invoke(app, ["run", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(data), "--output-dir", str(tmp_path / "run"), "--recipe", "kd", "--max-steps", "2", *SMALL])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--teacher",
+            str(tiny["teacher"]),
+            "--student",
+            str(tiny["student"]),
+            "--data",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--recipe",
+            "kd",
+            "--max-steps",
+            "2",
+            *SMALL,
+        ],
+    )
     assert result.exit_code == 0, result.output
 
 
 def test_a_head_smaller_than_the_tokenizer_fails_before_training_with_both_sizes(tmp_path):
     paths = make_pair(tmp_path, student_vocab=250)
-    result = runner.invoke(app, ["run", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]), "--data", str(paths["data"]), "--output-dir", str(tmp_path / "run"), "--max-steps", "2"])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--teacher",
+            str(paths["teacher"]),
+            "--student",
+            str(paths["student"]),
+            "--data",
+            str(paths["data"]),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "2",
+        ],
+    )
     assert result.exit_code == 2
     assert "the tokenizer has 300 tokens but the student's output head only 250 rows" in result.output
     assert not (tmp_path / "run").exists()
@@ -165,7 +263,18 @@ def test_previous_run_is_not_overwritten_without_flag(tiny, tmp_path):
 
 
 def test_frozen_embeddings_stay_as_they_were_and_the_rest_trains(tiny, tmp_path):
-    result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "2", "--set", "train.lr=1e-2", "--set", "student.freeze=[embeddings, 'model.layers.0.*']")
+    result = run_cli(
+        tiny,
+        tmp_path / "run",
+        "--recipe",
+        "kd",
+        "--max-steps",
+        "2",
+        "--set",
+        "train.lr=1e-2",
+        "--set",
+        "student.freeze=[embeddings, 'model.layers.0.*']",
+    )
     assert result.exit_code == 0, result.output
     before = AutoModelForCausalLM.from_pretrained(tiny["student"]).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").state_dict()
@@ -176,22 +285,37 @@ def test_frozen_embeddings_stay_as_they_were_and_the_rest_trains(tiny, tmp_path)
     assert "freeze:\n  - embeddings\n  - model.layers.0.*" in (tmp_path / "run" / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize(("setting", "message"), [
-    ("student.freeze=['no.such.*']", "student.freeze 'no.such.*': matches no parameter"),
-    ("student.freeze=['*']", "freezes every parameter"),
-    ("teacher.freeze=[embeddings]", "teacher.freeze: the teacher is always frozen"),
-])
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("student.freeze=['no.such.*']", "student.freeze 'no.such.*': matches no parameter"),
+        ("student.freeze=['*']", "freezes every parameter"),
+        ("teacher.freeze=[embeddings]", "teacher.freeze: the teacher is always frozen"),
+    ],
+)
 def test_bad_freeze_settings_are_one_line_errors(tiny, tmp_path, setting, message):
     result = run_cli(tiny, tmp_path / "run", "--max-steps", "1", "--set", setting)
-    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, (
+        result.output
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_every_step_logs_its_padding_share_and_grouping_cuts_it(tiny, tmp_path):
     shares = {}
     for grouped in ("true", "false"):
-        result = run_cli(tiny, tmp_path / grouped, "--recipe", "kd", "--max-steps", "8", "--set", f"data.group_by_length={grouped}",
-                         "--set", "eval.every=0")
+        result = run_cli(
+            tiny,
+            tmp_path / grouped,
+            "--recipe",
+            "kd",
+            "--max-steps",
+            "8",
+            "--set",
+            f"data.group_by_length={grouped}",
+            "--set",
+            "eval.every=0",
+        )
         assert result.exit_code == 0, result.output
         metrics = read_jsonl(tmp_path / grouped / "metrics.jsonl")
         assert all(0.0 <= m["padding"] < 1.0 for m in metrics)
@@ -200,8 +324,20 @@ def test_every_step_logs_its_padding_share_and_grouping_cuts_it(tiny, tmp_path):
 
 
 def test_the_pass_before_training_answers_fewer_prompts_and_after_compares_the_same_ones(tiny, tmp_path):
-    result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "2", "--set", "eval.rouge_samples=8",
-                     "--set", "eval.rouge_before=1", "--set", "eval.every=0")  # 2 validation examples
+    result = run_cli(
+        tiny,
+        tmp_path / "run",
+        "--recipe",
+        "kd",
+        "--max-steps",
+        "2",
+        "--set",
+        "eval.rouge_samples=8",
+        "--set",
+        "eval.rouge_before=1",
+        "--set",
+        "eval.every=0",
+    )  # 2 validation examples
     assert result.exit_code == 0, result.output
     before, after = read_jsonl(tmp_path / "run" / "eval.jsonl")
     assert before["rouge_prompts"] == 1 and "rouge_l_subset" not in before
@@ -210,8 +346,20 @@ def test_the_pass_before_training_answers_fewer_prompts_and_after_compares_the_s
 
 
 def test_no_pass_before_training_leaves_no_subset_to_compare(tiny, tmp_path):
-    result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "1", "--set", "eval.rouge_samples=8",
-                     "--set", "eval.rouge_before=0", "--set", "eval.every=0")
+    result = run_cli(
+        tiny,
+        tmp_path / "run",
+        "--recipe",
+        "kd",
+        "--max-steps",
+        "1",
+        "--set",
+        "eval.rouge_samples=8",
+        "--set",
+        "eval.rouge_before=0",
+        "--set",
+        "eval.every=0",
+    )
     assert result.exit_code == 0, result.output
     before, after = read_jsonl(tmp_path / "run" / "eval.jsonl")
     assert "rouge_l" not in before and after["rouge_prompts"] == 2 and "rouge_l_subset" not in after
@@ -225,7 +373,9 @@ def test_rouge_on_the_same_prompts_before_and_after(tmp_path):
 
     class Echo:  # "generates" each prompt's reference for even prompts, nothing for odd ones
         def __call__(self, model, examples, **kwargs):
-            return [Example(e.prompt_ids, [1] if e.prompt_ids[0] % 2 == 0 else [0], reference=e.reference) for e in examples]
+            return [
+                Example(e.prompt_ids, [1] if e.prompt_ids[0] % 2 == 0 else [0], reference=e.reference) for e in examples
+            ]
 
     class Tokenizer:
         pad_token_id = 0
@@ -250,15 +400,34 @@ def test_step_weight_tokens_scales_each_clipped_step_by_its_share_of_the_tokens(
     weights = {}
     for mode, steps in (("equal", 1), ("equal", 2), ("tokens", 2)):
         out = tmp_path / f"{mode}-{steps}"
-        result = run_cli(tiny, out, "--recipe", "kd", "--max-steps", str(steps), "--set", f"train.step_weight={mode}",
-                         "--set", "eval.every=0", "--set", "eval.rouge_samples=0", "--set", "train.lr=0.1", "--set", "train.schedule=constant")
+        result = run_cli(
+            tiny,
+            out,
+            "--recipe",
+            "kd",
+            "--max-steps",
+            str(steps),
+            "--set",
+            f"train.step_weight={mode}",
+            "--set",
+            "eval.every=0",
+            "--set",
+            "eval.rouge_samples=0",
+            "--set",
+            "train.lr=0.1",
+            "--set",
+            "train.schedule=constant",
+        )
         assert result.exit_code == 0, result.output
         weights[mode, steps] = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
         metrics = read_jsonl(out / "metrics.jsonl")
     first, second = metrics
     assert first["step_weight"] == 1.0 and "grad_norm" in first
     expected = second["tokens"] * 2 / (first["tokens"] + second["tokens"])
-    assert second["step_weight"] == pytest.approx(expected, abs=1e-4) and abs(expected - 1.0) > 0.05, (first["tokens"], second["tokens"])
+    assert second["step_weight"] == pytest.approx(expected, abs=1e-4) and abs(expected - 1.0) > 0.05, (
+        first["tokens"],
+        second["tokens"],
+    )
     start = weights["equal", 1]
     for key, value in start.items():
         equal_move = weights["equal", 2][key] - value
@@ -276,11 +445,29 @@ def test_stop_ids_of_each_model_end_its_responses_and_a_difference_is_a_warning(
     config = json.loads((student / "generation_config.json").read_text())
     (student / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": list(range(3, 300))}))
     pair = {**tiny, "student": student}
-    result = run_cli(pair, tmp_path / "run", "--recipe", "distillm", "--max-steps", "2", "-P", "init_prob=1", "--set", "eval.every=0",
-                     "--set", "eval.rouge_samples=0", "--set", "generation.max_new_tokens=40")
+    result = run_cli(
+        pair,
+        tmp_path / "run",
+        "--recipe",
+        "distillm",
+        "--max-steps",
+        "2",
+        "-P",
+        "init_prob=1",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "eval.rouge_samples=0",
+        "--set",
+        "generation.max_new_tokens=40",
+    )
     assert result.exit_code == 0, result.output
     warning = [line for line in result.output.splitlines() if "end responses on different ids" in line]
-    assert len(warning) == 1 and "student [3, 4, 5, 6, 7, 8, 9, 10, ... (298 ids)]" in warning[0] and "teacher [2, 1]" in warning[0], result.output
+    assert (
+        len(warning) == 1
+        and "student [3, 4, 5, 6, 7, 8, 9, 10, ... (298 ids)]" in warning[0]
+        and "teacher [2, 1]" in warning[0]
+    ), result.output
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     # almost every id ends a student response now; with the tokenizer's and the teacher's ids only, all reach the cap
     assert [m["source"] for m in metrics] == ["student", "student"] and all(m["truncated"] == 0.0 for m in metrics)
@@ -291,9 +478,27 @@ def test_a_step_generates_its_micro_batches_together(tiny, tmp_path, monkeypatch
 
     generation = importlib.import_module("distill.generation")
     sizes, original = [], generation.decode
-    monkeypatch.setattr(generation, "decode", lambda model, ids, *rest: sizes.append(ids.shape[0]) or original(model, ids, *rest))
-    result = run_cli(tiny, tmp_path / "run", "--recipe", "gkd", "-P", "prob=1", "--max-steps", "2", "--set", "train.batch_size=2",
-                     "--set", "train.grad_accum=2", "--set", "eval.every=0", "--set", "eval.rouge_samples=0")
+    monkeypatch.setattr(
+        generation, "decode", lambda model, ids, *rest: sizes.append(ids.shape[0]) or original(model, ids, *rest)
+    )
+    result = run_cli(
+        tiny,
+        tmp_path / "run",
+        "--recipe",
+        "gkd",
+        "-P",
+        "prob=1",
+        "--max-steps",
+        "2",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.grad_accum=2",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "eval.rouge_samples=0",
+    )
     assert result.exit_code == 0, result.output
     assert sizes == [4, 4]  # one call of 2 x 2 per step, not two of 2
 
@@ -301,7 +506,9 @@ def test_a_step_generates_its_micro_batches_together(tiny, tmp_path, monkeypatch
 def test_sft_trains_on_cross_entropy_alone_and_never_runs_the_teacher_in_a_step(tiny, tmp_path, monkeypatch):
     import importlib
 
-    importlib.import_module("distill.engine")  # evaluation binds the real response_logits first: only training steps are counted
+    importlib.import_module(
+        "distill.engine"
+    )  # evaluation binds the real response_logits first: only training steps are counted
     objective = importlib.import_module("distill.objective")
     seen = []
     real = objective.response_logits
@@ -311,7 +518,9 @@ def test_sft_trains_on_cross_entropy_alone_and_never_runs_the_teacher_in_a_step(
         return real(model, batch, unwrap)
 
     monkeypatch.setattr(objective, "response_logits", counted)
-    monkeypatch.setattr(objective, "divergence_loss", lambda *a, **k: pytest.fail("sft computed a divergence in a training step"))
+    monkeypatch.setattr(
+        objective, "divergence_loss", lambda *a, **k: pytest.fail("sft computed a divergence in a training step")
+    )
     # full logits, whose forwards response_logits counts (the fused heads' kd_weight 0: tests/test_fused.py)
     result = run_cli(tiny, tmp_path / "run", "--recipe", "sft", "--max-steps", "2", "--set", "train.fused_head=false")
     assert result.exit_code == 0, result.output
@@ -346,8 +555,22 @@ def test_eval_every_epoch_evaluates_where_each_pass_over_the_training_set_ends(t
     assert not any(session.eval_schedule(0, 5, 2)(s) for s in range(1, 7))
     # 48 examples, 2-3 held out: 5 micro-batches of 8 an epoch, 2 micro-batches a step
     out = tmp_path / "run"
-    result = run_cli(tiny, out, "--recipe", "kd", "--max-steps", "9", "--set", "eval.every=epoch", "--set", "eval.rouge_samples=0",
-                     "--set", "train.batch_size=8", "--set", "train.grad_accum=2")
+    result = run_cli(
+        tiny,
+        out,
+        "--recipe",
+        "kd",
+        "--max-steps",
+        "9",
+        "--set",
+        "eval.every=epoch",
+        "--set",
+        "eval.rouge_samples=0",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.grad_accum=2",
+    )
     assert result.exit_code == 0, result.output
     assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 3, 5, 8, 9]
 
@@ -374,7 +597,9 @@ def test_sampled_rouge_draws_are_averaged_seeded_and_leave_the_training_generato
     first = evaluator._rouge("all")
     assert torch.equal(torch.get_rng_state(), state)
     assert first["rouge_l"] == 100.0
-    assert 10.0 < first["rouge_l_sampled"] < 90.0 and (first["rouge_l_sampled"] * 120 / 100) % 1 < 1e-6  # a mean of 120 scores of 0 or 100
+    assert (
+        10.0 < first["rouge_l_sampled"] < 90.0 and (first["rouge_l_sampled"] * 120 / 100) % 1 < 1e-6
+    )  # a mean of 120 scores of 0 or 100
     torch.manual_seed(1)
     assert evaluator._rouge("all") == first  # seeded by (seed, draw, rank), not by the training's state
     other = Evaluator(examples, Tokenizer(), None, Coin(), 8, rouge_samples=40, rouge_draws=3, seed=7)._rouge("all")

@@ -15,7 +15,16 @@ from distill.cli import app
 from tiny_models import make_model, make_pair
 
 runner = CliRunner()
-SMALL = ["--set", "train.batch_size=4", "--set", "eval.batch_size=8", "--set", "generation.max_new_tokens=8", "--recipe", "kd"]
+SMALL = [
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "eval.batch_size=8",
+    "--set",
+    "generation.max_new_tokens=8",
+    "--recipe",
+    "kd",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +36,9 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def finished(tiny, tmp_path_factory) -> Path:
     """A finished two-step run, for the cases about an existing --output-dir."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    result = runner.invoke(app, ["run", *models(tiny), "--data", str(tiny["data"]), "--output-dir", str(out), "--max-steps", "2", *SMALL])
+    result = runner.invoke(
+        app, ["run", *models(tiny), "--data", str(tiny["data"]), "--output-dir", str(out), "--max-steps", "2", *SMALL]
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -62,49 +73,145 @@ ROW = json.dumps({"prompt": "What is 1 plus 2?", "response": "three."})
 Case = Callable[[dict, Path], list[str]]
 CASES: dict[str, tuple[Case, list[str]]] = {
     # --- data
-    "missing data file": (lambda t, tmp: [*models(t), "--data", str(tmp / "missing.jsonl")], ["missing.jsonl", "does not exist"]),
-    "unreadable data file": (lambda t, tmp: [*models(t), "--data", write(tmp, "latin1.jsonl", b"\xff\xfe" + ROW.encode())], ["latin1.jsonl", "cannot read"]),
-    "empty data": (lambda t, tmp: [*models(t), "--data", write(tmp, "empty.jsonl", "\n\n")], ["empty.jsonl", "holds no examples"]),
-    "malformed JSON names the line": (lambda t, tmp: [*models(t), "--data", write(tmp, "bad.jsonl", f"{ROW}\n{ROW}\n{{\"prompt\": \"a\" \"response\": 1}}\n")], ["bad.jsonl:3:", "malformed JSON"]),
-    "rows without prompt/response": (lambda t, tmp: [*models(t), "--data", write(tmp, "qa.jsonl", '{"question": "a", "answer": "b"}\n' * 30)], ["record 1", "`prompt` and `response`", "`messages`"]),
-    "messages without an assistant turn": (lambda t, tmp: [*models(t), "--data", write(tmp, "chat.jsonl", (json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n") * 20)], ["`messages`", "assistant"]),
-    "nothing left after length filtering": (lambda t, tmp: [*data(t), "--set", "data.max_prompt_tokens=2"], ["no example left", "prompt too long", "raise data.max_prompt_tokens (now 2)"]),
-    "fewer examples than one batch": (lambda t, tmp: [*data(t), "--set", "train.batch_size=1000"], ["cannot fill one batch of 1000", "lower train.batch_size"]),
+    "missing data file": (
+        lambda t, tmp: [*models(t), "--data", str(tmp / "missing.jsonl")],
+        ["missing.jsonl", "does not exist"],
+    ),
+    "unreadable data file": (
+        lambda t, tmp: [*models(t), "--data", write(tmp, "latin1.jsonl", b"\xff\xfe" + ROW.encode())],
+        ["latin1.jsonl", "cannot read"],
+    ),
+    "empty data": (
+        lambda t, tmp: [*models(t), "--data", write(tmp, "empty.jsonl", "\n\n")],
+        ["empty.jsonl", "holds no examples"],
+    ),
+    "malformed JSON names the line": (
+        lambda t, tmp: [
+            *models(t),
+            "--data",
+            write(tmp, "bad.jsonl", f'{ROW}\n{ROW}\n{{"prompt": "a" "response": 1}}\n'),
+        ],
+        ["bad.jsonl:3:", "malformed JSON"],
+    ),
+    "rows without prompt/response": (
+        lambda t, tmp: [*models(t), "--data", write(tmp, "qa.jsonl", '{"question": "a", "answer": "b"}\n' * 30)],
+        ["record 1", "`prompt` and `response`", "`messages`"],
+    ),
+    "messages without an assistant turn": (
+        lambda t, tmp: [
+            *models(t),
+            "--data",
+            write(tmp, "chat.jsonl", (json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n") * 20),
+        ],
+        ["`messages`", "assistant"],
+    ),
+    "nothing left after length filtering": (
+        lambda t, tmp: [*data(t), "--set", "data.max_prompt_tokens=2"],
+        ["no example left", "prompt too long", "raise data.max_prompt_tokens (now 2)"],
+    ),
+    "fewer examples than one batch": (
+        lambda t, tmp: [*data(t), "--set", "train.batch_size=1000"],
+        ["cannot fill one batch of 1000", "lower train.batch_size"],
+    ),
     # --- plugin names and parameters
-    "unknown divergence": (lambda t, tmp: [*data(t), "--divergence", "skew_kll"], ["skew_kll", "did you mean skew_kl?", "installed:", "tvd"]),
-    "unknown policy": (lambda t, tmp: [*data(t), "--policy", "adaptive"], ["did you mean adaptive_offpolicy?", "installed:", "onpolicy"]),
-    "unknown recipe": (lambda t, tmp: [*data(t), "--recipe", "distilm"], ["did you mean distillm?", "installed:", "gkd"]),
-    "divergence parameter out of range": (lambda t, tmp: [*data(t), "--divergence", "skew_kl", "-D", "alpha=2"], ["skew_kl.alpha", "less than or equal to 1", "got 2"]),
-    "unknown divergence parameter": (lambda t, tmp: [*data(t), "--divergence", "skew_kl", "-D", "alpah=0.2"], ["skew_kl.alpah", "unknown parameter"]),
-    "unknown policy parameter": (lambda t, tmp: [*data(t), "--policy", "adaptive_offpolicy", "-P", "capcity=8"], ["adaptive_offpolicy.capcity", "unknown parameter"]),
+    "unknown divergence": (
+        lambda t, tmp: [*data(t), "--divergence", "skew_kll"],
+        ["skew_kll", "did you mean skew_kl?", "installed:", "tvd"],
+    ),
+    "unknown policy": (
+        lambda t, tmp: [*data(t), "--policy", "adaptive"],
+        ["did you mean adaptive_offpolicy?", "installed:", "onpolicy"],
+    ),
+    "unknown recipe": (
+        lambda t, tmp: [*data(t), "--recipe", "distilm"],
+        ["did you mean distillm?", "installed:", "gkd"],
+    ),
+    "divergence parameter out of range": (
+        lambda t, tmp: [*data(t), "--divergence", "skew_kl", "-D", "alpha=2"],
+        ["skew_kl.alpha", "less than or equal to 1", "got 2"],
+    ),
+    "unknown divergence parameter": (
+        lambda t, tmp: [*data(t), "--divergence", "skew_kl", "-D", "alpah=0.2"],
+        ["skew_kl.alpah", "unknown parameter"],
+    ),
+    "unknown policy parameter": (
+        lambda t, tmp: [*data(t), "--policy", "adaptive_offpolicy", "-P", "capcity=8"],
+        ["adaptive_offpolicy.capcity", "unknown parameter"],
+    ),
     # --- config keys and files
-    "unknown key on the command line": (lambda t, tmp: [*data(t), "--set", "train.lrr=1e-4"], ["train.lrr", "unknown key"]),
+    "unknown key on the command line": (
+        lambda t, tmp: [*data(t), "--set", "train.lrr=1e-4"],
+        ["train.lrr", "unknown key"],
+    ),
     "malformed --set": (lambda t, tmp: [*data(t), "--set", "train.lr"], ["--set", "expected key=value"]),
-    "unknown key in a config file": (lambda t, tmp: [*data(t), "--config", write(tmp, "run.yaml", "train:\n  max_steps: 2\n  lrr: 1\n")], ["train.lrr", "unknown key"]),
-    "YAML syntax error names file and line": (lambda t, tmp: [*data(t), "--config", write(tmp, "run.yaml", "train:\n  lr: [1\n  max_steps: 2\n")], ["run.yaml:3:", "invalid YAML"]),
-    "JSON config syntax error names file and line": (lambda t, tmp: [*data(t), "--config", write(tmp, "run.json", '{"train":\n {"lr": }}')], ["run.json:2:", "invalid JSON"]),
-    "TOML config syntax error names file and line": (lambda t, tmp: [*data(t), "--config", write(tmp, "run.toml", "[train]\nlr = \n")], ["run.toml", "line 2", "invalid TOML"]),
-    "missing config file": (lambda t, tmp: [*data(t), "--config", str(tmp / "none.yaml")], ["--config", "none.yaml", "cannot read"]),
+    "unknown key in a config file": (
+        lambda t, tmp: [*data(t), "--config", write(tmp, "run.yaml", "train:\n  max_steps: 2\n  lrr: 1\n")],
+        ["train.lrr", "unknown key"],
+    ),
+    "YAML syntax error names file and line": (
+        lambda t, tmp: [*data(t), "--config", write(tmp, "run.yaml", "train:\n  lr: [1\n  max_steps: 2\n")],
+        ["run.yaml:3:", "invalid YAML"],
+    ),
+    "JSON config syntax error names file and line": (
+        lambda t, tmp: [*data(t), "--config", write(tmp, "run.json", '{"train":\n {"lr": }}')],
+        ["run.json:2:", "invalid JSON"],
+    ),
+    "TOML config syntax error names file and line": (
+        lambda t, tmp: [*data(t), "--config", write(tmp, "run.toml", "[train]\nlr = \n")],
+        ["run.toml", "line 2", "invalid TOML"],
+    ),
+    "missing config file": (
+        lambda t, tmp: [*data(t), "--config", str(tmp / "none.yaml")],
+        ["--config", "none.yaml", "cannot read"],
+    ),
     # --- non-positive numbers
     "zero steps": (lambda t, tmp: [*data(t), "--max-steps", "0"], ["train.max_steps", "greater than 0", "got 0"]),
-    "zero batch size": (lambda t, tmp: [*data(t), "--set", "train.batch_size=0"], ["train.batch_size", "greater than 0"]),
-    "negative learning rate": (lambda t, tmp: [*data(t), "--set", "train.lr=-1e-4"], ["train.lr", "greater than 0", "got -0.0001"]),
+    "zero batch size": (
+        lambda t, tmp: [*data(t), "--set", "train.batch_size=0"],
+        ["train.batch_size", "greater than 0"],
+    ),
+    "negative learning rate": (
+        lambda t, tmp: [*data(t), "--set", "train.lr=-1e-4"],
+        ["train.lr", "greater than 0", "got -0.0001"],
+    ),
     "zero learning rate": (lambda t, tmp: [*data(t), "--set", "train.lr=0"], ["train.lr", "greater than 0"]),
     # --- models
-    "teacher path missing": (lambda t, tmp: ["--teacher", str(tmp / "nowhere"), "--student", str(t["student"]), "--data", str(t["data"])], ["--teacher", "nowhere", "no such directory"]),
-    "student is not a model": (lambda t, tmp: ["--teacher", str(t["teacher"]), "--student", str(tmp), "--data", str(t["data"])], ["--student", "not a model directory", "config.json"]),
+    "teacher path missing": (
+        lambda t, tmp: ["--teacher", str(tmp / "nowhere"), "--student", str(t["student"]), "--data", str(t["data"])],
+        ["--teacher", "nowhere", "no such directory"],
+    ),
+    "student is not a model": (
+        lambda t, tmp: ["--teacher", str(t["teacher"]), "--student", str(tmp), "--data", str(t["data"])],
+        ["--student", "not a model directory", "config.json"],
+    ),
     "a tokenizer larger than a model's head": (
-        lambda t, tmp: (make_model(tmp / "narrow", 250, layers=1), ["--teacher", str(t["teacher"]), "--student", str(tmp / "narrow"), "--data", str(t["data"])])[1],
+        lambda t, tmp: (
+            make_model(tmp / "narrow", 250, layers=1),
+            ["--teacher", str(t["teacher"]), "--student", str(tmp / "narrow"), "--data", str(t["data"])],
+        )[1],
         ["the tokenizer has 300 tokens", "student's output head only 250 rows", "set student.tokenizer=DIR"],
     ),
     "a stop id outside the head": (
-        lambda t, tmp: ["--teacher", with_stop_ids(t["teacher"], tmp / "teacher", [1, 999]), "--student", str(t["student"]), "--data", str(t["data"])],
+        lambda t, tmp: [
+            "--teacher",
+            with_stop_ids(t["teacher"], tmp / "teacher", [1, 999]),
+            "--student",
+            str(t["student"]),
+            "--data",
+            str(t["data"]),
+        ],
         ["the teacher's stop id 999", "outside the 300 logits", "generation_config.json"],
     ),
     # --- output folder and --resume
-    "output dir is a file": (lambda t, tmp: [*data(t), "--output-dir", write(tmp, "file.txt", "x")], ["file.txt", "is a file"]),
+    "output dir is a file": (
+        lambda t, tmp: [*data(t), "--output-dir", write(tmp, "file.txt", "x")],
+        ["file.txt", "is a file"],
+    ),
     "resume without --output-dir": (lambda t, tmp: [*data(t), "--resume"], ["--resume needs --output-dir"]),
-    "resume a folder without a run": (lambda t, tmp: [*data(t), "--resume", "--output-dir", str(tmp)], ["holds no run to continue", "config.yaml"]),
+    "resume a folder without a run": (
+        lambda t, tmp: [*data(t), "--resume", "--output-dir", str(tmp)],
+        ["holds no run to continue", "config.yaml"],
+    ),
 }
 
 
@@ -132,14 +239,32 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 PREVIOUS_RUN_CASES = {
-    "a new run into a previous run's folder": (lambda t: [*data(t), "--max-steps", "3"], ["holds a previous run", "--resume", "--overwrite"]),
-    "resume and overwrite together": (lambda t: [*data(t), "--resume", "--overwrite", "--max-steps", "3"], ["--resume", "--overwrite", "one of them"]),
-    "resume a finished run": (lambda t: ["--resume", "--max-steps", "2"], ["already reached step 2", "--max-steps N with N > 2"]),
+    "a new run into a previous run's folder": (
+        lambda t: [*data(t), "--max-steps", "3"],
+        ["holds a previous run", "--resume", "--overwrite"],
+    ),
+    "resume and overwrite together": (
+        lambda t: [*data(t), "--resume", "--overwrite", "--max-steps", "3"],
+        ["--resume", "--overwrite", "one of them"],
+    ),
+    "resume a finished run": (
+        lambda t: ["--resume", "--max-steps", "2"],
+        ["already reached step 2", "--max-steps N with N > 2"],
+    ),
     "resume changing unsafe fields": (
         lambda t: ["--resume", "--max-steps", "4", "--set", "train.lr=1e-2", "--divergence", "rkl", "-P", "capacity=4"],
-        ["cannot change", "divergence.name", "train.lr", "policy.params.capacity", "allowed: " + ", ".join(RESUMABLE_FIELDS)],
+        [
+            "cannot change",
+            "divergence.name",
+            "train.lr",
+            "policy.params.capacity",
+            "allowed: " + ", ".join(RESUMABLE_FIELDS),
+        ],
     ),
-    "resume with bad data for a safe field": (lambda t: ["--resume", "--max-steps", "-4"], ["train.max_steps", "greater than 0"]),
+    "resume with bad data for a safe field": (
+        lambda t: ["--resume", "--max-steps", "-4"],
+        ["train.max_steps", "greater than 0"],
+    ),
 }
 
 
@@ -165,12 +290,15 @@ def test_a_tokenizer_without_pad_token_trains(tiny, tmp_path):
     assert (tmp_path / "run" / "final" / "config.json").is_file()
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["run", "--max-steps", "abc"], "error: Invalid value for '--max-steps'"),
-    (["run", "--bogus"], "error: No such option: --bogus (see distill run --help)"),
-    (["eval"], "error: Missing option '--model'"),
-    (["list", "nope"], "error: Invalid value for 'kind'"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--max-steps", "abc"], "error: Invalid value for '--max-steps'"),
+        (["run", "--bogus"], "error: No such option: --bogus (see distill run --help)"),
+        (["eval"], "error: Missing option '--model'"),
+        (["list", "nope"], "error: Invalid value for 'kind'"),
+    ],
+)
 def test_usage_mistakes_are_one_line_with_exit_code_2(capsys, argv, message):
     from distill.cli import main
 
@@ -184,7 +312,11 @@ def test_usage_mistakes_are_one_line_with_exit_code_2(capsys, argv, message):
 def test_the_entry_point_still_shows_help_and_version(capsys):
     from distill.cli import main
 
-    for argv, expected in (([], "Usage: distill"), (["--version"], "distill 0.1.0"), (["run", "--help"], "--divergence")):
+    for argv, expected in (
+        ([], "Usage: distill"),
+        (["--version"], "distill 0.1.0"),
+        (["run", "--help"], "--divergence"),
+    ):
         with pytest.raises(SystemExit) as stopped:
             main(argv)
         assert stopped.value.code == 0 and expected in capsys.readouterr().out

@@ -49,20 +49,32 @@ def full_logits(h: Head, hidden: torch.Tensor) -> torch.Tensor:
 @st.composite
 def problems(draw):
     """Hidden states ``[B, T, H]`` of both models, heads of V rows (n of them used), mask, labels."""
-    b, t, hidden, vocab = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 6)), draw(st.integers(2, 12))
+    b, t, hidden, vocab = (
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 5)),
+        draw(st.integers(1, 6)),
+        draw(st.integers(2, 12)),
+    )
     n = draw(st.integers(2, vocab))
     floats = st.floats(-3, 3, width=32)
     arrays = lambda shape: torch.from_numpy(draw(hnp.arrays(np.float32, shape, elements=floats)))
     return {
-        "hidden": arrays((b, t, hidden)), "teacher_hidden": arrays((b, t, hidden)),
-        "weight": arrays((vocab, hidden)), "teacher_weight": arrays((vocab, hidden)),
+        "hidden": arrays((b, t, hidden)),
+        "teacher_hidden": arrays((b, t, hidden)),
+        "weight": arrays((vocab, hidden)),
+        "teacher_weight": arrays((vocab, hidden)),
         "bias": arrays((vocab,)) if draw(st.booleans()) else None,
         "teacher_bias": arrays((vocab,)) if draw(st.booleans()) else None,
-        "n": n, "softcap": draw(st.sampled_from([None, 2.0])), "teacher_softcap": draw(st.sampled_from([None, 3.0])),
+        "n": n,
+        "softcap": draw(st.sampled_from([None, 2.0])),
+        "teacher_softcap": draw(st.sampled_from([None, 3.0])),
         "mask": torch.from_numpy(draw(hnp.arrays(np.bool_, (b, t)))),
         "labels": torch.from_numpy(draw(hnp.arrays(np.int64, (b, t), elements=st.integers(0, n - 1)))),
-        "temperature": draw(st.sampled_from([1.0, 0.7, 2.0])), "ce_weight": draw(st.sampled_from([0.0, 0.5])),
-        "chunk": draw(st.integers(1, 4)), "block": draw(st.integers(1, 9)), "n_tokens": draw(st.sampled_from([None, 7.0])),
+        "temperature": draw(st.sampled_from([1.0, 0.7, 2.0])),
+        "ce_weight": draw(st.sampled_from([0.0, 0.5])),
+        "chunk": draw(st.integers(1, 4)),
+        "block": draw(st.integers(1, 9)),
+        "n_tokens": draw(st.sampled_from([None, 7.0])),
     }
 
 
@@ -75,8 +87,19 @@ def run(problem: dict, name: str, fused: bool):
     hidden = problem["hidden"].clone().requires_grad_()
     mask, labels, n_tokens, ce_weight = problem["mask"], problem["labels"], problem["n_tokens"], problem["ce_weight"]
     if fused:
-        loss, parts = fused_loss(student, hidden, teacher, problem["teacher_hidden"], d, mask, labels, ce_weight=ce_weight,
-                                 n_tokens=n_tokens, chunk_size=problem["chunk"], block_size=problem["block"])
+        loss, parts = fused_loss(
+            student,
+            hidden,
+            teacher,
+            problem["teacher_hidden"],
+            d,
+            mask,
+            labels,
+            ce_weight=ce_weight,
+            n_tokens=n_tokens,
+            chunk_size=problem["chunk"],
+            block_size=problem["block"],
+        )
     else:
         logits = full_logits(student, hidden)
         with torch.no_grad():
@@ -122,16 +145,26 @@ def test_fused_loss_and_gradients_equal_todays_path(name, problem):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     rows = problem["weight"].shape[0]
     if problem["n"] < rows:  # the padded rows take no probability mass and get no gradient
-        assert not grads[1][problem["n"]:].any()
+        assert not grads[1][problem["n"] :].any()
 
 
 def test_no_counted_position_gives_a_zero_loss_and_real_zero_gradients():
     student = head(torch.randn(5, 3), torch.randn(5), 5, None)
     teacher = head(torch.randn(5, 3), None, 5, None)
     hidden = torch.randn(2, 3, 3, requires_grad=True)
-    loss, _ = fused_loss(student, hidden, teacher, torch.randn(2, 3, 3), distill.get_divergence("kl"), torch.zeros(2, 3, dtype=torch.bool), n_tokens=4.0)
+    loss, _ = fused_loss(
+        student,
+        hidden,
+        teacher,
+        torch.randn(2, 3, 3),
+        distill.get_divergence("kl"),
+        torch.zeros(2, 3, dtype=torch.bool),
+        n_tokens=4.0,
+    )
     loss.backward()
-    assert float(loss) == 0.0 and not hidden.grad.any() and not student.weight.grad.any() and not student.bias.grad.any()
+    assert (
+        float(loss) == 0.0 and not hidden.grad.any() and not student.weight.grad.any() and not student.bias.grad.any()
+    )
 
 
 def test_a_third_party_divergence_runs_unchanged_through_the_fused_heads():
@@ -146,7 +179,12 @@ def test_a_third_party_divergence_runs_unchanged_through_the_fused_heads():
             return 0.5 * ((p.sqrt() - q.sqrt()) ** 2).sum(-1)
 
     torch.manual_seed(0)
-    weight, teacher_weight, hidden, teacher_hidden = torch.randn(40, 6), torch.randn(40, 6), torch.randn(2, 9, 6), torch.randn(2, 9, 6)
+    weight, teacher_weight, hidden, teacher_hidden = (
+        torch.randn(40, 6),
+        torch.randn(40, 6),
+        torch.randn(2, 9, 6),
+        torch.randn(2, 9, 6),
+    )
     student, teacher = head(weight, None, 40, None), head(teacher_weight, None, 40, None)
     x = hidden.clone().requires_grad_()
     loss, _ = fused_loss(student, x, teacher, teacher_hidden, Hellinger(), chunk_size=2, block_size=5)
@@ -167,8 +205,12 @@ def test_a_third_party_divergence_runs_unchanged_through_the_fused_heads():
 def pairs(tmp_path_factory) -> dict[str, dict[str, Path]]:
     root = tmp_path_factory.mktemp("fused")
     found = {}
-    for name, options in {"padded": dict(student_vocab=320, teacher_vocab=304), "tied": dict(architecture="qwen2"),
-                          "softcap": dict(architecture="gemma2"), "gpt2": dict(architecture="gpt2")}.items():
+    for name, options in {
+        "padded": dict(student_vocab=320, teacher_vocab=304),
+        "tied": dict(architecture="qwen2"),
+        "softcap": dict(architecture="gemma2"),
+        "gpt2": dict(architecture="gpt2"),
+    }.items():
         (root / name).mkdir()
         found[name] = make_pair(root / name, **options)
     return found
@@ -199,7 +241,9 @@ def test_micro_batch_loss_through_the_fused_heads_equals_full_logits(pairs, pair
         student.zero_grad(set_to_none=True)
         loss, parts = micro_batch_loss(student, teacher, batch, divergence, 9.0, 0.5, fused=path)
         loss.backward()
-        results.append((float(loss), parts, {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}))
+        results.append(
+            (float(loss), parts, {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None})
+        )
     (fused_value, fused_parts, fused_grads), (value, parts, grads) = results[1], results[0]
     assert fused_value == pytest.approx(value, rel=1e-5) and fused_parts == pytest.approx(parts, rel=1e-5)
     assert set(fused_grads) == set(grads) and "lm_head.weight" in grads or student.config.tie_word_embeddings
@@ -216,9 +260,13 @@ def test_weights_and_per_sequence_means_through_the_fused_heads_equal_full_logit
     results = []
     for path in (None, fused):
         student.zero_grad(set_to_none=True)
-        loss, parts = micro_batch_loss(student, teacher, batch, divergence, 3.0, 0.3, kd_weight=kd_weight, normalize=normalize, fused=path)
+        loss, parts = micro_batch_loss(
+            student, teacher, batch, divergence, 3.0, 0.3, kd_weight=kd_weight, normalize=normalize, fused=path
+        )
         loss.backward()
-        results.append((float(loss), parts, {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}))
+        results.append(
+            (float(loss), parts, {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None})
+        )
     (value, parts, grads), (fused_value, fused_parts, fused_grads) = results
     assert fused_value == pytest.approx(value, rel=1e-5) and fused_parts == pytest.approx(parts, rel=1e-5)
     assert set(fused_grads) == set(grads)
@@ -253,8 +301,12 @@ def test_evaluation_through_the_fused_heads_equals_full_logits(pairs):
     examples = [Example([5, 6, 7][: 1 + i % 3], [9 + i, 10, 11, 1][: 1 + i % 4]) for i in range(5)]
     tokenizer = load_tokenizer(str(pairs["softcap"]["teacher"]))
     fused, _ = plan_fused_head("auto", student, teacher, batch)
-    metrics = [Evaluator(examples, tokenizer, distill.get_divergence("jsd"), None, 2, 0, kl=distill.get_divergence("kl"), fused=f)(student, teacher)
-               for f in (None, fused)]
+    metrics = [
+        Evaluator(
+            examples, tokenizer, distill.get_divergence("jsd"), None, 2, 0, kl=distill.get_divergence("kl"), fused=f
+        )(student, teacher)
+        for f in (None, fused)
+    ]
     assert metrics[1] == pytest.approx(metrics[0], rel=1e-5)
     assert set(metrics[0]) == {"val_loss", "val_divergence", "val_kl"}
 
@@ -266,10 +318,18 @@ def test_a_lora_head_falls_back_with_a_line_or_is_an_error_when_required(pairs):
     import peft
 
     teacher, student, batch = load_pair(pairs["padded"])
-    student = peft.get_peft_model(student, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
+    student = peft.get_peft_model(
+        student, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
+    )
     fused, line = plan_fused_head("auto", student, teacher, batch)
-    assert fused is None and line.startswith("fused head: off (the student's output head is a peft.") and "not a plain torch.nn.Linear" in line
-    with pytest.raises(ConfigError, match="train.fused_head true: the student's output head is a peft.*set train.fused_head=auto"):
+    assert (
+        fused is None
+        and line.startswith("fused head: off (the student's output head is a peft.")
+        and "not a plain torch.nn.Linear" in line
+    )
+    with pytest.raises(
+        ConfigError, match="train.fused_head true: the student's output head is a peft.*set train.fused_head=auto"
+    ):
         plan_fused_head(True, student, teacher, batch)
     assert plan_fused_head(False, student, teacher, batch)[0] is None
 
@@ -278,7 +338,9 @@ def test_lora_elsewhere_keeps_the_fused_head_and_trains_the_adapters_alike(pairs
     import peft
 
     teacher, student, batch = load_pair(pairs["padded"])
-    student = peft.get_peft_model(student, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    student = peft.get_peft_model(
+        student, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     fused, _ = plan_fused_head("auto", student, teacher, batch)
     assert fused is not None
     results = []
@@ -303,7 +365,9 @@ def test_a_model_that_rescales_its_logits_falls_back(pairs):
 
     student.forward = scaled
     fused, line = plan_fused_head("auto", student, teacher, batch)
-    assert fused is None and line.startswith("fused head: off (the student's logits are not its head's linear output (largest difference")
+    assert fused is None and line.startswith(
+        "fused head: off (the student's logits are not its head's linear output (largest difference"
+    )
 
 
 runner = CliRunner()
@@ -311,14 +375,31 @@ runner = CliRunner()
 
 def test_a_run_says_which_path_it_takes_and_both_paths_train_alike(pairs, tmp_path):
     paths = pairs["padded"]
-    args = ["run", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]), "--data", str(paths["data"]), "--max-steps", "2",
-            "--set", "train.batch_size=4", "--set", "eval.batch_size=8", "--set", "train.ce_weight=0.5"]
+    args = [
+        "run",
+        "--teacher",
+        str(paths["teacher"]),
+        "--student",
+        str(paths["student"]),
+        "--data",
+        str(paths["data"]),
+        "--max-steps",
+        "2",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "eval.batch_size=8",
+        "--set",
+        "train.ce_weight=0.5",
+    ]
     losses = {}
     for setting in ("auto", "false"):
         out = tmp_path / setting
         result = runner.invoke(app, [*args, "--output-dir", str(out), "--set", f"train.fused_head={setting}"])
         assert result.exit_code == 0, result.output
-        expected = "fused head: on (logits" if setting == "auto" else "fused head: off (train.fused_head=false): full logits"
+        expected = (
+            "fused head: on (logits" if setting == "auto" else "fused head: off (train.fused_head=false): full logits"
+        )
         assert expected in result.output
         losses[setting] = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
     import json
@@ -329,6 +410,20 @@ def test_a_run_says_which_path_it_takes_and_both_paths_train_alike(pairs, tmp_pa
 
 def test_fused_head_setting_is_validated(pairs, tmp_path):
     paths = pairs["padded"]
-    result = runner.invoke(app, ["run", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]), "--data", str(paths["data"]),
-                                 "--output-dir", str(tmp_path / "x"), "--set", "train.fused_head=sometimes"])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--teacher",
+            str(paths["teacher"]),
+            "--student",
+            str(paths["student"]),
+            "--data",
+            str(paths["data"]),
+            "--output-dir",
+            str(tmp_path / "x"),
+            "--set",
+            "train.fused_head=sometimes",
+        ],
+    )
     assert result.exit_code == 2 and "train.fused_head" in result.output

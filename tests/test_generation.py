@@ -23,15 +23,42 @@ NEW = 16
 def tiny_model(family: str, vocab: int = VOCAB):
     torch.manual_seed(0)
     if family == "llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         return LlamaForCausalLM(config).eval()
     if family == "qwen2":
-        config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             num_key_value_heads=1, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+        config = Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         return Qwen2ForCausalLM(config).eval()
     # a wide initialisation: GPT-2's default (std 0.02) makes a 2-layer model repeat one token forever
-    config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=32, n_layer=2, n_head=2, initializer_range=0.5, bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=256,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        initializer_range=0.5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -48,8 +75,17 @@ def generate(model, eos_id: int | None) -> torch.Tensor:
     """transformers' greedy generate on the same prompts: ``[4, <= NEW]`` new tokens, pad after each row's EOS."""
     ids, attention = prompts()
     with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=eos_id,
-                              do_sample=False, temperature=None, top_k=None, top_p=None)[:, ids.shape[1]:]
+        return model.generate(
+            input_ids=ids,
+            attention_mask=attention,
+            max_new_tokens=NEW,
+            pad_token_id=PAD,
+            eos_token_id=eos_id,
+            do_sample=False,
+            temperature=None,
+            top_k=None,
+            top_p=None,
+        )[:, ids.shape[1] :]
 
 
 def our_decode(model, eos_id: int | None, pick: TokenPicker | None = None) -> torch.Tensor:
@@ -82,16 +118,18 @@ def test_greedy_decode_equals_transformers_generate_with_rows_ending_early(model
     assert ends[1] == step and None in ends  # one row ends early, one reaches the cap
     # generate stops once every row is done; ours is padded to the cap
     assert torch.equal(ours[:, : theirs.shape[1]], theirs)
-    assert (ours[:, theirs.shape[1]:] == PAD).all()
+    assert (ours[:, theirs.shape[1] :] == PAD).all()
     for row, end in zip(ours.tolist(), ends):
         if end is not None:  # the EOS is kept, nothing but padding after it
-            assert row[end] == eos and set(row[end + 1:]) <= {PAD}
+            assert row[end] == eos and set(row[end + 1 :]) <= {PAD}
 
 
 def test_finished_rows_leave_the_batch(model):
     eos, _ = an_eos(model)
     batch_sizes = []
-    handle = model.register_forward_pre_hook(lambda _, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    handle = model.register_forward_pre_hook(
+        lambda _, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     try:
         ours = our_decode(model, eos)
     finally:
@@ -118,7 +156,11 @@ def test_sampled_decode_is_reproducible_from_the_global_seed(model):
     assert not torch.equal(runs[0], runs[2])
 
 
-@pytest.mark.parametrize("pick", [TokenPicker(1.0, 1, 1.0), TokenPicker(1.0, 0, 1e-6), TokenPicker(0.3, 5, 0.5)], ids=["top_k=1", "top_p~0", "mixed"])
+@pytest.mark.parametrize(
+    "pick",
+    [TokenPicker(1.0, 1, 1.0), TokenPicker(1.0, 0, 1e-6), TokenPicker(0.3, 5, 0.5)],
+    ids=["top_k=1", "top_p~0", "mixed"],
+)
 def test_sampling_with_one_token_left_is_greedy(pick):
     """top-k 1 or a top-p below the largest probability leave only the argmax to draw. ("mixed":
     a low temperature makes the most probable token hold more than half the mass of the top 5.)"""
@@ -140,11 +182,20 @@ def warped_probabilities(logits: torch.Tensor, temperature: float, top_k: int, t
     return scores[0].softmax(-1)
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p, kept", [
-    (1.0, 0, 1.0, 6), (2.0, 0, 1.0, 6), (0.5, 0, 1.0, 6), (1.0, 3, 1.0, 3),
-    # probabilities .45 .27 .16 .06 .04 .02: top-p 0.75 keeps three tokens, 0.5 two, 0.4 one
-    (1.0, 0, 0.75, 3), (1.0, 0, 0.5, 2), (1.0, 0, 0.4, 1), (1.0, 4, 0.8, 3),
-])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, kept",
+    [
+        (1.0, 0, 1.0, 6),
+        (2.0, 0, 1.0, 6),
+        (0.5, 0, 1.0, 6),
+        (1.0, 3, 1.0, 3),
+        # probabilities .45 .27 .16 .06 .04 .02: top-p 0.75 keeps three tokens, 0.5 two, 0.4 one
+        (1.0, 0, 0.75, 3),
+        (1.0, 0, 0.5, 2),
+        (1.0, 0, 0.4, 1),
+        (1.0, 4, 0.8, 3),
+    ],
+)
 def test_sampler_draws_from_the_filtered_softmax(temperature, top_k, top_p, kept):
     """Frequencies over 60000 draws against the probabilities transformers' warpers define."""
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 1.5, -0.5])
@@ -194,8 +245,12 @@ def test_response_generator_returns_what_the_transformers_path_returns(model, pa
     examples = [Example(p, [], reference=f"r{i}") for i, p in enumerate(PROMPTS)]
     model.train()  # as the student is between steps: generation runs in eval mode (no dropout) and gives the mode back
     try:
-        ours = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=NEW), batch_size=3)(model, examples, greedy=True)
-        theirs = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=NEW), batch_size=3, always_generate=True)(model, examples, greedy=True)
+        ours = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=NEW), batch_size=3)(
+            model, examples, greedy=True
+        )
+        theirs = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=NEW), batch_size=3, always_generate=True)(
+            model, examples, greedy=True
+        )
         assert model.training
     finally:
         model.eval()
@@ -220,16 +275,22 @@ def test_synced_generation_goes_through_transformers_generate(monkeypatch, singl
     monkeypatch.setattr(model, "generate", recording_generate)
     examples = [Example(p, []) for p in PROMPTS]
     tokenizer = Tokenizer(an_eos(model)[0], PAD)
-    synced = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=NEW), batch_size=4, synced=True)(model, examples, greedy=True)
+    synced = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=NEW), batch_size=4, synced=True)(
+        model, examples, greedy=True
+    )
     assert calls == [True]
-    plain = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=NEW), batch_size=4)(model, examples, greedy=True)
+    plain = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=NEW), batch_size=4)(
+        model, examples, greedy=True
+    )
     assert calls == [True] and synced == plain
 
 
 def test_lora_student_decodes_like_peft_generate(single_thread):
     from peft import LoraConfig, get_peft_model
 
-    student = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    student = get_peft_model(
+        tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     assert decodable(student)
     eos, _ = an_eos(student)
     ours, theirs = our_decode(student, eos), generate(student, eos)
@@ -242,8 +303,12 @@ def test_models_the_loop_cannot_drive_are_left_to_generate(single_thread):
 
     assert decodable(tiny_model("gpt2")) and decodable(tiny_model("qwen2"))
     assert not decodable(torch.nn.Linear(2, 2))  # not a transformers model
-    assert not decodable(T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)))
-    assert not decodable(get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)))
+    assert not decodable(
+        T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
+    )
+    assert not decodable(
+        get_peft_model(tiny_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    )
 
 
 def test_generation_speed_benchmark_runs_on_tiny_models(tmp_path, monkeypatch, single_thread):
@@ -261,20 +326,53 @@ def test_generation_speed_benchmark_runs_on_tiny_models(tmp_path, monkeypatch, s
     spec.loader.exec_module(benchmark)
     tiny = make_pair(tmp_path)
     output = tmp_path / "generation_speed.json"
-    benchmark.main(["--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]),
-                    "--batch-size", "4", "--max-new-tokens", "6", "--repeats", "1", "--eval-repeats", "1", "--threads", "1",
-                    "--set", "eval.rouge_samples=2", "--set", "eval.batch_size=1", "--output", str(output)])
+    benchmark.main(
+        [
+            "--teacher",
+            str(tiny["teacher"]),
+            "--student",
+            str(tiny["student"]),
+            "--data",
+            str(tiny["data"]),
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "6",
+            "--repeats",
+            "1",
+            "--eval-repeats",
+            "1",
+            "--threads",
+            "1",
+            "--set",
+            "eval.rouge_samples=2",
+            "--set",
+            "eval.batch_size=1",
+            "--output",
+            str(output),
+        ]
+    )
     report = json.loads(output.read_text())
     workloads = report["settings"]["workloads"]
     assert report["complete"] and report["settings"]["max_new_tokens"] == 6
-    assert (workloads["train"]["prompts"], workloads["train"]["batch_size"], workloads["eval"]["prompts"], workloads["eval"]["batch_size"]) == (4, 4, 2, 1)
+    assert (
+        workloads["train"]["prompts"],
+        workloads["train"]["batch_size"],
+        workloads["eval"]["prompts"],
+        workloads["eval"]["batch_size"],
+    ) == (4, 4, 2, 1)
     cases = {(c["workload"], c["model"], c["dtype"], c["mode"]) for c in report["cases"]}
     models_and_dtypes = [(m, d) for m in ("student", "teacher") for d in ("float32", "bfloat16")]
-    assert cases == {("train", m, d, s) for m, d in models_and_dtypes for s in ("sampled", "greedy")} | {("eval", m, d, "greedy") for m, d in models_and_dtypes}
+    assert cases == {("train", m, d, s) for m, d in models_and_dtypes for s in ("sampled", "greedy")} | {
+        ("eval", m, d, "greedy") for m, d in models_and_dtypes
+    }
     for case in report["cases"]:
         assert case["generate"]["median_seconds"] > 0 and case["decode"]["median_seconds"] > 0
         batches, prompts = (1, 4) if case["workload"] == "train" else (2, 2)
-        assert batches <= case["decode"]["mean_forwards"] <= 6 * batches and case["decode"]["mean_new_tokens"] <= 6 * prompts
+        assert (
+            batches <= case["decode"]["mean_forwards"] <= 6 * batches
+            and case["decode"]["mean_new_tokens"] <= 6 * prompts
+        )
         if case["mode"] == "greedy":
             assert case["same_tokens"], case
 
@@ -286,7 +384,12 @@ def two_stop_ids(model) -> list[int]:
     for row in (0, 2, 3):
         for step in range(1, NEW):
             token = free[row][step]
-            if token != first and token not in free[row][:step] and first not in free[row][: step + 1] and token not in free[1][: first_step + 1]:
+            if (
+                token != first
+                and token not in free[row][:step]
+                and first not in free[row][: step + 1]
+                and token not in free[1][: first_step + 1]
+            ):
                 return [first, token]
     raise AssertionError(f"no second stop id in {free}")
 
@@ -301,8 +404,10 @@ def test_several_stop_ids_each_end_a_row_as_generate_does(model):
         if end is None:
             assert row == done
         else:  # the first of either id ends the row and is kept
-            assert row[: end + 1] == done[: end + 1] and set(row[end + 1:]) <= {PAD}
-    assert {row[i] for row in ours.tolist() for i in range(NEW) if row[i] in stops} == set(stops)  # both ids ended a row
+            assert row[: end + 1] == done[: end + 1] and set(row[end + 1 :]) <= {PAD}
+    assert {row[i] for row in ours.tolist() for i in range(NEW) if row[i] in stops} == set(
+        stops
+    )  # both ids ended a row
 
 
 @pytest.mark.parametrize("pad_is_eos", [False, True])

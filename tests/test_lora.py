@@ -29,9 +29,29 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_args(tiny, out: Path, *extra: str) -> list[str]:
-    return ["run", "--recipe", "kd", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]),
-            "--output-dir", str(out), "--max-steps", "3", "--set", "train.batch_size=4", "--set", "train.lr=1e-2",
-            "--set", "eval.every=0", *LORA, *extra]
+    return [
+        "run",
+        "--recipe",
+        "kd",
+        "--teacher",
+        str(tiny["teacher"]),
+        "--student",
+        str(tiny["student"]),
+        "--data",
+        str(tiny["data"]),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "3",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.lr=1e-2",
+        "--set",
+        "eval.every=0",
+        *LORA,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +76,9 @@ def test_only_the_adapters_are_trainable(tiny):
     student = add_lora(load_model(str(tiny["student"]), "student"), LoraSpec(rank=4))
     trainable = [name for name, p in student.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
-    assert sum(p.numel() for p in student.parameters() if not p.requires_grad) > 10 * sum(p.numel() for p in student.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in student.parameters() if not p.requires_grad) > 10 * sum(
+        p.numel() for p in student.parameters() if p.requires_grad
+    )
 
 
 def test_final_holds_the_adapter_which_loads_with_peft(tiny, lora_run):
@@ -69,7 +91,9 @@ def test_final_holds_the_adapter_which_loads_with_peft(tiny, lora_run):
 
 def test_merged_copy_loads_and_matches_the_adapter_model(tiny, lora_run):
     merged = AutoModelForCausalLM.from_pretrained(lora_run / "final" / "merged").eval()
-    with_adapter = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["student"]), lora_run / "final").eval()
+    with_adapter = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny["student"]), lora_run / "final"
+    ).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny["student"]).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(batch_ids()).logits, with_adapter(batch_ids()).logits, rtol=1e-4, atol=1e-5)
@@ -94,8 +118,19 @@ def test_a_lora_run_resumes_from_its_checkpoint(tiny, lora_run, tmp_path):
 
 def test_lora_on_a_padded_output_head_trains_over_the_tokenizers_ids(tiny, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, run_args(tiny, out, "--max-steps", "2", "--set", "student.lora.target_modules=[q_proj,lm_head]",
-                                         "--set", "student.lora.save_merged=false"))
+    result = runner.invoke(
+        app,
+        run_args(
+            tiny,
+            out,
+            "--max-steps",
+            "2",
+            "--set",
+            "student.lora.target_modules=[q_proj,lm_head]",
+            "--set",
+            "student.lora.save_merged=false",
+        ),
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"q_proj", "lm_head"}
@@ -105,7 +140,9 @@ def test_lora_on_a_padded_output_head_trains_over_the_tokenizers_ids(tiny, tmp_p
 
 def make_teacher_adapter(tiny, folder: Path) -> Path:
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # random B: not a no-op
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )  # random B: not a no-op
     peft.get_peft_model(teacher, config).save_pretrained(folder)
     return folder
 
@@ -113,7 +150,9 @@ def make_teacher_adapter(tiny, folder: Path) -> Path:
 def test_teacher_adapter_is_merged_at_load(tiny, tmp_path):
     adapter = make_teacher_adapter(tiny, tmp_path / "adapter")
     teacher = load_model(ModelSpec(ref=str(tiny["teacher"]), adapter=str(adapter)), "teacher").eval()
-    assert not isinstance(teacher, peft.PeftModel) and not any("lora_" in name for name, _ in teacher.named_parameters())
+    assert not isinstance(teacher, peft.PeftModel) and not any(
+        "lora_" in name for name, _ in teacher.named_parameters()
+    )
     reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["teacher"]), adapter).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
     with torch.no_grad():
@@ -124,22 +163,68 @@ def test_teacher_adapter_is_merged_at_load(tiny, tmp_path):
 def test_teacher_adapter_through_the_command_line(tiny, tmp_path):
     adapter = make_teacher_adapter(tiny, tmp_path / "adapter")
     out = tmp_path / "run"
-    result = runner.invoke(app, ["run", "--recipe", "kd", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]),
-                                 "--data", str(tiny["data"]), "--output-dir", str(out), "--max-steps", "1",
-                                 "--set", "train.batch_size=4", "--set", f"teacher.adapter={adapter}"])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--recipe",
+            "kd",
+            "--teacher",
+            str(tiny["teacher"]),
+            "--student",
+            str(tiny["student"]),
+            "--data",
+            str(tiny["data"]),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "1",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            f"teacher.adapter={adapter}",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"adapter: {adapter}" in (out / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("teacher.lora.rank=4", "teacher.lora: the teacher is frozen; to load a LoRA-tuned teacher set teacher.adapter=PATH"),
-    ("teacher.adapter=/nonexistent/adapter", "teacher.adapter /nonexistent/adapter: not a PEFT adapter folder (no adapter_config.json)"),
-    ("student.lora.target_modules=[nonexistent_proj]", "student.lora.target_modules: "),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            "teacher.lora.rank=4",
+            "teacher.lora: the teacher is frozen; to load a LoRA-tuned teacher set teacher.adapter=PATH",
+        ),
+        (
+            "teacher.adapter=/nonexistent/adapter",
+            "teacher.adapter /nonexistent/adapter: not a PEFT adapter folder (no adapter_config.json)",
+        ),
+        ("student.lora.target_modules=[nonexistent_proj]", "student.lora.target_modules: "),
+    ],
+)
 def test_lora_mistakes_are_one_line(tiny, tmp_path, setting, message):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["run", "--recipe", "kd", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]),
-                                 "--data", str(tiny["data"]), "--output-dir", str(out), "--max-steps", "1", "--set", setting])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--recipe",
+            "kd",
+            "--teacher",
+            str(tiny["teacher"]),
+            "--student",
+            str(tiny["student"]),
+            "--data",
+            str(tiny["data"]),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "1",
+            "--set",
+            setting,
+        ],
+    )
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.output

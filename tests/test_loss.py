@@ -271,9 +271,7 @@ def test_temperature_of_the_divergence_is_applied(name, batch, temperature):
     warm = distill.get_divergence(name, temperature=temperature)
     plain = distill.get_divergence(name)
     got = loss_and_grads(lambda s, t: distill.divergence_loss(warm, s, t, mask, chunk_size=2), student, teacher)
-    expected = loss_and_grads(
-        plain_loss(lambda s, t: plain(s / temperature, t / temperature), mask), student, teacher
-    )
+    expected = loss_and_grads(plain_loss(lambda s, t: plain(s / temperature, t / temperature), mask), student, teacher)
     assert_all_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -287,8 +285,9 @@ def test_weighted_sum_with_another_loss_scales_the_gradient(name):
     mask = torch.tensor([[True, False, True, True]] * 3)
     d = distill.get_divergence(name)
     other = lambda s: (s[..., 0] ** 2).mean()  # noqa: E731
-    got = loss_and_grads(lambda s, t: 0.3 * distill.divergence_loss(d, s, t, mask, chunk_size=5) + other(s),
-                         student, teacher)
+    got = loss_and_grads(
+        lambda s, t: 0.3 * distill.divergence_loss(d, s, t, mask, chunk_size=5) + other(s), student, teacher
+    )
     expected = loss_and_grads(lambda s, t: 0.3 * plain_loss(d, mask)(s, t) + other(s), student, teacher)
     assert_all_close(got, expected, rtol=1e-5, atol=1e-7)
 

@@ -24,7 +24,21 @@ from tiny_models import make_pair
 runner = CliRunner()
 TIMEOUT = 240
 SMALL = ["--set", "eval.batch_size=8", "--set", "generation.max_new_tokens=12", "--set", "eval.every=2"]
-ADAPTIVE = ["--recipe", "distillm", "-P", "init_prob=1", "-P", "capacity=8", "--seed", "3", "--max-steps", "6", "--set", "train.batch_size=4", *SMALL]
+ADAPTIVE = [
+    "--recipe",
+    "distillm",
+    "-P",
+    "init_prob=1",
+    "-P",
+    "capacity=8",
+    "--seed",
+    "3",
+    "--max-steps",
+    "6",
+    "--set",
+    "train.batch_size=4",
+    *SMALL,
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +47,16 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def models(tiny, out: Path) -> list[str]:
-    return ["--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]), "--output-dir", str(out)]
+    return [
+        "--teacher",
+        str(tiny["teacher"]),
+        "--student",
+        str(tiny["student"]),
+        "--data",
+        str(tiny["data"]),
+        "--output-dir",
+        str(out),
+    ]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -68,13 +91,34 @@ def launch(script: list[str], *, processes: int = 2, env: dict[str, str] | None 
     forks CPU processes only through mpirun), so this uses the torchrun launcher with
     ``ACCELERATE_USE_CPU=1``, which README's "Scaling out" documents."""
     command = [
-        str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", str(processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *script,
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *script,
     ]
     marker = f"{os.getpid()}-{free_port()}"
     # PYTHONFAULTHANDLER: on SIGABRT every process prints where each of its threads is
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "DISTILL_TEST_LAUNCH": marker, **(env or {})}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONFAULTHANDLER": "1",
+        "DISTILL_TEST_LAUNCH": marker,
+        **(env or {}),
+    }
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -132,8 +176,10 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tiny, t
     kd = ["--recipe", "kd", "--max-steps", "3", "--set", "train.lr=3e-3", "--set", "eval.every=0", *SMALL]
     out, ranks = tmp_path / "run", tmp_path / "ranks"
     distill_script = str(Path(sys.executable).with_name("distill"))  # `accelerate launch $(which distill) run ...`
-    launch([distill_script, "run", *models(tiny, out), *kd, "--set", "train.batch_size=2", "--set", "train.grad_accum=2"],
-           env={"DISTILL_RANK_LOG": str(ranks)})
+    launch(
+        [distill_script, "run", *models(tiny, out), *kd, "--set", "train.batch_size=2", "--set", "train.grad_accum=2"],
+        env={"DISTILL_RANK_LOG": str(ranks)},
+    )
     single = tmp_path / "single"
     result = runner.invoke(app, ["run", *models(tiny, single), *kd, "--set", "train.batch_size=8"])
     assert result.exit_code == 0, result.output
@@ -142,7 +188,9 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tiny, t
     assert [m["tokens"] for m in ours] == [m["tokens"] for m in theirs]
     assert [m["lr"] for m in ours] == pytest.approx([m["lr"] for m in theirs])  # one schedule step per optimizer step
     rank0, rank1 = read_jsonl(ranks / "rank-0.jsonl"), read_jsonl(ranks / "rank-1.jsonl")
-    assert any(a["tokens"] != b["tokens"] for a, b in zip(rank0, rank1))  # unequal shares: a per-rank mean would be wrong
+    assert any(
+        a["tokens"] != b["tokens"] for a, b in zip(rank0, rank1)
+    )  # unequal shares: a per-rank mean would be wrong
     for a, b in zip(ours, theirs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
     after, single_after = read_jsonl(out / "eval.jsonl")[-1], read_jsonl(single / "eval.jsonl")[-1]
@@ -154,12 +202,34 @@ def test_two_processes_run_distillm2_with_both_groups_generated_in_step(tiny, tm
     """The contrastive policy with generated teacher responses and kept student responses: every rank
     generates both groups at every step (a prompt's kept response may spare one rank and not the other)."""
     out, ranks = tmp_path / "run", tmp_path / "ranks"
-    args = ["--recipe", "distillm2", "-P", "teacher=generate", "-P", "refresh_every=3", "--seed", "2", "--max-steps", "4",
-            "--set", "train.batch_size=2", "--set", "objective.curriculum=true", "--set", "checkpoint.every=2", *SMALL]
+    args = [
+        "--recipe",
+        "distillm2",
+        "-P",
+        "teacher=generate",
+        "-P",
+        "refresh_every=3",
+        "--seed",
+        "2",
+        "--max-steps",
+        "4",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "objective.curriculum=true",
+        "--set",
+        "checkpoint.every=2",
+        *SMALL,
+    ]
     launch(["-m", "distill", "run", *models(tiny, out), *args], env={"DISTILL_RANK_LOG": str(ranks)})
     metrics = read_jsonl(out / "metrics.jsonl")
     rank0, rank1 = read_jsonl(ranks / "rank-0.jsonl"), read_jsonl(ranks / "rank-1.jsonl")
-    assert [m["source"] for m in metrics] == [r["source"] for r in rank0] == [r["source"] for r in rank1] == ["teacher+student"] * 4
+    assert (
+        [m["source"] for m in metrics]
+        == [r["source"] for r in rank0]
+        == [r["source"] for r in rank1]
+        == ["teacher+student"] * 4
+    )
     assert [m["tokens"] for m in metrics] == [a["tokens"] + b["tokens"] for a, b in zip(rank0, rank1)]
     for m in metrics:
         assert set(m["terms"]) == {"teacher", "student"}
@@ -169,4 +239,6 @@ def test_two_processes_run_distillm2_with_both_groups_generated_in_step(tiny, tm
     assert all({"val_loss", "val_divergence"} <= e.keys() for e in evals)
     state = torch.load(out / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=True)
     kept = [rank["policy"]["responses"] for rank in state["ranks"]]
-    assert all(kept) and {tuple(p) for p, _, _ in kept[0]} != {tuple(p) for p, _, _ in kept[1]}  # each rank keeps its own prompts'
+    assert all(kept) and {tuple(p) for p, _, _ in kept[0]} != {
+        tuple(p) for p, _, _ in kept[1]
+    }  # each rank keeps its own prompts'

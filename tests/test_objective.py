@@ -57,11 +57,15 @@ def test_gradient_is_the_mean_over_all_response_tokens(models):
     loss.backward()
     ours = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
-    full_s = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    full_s = student(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    ).logits
     with torch.no_grad():
-        full_t = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        full_t = teacher(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits
     r = batch.response_mask.shape[1]
-    s, t = full_s[:, -r - 1:-1][batch.response_mask], full_t[:, -r - 1:-1][batch.response_mask]
+    s, t = full_s[:, -r - 1 : -1][batch.response_mask], full_t[:, -r - 1 : -1][batch.response_mask]
     reference = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
     reference.backward()
     torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-5, atol=1e-6)
@@ -74,16 +78,21 @@ def test_response_logits_predict_the_response_tokens(models):
     batch = collate(examples(), 0)
     logits = response_logits(teacher, batch)
     assert logits.shape[:2] == batch.response_mask.shape
-    full = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    full = teacher(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    ).logits
     p = batch.input_ids.shape[1] - batch.response_mask.shape[1]
-    torch.testing.assert_close(logits, full[:, p - 1:-1])
+    torch.testing.assert_close(logits, full[:, p - 1 : -1])
 
 
 def test_eos_is_a_label_and_prompt_tokens_are_not(models):
     _, _, tokenizer = models
     assert tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id
     tokenizer.pad_token = tokenizer.eos_token  # pad == eos, the case peers got wrong
-    records = [{"prompt": "What is 2 plus 2?", "response": "two plus two is four."}, {"prompt": "Hi", "response": "one."}]
+    records = [
+        {"prompt": "What is 2 plus 2?", "response": "two plus two is four."},
+        {"prompt": "Hi", "response": "one."},
+    ]
     encoded, _ = encode_records(records, tokenizer, DataConfig(), "test")
     batch = collate(encoded, tokenizer.pad_token_id)
     for row, example in enumerate(encoded):
@@ -109,7 +118,6 @@ def test_generated_responses_keep_eos_and_nothing_after(models):
     assert all(eos not in e.response_ids[:-1] for e in out)
 
 
-
 def test_inference_copy_follows_the_trained_weights_in_the_compute_dtype(models):
     teacher, student, tokenizer = models
     tokenizer.pad_token = tokenizer.eos_token
@@ -129,9 +137,13 @@ def test_inference_copy_follows_the_trained_weights_in_the_compute_dtype(models)
     # generation through the copy: what a plain bf16 model of the same weights generates
     reference = AutoModelForCausalLM.from_config(student.config).to(torch.bfloat16).eval()
     reference.load_state_dict(student.state_dict())
-    with_copy = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=6), batch_size=2, inference_dtype=torch.bfloat16)
+    with_copy = ResponseGenerator(
+        tokenizer, GenerationConfig(max_new_tokens=6), batch_size=2, inference_dtype=torch.bfloat16
+    )
     plain = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=6), batch_size=2)
-    assert [e.response_ids for e in with_copy(student, examples(), greedy=True)] == [e.response_ids for e in plain(reference, examples(), greedy=True)]
+    assert [e.response_ids for e in with_copy(student, examples(), greedy=True)] == [
+        e.response_ids for e in plain(reference, examples(), greedy=True)
+    ]
     assert student.dtype == torch.float32
 
 
@@ -142,8 +154,16 @@ def test_the_head_gets_a_contiguous_input_and_the_same_logits():
     from distill.models import contiguous_head_input
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).eval()
     ids = torch.randint(0, 50, (3, 9))
     expected = model(input_ids=ids, logits_to_keep=4).logits
     seen = []
@@ -185,7 +205,9 @@ def test_padded_head_rows_leave_the_loss_and_gradients_as_over_the_real_tokens(m
     divergence = distill.get_divergence(name)
     batch = collate(examples(), 0)
     padded_teacher, padded_student = _padded_copy(teacher, 20, 0), _padded_copy(student, 4, 1)
-    untrimmed, _ = micro_batch_loss(_padded_copy(student, 20, 1), padded_teacher, batch, divergence, batch.n_tokens, ce_weight=0.5)
+    untrimmed, _ = micro_batch_loss(
+        _padded_copy(student, 20, 1), padded_teacher, batch, divergence, batch.n_tokens, ce_weight=0.5
+    )
     assert share_vocabulary(padded_teacher, padded_student, tokenizer) == len(tokenizer) == 300
     results = []
     for s, t in ((student, teacher), (padded_student, padded_teacher)):

@@ -178,8 +178,10 @@ def test_policy_params_are_validated():
         ("mixed", {"prob": 1.0, "replay": True, "capacity": 3}),
         ("adaptive_offpolicy", {}),
         ("adaptive_offpolicy", {"init_prob": 0.5, "capacity": 4, "replay_schedule": "increasing"}),
-        ("adaptive_offpolicy", {"init_prob": 0.3, "prob_step": 0.3, "loss_eps": 0.0, "capacity": 6,
-                                "replay_schedule": "constant"}),
+        (
+            "adaptive_offpolicy",
+            {"init_prob": 0.3, "prob_step": 0.3, "loss_eps": 0.0, "capacity": 6, "replay_schedule": "constant"},
+        ),
         ("contrastive", {}),
         ("contrastive", {"teacher": "generate", "refresh_every": 3}),
     ],

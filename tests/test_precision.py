@@ -17,9 +17,20 @@ runner = CliRunner()
 
 
 def test_teacher_flag_and_dtype_setting_combine():
-    flags = flag_layer(recipe="kd", divergence=None, divergence_params=[], policy=None, policy_params=[], teacher="t",
-                       student="s", data=None, output_dir="o", max_steps=None, seed=None,
-                       settings=["teacher.dtype=bfloat16", "train.precision=bf16"])
+    flags = flag_layer(
+        recipe="kd",
+        divergence=None,
+        divergence_params=[],
+        policy=None,
+        policy_params=[],
+        teacher="t",
+        student="s",
+        data=None,
+        output_dir="o",
+        max_steps=None,
+        seed=None,
+        settings=["teacher.dtype=bfloat16", "train.precision=bf16"],
+    )
     config = resolve_config(None, flags)
     assert (config.teacher.ref, config.teacher.dtype, config.student.dtype) == ("t", "bfloat16", "auto")
     assert config.train.precision == "bf16"
@@ -29,11 +40,34 @@ def test_teacher_flag_and_dtype_setting_combine():
 def test_bf16_student_and_teacher_train_and_save_float32(tmp_path, inference_copy):
     paths = make_pair(tmp_path)
     out = tmp_path / "run"
-    result = runner.invoke(app, [
-        "run", "--recipe", "minillm", "--set", f"generation.inference_copy={str(inference_copy).lower()}", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]),
-        "--data", str(paths["data"]), "--output-dir", str(out), "--max-steps", "3", "--set", "train.batch_size=4",
-        "--set", "train.precision=bf16", "--set", "teacher.dtype=bfloat16", "--set", "generation.max_new_tokens=8",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--recipe",
+            "minillm",
+            "--set",
+            f"generation.inference_copy={str(inference_copy).lower()}",
+            "--teacher",
+            str(paths["teacher"]),
+            "--student",
+            str(paths["student"]),
+            "--data",
+            str(paths["data"]),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "3",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "train.precision=bf16",
+            "--set",
+            "teacher.dtype=bfloat16",
+            "--set",
+            "generation.max_new_tokens=8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["source"] for m in metrics] == ["student"] * 3  # generated in bf16, by a copy or through autocast
@@ -46,10 +80,26 @@ def test_bf16_student_and_teacher_train_and_save_float32(tmp_path, inference_cop
 def test_fp16_without_a_gpu_is_one_line_before_anything_is_written(tmp_path):
     paths = make_pair(tmp_path)
     out = tmp_path / "run"
-    result = runner.invoke(app, [
-        "run", "--recipe", "kd", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]),
-        "--data", str(paths["data"]), "--output-dir", str(out), "--max-steps", "1", "--set", "train.precision=fp16",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--recipe",
+            "kd",
+            "--teacher",
+            str(paths["teacher"]),
+            "--student",
+            str(paths["student"]),
+            "--data",
+            str(paths["data"]),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "1",
+            "--set",
+            "train.precision=fp16",
+        ],
+    )
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: train.precision fp16: needs a GPU"), result.output
@@ -60,10 +110,26 @@ def test_a_launch_precision_other_than_train_precision_is_one_line(tmp_path, mon
     paths = make_pair(tmp_path)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
     out = tmp_path / "run"
-    result = runner.invoke(app, [
-        "run", "--recipe", "kd", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]),
-        "--data", str(paths["data"]), "--output-dir", str(out), "--max-steps", "1", "--set", "train.precision=fp32",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--recipe",
+            "kd",
+            "--teacher",
+            str(paths["teacher"]),
+            "--student",
+            str(paths["student"]),
+            "--data",
+            str(paths["data"]),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "1",
+            "--set",
+            "train.precision=fp32",
+        ],
+    )
     assert result.exit_code == 2
     assert result.output.strip() == (
         "error: accelerate launch asks for mixed precision bf16 but train.precision is fp32; distill's setting decides: "
@@ -111,7 +177,9 @@ def test_auto_chooses_fp32_elsewhere_and_never_fp16(monkeypatch):
 
 
 def test_explicit_settings_are_kept(monkeypatch):
-    config, text, _ = _resolved(monkeypatch, "1", train__precision="fp32", teacher__dtype="bfloat16", student__dtype="float32")
+    config, text, _ = _resolved(
+        monkeypatch, "1", train__precision="fp32", teacher__dtype="bfloat16", student__dtype="float32"
+    )
     assert (config.train.precision, config.teacher.dtype, config.student.dtype) == ("fp32", "bfloat16", "float32")
     assert text.startswith("precision fp32 (train.precision)")
 
@@ -147,7 +215,9 @@ def test_the_cpu_detection_says_no_under_the_avx2_emulation():
     env = {k: v for k, v in os.environ.items() if k != "DISTILL_NATIVE_BF16"}
     env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
     code = "from distill.hardware import bf16_support, auto_precision; s = bf16_support('cpu'); print(s.native, auto_precision()[0])"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["False", "fp32"]
 
 
@@ -158,13 +228,32 @@ def test_a_run_records_the_resolved_precision_and_says_why(tmp_path, monkeypatch
     monkeypatch.setenv("DISTILL_NATIVE_BF16", native)
     paths = make_pair(tmp_path)
     out = tmp_path / "run"
-    args = ["run", "--recipe", "kd", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]),
-            "--data", str(paths["data"]), "--output-dir", str(out), "--max-steps", "1", "--set", "train.batch_size=4"]
+    args = [
+        "run",
+        "--recipe",
+        "kd",
+        "--teacher",
+        str(paths["teacher"]),
+        "--student",
+        str(paths["student"]),
+        "--data",
+        str(paths["data"]),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "1",
+        "--set",
+        "train.batch_size=4",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     precision, dtype = ("bf16", "bfloat16") if native == "1" else ("fp32", "float32")
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert (saved["train"]["precision"], saved["teacher"]["dtype"], saved["student"]["dtype"]) == (precision, dtype, "float32")
+    assert (saved["train"]["precision"], saved["teacher"]["dtype"], saved["student"]["dtype"]) == (
+        precision,
+        dtype,
+        "float32",
+    )
     assert f"precision {precision} (auto: native bf16 forced" in result.output
     # the saved config reproduces the run's precision on any machine: nothing `auto` is left in it
     monkeypatch.setenv("DISTILL_NATIVE_BF16", "0" if native == "1" else "1")
@@ -176,11 +265,28 @@ def test_a_run_records_the_resolved_precision_and_says_why(tmp_path, monkeypatch
 def test_bf16_forced_without_native_bf16_trains_with_a_one_line_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_NATIVE_BF16", "0")
     paths = make_pair(tmp_path)
-    result = runner.invoke(app, [
-        "run", "--recipe", "kd", "--teacher", str(paths["teacher"]), "--student", str(paths["student"]),
-        "--data", str(paths["data"]), "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--set", "train.batch_size=4",
-        "--set", "train.precision=bf16",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--recipe",
+            "kd",
+            "--teacher",
+            str(paths["teacher"]),
+            "--student",
+            str(paths["student"]),
+            "--data",
+            str(paths["data"]),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "train.precision=bf16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "emulated" in warnings[0] and "train.precision=auto" in warnings[0]

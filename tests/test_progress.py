@@ -16,7 +16,9 @@ from distill.cli.run_cmd import PROGRESS_ENV, PlainReporter, RichReporter, durat
 from tiny_models import make_pair
 
 runner = CliRunner()
-STEP_LINE = re.compile(r"^step (\d+)/(\d+)  loss \d+\.\d{4}  source (dataset|teacher|student|replay)\s*  [\d,]+ tok/s  elapsed \d[\dhms]*  ETA \d[\dhms]*$")
+STEP_LINE = re.compile(
+    r"^step (\d+)/(\d+)  loss \d+\.\d{4}  source (dataset|teacher|student|replay)\s*  [\d,]+ tok/s  elapsed \d[\dhms]*  ETA \d[\dhms]*$"
+)
 
 
 class Clock:
@@ -59,9 +61,13 @@ def test_plain_pass_progress_only_for_long_passes():
     for done in range(0, 11):  # 10 answers, 20 s each
         clock.now += 20.0 if done else 0.0
         reporter("progress", {"phase": "ROUGE-L answers", "done": done, "total": 10})
-    assert out.getvalue().splitlines() == ["  ROUGE-L answers 2/10  elapsed 40s", "  ROUGE-L answers 4/10  elapsed 1m20s",
-                                           "  ROUGE-L answers 6/10  elapsed 2m00s", "  ROUGE-L answers 8/10  elapsed 2m40s",
-                                           "  ROUGE-L answers 10/10  elapsed 3m20s"]
+    assert out.getvalue().splitlines() == [
+        "  ROUGE-L answers 2/10  elapsed 40s",
+        "  ROUGE-L answers 4/10  elapsed 1m20s",
+        "  ROUGE-L answers 6/10  elapsed 2m00s",
+        "  ROUGE-L answers 8/10  elapsed 2m40s",
+        "  ROUGE-L answers 10/10  elapsed 3m20s",
+    ]
 
 
 def test_rich_reporter_shows_a_bar_per_long_pass_and_for_the_steps():
@@ -91,11 +97,35 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 def run_off_a_terminal(tiny, out: Path, env: dict[str, str]):
     """CliRunner's output is not a terminal: what nohup, CI and a redirected log see."""
-    return runner.invoke(app, [
-        "run", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]), "--output-dir", str(out),
-        "--recipe", "kd", "--max-steps", "3", "--set", "train.batch_size=4", "--set", "eval.batch_size=1", "--set", "eval.every=0",
-        "--set", "eval.rouge_samples=4", "--set", "generation.max_new_tokens=4",
-    ], env=env)
+    return runner.invoke(
+        app,
+        [
+            "run",
+            "--teacher",
+            str(tiny["teacher"]),
+            "--student",
+            str(tiny["student"]),
+            "--data",
+            str(tiny["data"]),
+            "--output-dir",
+            str(out),
+            "--recipe",
+            "kd",
+            "--max-steps",
+            "3",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "eval.batch_size=1",
+            "--set",
+            "eval.every=0",
+            "--set",
+            "eval.rouge_samples=4",
+            "--set",
+            "generation.max_new_tokens=4",
+        ],
+        env=env,
+    )
 
 
 def test_run_off_a_terminal_prints_steps_and_evaluation_progress(tiny, tmp_path):
@@ -106,7 +136,9 @@ def test_run_off_a_terminal_prints_steps_and_evaluation_progress(tiny, tmp_path)
     assert [(m.group(1), m.group(2)) for m in steps if m] == [("1", "3"), ("2", "3"), ("3", "3")], result.output
     validation = [line for line in lines if line.startswith("  validation examples ")]
     answers = [line for line in lines if line.startswith("  ROUGE-L answers ")]
-    assert len(validation) >= 4 and validation[-1].startswith("  validation examples 2/2"), result.output  # before and after training
+    assert len(validation) >= 4 and validation[-1].startswith("  validation examples 2/2"), (
+        result.output
+    )  # before and after training
     assert answers and re.match(r"  ROUGE-L answers 2/2  elapsed \d+s$", answers[-1]), result.output
     assert lines.index(validation[0]) < lines.index(next(line for line in lines if "eval @ step 0" in line))
 
@@ -123,4 +155,7 @@ def test_run_off_a_terminal_is_quiet_between_intervals(tiny, tmp_path):
 def test_bad_progress_interval_is_a_one_line_error(tiny, tmp_path, value):
     result = run_off_a_terminal(tiny, tmp_path / "run", {PROGRESS_ENV: value})
     assert result.exit_code == 2
-    assert result.output.strip() == f"error: {PROGRESS_ENV}={value!r}: expected seconds between progress lines, a number >= 0 (0 = every step)"
+    assert (
+        result.output.strip()
+        == f"error: {PROGRESS_ENV}={value!r}: expected seconds between progress lines, a number >= 0 (0 = every step)"
+    )

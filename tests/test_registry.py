@@ -134,8 +134,9 @@ def test_builtin_divergences_and_aliases_are_registered():
 
 
 def test_builtins_can_be_left_out():
-    registry = Registry.build(plugins=[plugin_module("only", divergences=[make_divergence("solo")])],
-                              autoload=False, builtins=False)
+    registry = Registry.build(
+        plugins=[plugin_module("only", divergences=[make_divergence("solo")])], autoload=False, builtins=False
+    )
     assert registry.names("divergence") == ["solo"]
 
 
@@ -356,8 +357,11 @@ class _LoosePolicyParams(BaseModel):  # pydantic, but unknown keys would be igno
         ("divergence", _with(name="x", aliases="xx"), "`aliases` must be a tuple"),
         ("divergence", _with(name="x", aliases=("Bad Alias",)), "`aliases` must be a tuple"),
         ("policy", CoinPolicy(CoinPolicy.Params()), "not an instance"),
-        ("policy", type("Half", (), {"name": "half", "Params": distill.Params, "observe_eval": lambda s, a, b: None}),
-         "lacks sample, reseed, metrics, state_dict, load_state_dict (distill.policy.RandomPolicy gives defaults)"),
+        (
+            "policy",
+            type("Half", (), {"name": "half", "Params": distill.Params, "observe_eval": lambda s, a, b: None}),
+            "lacks sample, reseed, metrics, state_dict, load_state_dict (distill.policy.RandomPolicy gives defaults)",
+        ),
         ("recipe", types.SimpleNamespace(name="kd", divergence="kl", policy="offpolicy"), "must be a distill.Recipe"),
     ],
 )
@@ -401,9 +405,20 @@ def test_a_policys_metrics_are_logged_each_step_under_their_own_names(tmp_path):
 
     paths = make_pair(tmp_path)
     registry = build(plugin_module("policy_pkg", policies=[CoinPolicy]))
-    config = build_config([{"teacher": str(paths["teacher"]), "student": str(paths["student"]), "data": {"path": str(paths["data"])},
-                            "divergence": {"name": "kl"}, "policy": {"name": "coin", "params": {"prob": 0.0}}, "output_dir": str(tmp_path / "run"),
-                            "train": {"max_steps": 2, "batch_size": 4}, "eval": {"every": 0, "rouge_samples": 0}}])
+    config = build_config(
+        [
+            {
+                "teacher": str(paths["teacher"]),
+                "student": str(paths["student"]),
+                "data": {"path": str(paths["data"])},
+                "divergence": {"name": "kl"},
+                "policy": {"name": "coin", "params": {"prob": 0.0}},
+                "output_dir": str(tmp_path / "run"),
+                "train": {"max_steps": 2, "batch_size": 4},
+                "eval": {"every": 0, "rouge_samples": 0},
+            }
+        ]
+    )
     train(config, registry=registry)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["coin_evals"] for m in metrics] == [1.0, 1.0]  # the evaluation before training, observed
@@ -426,7 +441,10 @@ def test_policy_state_round_trip():
 
 def test_recipes_register_through_the_hook():
     recipe = distill.Recipe(
-        name="hellinger_kd", description="Hellinger on dataset responses", divergence="tvd", policy="coin",
+        name="hellinger_kd",
+        description="Hellinger on dataset responses",
+        divergence="tvd",
+        policy="coin",
         policy_params={"prob": 0.2},
     )
     registry = build(plugin_module("recipe_pkg", policies=[CoinPolicy], recipes=[recipe]))

@@ -25,10 +25,28 @@ MAX_STEPS = 12
 # the adaptive recipe with phi = 1 and a buffer of two batches: every step generates or replays, so
 # the generation RNG, the replay buffer and the policy's draw generator all decide the losses
 ADAPTIVE = [
-    "--recipe", "distillm", "-P", "init_prob=1", "-P", "capacity=8", "--seed", "3",
-    "--set", "train.batch_size=4", "--set", "train.lr=3e-3", "--set", "eval.batch_size=8",
-    "--set", "generation.max_new_tokens=12", "--set", "eval.every=2", "--set", "checkpoint.every=2",
-    "--max-steps", str(MAX_STEPS),
+    "--recipe",
+    "distillm",
+    "-P",
+    "init_prob=1",
+    "-P",
+    "capacity=8",
+    "--seed",
+    "3",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.lr=3e-3",
+    "--set",
+    "eval.batch_size=8",
+    "--set",
+    "generation.max_new_tokens=12",
+    "--set",
+    "eval.every=2",
+    "--set",
+    "checkpoint.every=2",
+    "--max-steps",
+    str(MAX_STEPS),
 ]
 
 
@@ -39,7 +57,19 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_args(tiny, out: Path, *extra: str) -> list[str]:
-    return ["run", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]), "--output-dir", str(out), *ADAPTIVE, *extra]
+    return [
+        "run",
+        "--teacher",
+        str(tiny["teacher"]),
+        "--student",
+        str(tiny["student"]),
+        "--data",
+        str(tiny["data"]),
+        "--output-dir",
+        str(out),
+        *ADAPTIVE,
+        *extra,
+    ]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -57,7 +87,9 @@ def reference(tiny, tmp_path_factory) -> Path:
 
 def start_subprocess(tiny, out: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as handle:
-        return subprocess.Popen([sys.executable, "-m", "distill", *run_args(tiny, out)], stdout=handle, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "distill", *run_args(tiny, out)], stdout=handle, stderr=subprocess.STDOUT
+        )
 
 
 def wait_for_step(process: subprocess.Popen, metrics: Path, step: int, timeout: float = 120.0) -> int:
@@ -80,7 +112,12 @@ def assert_same_as_reference(out: Path, reference: Path) -> None:
     ours, theirs = read_jsonl(out / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
     assert [m["step"] for m in ours] == list(range(1, MAX_STEPS + 1))
     for a, b in zip(ours, theirs):
-        assert (a["source"], a["sgo_prob"], a["tokens"], a["lr"]) == (b["source"], b["sgo_prob"], b["tokens"], b["lr"]), a["step"]
+        assert (a["source"], a["sgo_prob"], a["tokens"], a["lr"]) == (
+            b["source"],
+            b["sgo_prob"],
+            b["tokens"],
+            b["lr"],
+        ), a["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=0, abs=1e-6), a["step"]
     ours, theirs = read_jsonl(out / "eval.jsonl"), read_jsonl(reference / "eval.jsonl")
     assert [e["step"] for e in ours] == [e["step"] for e in theirs] == list(range(0, MAX_STEPS + 1, 2))
@@ -116,7 +153,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_matches(tiny, tmp_
     stopped = read_jsonl(out / "metrics.jsonl")[-1]["step"]
     assert stopped < MAX_STEPS
     message = [line for line in log.read_text().splitlines() if "stopped" in line]
-    assert len(message) == 1 and message[0].startswith(f"stopped: SIGTERM after step {stopped}; checkpoint saved to {out / 'checkpoints' / f'step-{stopped}'}")
+    assert len(message) == 1 and message[0].startswith(
+        f"stopped: SIGTERM after step {stopped}; checkpoint saved to {out / 'checkpoints' / f'step-{stopped}'}"
+    )
     assert f"distill run --resume --output-dir {out}" in message[0]
     assert "Traceback" not in log.read_text()
     assert latest_checkpoint(out).step == stopped
@@ -155,7 +194,9 @@ def test_checkpoint_holds_every_state_and_a_token_id_replay_buffer(tiny, tmp_pat
 def test_resume_extends_a_finished_run_with_a_new_max_steps(tiny, tmp_path):
     out = tmp_path / "run"
     assert runner.invoke(app, run_args(tiny, out, "--max-steps", "4")).exit_code == 0
-    result = runner.invoke(app, ["run", "--resume", "--output-dir", str(out), "--max-steps", "6", "--set", "eval.every=3"])
+    result = runner.invoke(
+        app, ["run", "--resume", "--output-dir", str(out), "--max-steps", "6", "--set", "eval.every=3"]
+    )
     assert result.exit_code == 0, result.output
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]

@@ -30,16 +30,27 @@ def _padding_share(batches: list[list[int]], lengths: list[tuple[int, int]]) -> 
     return 1 - real / computed
 
 
-@given(n=st.integers(8, 300), batch_size=st.integers(1, 8), world=st.integers(1, 3), seed=st.integers(0, 5), grouping=st.sampled_from([None, "step", "groups"]),
-       accum=st.integers(1, 3))
-def test_each_epoch_visits_every_example_at_most_once_and_drops_less_than_a_step(n, batch_size, world, seed, grouping, accum):
+@given(
+    n=st.integers(8, 300),
+    batch_size=st.integers(1, 8),
+    world=st.integers(1, 3),
+    seed=st.integers(0, 5),
+    grouping=st.sampled_from([None, "step", "groups"]),
+    accum=st.integers(1, 3),
+)
+def test_each_epoch_visits_every_example_at_most_once_and_drops_less_than_a_step(
+    n, batch_size, world, seed, grouping, accum
+):
     if n < batch_size * world:
         return
     lengths = _lengths(n, seed) if grouping else None
     per_step = batch_size * world
     # an epoch: every micro-batch the order fills; grouped in groups, only whole optimizer steps
     steps = (n - n % (per_step * accum)) // per_step if grouping == "groups" else n // per_step
-    ranks = [_take(BatchSampler(n, batch_size, seed, rank, world, lengths, accum, grouping or "groups"), steps) for rank in range(world)]
+    ranks = [
+        _take(BatchSampler(n, batch_size, seed, rank, world, lengths, accum, grouping or "groups"), steps)
+        for rank in range(world)
+    ]
     seen = [i for rank in ranks for batch in rank for i in batch]
     assert len(seen) == len(set(seen)) == steps * per_step
     assert all(len(batch) == batch_size for rank in ranks for batch in rank)
@@ -72,7 +83,9 @@ def test_grouping_cuts_padding_and_the_order_still_changes_each_epoch():
 @pytest.mark.parametrize("grouping", [None, "step", "groups"])
 def test_a_restored_sampler_continues_the_same_batches(grouping):
     lengths = _lengths(100) if grouping else None
-    whole = _take(BatchSampler(100, 4, 1, lengths=lengths, grad_accum=2, grouping=grouping or "groups"), 30)  # crosses two epoch boundaries
+    whole = _take(
+        BatchSampler(100, 4, 1, lengths=lengths, grad_accum=2, grouping=grouping or "groups"), 30
+    )  # crosses two epoch boundaries
     first = BatchSampler(100, 4, 1, lengths=lengths, grad_accum=2, grouping=grouping or "groups")
     head = _take(first, 17)
     second = BatchSampler(100, 4, 1, lengths=lengths, grad_accum=2, grouping=grouping or "groups")
@@ -84,13 +97,19 @@ def test_step_grouping_keeps_the_shuffled_steps_and_sorts_only_their_micro_batch
     lengths = _lengths(800)
     accum, steps = 4, 800 // 8
     plain = _take(BatchSampler(800, 8, 0), steps)
-    ranks = [_take(BatchSampler(800, 2, 0, rank, 2, lengths, grad_accum=2, grouping="step"), steps * 2) for rank in range(2)]
+    ranks = [
+        _take(BatchSampler(800, 2, 0, rank, 2, lengths, grad_accum=2, grouping="step"), steps * 2) for rank in range(2)
+    ]
     # 2 processes x 2 micro-batches of 2 per step: the same examples per optimizer step as 1 x 8 unsorted
     per_step = [sorted(i for m in range(2) for rank in ranks for i in rank[2 * s + m]) for s in range(steps)]
     assert per_step == [sorted(batch) for batch in plain]
     alone = _take(BatchSampler(800, 2, 0, lengths=lengths, grad_accum=accum, grouping="step"), steps * accum)
     for s in range(steps):  # the step's micro-batches come in length order
-        keys = [BatchSampler._length_key(types.SimpleNamespace(lengths=lengths, RESPONSE_BUCKET=16), i) for b in alone[accum * s: accum * (s + 1)] for i in b]
+        keys = [
+            BatchSampler._length_key(types.SimpleNamespace(lengths=lengths, RESPONSE_BUCKET=16), i)
+            for b in alone[accum * s : accum * (s + 1)]
+            for i in b
+        ]
         assert keys == sorted(keys)
     assert _padding_share(alone, lengths) < 0.6 * _padding_share(plain, lengths)
 

@@ -56,7 +56,11 @@ def test_example_config_is_valid_for_the_installed_accelerate(name):
     defaults, env = launch_env(path)
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
     if name == "fsdp.yaml":
-        assert (env["ACCELERATE_USE_FSDP"], env["FSDP_SHARDING_STRATEGY"], env["FSDP_STATE_DICT_TYPE"]) == ("true", "FULL_SHARD", "FULL_STATE_DICT")
+        assert (env["ACCELERATE_USE_FSDP"], env["FSDP_SHARDING_STRATEGY"], env["FSDP_STATE_DICT_TYPE"]) == (
+            "true",
+            "FULL_SHARD",
+            "FULL_STATE_DICT",
+        )
         assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP" and env["FSDP_USE_ORIG_PARAMS"] == "true"
     if config.distributed_type == DistributedType.DEEPSPEED:
         with patch_environment(**env):
@@ -70,18 +74,24 @@ def test_example_config_is_valid_for_the_installed_accelerate(name):
 
 def fake_accelerator(kind: DistributedType, processes: int = 4, zero_stage: int | None = None):
     plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage is not None else None
-    return SimpleNamespace(distributed_type=kind, num_processes=processes, state=SimpleNamespace(deepspeed_plugin=plugin))
+    return SimpleNamespace(
+        distributed_type=kind, num_processes=processes, state=SimpleNamespace(deepspeed_plugin=plugin)
+    )
 
 
-@pytest.mark.parametrize("accelerator, synced", [
-    (fake_accelerator(DistributedType.NO, processes=1), False),
-    (fake_accelerator(DistributedType.MULTI_CPU), False),
-    (fake_accelerator(DistributedType.MULTI_GPU), False),
-    (fake_accelerator(DistributedType.DEEPSPEED, zero_stage=2), False),
-    (fake_accelerator(DistributedType.DEEPSPEED, zero_stage=3), True),
-    (fake_accelerator(DistributedType.FSDP), True),
-    (fake_accelerator(DistributedType.FSDP, processes=1), False),
-], ids=["single", "multi-cpu", "ddp", "zero2", "zero3", "fsdp", "fsdp-one-process"])
+@pytest.mark.parametrize(
+    "accelerator, synced",
+    [
+        (fake_accelerator(DistributedType.NO, processes=1), False),
+        (fake_accelerator(DistributedType.MULTI_CPU), False),
+        (fake_accelerator(DistributedType.MULTI_GPU), False),
+        (fake_accelerator(DistributedType.DEEPSPEED, zero_stage=2), False),
+        (fake_accelerator(DistributedType.DEEPSPEED, zero_stage=3), True),
+        (fake_accelerator(DistributedType.FSDP), True),
+        (fake_accelerator(DistributedType.FSDP, processes=1), False),
+    ],
+    ids=["single", "multi-cpu", "ddp", "zero2", "zero3", "fsdp", "fsdp-one-process"],
+)
 def test_generation_is_synced_exactly_where_weights_are_sharded(accelerator, synced):
     assert synced_generation(accelerator) is synced
 
@@ -90,8 +100,13 @@ def test_generation_is_synced_exactly_where_weights_are_sharded(accelerator, syn
 def test_gpu_check_without_a_gpu_says_so_and_measures_nothing(tmp_path):
     script = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run([sys.executable, str(script), "--output", str(out)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, str(script), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("gpu_check: no CUDA GPU here") and done.stdout.strip().endswith("nothing measured")
     assert not out.exists()

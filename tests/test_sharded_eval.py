@@ -29,8 +29,14 @@ def tiny(tmp_path_factory) -> Path:
 def ranks(tiny, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("sharded_eval.py")), str(tiny), str(out)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("sharded_eval.py")), str(tiny), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -44,7 +50,9 @@ def ranks(tiny, tmp_path_factory) -> list[dict]:
 def test_the_shards_are_uneven(ranks):
     assert all(r["val_examples"] == VAL_EXAMPLES for r in ranks)
     assert [r["shard"] for r in ranks] == [3, 2]  # 2 batches of BATCH_SIZE on rank 0, 1 on rank 1
-    assert BATCH_SIZE == 2 and ROUGE_BEFORE == 1  # the first prompt, rank 0's: rank 1 has none to answer before training
+    assert (
+        BATCH_SIZE == 2 and ROUGE_BEFORE == 1
+    )  # the first prompt, rank 0's: rank 1 has none to answer before training
 
 
 @pytest.mark.parametrize("name", list(PASSES))
@@ -61,7 +69,9 @@ def test_the_metrics_are_one_process_s_over_the_same_examples(ranks, tiny):
         single = evaluator(student, teacher, **options)
         for rank in ranks:
             assert rank["passes"][name]["metrics"] == pytest.approx(single, rel=1e-5), name
-    assert {"val_loss", "val_divergence", "val_kl", "rouge_l", "rouge_prompts", "rouge_l_subset"} <= set(ranks[0]["passes"]["all"]["metrics"])
+    assert {"val_loss", "val_divergence", "val_kl", "rouge_l", "rouge_prompts", "rouge_l_subset"} <= set(
+        ranks[0]["passes"]["all"]["metrics"]
+    )
     all_prompts, before = ranks[0]["passes"]["all"]["metrics"], ranks[0]["passes"]["before"]["metrics"]
     assert all_prompts["rouge_prompts"] == VAL_EXAMPLES and before["rouge_prompts"] == ROUGE_BEFORE
     assert 0 < all_prompts["rouge_l"] < 100  # prompts score differently, so a prompt counted twice or lost would show

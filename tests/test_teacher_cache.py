@@ -26,7 +26,16 @@ from tiny_models import make_pair, make_tokenizer
 
 runner = CliRunner()
 BUILTIN = ["kl", "rkl", "jsd", "tvd", "skew_kl", "skew_rkl"]
-SMALL = ["--set", "train.batch_size=4", "--set", "eval.batch_size=8", "--set", "generation.max_new_tokens=8", "--set", "eval.every=2"]
+SMALL = [
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "eval.batch_size=8",
+    "--set",
+    "generation.max_new_tokens=8",
+    "--set",
+    "eval.every=2",
+]
 
 
 # --- the math
@@ -35,14 +44,18 @@ SMALL = ["--set", "train.batch_size=4", "--set", "eval.batch_size=8", "--set", "
 def coarse_value(d, student: torch.Tensor, teacher: torch.Tensor, k: int) -> torch.Tensor:
     """d on the coarse pair over the teacher's top-k ids and the rest, from full logits."""
     log_p, ids, rest = top_k_targets(teacher, k)
-    return coarse_divergence_loss(d, student.unsqueeze(0), pack_targets(log_p, ids, rest).unsqueeze(0)) * student.shape[0]
+    return (
+        coarse_divergence_loss(d, student.unsqueeze(0), pack_targets(log_p, ids, rest).unsqueeze(0)) * student.shape[0]
+    )
 
 
-logit_rows = st.integers(2, 40).flatmap(lambda v: st.tuples(
-    st.lists(st.lists(st.floats(-12, 12), min_size=v, max_size=v), min_size=1, max_size=3),
-    st.lists(st.lists(st.floats(-12, 12), min_size=v, max_size=v), min_size=1, max_size=3),
-    st.integers(1, v),
-))
+logit_rows = st.integers(2, 40).flatmap(
+    lambda v: st.tuples(
+        st.lists(st.lists(st.floats(-12, 12), min_size=v, max_size=v), min_size=1, max_size=3),
+        st.lists(st.lists(st.floats(-12, 12), min_size=v, max_size=v), min_size=1, max_size=3),
+        st.integers(1, v),
+    )
+)
 
 
 @pytest.mark.parametrize("name", BUILTIN)
@@ -58,7 +71,7 @@ def test_coarse_divergence_is_at_most_the_full_one_and_equal_at_k_equal_v(name, 
     full = d(student, teacher)
     v = student.shape[-1]
     for kk in (k, v):
-        coarse = torch.stack([coarse_value(d, student[i: i + 1], teacher[i: i + 1], kk) for i in range(n)])
+        coarse = torch.stack([coarse_value(d, student[i : i + 1], teacher[i : i + 1], kk) for i in range(n)])
         assert (coarse <= full + 1e-5 + 1e-5 * full.abs()).all(), (name, kk, coarse, full)
     assert torch.allclose(coarse, full, atol=1e-5, rtol=1e-4), (name, coarse, full)  # K = V: nothing merged
 
@@ -66,7 +79,10 @@ def test_coarse_divergence_is_at_most_the_full_one_and_equal_at_k_equal_v(name, 
 def test_coarse_kl_matches_a_hand_computed_reference():
     teacher = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
     student = torch.tensor([[0.5, 1.5, -0.5, 0.0, 1.0]])
-    p, q = np.exp(teacher.numpy()[0]) / np.exp(teacher.numpy()[0]).sum(), np.exp(student.numpy()[0]) / np.exp(student.numpy()[0]).sum()
+    p, q = (
+        np.exp(teacher.numpy()[0]) / np.exp(teacher.numpy()[0]).sum(),
+        np.exp(student.numpy()[0]) / np.exp(student.numpy()[0]).sum(),
+    )
     # teacher's top 2: ids 0 and 1; the rest merges ids 2, 3, 4
     p2, q2 = np.array([p[0], p[1], p[2:].sum()]), np.array([q[0], q[1], q[2:].sum()])
     expected = float((p2 * np.log(p2 / q2)).sum())
@@ -79,7 +95,10 @@ def test_coarse_log_probs_are_normalised_and_stable_when_the_top_k_hold_almost_e
     coarse = coarse_log_probs(logits, ids)
     assert torch.allclose(coarse.logsumexp(-1), torch.zeros(2), atol=1e-6)
     # the rest of row 0 is e^-45-ish: log(1 - sum) would give -inf or 0 in float32, the logsumexp does not
-    expected_rest = float(torch.tensor([-5.0, -6.0], dtype=torch.float64).logsumexp(0) - torch.tensor([40.0, 0.0, -5.0, -6.0], dtype=torch.float64).logsumexp(0))
+    expected_rest = float(
+        torch.tensor([-5.0, -6.0], dtype=torch.float64).logsumexp(0)
+        - torch.tensor([40.0, 0.0, -5.0, -6.0], dtype=torch.float64).logsumexp(0)
+    )
     assert float(coarse[0, 2].detach()) == pytest.approx(expected_rest, rel=1e-5)
     coarse[:, -1].sum().backward()
     assert torch.isfinite(logits.grad).all()
@@ -87,7 +106,9 @@ def test_coarse_log_probs_are_normalised_and_stable_when_the_top_k_hold_almost_e
     full = torch.randn(3, 6, requires_grad=True)
     log_p, ids, rest = top_k_targets(full.detach(), 6)
     assert torch.isinf(rest).all()
-    loss = coarse_divergence_loss(distill.get_divergence("rkl"), full.unsqueeze(0), pack_targets(log_p, ids, rest).unsqueeze(0))
+    loss = coarse_divergence_loss(
+        distill.get_divergence("rkl"), full.unsqueeze(0), pack_targets(log_p, ids, rest).unsqueeze(0)
+    )
     loss.backward()
     assert math.isfinite(float(loss)) and torch.isfinite(full.grad).all()
 
@@ -123,12 +144,28 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def cache_cli(tiny, out: Path, *args: str):
-    return runner.invoke(app, ["cache-teacher", "--teacher", str(tiny["teacher"]), "--data", str(tiny["data"]), "-o", str(out), *args])
+    return runner.invoke(
+        app, ["cache-teacher", "--teacher", str(tiny["teacher"]), "--data", str(tiny["data"]), "-o", str(out), *args]
+    )
 
 
 def run_cli(tiny, out: Path, *args: str):
-    return runner.invoke(app, ["run", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]),
-                               "--output-dir", str(out), *SMALL, *args])
+    return runner.invoke(
+        app,
+        [
+            "run",
+            "--teacher",
+            str(tiny["teacher"]),
+            "--student",
+            str(tiny["student"]),
+            "--data",
+            str(tiny["data"]),
+            "--output-dir",
+            str(out),
+            *SMALL,
+            *args,
+        ],
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -155,7 +192,11 @@ def test_cache_teacher_writes_a_manifest_that_describes_the_cache(tiny, cache_k8
     assert manifest["bytes"] == sum(f.stat().st_size for f in files)
     # payload: float16 log-probs + uint16 ids (300 < 65536) + float32 rest = 8*2 + 8*2 + 4 bytes per token
     assert sum(np.load(f).nbytes for f in files if f.suffix == ".npy") == manifest["tokens"] * 36
-    assert len(manifest["fingerprint"]) == 32 and manifest["storage"] == {"logprobs": "float16", "ids": "uint16", "rest": "float32"}
+    assert len(manifest["fingerprint"]) == 32 and manifest["storage"] == {
+        "logprobs": "float16",
+        "ids": "uint16",
+        "rest": "float32",
+    }
 
 
 def test_cached_targets_are_the_teachers_top_k(tiny, cache_k8):
@@ -181,13 +222,20 @@ def test_cached_targets_are_the_teachers_top_k(tiny, cache_k8):
         assert torch.allclose(packed[row, :n, :8], log_p, atol=2e-2)  # float16 log-probs
         assert torch.allclose(packed[row, :n, 16], rest, atol=1e-4)
         assert (packed[row, n:] == 0).all()
-    assert TeacherCache(cache_k8).targets([type(e)(e.prompt_ids, e.response_ids[:-1] + [5]) for e in examples[:1]], 10) is None
+    assert (
+        TeacherCache(cache_k8).targets([type(e)(e.prompt_ids, e.response_ids[:-1] + [5]) for e in examples[:1]], 10)
+        is None
+    )
 
 
-def test_offpolicy_run_on_a_cache_never_loads_the_teacher_and_logs_coarse_validation(tiny, cache_k8, tmp_path, monkeypatch):
+def test_offpolicy_run_on_a_cache_never_loads_the_teacher_and_logs_coarse_validation(
+    tiny, cache_k8, tmp_path, monkeypatch
+):
     roles = []
     original = distill.session.load_model
-    monkeypatch.setattr(distill.session, "load_model", lambda ref, role, *a, **k: roles.append(role) or original(ref, role, *a, **k))
+    monkeypatch.setattr(
+        distill.session, "load_model", lambda ref, role, *a, **k: roles.append(role) or original(ref, role, *a, **k)
+    )
     result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "4", "--teacher-cache", str(cache_k8))
     assert result.exit_code == 0, result.output
     assert roles == ["student"], roles
@@ -206,29 +254,68 @@ def test_a_full_vocabulary_cache_trains_like_the_live_teacher(tiny, tmp_path):
     assert run_cli(tiny, tmp_path / "live", *common).exit_code == 0
     cached, live = read_jsonl(tmp_path / "cached" / "metrics.jsonl"), read_jsonl(tmp_path / "live" / "metrics.jsonl")
     assert [m["loss"] for m in cached] == pytest.approx([m["loss"] for m in live], rel=1e-3)
-    cached_eval, live_eval = read_jsonl(tmp_path / "cached" / "eval.jsonl"), read_jsonl(tmp_path / "live" / "eval.jsonl")
+    cached_eval, live_eval = (
+        read_jsonl(tmp_path / "cached" / "eval.jsonl"),
+        read_jsonl(tmp_path / "live" / "eval.jsonl"),
+    )
     assert cached_eval[-1]["val_kl"] == pytest.approx(live_eval[-1]["val_kl"], rel=1e-2)
 
 
-def test_generating_policy_with_a_cache_uses_the_live_teacher_for_generated_steps(tiny, cache_k8, tmp_path, monkeypatch):
+def test_generating_policy_with_a_cache_uses_the_live_teacher_for_generated_steps(
+    tiny, cache_k8, tmp_path, monkeypatch
+):
     calls = {"cached": 0, "live": 0}
     cached_loss, live_loss = distill.session.cached_micro_batch_loss, distill.session.micro_batch_loss
-    monkeypatch.setattr(distill.session, "cached_micro_batch_loss", lambda *a, **k: calls.__setitem__("cached", calls["cached"] + 1) or cached_loss(*a, **k))
-    monkeypatch.setattr(distill.session, "micro_batch_loss", lambda *a, **k: calls.__setitem__("live", calls["live"] + 1) or live_loss(*a, **k))
-    result = run_cli(tiny, tmp_path / "run", "--recipe", "gkd", "-P", "prob=0.5", "--max-steps", "6", "--seed", "1", "--teacher-cache", str(cache_k8))
+    monkeypatch.setattr(
+        distill.session,
+        "cached_micro_batch_loss",
+        lambda *a, **k: calls.__setitem__("cached", calls["cached"] + 1) or cached_loss(*a, **k),
+    )
+    monkeypatch.setattr(
+        distill.session,
+        "micro_batch_loss",
+        lambda *a, **k: calls.__setitem__("live", calls["live"] + 1) or live_loss(*a, **k),
+    )
+    result = run_cli(
+        tiny,
+        tmp_path / "run",
+        "--recipe",
+        "gkd",
+        "-P",
+        "prob=0.5",
+        "--max-steps",
+        "6",
+        "--seed",
+        "1",
+        "--teacher-cache",
+        str(cache_k8),
+    )
     assert result.exit_code == 0, result.output
     sources = [m["source"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
-    assert calls == {"cached": sources.count("dataset"), "live": sources.count("student")} and set(sources) == {"dataset", "student"}
+    assert calls == {"cached": sources.count("dataset"), "live": sources.count("student")} and set(sources) == {
+        "dataset",
+        "student",
+    }
 
 
-def test_distillm2_with_a_cache_reads_it_for_the_dataset_group_and_runs_the_teacher_for_the_students(tiny, tmp_path, monkeypatch):
+def test_distillm2_with_a_cache_reads_it_for_the_dataset_group_and_runs_the_teacher_for_the_students(
+    tiny, tmp_path, monkeypatch
+):
     # two groups a step: the dataset's responses from the cache, the student's through the live teacher;
     # at K = V, with per-sequence means (train.normalize: sequence), the losses are the live run's
     assert cache_cli(tiny, tmp_path / "k300", "--top-k", "300").exit_code == 0
     calls = {"cached": 0, "live": 0}
     cached_loss, live_loss = distill.session.cached_micro_batch_loss, distill.session.micro_batch_loss
-    monkeypatch.setattr(distill.session, "cached_micro_batch_loss", lambda *a, **k: calls.__setitem__("cached", calls["cached"] + 1) or cached_loss(*a, **k))
-    monkeypatch.setattr(distill.session, "micro_batch_loss", lambda *a, **k: calls.__setitem__("live", calls["live"] + 1) or live_loss(*a, **k))
+    monkeypatch.setattr(
+        distill.session,
+        "cached_micro_batch_loss",
+        lambda *a, **k: calls.__setitem__("cached", calls["cached"] + 1) or cached_loss(*a, **k),
+    )
+    monkeypatch.setattr(
+        distill.session,
+        "micro_batch_loss",
+        lambda *a, **k: calls.__setitem__("live", calls["live"] + 1) or live_loss(*a, **k),
+    )
     common = ["--recipe", "distillm2", "--max-steps", "2", "--set", "generation.temperature=0"]
     assert run_cli(tiny, tmp_path / "cached", *common, "--teacher-cache", str(tmp_path / "k300")).exit_code == 0
     assert calls["cached"] == calls["live"] == 2  # one micro-batch of each group a step (train.batch_size 4, 4 prompts)
@@ -245,20 +332,50 @@ def test_a_mismatched_cache_is_one_line_exit_2_and_nothing_written(tiny, cache_k
     if case == "data":
         other = tmp_path / "other.jsonl"
         other.write_text("".join(json.dumps({"prompt": f"Say {i}.", "response": f"{i}."}) + "\n" for i in range(20)))
-        result = runner.invoke(app, ["run", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(other),
-                                     "--output-dir", str(tmp_path / "run"), *SMALL, *args])
+        result = runner.invoke(
+            app,
+            [
+                "run",
+                "--teacher",
+                str(tiny["teacher"]),
+                "--student",
+                str(tiny["student"]),
+                "--data",
+                str(other),
+                "--output-dir",
+                str(tmp_path / "run"),
+                *SMALL,
+                *args,
+            ],
+        )
         expected = "other data or another tokenization"
     elif case == "tokenization":
         result = run_cli(tiny, tmp_path / "run", *args, "--set", "data.max_response_tokens=4")
         expected = "other data or another tokenization"
     elif case == "teacher":
-        result = runner.invoke(app, ["run", "--teacher", str(tiny["student"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]),
-                                     "--output-dir", str(tmp_path / "run"), *SMALL, *args])
+        result = runner.invoke(
+            app,
+            [
+                "run",
+                "--teacher",
+                str(tiny["student"]),
+                "--student",
+                str(tiny["student"]),
+                "--data",
+                str(tiny["data"]),
+                "--output-dir",
+                str(tmp_path / "run"),
+                *SMALL,
+                *args,
+            ],
+        )
         expected = "was made with teacher"
     elif case == "tokenizer":
         other = tmp_path / "other-tokenizer"
         make_tokenizer(other, pad_token="<pad>")  # one more special token: another token -> id map
-        result = run_cli(tiny, tmp_path / "run", *args, "--set", f"tokenizer={other}", "--set", f"student.tokenizer={other}")
+        result = run_cli(
+            tiny, tmp_path / "run", *args, "--set", f"tokenizer={other}", "--set", f"student.tokenizer={other}"
+        )
         expected = "another tokenizer"
     else:
         result = run_cli(tiny, tmp_path / "run", *args, "--set", "divergence.temperature=2")
@@ -271,13 +388,31 @@ def test_a_mismatched_cache_is_one_line_exit_2_and_nothing_written(tiny, cache_k
 def test_cache_teacher_refuses_bad_input_and_a_finished_cache_without_overwrite(tiny, cache_k8, tmp_path):
     for args, expected in ((["--top-k", "301"], "--top-k 301"), (["--top-k", "0"], "--top-k 0")):
         result = cache_cli(tiny, tmp_path / "bad", *args)
-        assert result.exit_code == 2 and expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
+        assert result.exit_code == 2 and expected in result.output and len(result.output.strip().splitlines()) == 1, (
+            result.output
+        )
         assert not (tmp_path / "bad").exists()
     result = cache_cli(tiny, cache_k8, "--top-k", "8")
     assert result.exit_code == 2 and "finished teacher cache" in result.output, result.output
-    result = runner.invoke(app, ["run", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]),
-                                 "--output-dir", str(tmp_path / "run"), "--teacher-cache", str(tmp_path / "nowhere")])
-    assert result.exit_code == 2 and "not a teacher cache" in result.output and not (tmp_path / "run").exists(), result.output
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--teacher",
+            str(tiny["teacher"]),
+            "--student",
+            str(tiny["student"]),
+            "--data",
+            str(tiny["data"]),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--teacher-cache",
+            str(tmp_path / "nowhere"),
+        ],
+    )
+    assert result.exit_code == 2 and "not a teacher cache" in result.output and not (tmp_path / "run").exists(), (
+        result.output
+    )
 
 
 def test_an_interrupted_cache_is_continued_by_the_same_command(tiny, cache_k8, tmp_path, monkeypatch):
@@ -291,15 +426,34 @@ def test_an_interrupted_cache_is_continued_by_the_same_command(tiny, cache_k8, t
     shutil.rmtree(parts[-1])
     (out / "parts" / ".r000-00099.tmp").mkdir()
     kept = {p.name: (p / "logprobs.npy").stat().st_mtime_ns for p in parts[:-1]}
-    result = runner.invoke(app, ["run", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]), "--data", str(tiny["data"]),
-                                 "--output-dir", str(tmp_path / "run"), "--teacher-cache", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--teacher",
+            str(tiny["teacher"]),
+            "--student",
+            str(tiny["student"]),
+            "--data",
+            str(tiny["data"]),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--teacher-cache",
+            str(out),
+        ],
+    )
     assert result.exit_code == 2 and "unfinished" in result.output, result.output
     result = cache_cli(tiny, out, "--top-k", "8")
     assert result.exit_code == 0 and "continuing" in result.output, result.output
     assert {p.name: (p / "logprobs.npy").stat().st_mtime_ns for p in parts[:-1]} == kept  # not recomputed
     assert not list((out / "parts").glob(".*"))
-    resumed, whole = json.loads((out / "manifest.json").read_text()), json.loads((cache_k8 / "manifest.json").read_text())
-    assert {k: resumed[k] for k in ("examples", "tokens", "fingerprint")} == {k: whole[k] for k in ("examples", "tokens", "fingerprint")}
+    resumed, whole = (
+        json.loads((out / "manifest.json").read_text()),
+        json.loads((cache_k8 / "manifest.json").read_text()),
+    )
+    assert {k: resumed[k] for k in ("examples", "tokens", "fingerprint")} == {
+        k: whole[k] for k in ("examples", "tokens", "fingerprint")
+    }
     # other settings on an unfinished cache: refused
     (out / "manifest.json").unlink()
     result = cache_cli(tiny, out, "--top-k", "4")
@@ -309,11 +463,25 @@ def test_an_interrupted_cache_is_continued_by_the_same_command(tiny, cache_k8, t
 def test_two_processes_split_the_cache(tiny, cache_k8, tmp_path):
     out = tmp_path / "cache"
     # process 1 reads the folder late (tests/late_reader.py): still every sequence is cached once
-    launch([str(Path(__file__).with_name("late_reader.py")), "cache-teacher", "--teacher", str(tiny["teacher"]), "--data", str(tiny["data"]),
-            "-o", str(out), "--top-k", "8"])
+    launch(
+        [
+            str(Path(__file__).with_name("late_reader.py")),
+            "cache-teacher",
+            "--teacher",
+            str(tiny["teacher"]),
+            "--data",
+            str(tiny["data"]),
+            "-o",
+            str(out),
+            "--top-k",
+            "8",
+        ]
+    )
     assert sorted(p.name.split("-")[0] for p in (out / "parts").iterdir()) == ["r000", "r001"]
     two, one = json.loads((out / "manifest.json").read_text()), json.loads((cache_k8 / "manifest.json").read_text())
-    assert {k: two[k] for k in ("examples", "tokens", "fingerprint")} == {k: one[k] for k in ("examples", "tokens", "fingerprint")}
+    assert {k: two[k] for k in ("examples", "tokens", "fingerprint")} == {
+        k: one[k] for k in ("examples", "tokens", "fingerprint")
+    }
     two_processes, one_process = TeacherCache(out), TeacherCache(cache_k8)
     assert sorted(two_processes.index) == sorted(one_process.index)
     from distill.config import DataConfig
@@ -326,7 +494,6 @@ def test_two_processes_split_the_cache(tiny, cache_k8, tmp_path):
     # other batches, other padding: the same values up to rounding (and ids up to near-ties)
     assert torch.allclose(a[..., :8], b[..., :8], atol=1e-2) and torch.allclose(a[..., 16], b[..., 16], atol=1e-3)
     assert (a[..., 8:16] == b[..., 8:16]).float().mean() > 0.95
-
 
 
 def test_which_policies_need_the_live_teacher_with_a_cache():

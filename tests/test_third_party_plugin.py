@@ -62,8 +62,19 @@ def installed(tmp_path_factory) -> dict[str, Path]:
             _write_dist_info(source, targets[key])
             continue
         command = [
-            sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input",
-            "--no-deps", "--no-build-isolation", "--no-index", "--target", str(targets[key]), str(source),
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(targets[key]),
+            str(source),
         ]
         jobs.append((folder, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     for folder, job in jobs:
@@ -80,8 +91,6 @@ def run(args: list[str], *folders: Path, disable_autoload: bool = False) -> subp
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
 
 
-
-
 def squared_hellinger(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Independent reference: H^2(p, q) = 1 - sum_i sqrt(p_i q_i), in float64."""
     log_p = teacher_logits.double().log_softmax(-1)
@@ -94,7 +103,9 @@ def test_distill_list_shows_the_plugin_and_its_distribution(installed):
     result = run([*DISTILL, "list", "divergences"], installed["hellinger"])
     assert result.returncode == 0, result.stderr
     table = rows(result.stdout)  # piped: one line per divergence
-    assert table["hellinger"].startswith("hellinger  aliases: -  params: temperature=1.0 [>0]")  # no parameters of its own
+    assert table["hellinger"].startswith(
+        "hellinger  aliases: -  params: temperature=1.0 [>0]"
+    )  # no parameters of its own
     assert table["hellinger"].endswith("distill-hellinger 0.1.0")
     assert table["kl"].endswith(BUILTIN_PROVIDER)
     result = run([*DISTILL, "list", "divergences", "--json"], installed["hellinger"])
@@ -126,8 +137,9 @@ def test_get_divergence_from_python(installed):
 
 def test_autoload_switch_hides_plugins_but_not_the_builtins(installed):
     """With the switch on, neither the plugin nor a clashing package is loaded: the way out of a clash."""
-    result = run([*DISTILL, "list", "divergences"], installed["hellinger"], installed["kl_clash"],
-                 disable_autoload=True)
+    result = run(
+        [*DISTILL, "list", "divergences"], installed["hellinger"], installed["kl_clash"], disable_autoload=True
+    )
     assert result.returncode == 0, result.stderr
     table = rows(result.stdout)
     assert "hellinger" not in table
@@ -188,7 +200,8 @@ def test_divergence_loss_with_the_plugin(hellinger_registry):
 def test_temperature_and_params_are_the_cores_business(hellinger_registry):
     d = hellinger_registry.get_divergence("hellinger", temperature=2.0)
     student, teacher = torch.randn(5, 11), torch.randn(5, 11)
-    torch.testing.assert_close(d(student, teacher).double(), squared_hellinger(student / 2, teacher / 2),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        d(student, teacher).double(), squared_hellinger(student / 2, teacher / 2), rtol=1e-4, atol=1e-6
+    )
     with pytest.raises(distill.ConfigError, match=r"hellinger\.alpha: unknown parameter"):
         hellinger_registry.get_divergence("hellinger", alpha=0.1)

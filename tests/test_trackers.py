@@ -22,9 +22,31 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def run(tiny, out: Path, *extra: str):
-    return runner.invoke(app, ["run", "--recipe", "distillm", "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"]),
-                               "--data", str(tiny["data"]), "--output-dir", str(out), "--max-steps", "3", "--set", "train.batch_size=4",
-                               "--set", "eval.every=2", "--set", "generation.max_new_tokens=8", *extra])
+    return runner.invoke(
+        app,
+        [
+            "run",
+            "--recipe",
+            "distillm",
+            "--teacher",
+            str(tiny["teacher"]),
+            "--student",
+            str(tiny["student"]),
+            "--data",
+            str(tiny["data"]),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "3",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "eval.every=2",
+            "--set",
+            "generation.max_new_tokens=8",
+            *extra,
+        ],
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -55,10 +77,13 @@ def test_no_tracker_by_default(tiny, tmp_path):
     assert not (out / "trackers").exists()
 
 
-@pytest.mark.parametrize("value, message", [
-    ("tensorbord", "error: log.with: unknown tracker tensorbord; choose none or from tensorboard, wandb,"),
-    ("[tensorboard, mlflw]", "error: log.with: unknown tracker mlflw;"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("tensorbord", "error: log.with: unknown tracker tensorbord; choose none or from tensorboard, wandb,"),
+        ("[tensorboard, mlflw]", "error: log.with: unknown tracker mlflw;"),
+    ],
+)
 def test_unknown_tracker_is_one_line(tiny, tmp_path, value, message):
     result = run(tiny, tmp_path / "run", "--set", f"log.with={value}")
     assert result.exit_code == 2
@@ -70,5 +95,8 @@ def test_unknown_tracker_is_one_line(tiny, tmp_path, value, message):
 def test_tracker_without_its_package_is_one_line(tiny, tmp_path):
     result = run(tiny, tmp_path / "run", "--set", "log.with=aim")
     assert result.exit_code == 2
-    assert result.output.strip() == "error: log.with aim: the aim package is not installed; pip install aim, or drop it from log.with"
+    assert (
+        result.output.strip()
+        == "error: log.with aim: the aim package is not installed; pip install aim, or drop it from log.with"
+    )
     assert not (tmp_path / "run").exists()

@@ -20,11 +20,13 @@ def make_records(n: int, seed: int = 0) -> list[dict[str, str]]:
         a, b = rng.randrange(5), rng.randrange(5)
         kind = rng.choice(["add", "name", "list"])
         if kind == "add":
-            records.append({"prompt": f"What is {a} plus {b}?", "response": f"{WORDS[a]} plus {WORDS[b]} is {WORDS[a + b]}."})
+            records.append(
+                {"prompt": f"What is {a} plus {b}?", "response": f"{WORDS[a]} plus {WORDS[b]} is {WORDS[a + b]}."}
+            )
         elif kind == "name":
             records.append({"prompt": f"Spell the number {a}.", "response": f"The number {a} is spelled {WORDS[a]}."})
         else:
-            records.append({"prompt": f"Count from {a} to {a + b}.", "response": " ".join(WORDS[a: a + b + 1]) + "."})
+            records.append({"prompt": f"Count from {a} to {a + b}.", "response": " ".join(WORDS[a : a + b + 1]) + "."})
     return records
 
 
@@ -42,10 +44,14 @@ def make_tokenizer(folder: Path, *, pad_token: str | None = None):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     corpus = [r["prompt"] + " " + r["response"] for r in make_records(400, seed=1)] + ["user assistant system"]
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token=pad_token)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token=pad_token
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
     return fast
@@ -66,9 +72,13 @@ def make_other_tokenizer(folder: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([r["response"] + " " + r["prompt"] for r in make_records(300, seed=3)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>", pad_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>", pad_token="<unk>"
+    )
     fast.chat_template = OTHER_TEMPLATE
     fast.save_pretrained(folder)
     return fast
@@ -83,8 +93,17 @@ ARCHITECTURES = {
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=1, head_dim=8, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", dict(num_key_value_heads=1, sliding_window=8, tie_word_embeddings=False)),
     "gemma2": ("Gemma2Config", dict(num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8, sliding_window=8)),
-    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
-                                        final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            num_key_value_heads=1,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=8,
+            final_logit_softcapping=30.0,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
     "phi3": ("Phi3Config", dict(num_key_value_heads=2, sliding_window=8)),
     "gpt2": ("GPT2Config", dict(n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
     "opt": ("OPTConfig", dict(ffn_dim=64, dropout=0.0)),
@@ -109,7 +128,9 @@ def make_config(architecture: str, vocab_size: int, layers: int, hidden: int = 3
     return config_class(vocab_size=vocab_size, **sizes, **ids, **settings)
 
 
-def make_model(folder: Path, vocab_size: int, layers: int, hidden: int = 32, seed: int = 0, architecture: str | None = None):
+def make_model(
+    folder: Path, vocab_size: int, layers: int, hidden: int = 32, seed: int = 0, architecture: str | None = None
+):
     """A random model saved in ``folder``; ``architecture`` None: the Llama every other test uses
     (transformers' default BOS 1 and EOS 2 in its generation config)."""
     import torch
@@ -118,8 +139,14 @@ def make_model(folder: Path, vocab_size: int, layers: int, hidden: int = 32, see
     torch.manual_seed(seed)
     if architecture is None:
         config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
         )
         model = LlamaForCausalLM(config)
     else:
@@ -128,8 +155,14 @@ def make_model(folder: Path, vocab_size: int, layers: int, hidden: int = 32, see
     return model
 
 
-def make_pair(root: Path, *, student_vocab: int | None = None, teacher_vocab: int | None = None, pad_token: str | None = None,
-              architecture: str | None = None) -> dict[str, Path]:
+def make_pair(
+    root: Path,
+    *,
+    student_vocab: int | None = None,
+    teacher_vocab: int | None = None,
+    pad_token: str | None = None,
+    architecture: str | None = None,
+) -> dict[str, Path]:
     """teacher/ (2 layers) and student/ (1 layer) folders of ``architecture``, both with the tokenizer
     (300 tokens), and data.jsonl. ``*_vocab``: output-head rows, by default the tokenizer's size."""
     teacher, student = root / "teacher", root / "student"

@@ -4,11 +4,13 @@
 import torch
 import distill
 
+
 class Hellinger:
     """Squared Hellinger distance between teacher and student next-token distributions."""
+
     name = "hellinger"
 
-    class Params(distill.Params):      # pydantic; extra keys are rejected
+    class Params(distill.Params):  # pydantic; extra keys are rejected
         pass
 
     def __init__(self, params: "Hellinger.Params") -> None:
@@ -20,6 +22,7 @@ class Hellinger:
         sqrt_p = (0.5 * teacher_logits.log_softmax(-1)).exp()
         sqrt_q = (0.5 * student_logits.log_softmax(-1)).exp()
         return 0.5 * ((sqrt_p - sqrt_q) ** 2).sum(-1)
+
 
 @distill.hookimpl
 def register_divergences(register):
