@@ -375,7 +375,8 @@ def step_flops(step: dict[str, Any], models: dict[str, ModelMatmuls]) -> dict[st
 
 
 def add_floor(row: dict[str, Any], throughput: MatmulThroughput) -> None:
-    """``floor_seconds`` (per part and in all) and ``ratio_to_floor`` of a case with ``flops_per_step`` and ``compute_dtypes``."""
+    """``floor_seconds`` (per part and in all) and ``ratio_to_floor`` of a case with ``flops_per_step`` and
+    ``compute_dtypes``."""
     flops, dtypes = row.get("flops_per_step"), row.get("compute_dtypes")
     if not flops or not dtypes:
         return

@@ -29,9 +29,9 @@ reported: its peak RSS (VmHWM) minus its RSS when training starts (models loaded
 
 Run (from the repository root)::
 
-    .venv/bin/python benchmarks/fused_head.py                      # V 49152 (6 divergences) and 152064 (kl, jsd), N 2048
+    .venv/bin/python benchmarks/fused_head.py                    # V 49152 (6 divergences) and 152064 (kl, jsd), N 2048
     .venv/bin/python benchmarks/fused_head.py --vocab 49152 --divergences kl --threads 1
-    .venv/bin/python benchmarks/fused_head.py --part run                # only the distill run at V = 262,144
+    .venv/bin/python benchmarks/fused_head.py --part run         # only the distill run at V = 262,144
 
 Prints a table and writes ``benchmarks/results/fused_head.json`` (``--output`` to change).
 """
@@ -49,7 +49,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from divergence_memory import DIVERGENCES, PEERS, PeakRSS, available_bytes, release_free_heap, rss_bytes  # noqa: E402
@@ -206,8 +205,8 @@ def run_grid(args, save) -> list[dict]:
                     if needed > allowed:
                         row[implementation] = {"skipped": "memory"}
                         print(
-                            f"  {divergence:8} {implementation:5} V={vocab}: skipped (memory): needs ~{needed / 2**30:.1f} GiB, "
-                            f"{allowed / 2**30:.1f} GiB available",
+                            f"  {divergence:8} {implementation:5} V={vocab}: skipped (memory): "
+                            f"needs ~{needed / 2**30:.1f} GiB, {allowed / 2**30:.1f} GiB available",
                             flush=True,
                         )
                         continue
@@ -233,8 +232,8 @@ def run_grid(args, save) -> list[dict]:
                     result["peak_mib"] = result["peak_extra_bytes"] / MiB
                     grads[implementation] = torch.load(grad_path)
                     print(
-                        f"  {divergence:8} {implementation:5} V={vocab} N={args.tokens} H={hidden}: {result['seconds']:.3f} s, "
-                        f"peak {result['peak_mib']:.0f} MiB",
+                        f"  {divergence:8} {implementation:5} V={vocab} N={args.tokens} "
+                        f"H={hidden}: {result['seconds']:.3f} s, peak {result['peak_mib']:.0f} MiB",
                         flush=True,
                     )
                 compare(row, grads)
@@ -297,8 +296,9 @@ def print_table(rows: list[dict]) -> None:
         ]
         print("  ".join(f"{value:>{width}}" for value, (_, width) in zip(values, columns)))
     print(
-        "s: best forward+backward seconds (head + loss); MiB: peak RSS during it minus RSS before (inputs and weights allocated; "
-        "the gradients of the hidden states and the head weight included);\nratios within this run; loss/grad diff: fused against today"
+        "s: best forward+backward seconds (head + loss); MiB: peak RSS during it minus RSS "
+        "before (inputs and weights allocated; the gradients of the hidden states and the "
+        "head weight included);\nratios within this run; loss/grad diff: fused against today"
     )
 
 
@@ -443,9 +443,10 @@ def run_memory(args) -> dict:
                 run["peak_extra_mib"] = run["peak_extra_bytes"] / MiB
                 run["in_logits_units"] = run["peak_extra_bytes"] / logits
                 print(
-                    f"  distill run, V={args.run_vocab}, fused_head={setting}: peak RSS {run['peak_rss_bytes'] / MiB:.0f} MiB, "
-                    f"{run['peak_extra_mib']:.0f} MiB above its RSS at start = {run['in_logits_units']:.2f}x one [B, R, V] float32 tensor "
-                    f"({logits / MiB:.0f} MiB); {run['head']}",
+                    f"  distill run, V={args.run_vocab}, fused_head={setting}: peak RSS "
+                    f"{run['peak_rss_bytes'] / MiB:.0f} MiB, {run['peak_extra_mib']:.0f} MiB above its RSS at "
+                    f"start = {run['in_logits_units']:.2f}x one [B, R, V] float32 tensor ({logits / MiB:.0f} MiB); "
+                    f"{run['head']}",
                     flush=True,
                 )
             else:

@@ -150,8 +150,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     case = summarise(workload_name, workload.batch_size, model_name, dtype_name, mode, runs)
                     report["cases"].append(case)
                     print(
-                        f"{workload_name} {model_name} {dtype_name} {mode}: generate {case['generate']['median_seconds']:.2f} s, "
-                        f"decode {case['decode']['median_seconds']:.2f} s, ratio {case['generate_over_decode']:.2f}",
+                        f"{workload_name} {model_name} {dtype_name} {mode}: generate "
+                        f"{case['generate']['median_seconds']:.2f} s, decode "
+                        f"{case['decode']['median_seconds']:.2f} s, ratio {case['generate_over_decode']:.2f}",
                         flush=True,
                     )
                     write_json(args.output, report)
@@ -224,7 +225,8 @@ def summarise(
 def print_table(report: dict[str, Any]) -> None:
     env, settings = report["environment"], report["settings"]
     print(
-        f"\n{env['cpu']} ({env['cpu_count']} cores), torch threads {env['torch_threads']}, torch {env['torch']}, transformers {env['transformers']}"
+        f"\n{env['cpu']} ({env['cpu_count']} cores), torch threads "
+        f"{env['torch_threads']}, torch {env['torch']}, transformers {env['transformers']}"
     )
     for name, w in settings["workloads"].items():
         print(f"{name}: {w['prompts']} prompts in batches of {w['batch_size']}, {w['repeats']} repeats")

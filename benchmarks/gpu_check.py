@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         print(
-            f"gpu_check: no CUDA GPU here (torch {torch.__version__}, torch.cuda.is_available() is False); nothing measured"
+            f"gpu_check: no CUDA GPU here (torch {torch.__version__}, "
+            "torch.cuda.is_available() is False); nothing measured"
         )
         return 0
     device = torch.cuda.get_device_name(0)
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ndistill run, embedded default, bf16, {run['steps']} steps (timed: last {run['timed_steps']})")
         print(f"  {'seconds/step':>14} {'tokens/s':>10} {'peak GPU MiB':>13} {'wall s':>8}  sources")
         print(
-            f"  {run['seconds_per_step']:>14.3f} {run['tokens_per_second']:>10,.0f} {run['peak_gpu_mib']:>13,.0f} {run['wall_seconds']:>8.1f}  {run['sources']}"
+            f"  {run['seconds_per_step']:>14.3f} {run['tokens_per_second']:>10,.0f} "
+            f"{run['peak_gpu_mib']:>13,.0f} {run['wall_seconds']:>8.1f}  {run['sources']}"
         )
 
     losses = [measure_loss(name, params, args.vocab, args.tokens, args.repeats) for name, params in DIVERGENCES.items()]
@@ -209,12 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         "cases": losses,
     }
     print(
-        f"\ndivergence_loss forward+backward, N={args.tokens}, V={args.vocab}, bf16 logits ({losses[0]['logits_mib_bf16']:,.0f} MiB each)"
+        f"\ndivergence_loss forward+backward, N={args.tokens}, V={args.vocab}, "
+        f"bf16 logits ({losses[0]['logits_mib_bf16']:,.0f} MiB each)"
     )
     print(f"  {'divergence':<10} {'seconds':>9} {'tokens/s':>11} {'peak extra MiB':>15} {'in logits':>10}")
     for case in losses:
         print(
-            f"  {case['divergence']:<10} {case['seconds']:>9.4f} {args.tokens / case['seconds']:>11,.0f} {case['peak_extra_mib']:>15,.0f} {case['peak_in_logits']:>10.2f}"
+            f"  {case['divergence']:<10} {case['seconds']:>9.4f} {args.tokens / case['seconds']:>11,.0f} "
+            f"{case['peak_extra_mib']:>15,.0f} {case['peak_in_logits']:>10.2f}"
         )
 
     args.output.parent.mkdir(parents=True, exist_ok=True)

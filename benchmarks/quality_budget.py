@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measured = step_cost_from_file(args.step_cost, settings_record(reference))
     selected = args.only or recipes
     print(
-        f"quality at equal budget: {', '.join(selected)}; {args.budget:.0f} training seconds each, {args.evals} evaluations; "
-        f"seconds per step from {'step_cost.json' if measured else 'calibration runs'}",
+        f"quality at equal budget: {', '.join(selected)}; {args.budget:.0f} training seconds each, {args.evals} "
+        f"evaluations; seconds per step from {'step_cost.json' if measured else 'calibration runs'}",
         flush=True,
     )
     started = time.time()

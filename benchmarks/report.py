@@ -111,10 +111,11 @@ def settings_line(settings: dict[str, Any]) -> str:
     default = embedded_default_settings()
     differs = [k for k, v in default.items() if settings.get(k) != v]
     what = (
-        f"teacher `{settings['teacher']}` ({settings['teacher_dtype']}), student `{settings['student']}` ({settings['student_dtype']} weights, "
-        f"{settings['precision']} compute), data `{settings['data']}` (validation `{settings['validation']}`), prompts <= {settings['max_prompt_tokens']} "
-        f"and responses <= {settings['max_response_tokens']} tokens, batch {settings['batch_size']} x {settings['grad_accum']}, "
-        f"max_new_tokens {settings['max_new_tokens']}"
+        f"teacher `{settings['teacher']}` ({settings['teacher_dtype']}), student `{settings['student']}` "
+        f"({settings['student_dtype']} weights, {settings['precision']} compute), data "
+        f"`{settings['data']}` (validation `{settings['validation']}`), prompts <= "
+        f"{settings['max_prompt_tokens']} and responses <= {settings['max_response_tokens']} tokens, batch "
+        f"{settings['batch_size']} x {settings['grad_accum']}, max_new_tokens {settings['max_new_tokens']}"
     )
     if differs:
         return f"**Not the embedded default** (differs in {', '.join(differs)}): {what}."
@@ -125,9 +126,10 @@ def environment_line(env: dict[str, Any]) -> str:
     commit = env.get("commit", "unknown") + (" with uncommitted changes" if env.get("uncommitted_changes") else "")
     path = f", {env['cpu_path']}" if env.get("cpu_path") else ""
     return (
-        f"{env['date']}; {env['cpu']} ({env['cpu_count']} cores, {env['machine']}{path}), torch threads {env['torch_threads']} "
-        f"(OMP_NUM_THREADS={env.get('omp_num_threads') or 'unset'}), device {env['device']}; Python {env['python']}, torch {env['torch']}, "
-        f"transformers {env['transformers']}, accelerate {env['accelerate']}, trl {env.get('trl') or 'not installed'}; commit {commit}"
+        f"{env['date']}; {env['cpu']} ({env['cpu_count']} cores, {env['machine']}{path}), torch threads "
+        f"{env['torch_threads']} (OMP_NUM_THREADS={env.get('omp_num_threads') or 'unset'}), device "
+        f"{env['device']}; Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"accelerate {env['accelerate']}, trl {env.get('trl') or 'not installed'}; commit {commit}"
     )
 
 
@@ -150,7 +152,8 @@ def targets_section(steps: dict[str, dict], quality: dict | None, memory: dict |
             t = memory["targets"]
             rows.append(
                 [
-                    f"divergence_loss {name}: peak memory <= {t['memory_ratio']}x, time <= {t['time_ratio']}x the peer's (N={t['tokens']}, V={t['vocab']})",
+                    f"divergence_loss {name}: peak memory <= {t['memory_ratio']}x, time "
+                    f"<= {t['time_ratio']}x the peer's (N={t['tokens']}, V={t['vocab']})",
                     f"memory {v['memory_ratio']:.2f}x, time {v['time_ratio']:.2f}x",
                     f"memory {verdict(v['memory_ok'])}, time {verdict(v['time_ok'])}",
                     "divergence_memory",
@@ -178,19 +181,20 @@ def step_cost_section(step: dict, results: Path, out_dir: Path, label: str = "")
         "",
         settings_line(s)
         + (
-            f" {s['warmup']} warm-up steps, then {s['steps']} timed steps per case; "
-            f"learning rate {s['lr']} ({s['schedule']}); JSD β = {s['jsd_beta']}; sampling temperature {s['generation_temperature']}."
+            f" {s['warmup']} warm-up steps, then {s['steps']} timed steps per case; learning rate {s['lr']} "
+            f"({s['schedule']}); JSD β = {s['jsd_beta']}; sampling temperature {s['generation_temperature']}."
         ),
         "",
         markdown_table(format_table(step["cases"])),
         "",
         (
-            "Seconds are means over the timed steps (ours: `seconds` in `metrics.jsonl`, which covers the policy's sampling, generation "
-            'included, forward, backward and the optimizer step; TRL: `on_step_begin` to `on_step_end`). "by source": mean seconds (steps) '
-            'per source of the sequences. "x kd": ratio to `kd`; "x TRL GKD": `jsd-offpolicy` to `trl-lmbda0`, `jsd-onpolicy` to '
-            '`trl-lmbda1` (`GKDTrainer`); "x TRL Distill": `jsd-onpolicy` to `trl-distill-onpolicy` (`DistillationTrainer`, on-policy only); '
-            "TRL gradient checkpointing off (`-gc`: on, TRL's default). `distillm` runs at its initial φ = 0 here (φ rises "
-            "only at evaluations), so its full-run cost is the equal-budget run's below."
+            "Seconds are means over the timed steps (ours: `seconds` in `metrics.jsonl`, which covers the policy's "
+            "sampling, generation included, forward, backward and the optimizer step; TRL: `on_step_begin` to "
+            '`on_step_end`). "by source": mean seconds (steps) per source of the sequences. "x kd": ratio to `kd`; '
+            '"x TRL GKD": `jsd-offpolicy` to `trl-lmbda0`, `jsd-onpolicy` to `trl-lmbda1` (`GKDTrainer`); '
+            '"x TRL Distill": `jsd-onpolicy` to `trl-distill-onpolicy` (`DistillationTrainer`, on-policy only); TRL '
+            "gradient checkpointing off (`-gc`: on, TRL's default). `distillm` runs at its initial φ = 0 here (φ "
+            "rises only at evaluations), so its full-run cost is the equal-budget run's below."
         ),
     ]
     lines += ["", floor_paragraph(step)] if step.get("matmul_throughput") else []
@@ -210,14 +214,15 @@ def floor_paragraph(step: dict) -> str:
     throughput = step["matmul_throughput"]
     rates = ", ".join(f"{dtype} {gflops:.1f}" for dtype, gflops in throughput["gflops"].items())
     return (
-        '"floor s": the step\'s compute floor, the matmul FLOPs of its real tokens (no padding; generated answers up to their '
-        'first EOS) over this machine\'s matmul throughput; "x floor": the step over it. Per token `2·P` for each forward through a '
-        "model (`P`: the weights of its linear layers but the output head, counted on the model objects), `2·H·V` per response "
-        "position for the head; the student's backward adds the input gradients (`2·P`, `2·H·V`) and the weight gradients of its "
-        "trainable weights; generation `2·P` per prompt and new token and `2·H·V` per new token. Attention scores, norms, the loss "
-        "and the optimizer are left out (a lower bound; see `benchmarks/compute_floor.py`). Throughput of `torch.matmul` "
-        f"{throughput['shape']} on {throughput['device']} with {throughput['torch_threads']} threads, measured at the start of the "
-        f"run: {rates} GFLOP/s; each part at the dtype it computes in (ours: from the run's `config.yaml`; TRL's: observed)."
+        '"floor s": the step\'s compute floor, the matmul FLOPs of its real tokens (no padding; generated answers up '
+        'to their first EOS) over this machine\'s matmul throughput; "x floor": the step over it. Per token `2·P` for '
+        "each forward through a model (`P`: the weights of its linear layers but the output head, counted on the model "
+        "objects), `2·H·V` per response position for the head; the student's backward adds the input gradients (`2·P`, "
+        "`2·H·V`) and the weight gradients of its trainable weights; generation `2·P` per prompt and new token and "
+        "`2·H·V` per new token. Attention scores, norms, the loss and the optimizer are left out (a lower bound; see "
+        f"`benchmarks/compute_floor.py`). Throughput of `torch.matmul` {throughput['shape']} on {throughput['device']} "
+        f"with {throughput['torch_threads']} threads, measured at the start of the run: {rates} GFLOP/s; each part at "
+        "the dtype it computes in (ours: from the run's `config.yaml`; TRL's: observed)."
     )
 
 
@@ -238,8 +243,9 @@ def trl_paragraph(step: dict, trl: list[dict]) -> str:
     )
     first = trl[0]
     return (
-        f"TRL {step['environment'].get('trl')}: {' and '.join(f'`{t}`' for t in by_trainer)} with the optimizer `{first.get('optimizer')}`, "
-        f"mixed precision `{first.get('mixed_precision')}`, the same teacher and student weights and dtypes, the same tokenized batches."
+        f"TRL {step['environment'].get('trl')}: {' and '.join(f'`{t}`' for t in by_trainer)} with the "
+        f"optimizer `{first.get('optimizer')}`, mixed precision `{first.get('mixed_precision')}`, the "
+        "same teacher and student weights and dtypes, the same tokenized batches."
         + (f" Compute dtypes seen: {seen}." if seen else "")
     )
 
@@ -257,17 +263,19 @@ def quality_section(quality: dict, results: Path, out_dir: Path) -> list[str]:
         settings_line(s)
         + (
             f" Budget {s['budget_seconds']:g} training seconds per recipe (optimizer steps only; evaluation excluded), "
-            f"`train.max_steps` from the seconds per step of {' and '.join(quality['seconds_per_step_from'])}, {s['evals']} evaluations "
-            f"per run (every {', '.join(map(str, evals))} steps), ROUGE-L on {s['rouge_samples']} validation prompts at most; "
-            f"learning rate {s['lr']} ({s['schedule']}, {s['warmup_steps']} warm-up steps), CE weight {s['ce_weight']}."
+            f"`train.max_steps` from the seconds per step of {' and '.join(quality['seconds_per_step_from'])}, "
+            f"{s['evals']} evaluations per run (every {', '.join(map(str, evals))} steps), ROUGE-L on "
+            f"{s['rouge_samples']} validation prompts at most; learning rate {s['lr']} ({s['schedule']}, "
+            f"{s['warmup_steps']} warm-up steps), CE weight {s['ce_weight']}."
         ),
         "",
         markdown_table(format_table(quality["recipes"])),
         "",
         (
-            "val CE: the student's cross-entropy on the teacher's answers to the validation prompts; token KL: KL(teacher || student) per "
-            "response token on the same; ROUGE-L: the student's greedy answers against the teacher's. s/step: mean over the whole run "
-            '(full-run cost). "ended by": `max_steps` (the whole schedule ran within the budget) or `budget` (`train.max_seconds`).'
+            "val CE: the student's cross-entropy on the teacher's answers to the validation prompts; token "
+            "KL: KL(teacher || student) per response token on the same; ROUGE-L: the student's greedy "
+            'answers against the teacher\'s. s/step: mean over the whole run (full-run cost). "ended by": '
+            "`max_steps` (the whole schedule ran within the budget) or `budget` (`train.max_seconds`)."
         ),
         "",
     ]
@@ -297,11 +305,11 @@ def study_section(study: dict, results: Path, out_dir: Path) -> list[str]:
         f"{environment_line(study['environment'])}. Status: {state}.",
         "",
         (
-            f"Student `{s.get('student')}` after {s.get('init_steps')} steps of sft; {s.get('train_prompts')} training prompts x "
-            f"{s.get('epochs')} epochs ({s.get('steps')} steps of 8), evaluated once per epoch on {s.get('val_prompts')} validation "
-            f"prompts; lr {s.get('lr')} (cosine, warmup {s.get('warmup')}) for every recipe, not tuned (grid: {s.get('lr_grid')}); "
-            f"ROUGE-L on {s.get('rouge_samples')} prompts, greedy and sampled ({s.get('draws')} draws at temperature 1); "
-            f"{s.get('threads') or 'default'} torch thread(s)."
+            f"Student `{s.get('student')}` after {s.get('init_steps')} steps of sft; {s.get('train_prompts')} "
+            f"training prompts x {s.get('epochs')} epochs ({s.get('steps')} steps of 8), evaluated once per epoch on "
+            f"{s.get('val_prompts')} validation prompts; lr {s.get('lr')} (cosine, warmup {s.get('warmup')}) for "
+            f"every recipe, not tuned (grid: {s.get('lr_grid')}); ROUGE-L on {s.get('rouge_samples')} prompts, greedy "
+            f"and sampled ({s.get('draws')} draws at temperature 1); {s.get('threads') or 'default'} torch thread(s)."
         ),
         "",
     ]
@@ -367,8 +375,8 @@ def teacher_cache_section(step_runs: dict[str, dict], quality_runs: dict[str, di
         "## Offline teacher (`teacher_cache.py`)",
         "",
         (
-            "Each file is one run; its ratios are measured within it (cases alternating), but a shared machine's load changes "
-            "them from run to run: the quietest run is the better guide."
+            "Each file is one run; its ratios are measured within it (cases alternating), but a "
+            "shared machine's load changes them from run to run: the quietest run is the better guide."
         ),
         "",
     ]
@@ -397,6 +405,7 @@ def teacher_cache_section(step_runs: dict[str, dict], quality_runs: dict[str, di
                 ]
             )
         per_token = cache.get("bytes_per_token")
+        gflop = run["floor"]["gflop_per_sequence"] if run.get("floor") else {}
         lines += [
             markdown_table(rows),
             "",
@@ -404,17 +413,18 @@ def teacher_cache_section(step_runs: dict[str, dict], quality_runs: dict[str, di
                 [
                     f"Compute floor: by matmul FLOPs per training sequence a cached step costs at least "
                     f"{run['floor']['cached_over_live']:.3f}x the live one (teacher forward "
-                    f"{run['floor']['gflop_per_sequence']['teacher_forward']:.1f} GFLOP, student forward and backward "
-                    f"{run['floor']['gflop_per_sequence']['student_forward'] + run['floor']['gflop_per_sequence']['student_backward']:.1f}).",
+                    f"{gflop['teacher_forward']:.1f} GFLOP, student forward and backward "
+                    f"{gflop['student_forward'] + gflop['student_backward']:.1f}).",
                     "",
                 ]
                 if run.get("floor")
                 else []
             ),
             (
-                f"{run.get('rounds')} round(s) x {run.get('steps_timed')} timed steps after {run.get('warmup')} warm-up step(s) per case, "
-                f"live and cached alternating. Cache: K = {cache.get('top_k')}, {cache.get('tokens', 0):,} response tokens, "
-                f"{per_token:.1f} bytes per token (target <= {targets.get('bytes_per_token_k64')} at K = 64: "
+                f"{run.get('rounds')} round(s) x {run.get('steps_timed')} timed steps after "
+                f"{run.get('warmup')} warm-up step(s) per case, live and cached alternating. Cache: K = "
+                f"{cache.get('top_k')}, {cache.get('tokens', 0):,} response tokens, {per_token:.1f} bytes "
+                f"per token (target <= {targets.get('bytes_per_token_k64')} at K = 64: "
                 f"{verdict(per_token is not None and per_token <= targets.get('bytes_per_token_k64', 0))})."
             ),
             "",
@@ -425,9 +435,10 @@ def teacher_cache_section(step_runs: dict[str, dict], quality_runs: dict[str, di
         relative = run["relative_difference"]
         lines += [
             (
-                f"`results/{name}`: {environment_line(run['environment'])}. After {live.get('steps')} steps, the full-vocabulary val KL "
-                f"on {live.get('examples')} validation answers: live teacher {live['val_kl_full']:.3f}, K = 64 cache {cached['val_kl_full']:.3f} "
-                f"nats per token ({100 * relative:+.1f}%; target within {100 * limit:.0f}%: {verdict(abs(relative) <= limit)}); "
+                f"`results/{name}`: {environment_line(run['environment'])}. After {live.get('steps')} steps, the "
+                f"full-vocabulary val KL on {live.get('examples')} validation answers: live teacher "
+                f"{live['val_kl_full']:.3f}, K = 64 cache {cached['val_kl_full']:.3f} nats per token "
+                f"({100 * relative:+.1f}%; target within {100 * limit:.0f}%: {verdict(abs(relative) <= limit)}); "
                 f"val CE {live.get('val_loss', float('nan')):.3f} and {cached.get('val_loss', float('nan')):.3f}."
             ),
             "",
@@ -465,8 +476,9 @@ def render(
             "## Divergence memory (`divergence_memory.py`)",
             "",
             (
-                f"{memory.get('cpu_count')} cores, {memory.get('threads')} threads, torch {memory.get('torch')}, {memory.get('device')}, "
-                f"{memory.get('wall_seconds', 0) / 60:.0f} min; the full tables are in `results/divergence_memory.json`."
+                f"{memory.get('cpu_count')} cores, {memory.get('threads')} threads, torch "
+                f"{memory.get('torch')}, {memory.get('device')}, {memory.get('wall_seconds', 0) / 60:.0f} "
+                "min; the full tables are in `results/divergence_memory.json`."
             ),
             "",
         ]

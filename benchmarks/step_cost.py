@@ -41,16 +41,16 @@ it trained on and generated (no padding; generated answers up to their first EOS
 machine's matmul throughput. With ``P`` the weights of a model's linear layers but the output head
 (counted on the model objects; embeddings are lookups), ``P_train`` the trainable ones and ``H·V``
 the head: teacher forward ``2·P_t`` per token + ``2·H·V`` per response position (logit row); student
-forward likewise; student backward ``2·P_s`` (input gradients; less below frozen lowest layers) + ``2·P_train`` (weight gradients) per
-token and ``2·H·V`` per logit row (twice that if the head trains); generation ``2·P`` per prompt token
-and per new token but the last, ``2·H·V`` per new token. Attention scores, norms, the loss and the
-optimizer are left out: a lower bound. Each part is divided by the GFLOP/s of ``torch.matmul`` of
-``[tokens, hidden] x [hidden, intermediate]`` (the student's sizes, a step's mean real tokens; best of
-several runs), measured at the start of the run with its torch threads, in the dtype the part
-computes in: ours from the run's resolved ``config.yaml`` (the autocast dtype under bf16 / fp16, else
-the weights'), TRL's observed by a hook on one decoder matmul of each model (DistillationTrainer runs
-the student's decoder outside Accelerate's autocast: float32 even with ``bf16=True``). "x floor" is
-the step over its floor.
+forward likewise; student backward ``2·P_s`` (input gradients; less below frozen lowest layers) +
+``2·P_train`` (weight gradients) per token and ``2·H·V`` per logit row (twice that if the head
+trains); generation ``2·P`` per prompt token and per new token but the last, ``2·H·V`` per new
+token. Attention scores, norms, the loss and the optimizer are left out: a lower bound. Each part is
+divided by the GFLOP/s of ``torch.matmul`` of ``[tokens, hidden] x [hidden, intermediate]`` (the
+student's sizes, a step's mean real tokens; best of several runs), measured at the start of the run
+with its torch threads, in the dtype the part computes in: ours from the run's resolved
+``config.yaml`` (the autocast dtype under bf16 / fp16, else the weights'), TRL's observed by a hook
+on one decoder matmul of each model (DistillationTrainer runs the student's decoder outside
+Accelerate's autocast: float32 even with ``bf16=True``). "x floor" is the step over its floor.
 
 Reported per case: mean, median and spread of the step seconds, the mean per source (dataset,
 teacher, student, replay), the breakdown, the tokens per step, the floor, and the ratios to ``kd``
@@ -481,6 +481,9 @@ def run_trl(args, inputs: CaseInputs, name: str, scratch: Path) -> dict[str, Any
     seconds: list[float] = []
     parts: list[dict[str, float]] = []
     works: list[dict[str, Any]] = []
+    # the run being trained, for StepTimer's progress line: the run is built after StepTimer (it takes
+    # the callbacks), and emptied at the end like `run` itself
+    current: dict[str, TRLRun] = {}
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args_, state, control, **kwargs):
@@ -492,11 +495,11 @@ def run_trl(args, inputs: CaseInputs, name: str, scratch: Path) -> dict[str, Any
             seconds.append(time.perf_counter() - self.tick)
             parts.append(breakdown.take())
             works.append(work.take())
-            progress(name, state.global_step, cfg.train.max_steps, seconds[-1], run.source)
+            progress(name, state.global_step, cfg.train.max_steps, seconds[-1], current["run"].source)
 
     student = copy.deepcopy(inputs.student)
     AcceleratorState._reset_state()  # another run in this process may have set another precision
-    run = TRL_RUNS[setting["trainer"]](inputs, name, scratch, student, work, [StepTimer()])
+    run = current["run"] = TRL_RUNS[setting["trainer"]](inputs, name, scratch, student, work, [StepTimer()])
     work.model("teacher", inputs.teacher)
     work.model("student", student)
     probe = DtypeProbe(breakdown)
@@ -534,6 +537,7 @@ def run_trl(args, inputs: CaseInputs, name: str, scratch: Path) -> dict[str, Any
         ),
     )
     del run, student
+    current.clear()
     return row
 
 
@@ -740,9 +744,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "precision_resolved_by": resolved_by,
     }
     print(
-        f"step cost: {len(selected)} cases, {args.warmup} warm-up + {args.steps} timed steps each, batch {settings['batch_size']}, "
-        f"max_new_tokens {settings['max_new_tokens']}, {resolved_by}, teacher {settings['teacher']}, "
-        f"student {settings['student']}, threads {torch.get_num_threads()}",
+        f"step cost: {len(selected)} cases, {args.warmup} warm-up + {args.steps} timed steps each, batch "
+        f"{settings['batch_size']}, max_new_tokens {settings['max_new_tokens']}, {resolved_by}, teacher "
+        f"{settings['teacher']}, student {settings['student']}, threads {torch.get_num_threads()}",
         flush=True,
     )
     if skipped:

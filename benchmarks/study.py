@@ -515,7 +515,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     own = record_path(args, "steps", name, seed)
                     if not reference or not own.exists():
                         print(
-                            f"seconds {name} seed {seed}: needs the equal-steps runs of distillm and of {name} first; left out",
+                            f"seconds {name} seed {seed}: needs the equal-steps "
+                            f"runs of distillm and of {name} first; left out",
                             flush=True,
                         )
                         continue

@@ -19,9 +19,9 @@ Two parts, each printing a table and writing JSON:
   ≤ 512 bytes per token at K = 64.
 - ``quality --live RUN --cached RUN``: two finished runs of the same settings, one with
   ``--teacher-cache``; each run's ``final/`` is evaluated against the live teacher over the whole
-  vocabulary (``distill eval``'s ``val_kl`` on the run's ``data.validation``, else its ``data.path``; no generation). Target: the
-  cached run's KL within 3% of the live run's. The runs' configs must agree except for
-  ``teacher.cache`` and ``output_dir``.
+  vocabulary (``distill eval``'s ``val_kl`` on the run's ``data.validation``, else its
+  ``data.path``; no generation). Target: the cached run's KL within 3% of the live run's. The runs'
+  configs must agree except for ``teacher.cache`` and ``output_dir``.
 
 Run (from the repository root)::
 
@@ -225,19 +225,23 @@ def print_steps(record: dict[str, Any]) -> None:
         f"{cache['bytes_per_token']:.1f} bytes/token (payload {cache['payload_bytes_per_token']}: {cache['storage']})"
     )
     print(
-        f"{'recipe':<10} {'live s/step':>12} {'cache s/step':>13} {'ratio (mean)':>13} {'ratio (median)':>15}   target <= {TARGETS['step_ratio']}"
+        f"{'recipe':<10} {'live s/step':>12} {'cache s/step':>13} {'ratio (mean)':>13} "
+        f"{'ratio (median)':>15}   target <= {TARGETS['step_ratio']}"
     )
     for row in record["recipes"]:
         print(
-            f"{row['recipe']:<10} {row['live_mean']:>12.2f} {row['cache_mean']:>13.2f} {row['ratio_mean']:>13.2f} {row['ratio_median']:>15.2f}"
+            f"{row['recipe']:<10} {row['live_mean']:>12.2f} {row['cache_mean']:>13.2f} "
+            f"{row['ratio_mean']:>13.2f} {row['ratio_median']:>15.2f}"
         )
     print(
-        f"CPU: {record['environment']['cpu']} ({record['environment']['cpu_path']}); {record['steps_timed']} timed steps per case"
+        f"CPU: {record['environment']['cpu']} ({record['environment']['cpu_path']}); "
+        f"{record['steps_timed']} timed steps per case"
     )
     floor = record.get("floor")
     if floor:
         print(
-            f"compute floor (matmul FLOPs per sequence): a cached step is at least {floor['cached_over_live']:.3f} x the live one"
+            "compute floor (matmul FLOPs per sequence): a cached step "
+            f"is at least {floor['cached_over_live']:.3f} x the live one"
         )
 
 
@@ -287,8 +291,8 @@ def quality(args) -> dict[str, Any]:
         r = result[name]
         print(f"{name:<8} {r['steps']:>5} {r['val_kl_full']:>24.4f} {r['val_loss']:>8.4f} {r['logged_val_kl']:>21.4f}")
     print(
-        f"cached / live - 1 = {100 * result['relative_difference']:+.2f}% (target within ±{100 * TARGETS['val_kl_relative']:.0f}%); "
-        f"the cached run's eval.jsonl KL is the coarse (K+1-outcome) one"
+        f"cached / live - 1 = {100 * result['relative_difference']:+.2f}% (target within "
+        f"±{100 * TARGETS['val_kl_relative']:.0f}%); the cached run's eval.jsonl KL is the coarse (K+1-outcome) one"
     )
     return result
 

@@ -36,7 +36,8 @@ def manifest_table(manifest: dict[str, Any], out: str, seconds: float) -> Table:
         ("bytes", f"{manifest['bytes']:,} ({manifest['bytes'] / 1e6:,.1f} MB)"),
         (
             "bytes per token",
-            f"{manifest['bytes_per_token']:.1f} (log-probs {storage['logprobs']}, ids {storage['ids']}, rest {storage['rest']})",
+            f"{manifest['bytes_per_token']:.1f} (log-probs {storage['logprobs']}, "
+            f"ids {storage['ids']}, rest {storage['rest']})",
         ),
         ("wall time", f"{seconds:.1f} s"),
         ("output", out),

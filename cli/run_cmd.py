@@ -266,7 +266,8 @@ class PlainReporter(ConsoleReporter):
         if step == self.first_step[0] or step == self.total or now - self.last_line >= self.interval:
             elapsed = now - self.first_step[1]
             self._line(
-                f"step {step}/{self.total}  {self.step_info(record)}  elapsed {duration(elapsed)}  ETA {duration(self.eta(step))}"
+                f"step {step}/{self.total}  {self.step_info(record)}  "
+                f"elapsed {duration(elapsed)}  ETA {duration(self.eta(step))}"
             )
 
     def phase(self, phase: str, done: int, total: int) -> None:

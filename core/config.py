@@ -41,23 +41,34 @@ class ModelSpec(_Section):
     ref: str | None = Field(None, description="local directory, hub id, built-in name, or (student) prune:K[:REF]")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="dtype of the loaded weights; auto: the teacher's follows train.precision, the student's is float32 (master weights)",
+        description=(
+            "dtype of the loaded weights; auto: the teacher's follows "
+            "train.precision, the student's is float32 (master weights)"
+        ),
     )
     adapter: str | None = Field(None, description="a PEFT (LoRA) adapter folder, merged into the weights at load")
     tokenizer: str | None = Field(
         None,
-        description="student only: its own tokenizer (default: the student folder's, when it has one, else the teacher's); "
-        "one that differs from the teacher's allows sequence-level KD only (--recipe seqkd)",
+        description=(
+            "student only: its own tokenizer (default: the student folder's, when it has one, else the teacher's); "
+            "one that differs from the teacher's allows sequence-level KD only (--recipe seqkd)"
+        ),
     )
     lora: LoraSpec | None = Field(None, description="student only: train LoRA adapters instead of every weight")
     cache: str | None = Field(
         None,
-        description="teacher only: a folder written by distill cache-teacher; steps on the dataset's sequences read the teacher's "
-        "top-K log-probs from it (divergences on K+1 outcomes) instead of running the teacher, which is loaded only if the policy generates",
+        description=(
+            "teacher only: a folder written by distill cache-teacher; steps on the dataset's "
+            "sequences read the teacher's top-K log-probs from it (divergences on K+1 outcomes) "
+            "instead of running the teacher, which is loaded only if the policy generates"
+        ),
     )
     freeze: list[str] = Field(
         default_factory=list,
-        description="student only: parameters kept fixed; 'embeddings' (input and output embeddings) or glob patterns over parameter names",
+        description=(
+            "student only: parameters kept fixed; 'embeddings' (input "
+            "and output embeddings) or glob patterns over parameter names"
+        ),
     )
 
     @model_validator(mode="before")
@@ -82,7 +93,9 @@ class TermSpec(_Section):
 
     divergence: str | None = Field(
         None,
-        description="registered divergence name or alias; default: the run's divergence (its params and temperature too)",
+        description=(
+            "registered divergence name or alias; default: the run's divergence (its params and temperature too)"
+        ),
     )
     params: dict[str, Any] = Field(default_factory=dict, description="the divergence's parameters")
     temperature: float | None = Field(
@@ -122,8 +135,11 @@ class ObjectiveConfig(_Section):
 
     terms: dict[str, TermSpec] = Field(
         default_factory=dict,
-        description="one loss term per source (dataset, teacher, student, replay, or a policy's own); a source without one "
-        "uses the run's divergence with weight 1. Each term is normalised by its own group's global response-token count",
+        description=(
+            "one loss term per source (dataset, teacher, student, replay, or a "
+            "policy's own); a source without one uses the run's divergence with weight "
+            "1. Each term is normalised by its own group's global response-token count"
+        ),
     )
     curriculum: bool = Field(
         True,
@@ -152,10 +168,10 @@ class DataConfig(_Section):
     group_by_length: Literal["step", "groups", "off"] = Field(
         "step",
         description="batch examples of similar lengths together (less padding). step: each optimizer step's examples "
-        "are the shuffled order's, sorted by length only to deal them to micro-batches and processes (the step's gradient is "
-        "unchanged; cuts padding when train.grad_accum or the processes split a step); groups: steps drawn from groups of "
-        "similar lengths (cuts padding with one micro-batch too, but each step holds only short or only long examples); "
-        "off: neither. true = groups, false = off",
+        "are the shuffled order's, sorted by length only to deal them to micro-batches and processes (the "
+        "step's gradient is unchanged; cuts padding when train.grad_accum or the processes split a step); "
+        "groups: steps drawn from groups of similar lengths (cuts padding with one micro-batch too, but "
+        "each step holds only short or only long examples); off: neither. true = groups, false = off",
     )
 
     @field_validator("group_by_length", mode="before")
@@ -175,7 +191,10 @@ class TrainConfig(_Section):
     max_seconds: float = Field(
         0.0,
         ge=0,
-        description="time budget: stop after the step at which this invocation's training time (optimizer steps only, not evaluation or checkpoints) reaches it, then evaluate and save as at max_steps (0 = no limit)",
+        description=(
+            "time budget: stop after the step at which this invocation's training time (optimizer steps only, "
+            "not evaluation or checkpoints) reaches it, then evaluate and save as at max_steps (0 = no limit)"
+        ),
     )
     batch_size: int = Field(8, gt=0, description="sequences per micro-batch per process")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
@@ -187,8 +206,9 @@ class TrainConfig(_Section):
     step_weight: Literal["tokens", "equal"] = Field(
         "tokens",
         description="how much an optimizer step counts. Its gradient is the mean over its response tokens, clipped; "
-        "tokens: then scaled by the step's response tokens over the run's mean per step, so every token weighs the same "
-        "whichever batch it lands in (length-grouped batches alternate short and long); equal: every step weighs the same",
+        "tokens: then scaled by the step's response tokens over the run's mean per step, "
+        "so every token weighs the same whichever batch it lands in (length-grouped "
+        "batches alternate short and long); equal: every step weighs the same",
     )
     normalize: Literal["token", "sequence"] = Field(
         "token",
@@ -198,27 +218,38 @@ class TrainConfig(_Section):
     ce_weight: float = Field(
         0.0,
         ge=0,
-        description="weight of the student's cross-entropy on the same response tokens (per group: objective.terms.<source>.ce_weight)",
+        description=(
+            "weight of the student's cross-entropy on the same response "
+            "tokens (per group: objective.terms.<source>.ce_weight)"
+        ),
     )
     kd_weight: float = Field(
         1.0,
         ge=0,
-        description="weight of the divergence term; 0 trains on the cross-entropy alone (recipe sft: the teacher's answers as "
-        "plain targets) and skips the teacher's forward in training steps (validation still reports the KL to the teacher). "
-        "With objective.terms: multiplies every term's weight",
+        description=(
+            "weight of the divergence term; 0 trains on the cross-entropy alone (recipe sft: the teacher's "
+            "answers as plain targets) and skips the teacher's forward in training steps (validation still "
+            "reports the KL to the teacher). With objective.terms: multiplies every term's weight"
+        ),
     )
     fused_head: bool | Literal["auto"] = Field(
         "auto",
-        description="compute the teacher's and the student's logits from their final hidden states a chunk of positions at a time, "
-        "fused with the divergence and cross-entropy, so the [B, R, V] logits and their gradient never exist whole; auto: wherever the "
-        "heads allow it (a plain linear head, soft-capping and a bias included; not a LoRA or quantised head, not FSDP / ZeRO-3), else "
-        "full logits with one line saying why; true: a head that does not allow it is an error; false: full logits",
+        description=(
+            "compute the teacher's and the student's logits from their final hidden states a chunk of positions "
+            "at a time, fused with the divergence and cross-entropy, so the [B, R, V] logits and their gradient "
+            "never exist whole; auto: wherever the heads allow it (a plain linear head, soft-capping and a bias "
+            "included; not a LoRA or quantised head, not FSDP / ZeRO-3), else full logits with one line saying "
+            "why; true: a head that does not allow it is an error; false: full logits"
+        ),
     )
     lm_weight: float = Field(0.0, ge=0, description="weight of the LM loss on data.lm_path")
     seed: int = Field(0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="student compute precision (autocast); auto: bf16 where the device computes it natively, else fp32; the divergence math is float32 regardless",
+        description=(
+            "student compute precision (autocast); auto: bf16 where the device "
+            "computes it natively, else fp32; the divergence math is float32 regardless"
+        ),
     )
     skip_nonfinite: bool = Field(
         False, description="skip (and count) steps whose loss or gradients are not finite instead of stopping"
@@ -228,7 +259,8 @@ class TrainConfig(_Section):
     def _something_to_train(self) -> "TrainConfig":
         if self.kd_weight == 0 and self.ce_weight == 0 and self.lm_weight == 0:
             raise ValueError(
-                "kd_weight, ce_weight and lm_weight are all 0: nothing to train; set train.kd_weight or train.ce_weight above 0"
+                "kd_weight, ce_weight and lm_weight are all 0: nothing "
+                "to train; set train.kd_weight or train.ce_weight above 0"
             )
         return self
 
@@ -240,15 +272,21 @@ class GenerationConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     inference_copy: bool = Field(
         True,
-        description="bf16/fp16 runs with whole weights per process: generate with a copy of the student's weights in that dtype, refreshed at every call (faster; one more copy of the weights in memory)",
+        description=(
+            "bf16/fp16 runs with whole weights per process: generate with a copy of the student's weights "
+            "in that dtype, refreshed at every call (faster; one more copy of the weights in memory)"
+        ),
     )
 
 
 class EvalConfig(_Section):
     every: int | Literal["epoch"] = Field(
         50,
-        description="evaluate every N steps (0 = only before and after training), or `epoch`: at the end of every pass over the training set "
-        "(as DistiLLM's official code does; the adaptive policy's φ can change only at an evaluation)",
+        description=(
+            "evaluate every N steps (0 = only before and after training), or `epoch`: "
+            "at the end of every pass over the training set (as DistiLLM's official "
+            "code does; the adaptive policy's φ can change only at an evaluation)"
+        ),
     )
     batch_size: int = Field(8, gt=0)
     rouge_samples: int = Field(
@@ -271,13 +309,20 @@ class EvalConfig(_Section):
     rouge_draws: int = Field(
         0,
         ge=0,
-        description="at the final evaluation, also answer each ROUGE-L prompt this many times by sampling (generation.temperature, "
-        "top_k, top_p) and report their mean as rouge_l_sampled (DistiLLM's evaluation: 5 draws at temperature 1)",
+        description=(
+            "at the final evaluation, also answer each ROUGE-L prompt this many times "
+            "by sampling (generation.temperature, top_k, top_p) and report their mean "
+            "as rouge_l_sampled (DistiLLM's evaluation: 5 draws at temperature 1)"
+        ),
     )
     rouge_before: int | None = Field(
         None,
         ge=0,
-        description="prompts answered before training: the first N of the rouge_samples prompts (an untrained student answers up to the token cap, so this pass is slow); the final evaluation also reports ROUGE-L on them (rouge_l_subset); default: all",
+        description=(
+            "prompts answered before training: the first N of the rouge_samples prompts "
+            "(an untrained student answers up to the token cap, so this pass is slow); the "
+            "final evaluation also reports ROUGE-L on them (rouge_l_subset); default: all"
+        ),
     )
 
 

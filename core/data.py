@@ -233,7 +233,8 @@ def load_examples(data_cfg, tokenizer, seed: int) -> tuple[list[Example], list[E
         n_val = min(data_cfg.val_max, max(1, round(len(order) * data_cfg.val_fraction)))
         if len(order) - n_val < 1:
             raise ConfigError(
-                f"{data_cfg.path}: {len(order)} example(s) is too few to hold out a validation split; add data or set data.validation"
+                f"{data_cfg.path}: {len(order)} example(s) is too few to "
+                "hold out a validation split; add data or set data.validation"
             )
         val_records = [train_records[i] for i in order[:n_val]]
         train_records = [train_records[i] for i in sorted(order[n_val:])]
@@ -309,7 +310,8 @@ class BatchSampler:
         per_step = batch_size * world_size
         if n < per_step:
             raise ConfigError(
-                f"{n} training example(s) cannot fill one batch of {batch_size} x {world_size} process(es); lower train.batch_size"
+                f"{n} training example(s) cannot fill one batch of {batch_size} "
+                f"x {world_size} process(es); lower train.batch_size"
             )
         if lengths is not None and len(lengths) != n:
             raise ValueError(f"{len(lengths)} lengths for {n} examples")

@@ -36,8 +36,8 @@ def make_accelerator(cfg: RunConfig):
     if launched != mixed_precision:
         asked = {"no": "fp32"}.get(launched, launched)
         raise ConfigError(
-            f"accelerate launch asks for mixed precision {launched} but train.precision is {precision}; distill's setting "
-            f"decides: pass --set train.precision={asked}, or launch with --mixed_precision {mixed_precision}"
+            f"accelerate launch asks for mixed precision {launched} but train.precision is {precision}; distill's "
+            f"setting decides: pass --set train.precision={asked}, or launch with --mixed_precision {mixed_precision}"
         )
     for name in trackers:
         installed = getattr(accelerate.utils, f"is_{name}_available", lambda: True)
@@ -59,7 +59,8 @@ def make_accelerator(cfg: RunConfig):
         ) from None
     if precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError(
-            "train.precision fp16: needs a GPU (on CPU Accelerate ignores it and the run would be float32); use bf16 or fp32"
+            "train.precision fp16: needs a GPU (on CPU Accelerate "
+            "ignores it and the run would be float32); use bf16 or fp32"
         )
     if accelerator.distributed_type.name == "DEEPSPEED":  # it wants the micro-batch size; we prepare no data loader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size

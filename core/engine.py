@@ -129,7 +129,8 @@ def train(
             if signum:
                 name = signal.Signals(signum).name
                 raise RunStopped(
-                    f"{name} after step {step}; checkpoint saved to {path}; continue with: distill run --resume --output-dir {s.out}",
+                    f"{name} after step {step}; checkpoint saved to {path}; "
+                    f"continue with: distill run --resume --output-dir {s.out}",
                     128 + signum,
                 )
             if last:  # max_steps, or the train.max_seconds budget is spent

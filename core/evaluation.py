@@ -176,7 +176,8 @@ class Evaluator:
         packed = teacher.targets(examples, batch.response_mask.shape[1], batch.input_ids.device)
         if packed is None:
             raise RuntimeError(
-                "a validation sequence is missing from the teacher cache (TeacherCache.check_run lets no such run start)"
+                "a validation sequence is missing from the teacher "
+                "cache (TeacherCache.check_run lets no such run start)"
             )
         return packed
 

@@ -280,9 +280,9 @@ def decode(
 ) -> torch.Tensor:
     """New tokens for left-padded prompts: ``[B, P]`` ids and mask -> ``[B, max_new_tokens]`` ids.
 
-    A row ends at its first id in ``stops`` (one id or several; kept) or at ``max_new_tokens``; after its end a row holds
-    ``pad_id``. A row that ended leaves the batch and the cache, so later forwards run on the rows
-    still going. Positions count real tokens only (left padding takes none), as ``generate``'s do.
+    A row ends at its first id in ``stops`` (one id or several; kept) or at ``max_new_tokens``; after its end a row
+    holds ``pad_id``. A row that ended leaves the batch and the cache, so later forwards run on the rows still going.
+    Positions count real tokens only (left padding takes none), as ``generate``'s do.
     """
     base = _transformers_model(model)
     keywords = _forward_keywords(base)

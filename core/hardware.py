@@ -3,8 +3,9 @@
 bf16 pays only where the device computes it natively: a CUDA device with bf16 support, or a CPU with
 AVX512-BF16 or AMX instructions that torch's oneDNN uses. Elsewhere bf16 is emulated: a bf16 matmul
 of the embedded default's shapes was reported 7.5x slower than float32 on an AVX2-only AMD EPYC
-(issue 11), and measured 32x slower under ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AVX512-BF16 EPYC. ``auto`` therefore resolves to bf16 there and to
-fp32 everywhere else; it never chooses fp16 (it needs loss scaling, and on a CPU it does not run).
+(issue 11), and measured 32x slower under ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AVX512-BF16 EPYC.
+``auto`` therefore resolves to bf16 there and to fp32 everywhere else; it never chooses fp16 (it
+needs loss scaling, and on a CPU it does not run).
 
 ``DISTILL_NATIVE_BF16=1`` / ``=0`` forces the answer (tests; measuring the other path on one machine).
 """

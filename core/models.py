@@ -35,7 +35,8 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
             )
         if role == "teacher" and spec.tokenizer:
             raise ConfigError(
-                "teacher.tokenizer: the teacher's tokenizer is set by tokenizer=DIR (student.tokenizer is the student's own)"
+                "teacher.tokenizer: the teacher's tokenizer is set by "
+                "tokenizer=DIR (student.tokenizer is the student's own)"
             )
         if role == "teacher" and spec.freeze:
             raise ConfigError("teacher.freeze: the teacher is always frozen; set student.freeze instead")
@@ -226,8 +227,8 @@ def check_vocabularies(teacher, student, tokenizer, student_tokenizer=None) -> i
         n, rows = len(its_tokenizer), vocab_size(model)
         if rows < n:
             raise ConfigError(
-                f"the tokenizer has {n} tokens but the {role}'s output head only {rows} rows; "
-                f"use the tokenizer the {role} was trained with (set {'tokenizer' if role == 'teacher' else 'student.tokenizer'}=DIR)"
+                f"the tokenizer has {n} tokens but the {role}'s output head only {rows} rows; use the tokenizer "
+                f"the {role} was trained with (set {'tokenizer' if role == 'teacher' else 'student.tokenizer'}=DIR)"
             )
     return min(len(tokenizer), len(student_tokenizer))
 
@@ -297,13 +298,14 @@ def check_stop_ids(teacher, student, tokenizer, n_logits: int, student_tokenizer
         outside = [i for i in ids if not 0 <= i < limits[role]]
         if outside:
             raise ConfigError(
-                f"the {role}'s stop id {outside[0]} (generation_config.eos_token_id) lies outside the {limits[role]} "
-                f"logits it is trained on (the tokenizer's tokens); fix the {role}'s generation_config.json or use its own tokenizer"
+                f"the {role}'s stop id {outside[0]} (generation_config.eos_token_id) lies "
+                f"outside the {limits[role]} logits it is trained on (the tokenizer's "
+                f"tokens); fix the {role}'s generation_config.json or use its own tokenizer"
             )
     if not apart and "teacher" in found and set(found["teacher"]) != set(found["student"]):
         return (
-            f"teacher and student end responses on different ids (teacher {_shown(found['teacher'])}, student {_shown(found['student'])}); "
-            "each model's own ids end the responses it generates"
+            f"teacher and student end responses on different ids (teacher {_shown(found['teacher'])}, "
+            f"student {_shown(found['student'])}); each model's own ids end the responses it generates"
         )
     return None
 

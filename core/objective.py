@@ -1,10 +1,10 @@
 """The training objective of one micro-batch, and the one place the token normalisation lives.
 
 Every loss term of a step is ``sum over counted tokens / denominator`` where the denominator comes
-from ``group_denominator`` (``loss_denominator`` for a step of one group): the global number of response tokens of the optimizer step (all
-micro-batches, all processes) divided by the number of processes, because data-parallel backends
-average gradients over processes. Summing the micro-batch gradients then gives exactly the gradient
-of the mean over every response token of the global batch.
+from ``group_denominator`` (``loss_denominator`` for a step of one group): the global number of
+response tokens of the optimizer step (all micro-batches, all processes) divided by the number of
+processes, because data-parallel backends average gradients over processes. Summing the micro-batch
+gradients then gives exactly the gradient of the mean over every response token of the global batch.
 
 A step may hold several groups of sequences (``{source: examples}`` from the policy). Each group has
 its own term (``Objective.term``: divergence, weight schedule, cross-entropy weight) and its own

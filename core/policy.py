@@ -39,7 +39,8 @@ def as_groups(sampled: Any, policy_name: str = "policy") -> dict[str, list[Examp
         groups = {sampled[1]: sampled[0]}
     else:
         raise TypeError(
-            f"policy {policy_name}: sample() must return (examples, source) or {{source: examples}}, got {type(sampled).__name__}"
+            f"policy {policy_name}: sample() must return (examples, "
+            f"source) or {{source: examples}}, got {type(sampled).__name__}"
         )
     if not groups:
         raise TypeError(f"policy {policy_name}: sample() returned no group")

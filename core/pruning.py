@@ -59,7 +59,8 @@ def decoder_layers(model) -> str:
     else:
         why = f"{len(found)} lists of {total} modules ({', '.join(found[:3])}), which is the decoder's is unclear"
     raise ConfigError(
-        f"cannot prune {type(model).__name__} ({model.config.model_type}): {why}; pass a student directory instead of prune:K"
+        f"cannot prune {type(model).__name__} ({model.config.model_type}): "
+        f"{why}; pass a student directory instead of prune:K"
     )
 
 

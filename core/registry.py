@@ -148,7 +148,8 @@ class Registry:
             missing = [m for m in _POLICY_METHODS if kind == "policy" and not callable(getattr(obj, m, None))]
             if missing:
                 raise PluginError(
-                    f"{provider}: policy {name!r} lacks {', '.join(missing)} (distill.policy.RandomPolicy gives defaults)"
+                    f"{provider}: policy {name!r} lacks {', '.join(missing)} "
+                    "(distill.policy.RandomPolicy gives defaults)"
                 )
         aliases = getattr(obj, "aliases", ()) or ()
         if not isinstance(aliases, (tuple, list)) or not all(isinstance(a, str) and _NAME.match(a) for a in aliases):

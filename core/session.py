@@ -236,7 +236,8 @@ def open_session(
     if cache is not None:  # before anything is written: a cache of another teacher, tokenizer or data is refused
         if apart:
             raise ConfigError(
-                "--teacher-cache: holds log-probs over the teacher's tokens; a student with another tokenizer trains on generated text, drop the cache"
+                "--teacher-cache: holds log-probs over the teacher's tokens; a student "
+                "with another tokenizer trains on generated text, drop the cache"
             )
         cache.check_run(cfg, tokenizer, train_set + val_set, n_logits)
     lm_blocks = None
@@ -463,7 +464,8 @@ def _live(teacher, source: str):
     """The loaded teacher, for sequences a cache does not hold."""
     if teacher is None:
         raise RuntimeError(
-            f"a {source} step holds sequences the teacher cache lacks, and the policy said it never generates (generates = False)"
+            f"a {source} step holds sequences the teacher cache lacks, "
+            "and the policy said it never generates (generates = False)"
         )
     return teacher
 

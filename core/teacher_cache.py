@@ -282,7 +282,8 @@ def prepare_cache_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> b
         return False
     if (out / MANIFEST).is_file():
         raise ConfigError(
-            f"--output-dir {out} holds a finished teacher cache; pass --overwrite to replace it, or choose another folder"
+            f"--output-dir {out} holds a finished teacher cache; "
+            "pass --overwrite to replace it, or choose another folder"
         )
     saved = json.loads((out / SETTINGS).read_text())
     differ = [key for key in settings if saved.get(key) != settings[key]]
@@ -350,7 +351,8 @@ class TeacherCache:
         self.manifest = json.loads(manifest.read_text())
         if self.manifest.get("format") != FORMAT:
             raise ConfigError(
-                f"--teacher-cache {folder}: format {self.manifest.get('format')}, this distill reads {FORMAT}; make it again with distill cache-teacher"
+                f"--teacher-cache {folder}: format {self.manifest.get('format')}, this "
+                f"distill reads {FORMAT}; make it again with distill cache-teacher"
             )
         self.top_k = int(self.manifest["top_k"])
         self.parts: list[_Part] = []
@@ -373,8 +375,9 @@ class TeacherCache:
             else "the teacher is not loaded (the policy never generates)"
         )
         return (
-            f"teacher cache {self.folder} (top-{self.top_k}, {self.manifest['examples']:,} sequences): dataset sequences read it, {teacher}; "
-            f"divergences, validation ones included, are over the top {self.top_k} + 1 outcomes"
+            f"teacher cache {self.folder} (top-{self.top_k}, {self.manifest['examples']:,} "
+            f"sequences): dataset sequences read it, {teacher}; divergences, validation "
+            f"ones included, are over the top {self.top_k} + 1 outcomes"
         )
 
     def __contains__(self, example: Example) -> bool:
@@ -402,8 +405,10 @@ class TeacherCache:
         m, where = self.manifest, f"--teacher-cache {self.folder}"
         if teacher_fingerprint(cfg.teacher) != m["teacher_fingerprint"]:
             raise ConfigError(
-                f"{where} was made with teacher {m['teacher']}{' + adapter ' + m['teacher_adapter'] if m.get('teacher_adapter') else ''}, "
-                f"not this run's {cfg.teacher.ref}; pass --teacher {m['teacher']} or make a cache with this teacher (distill cache-teacher)"
+                f"{where} was made with teacher "
+                f"{m['teacher']}{' + adapter ' + m['teacher_adapter'] if m.get('teacher_adapter') else ''}, "
+                f"not this run's {cfg.teacher.ref}; pass --teacher {m['teacher']} or make a cache with this "
+                "teacher (distill cache-teacher)"
             )
         if tokenizer_fingerprint(tokenizer) != m["tokenizer_fingerprint"] or n_logits != m["vocabulary"]:
             raise ConfigError(
@@ -412,17 +417,18 @@ class TeacherCache:
             )
         if cfg.divergence.temperature != m["temperature"]:
             raise ConfigError(
-                f"{where} holds the teacher at temperature {m['temperature']}, this run's divergence.temperature is "
-                f"{cfg.divergence.temperature}; set divergence.temperature={m['temperature']} or make the cache with --temperature {cfg.divergence.temperature}"
+                f"{where} holds the teacher at temperature {m['temperature']}, this run's divergence.temperature "
+                f"is {cfg.divergence.temperature}; set divergence.temperature={m['temperature']} or make the "
+                f"cache with --temperature {cfg.divergence.temperature}"
             )
         missing = len({example_key(e) for e in examples} - set(self.index))
         if missing:  # a run may use part of the cached data (fewer validation examples, say), nothing outside it
             d = m["data"]
             raise ConfigError(
-                f"{where} was made from other data or another tokenization: {missing} of this run's {len(examples)} examples "
-                f"are not in it (it holds {m['examples']} sequences from data.path {d['path']}, data.validation {d['validation']}, "
-                f"max_prompt_tokens {d['max_prompt_tokens']}, max_response_tokens {d['max_response_tokens']}); "
-                "use the same data settings or make the cache again"
+                f"{where} was made from other data or another tokenization: {missing} of this run's {len(examples)} "
+                f"examples are not in it (it holds {m['examples']} sequences from data.path {d['path']}, "
+                f"data.validation {d['validation']}, max_prompt_tokens {d['max_prompt_tokens']}, max_response_tokens "
+                f"{d['max_response_tokens']}); use the same data settings or make the cache again"
             )
 
 
@@ -519,7 +525,8 @@ def build_cache(
     teacher = load_model(cfg.teacher, "teacher").eval().requires_grad_(False)
     if vocab_size(teacher) < n_logits:
         raise ConfigError(
-            f"the tokenizer has {n_logits} tokens but the teacher's output head only {vocab_size(teacher)} rows; set tokenizer=DIR to the teacher's"
+            f"the tokenizer has {n_logits} tokens but the teacher's output head "
+            f"only {vocab_size(teacher)} rows; set tokenizer=DIR to the teacher's"
         )
     trim_head(teacher, n_logits)
     teacher.to(state.device)

@@ -159,7 +159,10 @@ def _logits(
     ``-inf`` at the same entries of both when ``masked`` (every row keeps a finite entry)."""
     n, v = draw(st.integers(1, 4)), draw(st.integers(2, 8))
     values = st.one_of(st.sampled_from([-bound, bound, 0.0]), st.floats(-bound, bound, width=32))
-    rows = lambda: torch.tensor(draw(st.lists(values, min_size=n * v, max_size=n * v)), dtype=torch.float32).view(n, v)
+
+    def rows() -> torch.Tensor:
+        return torch.tensor(draw(st.lists(values, min_size=n * v, max_size=n * v)), dtype=torch.float32).view(n, v)
+
     student = rows()
     teacher = student.clone() if same else rows()
     if masked:
@@ -180,7 +183,8 @@ def _logits(
 
 
 def _divergence_checks(plugin_cls: type, d: ConfiguredDivergence) -> list[tuple[str, st.SearchStrategy, Callable]]:
-    fail = lambda prop, detail: _fail("divergence", plugin_cls, prop, detail)
+    def fail(prop: str, detail: str) -> None:
+        return _fail("divergence", plugin_cls, prop, detail)
 
     def call(prop: str, case: _Logits, *, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """d(student, teacher) as users get it, and the gradient of its sum for the student logits."""
@@ -316,7 +320,10 @@ class SimulatedContext(SamplingContext):
 
     def batch(self, step: int, size: int = 4) -> list[Example]:
         """This rank's dataset examples of ``step``: different on every rank, as a sharded sampler gives."""
-        prompt = lambda i: [30 + self.process_index, 40 + step, 50 + i]
+
+        def prompt(i: int) -> list[int]:
+            return [30 + self.process_index, 40 + step, 50 + i]
+
         return [Example(prompt(i), [MARKS["dataset"], 60 + i, EOS]) for i in range(size)]
 
 
@@ -394,7 +401,8 @@ class _Step:
 
 
 def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str, st.SearchStrategy, Callable]]:
-    fail = lambda prop, detail: _fail("policy", plugin_cls, prop, detail)
+    def fail(prop: str, detail: str) -> None:
+        return _fail("policy", plugin_cls, prop, detail)
 
     def step(prop: str, policy: Any, context: SimulatedContext, schedule: _Schedule, t: int) -> _Step:
         """One optimizer step of one process, then its evaluation when one is due."""
@@ -423,7 +431,10 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
                 )
             sources.append(source)
             returned.append([(tuple(e.prompt_ids), tuple(e.response_ids)) for e in group])
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
         if not isinstance(metrics, dict) or not all(isinstance(k, str) and number(v) for k, v in metrics.items()):
             fail(
                 prop,
@@ -551,7 +562,10 @@ def check_policy(plugin_cls: type, *, max_examples: int | None = None, **params:
     """
     _check_registration("policy", plugin_cls)
     values = _check_params("policy", plugin_cls, params)
-    build = lambda: plugin_cls(values)
+
+    def build():
+        return plugin_cls(values)
+
     n = _examples(max_examples, 10)
     with _quiet_threads():
         for prop, strategy, test in _policy_checks(plugin_cls, build):

@@ -41,8 +41,8 @@ def mismatch(teacher_tokenizer, student_tokenizer) -> str | None:
     for i in range(shared):
         if teacher_tokens.get(i) != student_tokens.get(i):
             return (
-                f"id {i} is {teacher_tokens.get(i)!r} in the teacher's tokenizer and {student_tokens.get(i)!r} in the student's "
-                f"({len(teacher_tokenizer)} and {len(student_tokenizer)} tokens)"
+                f"id {i} is {teacher_tokens.get(i)!r} in the teacher's tokenizer and {student_tokens.get(i)!r} "
+                f"in the student's ({len(teacher_tokenizer)} and {len(student_tokenizer)} tokens)"
             )
     return None
 

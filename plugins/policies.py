@@ -99,12 +99,12 @@ class Mixed(RandomPolicy):
 class AdaptiveOffPolicy(RandomPolicy):
     """DistiLLM's adaptive off-policy scheduler, as its official code runs it.
 
-    phi, the probability of student-generated outputs (``sgo_prob``, logged each step), starts at ``init_prob``; the reference loss is the validation loss before
-    training. At each evaluation, a loss >= reference + ``loss_eps`` raises phi by ``prob_step`` and
-    makes that loss the reference (an improvement never lowers it). Each step draws r ~ U(0, 1):
-    r < s (s = phi scaled by ``replay_schedule``), or r < phi while the buffer is not full, generates
-    fresh student outputs (pushed to the buffer); else r < phi replays a buffer sample; else the
-    dataset batch is used.
+    phi, the probability of student-generated outputs (``sgo_prob``, logged each step), starts at
+    ``init_prob``; the reference loss is the validation loss before training. At each evaluation, a
+    loss >= reference + ``loss_eps`` raises phi by ``prob_step`` and makes that loss the reference
+    (an improvement never lowers it). Each step draws r ~ U(0, 1): r < s (s = phi scaled by
+    ``replay_schedule``), or r < phi while the buffer is not full, generates fresh student outputs
+    (pushed to the buffer); else r < phi replays a buffer sample; else the dataset batch is used.
     """
 
     name = "adaptive_offpolicy"
@@ -202,7 +202,9 @@ class Contrastive(RandomPolicy):
         refresh_every: int = Field(
             1,
             ge=1,
-            description="steps a prompt's student response is reused for before it is generated again (1: fresh every step)",
+            description=(
+                "steps a prompt's student response is reused for before it is generated again (1: fresh every step)"
+            ),
         )
 
     def __init__(self, params: "Contrastive.Params") -> None:

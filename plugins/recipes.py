@@ -65,7 +65,8 @@ RECIPES = (
                 "weight_end": 1.5,
                 "ramp": 0.5,
             },
-            "objective.curriculum": False,  # --set objective.curriculum=true: weights 1/1 -> 0.5/1.5 over the first half
+            # --set objective.curriculum=true: weights 1/1 -> 0.5/1.5 over the first half
+            "objective.curriculum": False,
             "train.normalize": "sequence",  # each response's token mean, then the mean over responses
         },
         note="the official code's curriculum (weights 1/1 -> 0.5/1.5 over the first half of training) is "

@@ -108,7 +108,8 @@ def main() -> None:
                 )
     unfinished = sum(not r["finished"] for r in answered)
     print(
-        f"{len(answered)} answers ({len(todo)} new, {time.perf_counter() - started:.0f} s); {unfinished} hit the {args.max_new_tokens}-token cap; validation {len(val_ids)}"
+        f"{len(answered)} answers ({len(todo)} new, {time.perf_counter() - started:.0f} s); "
+        f"{unfinished} hit the {args.max_new_tokens}-token cap; validation {len(val_ids)}"
     )
 
 

@@ -1112,9 +1112,9 @@ def _arith_savings(r: random.Random) -> str:
 
 def _arith_area(r: random.Random) -> str:
     place = r.choice(["garden", "room", "playground", "carpet", "field", "kitchen floor"])
-    l, w = r.randint(3, 12), r.randint(2, 9)
+    length, w = r.randint(3, 12), r.randint(2, 9)
     ask = r.choice(["area", "perimeter"])
-    return f"A rectangular {place} is {l} metres long and {w} metres wide. What is its {ask}?"
+    return f"A rectangular {place} is {length} metres long and {w} metres wide. What is its {ask}?"
 
 
 def _arith_discount(r: random.Random) -> str:

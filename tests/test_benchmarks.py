@@ -218,7 +218,8 @@ def test_step_cost_reports_each_case_against_its_compute_floor(results):
         cases["kd"]["compute_dtypes"]["student_backward"] == DTYPE[precision]
         and "config.yaml" in cases["kd"]["compute_dtypes_from"]
     )
-    # the tiny student: 1 Llama layer of hidden 32, intermediate 64, untied head over the tokenizer's vocabulary, embeddings frozen
+    # the tiny student: 1 Llama layer of hidden 32, intermediate 64, untied head over the tokenizer's vocabulary,
+    # embeddings frozen
     student = cases["kd"]["matmul_params"]["student"]
     vocab = student["config"]["vocab_size"]
     assert (student["body_params"], student["head_params"], student["head_trainable"]) == (
@@ -409,7 +410,8 @@ def tiny_llama(tie: bool = False):
 
 
 def counted_matmul_flops(run) -> int:
-    """Matmul FLOPs torch counts while ``run()`` runs (mm and bmm: the linear layers; sdpa attention is not among them)."""
+    """Matmul FLOPs torch counts while ``run()`` runs (mm and bmm: the linear layers; sdpa attention is not
+    among them)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:

@@ -57,7 +57,10 @@ def problems(draw):
     )
     n = draw(st.integers(2, vocab))
     floats = st.floats(-3, 3, width=32)
-    arrays = lambda shape: torch.from_numpy(draw(hnp.arrays(np.float32, shape, elements=floats)))
+
+    def arrays(shape):
+        return torch.from_numpy(draw(hnp.arrays(np.float32, shape, elements=floats)))
+
     return {
         "hidden": arrays((b, t, hidden)),
         "teacher_hidden": arrays((b, t, hidden)),

@@ -132,8 +132,8 @@ def test_a_launch_precision_other_than_train_precision_is_one_line(tmp_path, mon
     )
     assert result.exit_code == 2
     assert result.output.strip() == (
-        "error: accelerate launch asks for mixed precision bf16 but train.precision is fp32; distill's setting decides: "
-        "pass --set train.precision=bf16, or launch with --mixed_precision no"
+        "error: accelerate launch asks for mixed precision bf16 but train.precision is fp32; distill's "
+        "setting decides: pass --set train.precision=bf16, or launch with --mixed_precision no"
     )
     assert not out.exists()
 
@@ -214,7 +214,10 @@ def test_the_cpu_detection_says_no_under_the_avx2_emulation():
 
     env = {k: v for k, v in os.environ.items() if k != "DISTILL_NATIVE_BF16"}
     env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
-    code = "from distill.hardware import bf16_support, auto_precision; s = bf16_support('cpu'); print(s.native, auto_precision()[0])"
+    code = (
+        "from distill.hardware import bf16_support, auto_precision; "
+        "s = bf16_support('cpu'); print(s.native, auto_precision()[0])"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout.split()

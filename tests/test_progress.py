@@ -17,7 +17,8 @@ from tiny_models import make_pair
 
 runner = CliRunner()
 STEP_LINE = re.compile(
-    r"^step (\d+)/(\d+)  loss \d+\.\d{4}  source (dataset|teacher|student|replay)\s*  [\d,]+ tok/s  elapsed \d[\dhms]*  ETA \d[\dhms]*$"
+    r"^step (\d+)/(\d+)  loss \d+\.\d{4}  source (dataset|teacher|student|replay)\s*  "
+    r"[\d,]+ tok/s  elapsed \d[\dhms]*  ETA \d[\dhms]*$"
 )
 
 
