@@ -404,7 +404,7 @@ def teacher_cache_section(step_runs: dict[str, dict], quality_runs: dict[str, di
                     verdict(r["ratio_mean"] <= targets.get("step_ratio", 0)),
                 ]
             )
-        per_token = cache.get("bytes_per_token")
+        per_token = cache.get("bytes_per_token", float("nan"))
         gflop = run["floor"]["gflop_per_sequence"] if run.get("floor") else {}
         lines += [
             markdown_table(rows),
@@ -425,7 +425,7 @@ def teacher_cache_section(step_runs: dict[str, dict], quality_runs: dict[str, di
                 f"{run.get('warmup')} warm-up step(s) per case, live and cached alternating. Cache: K = "
                 f"{cache.get('top_k')}, {cache.get('tokens', 0):,} response tokens, {per_token:.1f} bytes "
                 f"per token (target <= {targets.get('bytes_per_token_k64')} at K = 64: "
-                f"{verdict(per_token is not None and per_token <= targets.get('bytes_per_token_k64', 0))})."
+                f"{verdict(per_token <= targets.get('bytes_per_token_k64', 0))})."
             ),
             "",
         ]

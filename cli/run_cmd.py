@@ -58,7 +58,9 @@ def flag_layer(
 def resolve_config(config_file: Optional[str], flags: dict[str, Any], registry=None) -> distill.config.RunConfig:
     """recipe < embedded default < config file < flags (``distill.resolve.resolve_config``): without a
     recipe anywhere, ``distillm``; without a teacher anywhere, the embedded default (built-in teacher,
-    pruned student, built-in data); without an output folder, a new one under ``runs/``."""
+    pruned student, built-in data); without an output folder, a new one under ``runs/``. Merging
+    checks the config's own fields only: pass the result to ``distill.resolve.plan_run``, which checks
+    every plugin's params (``distill run`` does, before anything is loaded or written)."""
     from distill.resolve import resolve_config as resolve
 
     file_layer = read_config_file(config_file) if config_file else {}

@@ -1,8 +1,9 @@
 """Distill on Accelerate: the Accelerator a run uses, the frozen teacher under sharding, gradient
 accumulation, and the few collectives the loop needs so that every process takes the same decision.
 
-Private Accelerate calls live here and nowhere else (``_reset_state``, ``_set_sync_gradients``,
-``fsdp2_prepare_model``): a new Accelerate release is checked in this one file.
+The engine's private Accelerate calls live here and nowhere else in the package (``_reset_state``,
+``_set_sync_gradients``, ``fsdp2_prepare_model``): a new Accelerate release is checked in this one
+file (``benchmarks/step_cost.py`` resets Accelerate's state too, for TRL's trainers).
 """
 
 from __future__ import annotations

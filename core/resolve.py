@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -67,7 +67,8 @@ def resolve_config(
 class RunPlan:
     """A config whose plugins are checked: the objective (each source's divergence, built) and the
     policy's class with its validated params. ``make_policy()`` builds a fresh policy (a policy has
-    state: one per run)."""
+    state: one per run). The objective is shared by every run of the plan: divergences hold their
+    params and nothing else (a plugin with state of its own would need a plan per run)."""
 
     config: RunConfig
     objective: Objective
@@ -77,10 +78,6 @@ class RunPlan:
     def make_policy(self):
         return self.policy_cls(self.policy_params)
 
-    def with_config(self, config: RunConfig) -> "RunPlan":
-        """The same plugins with ``config`` (the engine's, with ``auto`` precision decided)."""
-        return replace(self, config=config)
-
 
 def plan_run(config: RunConfig, registry: Registry | None = None) -> RunPlan:
     """Validate every plugin's params against ``registry`` (one line naming the field on bad input)."""
@@ -88,7 +85,8 @@ def plan_run(config: RunConfig, registry: Registry | None = None) -> RunPlan:
     objective = Objective(config, registry)  # the run's divergence, and one per objective.terms source
     registration = registry.lookup("policy", config.policy.name)
     params = validate_params(registration.obj.Params, dict(config.policy.params), f"policy {registration.name}")
-    objective.check_sources(registration.obj, config.policy.name)
+    # on an instance: a policy may set its `sources` in __init__
+    objective.check_sources(registration.obj(params), config.policy.name)
     return RunPlan(config, objective, registration.obj, params)
 
 

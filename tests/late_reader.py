@@ -6,7 +6,9 @@ written a part before it looks for finished sequences. Launched by
 
 Every process must read the same finished set before any writes: without the barrier between the two,
 process 1 would count process 0's fresh part as done, share out a shorter list, and leave a quarter of
-the sequences uncached (seen once under load before the barrier was added)."""
+the sequences uncached (seen once under load before the barrier was added). The forcing is a matter of
+timing: against the code without the barrier the test failed (21 of 28 sequences cached), as long as
+process 0 writes its part within the wait; with the barrier, process 1 always waits the whole 8 s."""
 
 from __future__ import annotations
 

@@ -198,3 +198,8 @@ def test_resume_comes_through_the_same_path(tmp_path):
     assert again.train.max_steps == 500 and again.model_dump(exclude={"train"}) == saved.model_dump(exclude={"train"})
     with pytest.raises(distill.ConfigError, match="cannot change divergence.name"):
         resolve.resume_config(out, {"divergence": {"name": "rkl"}})
+    # the file's `teacher: DIR` and a flag's teacher.cache merge like any two layers: the file's teacher
+    # is still compared with the saved one (before, a flag's teacher section replaced the file's string)
+    assert resolve.resume_config(out, {"teacher": "t"}, {"teacher": {"ref": "t"}}).teacher.ref == "t"
+    with pytest.raises(distill.ConfigError, match="cannot change teacher.ref"):
+        resolve.resume_config(out, {"teacher": "other"}, {"teacher": {"cache": None}})
