@@ -23,13 +23,14 @@ settings (β 0.5, λ 0.5), gkd as the DistiLLM paper ran it (jsd β 0.1, λ 0.5,
 imitkd, minillm, and distillm2 where that recipe is registered.
 
 Budgets: ``steps``: every recipe runs epochs x steps-per-epoch optimizer steps. ``seconds``: every
-recipe gets the training seconds (optimizer steps only) that ``distillm`` took at equal steps (mean
-over its seeds), turned into steps at the recipe's own pace at equal steps (its seconds per step,
-mean over its seeds): ``train.max_steps`` = budget / pace, so its learning-rate schedule fits. The
-run's own clock does not end it (no ``train.max_seconds``): on a shared machine a busy minute would
-cut one recipe short and not another, and the quality numbers would measure the load. The paces
-are measured, so they carry the load of their own runs; ``load_average`` in each record says how
-busy the machine was.
+recipe gets the training seconds (optimizer steps only) that ``distillm`` took at equal steps,
+turned into steps at the recipe's own pace at equal steps (its seconds per step):
+``train.max_steps`` = budget / pace, so its learning-rate schedule fits. Both are the least over
+the seeds: a shared machine's load only ever slows a run down, so the quickest run of a recipe is
+the best measure of its own cost (seed runs measured at loads 2 and 5 differed 2x). The run's own
+clock does not end it (no ``train.max_seconds``): on a shared machine a busy minute would cut one
+recipe short and not another, and the quality numbers would measure the load. ``load_average`` in
+each record says how busy the machine was.
 
 Metrics on the validation prompts, at the end: ROUGE-L of greedy answers and of sampled ones
 (temperature 1, mean of ``--draws`` draws per prompt, the official evaluation's 5), token KL to the
@@ -172,6 +173,21 @@ def make_init(args, registry) -> Path:
 
 
 # --- one run
+
+
+def seconds_budget(args, name: str) -> tuple[float, float] | None:
+    """The equal-seconds budget of ``name``: distillm's training seconds at equal steps and ``name``'s
+    seconds per step there, each the least over the seeds run so far (a shared machine's load only
+    ever slows a run down). None until both have an equal-steps run."""
+
+    def finished(recipe: str) -> list[dict[str, Any]]:
+        paths = (record_path(args, "steps", recipe, s) for s in args.seeds)
+        return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+    reference, own = finished("distillm"), finished(name)
+    if not reference or not own:
+        return None
+    return min(r["train_seconds"] for r in reference), min(r["seconds_per_step"] for r in own)
 
 
 def record_path(args, budget: str, name: str, seed: int) -> Path:
@@ -507,26 +523,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue
                 seconds = pace = None
                 if budget == "seconds":
-                    reference = [
-                        json.loads(p.read_text())
-                        for p in (record_path(args, "steps", "distillm", s) for s in args.seeds)
-                        if p.exists()
-                    ]
-                    own = record_path(args, "steps", name, seed)
-                    if not reference or not own.exists():
+                    budget_pace = seconds_budget(args, name)
+                    if budget_pace is None or not record_path(args, "steps", name, seed).exists():
                         print(
                             f"seconds {name} seed {seed}: needs the equal-steps "
                             f"runs of distillm and of {name} first; left out",
                             flush=True,
                         )
                         continue
-                    seconds = statistics.fmean(r["train_seconds"] for r in reference)
-                    own_runs = [
-                        json.loads(p.read_text())
-                        for p in (record_path(args, "steps", name, s) for s in args.seeds)
-                        if p.exists()
-                    ]
-                    pace = statistics.fmean(r["seconds_per_step"] for r in own_runs)
+                    seconds, pace = budget_pace
                 record = run_one(args, registry, name, seed, budget, seconds, pace)
                 write_json(path, record)
                 write_report(args, load_records(args), settings, complete=False)

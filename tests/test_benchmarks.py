@@ -310,6 +310,28 @@ def test_divergence_memory_still_measures_ours_against_the_peer(tmp_path):
     assert case["loss_rel_diff"] < 1e-5 and case["grad_max_abs_diff"] < 1e-6
 
 
+def test_study_seconds_budget_takes_the_quickest_seed(tmp_path):
+    """A shared machine's load only slows a run down: the budget is distillm's least training seconds
+    and the recipe's least seconds per step over the seeds."""
+    from argparse import Namespace
+
+    study = load_script("study")
+    args = Namespace(root=tmp_path, seeds=[0, 1])
+    (tmp_path / "records").mkdir()
+    assert study.seconds_budget(args, "kd") is None
+    for recipe, seed, seconds, pace in (
+        ("distillm", 0, 500.0, 8.0),
+        ("distillm", 1, 900.0, 15.0),
+        ("kd", 0, 360.0, 6.0),
+        ("kd", 1, 720.0, 12.0),
+    ):
+        study.write_json(
+            study.record_path(args, "steps", recipe, seed), {"train_seconds": seconds, "seconds_per_step": pace}
+        )
+    assert study.seconds_budget(args, "kd") == (500.0, 6.0)
+    assert study.seconds_budget(args, "distillm") == (500.0, 8.0)
+
+
 def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path, single_thread):
     study = load_script("study")
     tiny = make_pair(tmp_path / "pair")
