@@ -313,44 +313,9 @@ def study_section(study: dict, results: Path, out_dir: Path) -> list[str]:
         ),
         "",
     ]
-    rows = [
-        [
-            "budget",
-            "recipe",
-            "seeds",
-            "steps",
-            "s/step",
-            "student share",
-            "max φ",
-            "ROUGE-L greedy",
-            "ROUGE-L sampled",
-            "token KL",
-            "val CE",
-        ]
-    ]
+    from study import summary_lines
 
-    def cell(row: dict, key: str, fmt: str) -> str:
-        if key not in row:
-            return "-"
-        lo, hi = row[key + "_range"]
-        return fmt.format(row[key]) + (f" ({fmt.format(lo)}-{fmt.format(hi)})" if len(row["seeds"]) > 1 else "")
-
-    for r in study.get("summary", []):
-        rows.append(
-            [
-                r["budget"],
-                r["recipe"],
-                ",".join(map(str, r["seeds"])),
-                f"{r.get('steps', 0):.0f}",
-                cell(r, "seconds_per_step", "{:.2f}"),
-                f"{100 * r.get('student_share', 0):.0f}%",
-                f"{r.get('max_sgo_prob', 0):.1f}",
-                cell(r, "rouge_l_greedy", "{:.1f}"),
-                cell(r, "rouge_l_sampled", "{:.1f}"),
-                cell(r, "token_kl", "{:.3f}"),
-                cell(r, "val_ce", "{:.3f}"),
-            ]
-        )
+    rows = summary_lines(study.get("summary", []))
     runs = study.get("runs", [])
     if runs:
         start = runs[0]["before"]

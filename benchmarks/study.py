@@ -336,9 +336,9 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def print_table(rows: list[dict[str, Any]]) -> list[list[str]]:
-    from rich.console import Console
-    from rich.table import Table
+def summary_lines(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The summary as text cells, a header first: each number the mean over seeds, with (min-max)
+    when there are several (the console table here and RESULTS.md's, through ``report.py``)."""
 
     def cell(row, key, fmt):
         if key not in row:
@@ -346,36 +346,24 @@ def print_table(rows: list[dict[str, Any]]) -> list[list[str]]:
         lo, hi = row[key + "_range"]
         return fmt.format(row[key]) + (f" ({fmt.format(lo)}-{fmt.format(hi)})" if len(row["seeds"]) > 1 else "")
 
-    header = [
-        "budget",
-        "recipe",
-        "seeds",
-        "steps",
-        "s/step",
-        "student share",
-        "max φ",
-        "ROUGE-L greedy",
-        "ROUGE-L sampled",
-        "token KL",
-        "val CE",
-    ]
+    header = ["budget", "recipe", "seeds", "steps", "s/step", "student share", "max φ"]
+    header += ["ROUGE-L greedy", "ROUGE-L sampled", "token KL", "val CE"]
     lines = [header]
     for r in rows:
-        lines.append(
-            [
-                r["budget"],
-                r["recipe"],
-                ",".join(map(str, r["seeds"])),
-                f"{r.get('steps', 0):.0f}",
-                cell(r, "seconds_per_step", "{:.2f}"),
-                f"{100 * r.get('student_share', 0):.0f}%",
-                f"{r.get('max_sgo_prob', 0):.1f}",
-                cell(r, "rouge_l_greedy", "{:.1f}"),
-                cell(r, "rouge_l_sampled", "{:.1f}"),
-                cell(r, "token_kl", "{:.3f}"),
-                cell(r, "val_ce", "{:.3f}"),
-            ]
-        )
+        seeds, steps = ",".join(map(str, r["seeds"])), f"{r.get('steps', 0):.0f}"
+        share, phi = f"{100 * r.get('student_share', 0):.0f}%", f"{r.get('max_sgo_prob', 0):.1f}"
+        lines.append([r["budget"], r["recipe"], seeds, steps, cell(r, "seconds_per_step", "{:.2f}"), share, phi])
+        lines[-1] += [cell(r, "rouge_l_greedy", "{:.1f}"), cell(r, "rouge_l_sampled", "{:.1f}")]
+        lines[-1] += [cell(r, "token_kl", "{:.3f}"), cell(r, "val_ce", "{:.3f}")]
+    return lines
+
+
+def print_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    from rich.console import Console
+    from rich.table import Table
+
+    lines = summary_lines(rows)
+    header = lines[0]
     table = Table(title="study: mean over seeds (min-max)", title_justify="left")
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i < 2 else "right")
