@@ -605,3 +605,25 @@ def test_sampled_rouge_draws_are_averaged_seeded_and_leave_the_training_generato
     other = Evaluator(examples, Tokenizer(), None, Coin(), 8, rouge_samples=40, rouge_draws=3, seed=7)._rouge("all")
     assert other["rouge_l_sampled"] != first["rouge_l_sampled"]
     assert "rouge_l_sampled" not in evaluator._rouge("before")  # draws only in the final, full pass
+
+
+def test_the_python_path_resolves_plans_and_trains_with_the_plans_plugins(tiny, tmp_path):
+    """README's Python path: resolve_config -> plan_run -> train(plan); the run uses the plan's
+    divergence and a fresh policy of the plan's class."""
+    from distill.engine import train
+    from distill.resolve import plan_run, resolve_config
+
+    layer = {
+        "teacher": str(tiny["teacher"]),
+        "student": str(tiny["student"]),
+        "data": {"path": str(tiny["data"])},
+        "output_dir": str(tmp_path / "run"),
+        "train": {"max_steps": 2, "batch_size": 4},
+        "eval": {"every": 0, "rouge_samples": 0},
+    }
+    plan = plan_run(resolve_config(layer, {"divergence": {"name": "skew_rkl", "params": {"alpha": 0.2}}}, recipe="kd"))
+    assert plan.objective.default.name == "skew_rkl" and plan.objective.default.params.alpha == 0.2
+    result = train(plan)
+    assert result.steps == 2 and result.sources == {"dataset": 2}
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "skew_rkl" in saved and "alpha: 0.2" in saved
