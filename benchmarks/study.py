@@ -37,7 +37,9 @@ Metrics on the validation prompts, at the end: ROUGE-L of greedy answers and of 
 teacher, val CE; and the seconds per step, the student share, φ after each step.
 
 Resumable: each finished run writes ``<root>/records/<budget>-<recipe>-s<seed>.json`` and is skipped
-afterwards; an interrupted run starts over. ``benchmarks/results/study.json`` (one record per run, the
+afterwards; an interrupted run of the same config goes on from its last checkpoint (a stopped
+session sends SIGTERM, and the run saves one at the end of the step it is in), its record saying
+``resumed``; any other interrupted run starts over. ``benchmarks/results/study.json`` (one record per run, the
 settings, the environment) and the plots are rewritten after every run. Run in the background::
 
     nohup .venv/bin/python benchmarks/study.py > study.log 2>&1 &
@@ -212,6 +214,12 @@ def run_one(
         f"{budget} {name} seed {seed}: {cfg.train.max_steps} steps" + (f", {seconds:.0f} s" if seconds else ""),
         flush=True,
     )
+    state = _run_state(out, cfg)
+    if state != "new":
+        print(
+            f"  {state} run found in {out}: " + ("its record from its files" if state == "finished" else "resuming it"),
+            flush=True,
+        )
     started = time.perf_counter()
     last_line = [started]
 
@@ -231,7 +239,8 @@ def run_one(
                 flush=True,
             )
 
-    train(cfg, registry=registry, report=report, overwrite=True)
+    if state != "finished":
+        train(cfg, registry=registry, report=report, overwrite=state == "new", resume=state == "interrupted")
     wall = time.perf_counter() - started
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
@@ -258,7 +267,8 @@ def run_one(
         "steps": len(metrics),
         "steps_planned": cfg.train.max_steps,
         "train_seconds": clock,
-        "wall_seconds": wall,
+        "wall_seconds": wall,  # this process's part: a resumed run's earlier part is not in it
+        "resumed": state != "new",
         "seconds_per_step": clock / max(len(metrics), 1),
         "sources": sources,
         "student_share": sum(
@@ -287,6 +297,23 @@ def run_one(
     if not args.keep_runs:
         shutil.rmtree(out, ignore_errors=True)
     return record
+
+
+def _run_state(out: Path, cfg) -> str:
+    """``new``; ``interrupted``: a run of this very config stopped after a checkpoint (a session that
+    ends sends SIGTERM, and the run saves one at the end of its step), which goes on from there;
+    ``finished``: it reached ``final/`` but its record was never written. Any other folder is
+    replaced."""
+    from distill.checkpoint import latest_checkpoint
+    from distill.config import dump_config
+    from distill.hardware import resolve_precision
+
+    saved = out / "config.yaml"
+    if not saved.is_file() or saved.read_text() != dump_config(resolve_precision(cfg)[0]):
+        return "new"
+    if (out / "final").is_dir() and (out / "eval.jsonl").is_file():
+        return "finished"
+    return "interrupted" if latest_checkpoint(out) is not None else "new"
 
 
 def _load_average() -> list[float] | None:
@@ -439,9 +466,7 @@ def write_report(args, records: list[dict[str, Any]], settings: dict[str, Any], 
     return report
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import distill
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--root", type=Path, default=RESULTS / "study", help="runs, records and the initial student (resumable)"
@@ -473,7 +498,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--keep-runs", action="store_true", help="keep each run's folder under ROOT/runs")
     parser.add_argument("--report-only", action="store_true", help="rewrite the JSON, table and plots from the records")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import distill
+
+    args = build_parser().parse_args(argv)
     set_threads(args)
     registry = distill.default_registry()
     known = set(registry.names("recipe"))

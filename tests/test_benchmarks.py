@@ -677,3 +677,45 @@ def test_teacher_cache_benchmark_times_both_variants_and_compares_full_vocabular
     assert "| kd |" in text and "| distillm |" in text and "bytes per token (target <= 512 at K = 64" in text
     assert f"costs at least {floor['cached_over_live']:.3f}x the live one" in text
     assert f"{100 * quality['relative_difference']:+.1f}%" in text and record["environment"]["date"] in text
+
+
+def test_a_study_run_stopped_by_sigterm_goes_on_from_its_checkpoint(tmp_path, single_thread, monkeypatch):
+    """A session that ends sends SIGTERM: the run saves a checkpoint at the end of its step, and the
+    next study process continues that run instead of starting it over."""
+    import os
+    import signal
+
+    study = load_script("study")
+    tiny = make_pair(tmp_path / "pair")
+    args = study.build_parser().parse_args(
+        ["--root", str(tmp_path / "root"), "--teacher", str(tiny["teacher"]), "--student", str(tiny["student"])]
+        + ["--train-prompts", "16", "--epochs", "2", "--init-steps", "1", "--rouge-samples", "2", "--draws", "1"]
+        + ["--set", "eval.batch_size=8", "--set", "generation.max_new_tokens=4", "--set", "data.val_max=4"]
+    )
+    registry = distill.default_registry()
+    study.write_subset(args)
+    study.make_init(args, registry)
+    real_print = print
+
+    def stop_at_step_1(*parts, **options):  # the run's progress line of step 1: as if the session ended then
+        real_print(*parts, **options)
+        if parts and str(parts[0]).startswith("  step 1 "):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(study, "print", stop_at_step_1, raising=False)
+    with pytest.raises(distill.RunStopped, match="SIGTERM after step 1"):
+        study.run_one(args, registry, "kd", 0, "steps", None, None)
+    monkeypatch.undo()
+    args.keep_runs = True
+    record = study.run_one(args, registry, "kd", 0, "steps", None, None)
+    assert record["resumed"] and record["steps"] == record["steps_planned"] == study.steps_of(args, {})
+    assert [c["step"] for c in record["curve"]][0] == 0 and record["train_seconds"] > 0
+    # finished, but its record never written (the process died in between): rebuilt from its files
+    args.keep_runs = False
+    again = study.run_one(args, registry, "kd", 0, "steps", None, None)
+    assert (
+        again["resumed"]
+        and again["token_kl"] == record["token_kl"]
+        and again["train_seconds"] == record["train_seconds"]
+    )
+    assert not (tmp_path / "root" / "runs" / "steps-kd-s0").exists()
