@@ -78,6 +78,20 @@ def overrides(args) -> dict[str, Any]:
     return layer
 
 
+def bench_layer(args, out: Path) -> dict[str, Any]:
+    """A timing benchmark's own layer: warm-up + timed steps, no evaluation between, a small validation
+    set (the evaluations before and after training are not timed, but they take time), one checkpoint
+    at most, no trackers."""
+    return {
+        "output_dir": str(out),
+        "train": {"max_steps": args.warmup + args.steps},
+        "eval": {"every": 0, "rouge_samples": 0},
+        "data": {"val_max": 8},
+        "checkpoint": {"every": 0, "keep": 1},
+        "log": {"with": []},
+    }
+
+
 def case_config(
     args,
     registry,

@@ -96,6 +96,7 @@ from common import (
     RESULTS,
     Breakdown,
     add_setting_flags,
+    bench_layer,
     case_config,
     distill_patches,
     environment,
@@ -142,19 +143,6 @@ def case_names(registry) -> list[str]:
 
 
 # --- our cases, through distill.train
-
-
-def bench_layer(args, out: Path) -> dict[str, Any]:
-    """Short runs: warm-up + timed steps, no evaluation between, a small validation set (the
-    evaluations before and after training are not timed, but they take time)."""
-    return {
-        "output_dir": str(out),
-        "train": {"max_steps": args.warmup + args.steps},
-        "eval": {"every": 0, "rouge_samples": 0},
-        "data": {"val_max": 8},
-        "checkpoint": {"every": 0, "keep": 1},
-        "log": {"with": []},
-    }
 
 
 def ours_config(args, registry, name: str, out: Path):

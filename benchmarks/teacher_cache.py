@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     RESULTS,
     add_setting_flags,
+    bench_layer,
     case_config,
     environment,
     mean,
@@ -63,18 +64,6 @@ from common import (
 
 RECIPES = ("kd", "distillm")
 TARGETS = {"step_ratio": 0.6, "bytes_per_token_k64": 512, "val_kl_relative": 0.03}
-
-
-def bench_layer(args, out: Path) -> dict[str, Any]:
-    """Short runs: warm-up + timed steps, no evaluation in between, a few validation examples."""
-    return {
-        "output_dir": str(out),
-        "train": {"max_steps": args.warmup + args.steps},
-        "eval": {"every": 0, "rouge_samples": 0},
-        "data": {"val_max": 8},
-        "checkpoint": {"every": 0, "keep": 1},
-        "log": {"with": []},
-    }
 
 
 def cache_record(folder: Path) -> dict[str, Any]:
