@@ -3,12 +3,16 @@
 Two measurements:
 
 - ``run``: ``distill run`` on the embedded default (SmolLM2-135M-Instruct teacher, layer-pruned
-  student, the built-in data; the ``distillm`` recipe) for ``--max-steps`` steps (20) in bf16
-  (``train.precision=bf16``, ``teacher.dtype=bfloat16``) without ROUGE generation
-  (``eval.rouge_samples=0``). Seconds per step and tokens per second (response tokens trained on,
-  the ``tokens`` of ``metrics.jsonl``) come from ``metrics.jsonl``, leaving out the first
-  ``--warmup`` steps; peak memory is ``torch.cuda.max_memory_allocated`` over the whole run
-  (loading and the evaluations before and after training included).
+  student, the built-in data; the ``distillm`` recipe) for ``--max-steps`` steps (20) without ROUGE
+  generation (``eval.rouge_samples=0``), in three cases (``RUN_CASES``): ``auto``, the defaults
+  (``train.precision: auto``, which a CUDA device with bf16 must resolve to bf16, and the fused
+  head); ``full-logits`` (``train.fused_head=false``: the head's peak memory is the difference);
+  ``on-policy`` (``init_prob=1``: every step generates, so its seconds are mostly generation).
+  Seconds per step and tokens per second (response tokens trained on, the ``tokens`` of
+  ``metrics.jsonl``) come from ``metrics.jsonl``, leaving out the first ``--warmup`` steps; peak
+  memory is ``torch.cuda.max_memory_allocated`` over the whole run (loading and the evaluations
+  before and after training included); the precision the run resolved and why, and the head line,
+  come from its start event.
 - ``loss``: ``distill.divergence_loss`` forward + backward on synthetic bf16 logits with a
   large vocabulary (``--vocab`` 151936, Qwen's, at ``--tokens`` 4096 positions), for each
   divergence: the best of ``--repeats`` times, and the peak memory above the two input tensors.
@@ -31,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 DIVERGENCES = {
     "kl": {},
     "rkl": {},
@@ -39,6 +45,12 @@ DIVERGENCES = {
     "skew_kl": {"alpha": 0.1},
     "skew_rkl": {"alpha": 0.1},
 }
+RUN_CASES = {
+    "auto": [],
+    "full-logits": ["train.fused_head=false"],
+    "on-policy": ["policy.params.init_prob=1"],
+}
+"""The embedded default's cases: the defaults, without the fused head, every step generating."""
 RESULTS = Path(__file__).parent / "results" / "gpu_check.json"
 MIB = 2**20
 DEVICE = "cuda"
@@ -68,20 +80,16 @@ def synchronize() -> None:
     torch.cuda.synchronize()
 
 
-def measure_run(max_steps: int, warmup: int) -> dict:
-    """A short bf16 distillation of the embedded default on the GPU."""
+def measure_run(max_steps: int, warmup: int, extra: list[str] = (), cuda: bool = True) -> dict:
+    """A short distillation of the embedded default (``extra``: ``--set`` items on top) on the GPU;
+    ``cuda=False`` measures no GPU memory (the tests run it on CPU with tiny models)."""
     from transformers.utils import logging as hf_logging
 
     from distill.cli.run_cmd import flag_layer, resolve_config
     from distill.engine import train
 
-    settings = [
-        "train.precision=bf16",
-        "teacher.dtype=bfloat16",
-        "eval.rouge_samples=0",
-        f"eval.every={max_steps}",
-        f"checkpoint.every={max_steps}",
-    ]
+    settings = ["eval.rouge_samples=0", f"eval.every={max_steps}", f"checkpoint.every={max_steps}", *extra]
+    started_event: dict = {}
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as folder:
@@ -100,12 +108,14 @@ def measure_run(max_steps: int, warmup: int) -> dict:
             settings=settings,
         )
         config = resolve_config(None, flags)
-        reset_peak()
+        if cuda:
+            reset_peak()
         started = time.perf_counter()
-        result = train(config)
+        result = train(config, report=lambda kind, record: started_event.update(record) if kind == "start" else None)
         wall = time.perf_counter() - started
-        peak_bytes = peak()
+        peak_bytes = peak() if cuda else 0
         steps = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+        resolved = yaml.safe_load((result.output_dir / "config.yaml").read_text())
     timed = steps[warmup:] or steps
     seconds = [s["seconds"] for s in timed]
     return {
@@ -119,15 +129,37 @@ def measure_run(max_steps: int, warmup: int) -> dict:
         "sources": result.sources,
         "val_loss_before": result.before.get("val_loss"),
         "val_loss_after": result.after.get("val_loss"),
+        "truncated": statistics.mean(s["truncated"] for s in timed) if all("truncated" in s for s in timed) else None,
+        "settings": list(extra),
+        "precision_line": started_event.get("precision"),
+        "head_line": started_event.get("head"),
         "config": {
             "recipe": config.recipe,
             "teacher": config.teacher.ref,
             "student": config.student.ref,
             "batch_size": config.train.batch_size,
-            "precision": config.train.precision,
-            "teacher_dtype": config.teacher.dtype,
+            "precision": resolved["train"]["precision"],
+            "teacher_dtype": resolved["teacher"]["dtype"],
+            "student_dtype": resolved["student"]["dtype"],
+            "fused_head": resolved["train"]["fused_head"],
         },
     }
+
+
+def print_runs(runs: dict[str, dict]) -> None:
+    first = next(iter(runs.values()))
+    print(f"\ndistill run, embedded default, {first['steps']} steps (timed: last {first['timed_steps']})")
+    print(
+        f"  {'case':<12} {'precision':>9} {'seconds/step':>13} {'tokens/s':>9} "
+        f"{'peak GPU MiB':>13} {'wall s':>7}  sources"
+    )
+    for name, run in runs.items():
+        print(
+            f"  {name:<12} {run['config']['precision']:>9} {run['seconds_per_step']:>13.3f} "
+            f"{run['tokens_per_second']:>9,.0f} {run['peak_gpu_mib']:>13,.0f} {run['wall_seconds']:>7.1f}  "
+            f"{run['sources']}"
+        )
+    print(f"  auto: {first['precision_line']}; {first['head_line']}")
 
 
 def measure_loss(name: str, params: dict, vocab: int, tokens: int, repeats: int) -> dict:
@@ -193,14 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     if not args.skip_run:
-        run = measure_run(args.max_steps, args.warmup)
-        result["run"] = run
-        print(f"\ndistill run, embedded default, bf16, {run['steps']} steps (timed: last {run['timed_steps']})")
-        print(f"  {'seconds/step':>14} {'tokens/s':>10} {'peak GPU MiB':>13} {'wall s':>8}  sources")
-        print(
-            f"  {run['seconds_per_step']:>14.3f} {run['tokens_per_second']:>10,.0f} "
-            f"{run['peak_gpu_mib']:>13,.0f} {run['wall_seconds']:>8.1f}  {run['sources']}"
-        )
+        result["runs"] = {name: measure_run(args.max_steps, args.warmup, extra) for name, extra in RUN_CASES.items()}
+        print_runs(result["runs"])
 
     losses = [measure_loss(name, params, args.vocab, args.tokens, args.repeats) for name, params in DIVERGENCES.items()]
     result["loss"] = {

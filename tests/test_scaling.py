@@ -110,3 +110,31 @@ def test_gpu_check_without_a_gpu_says_so_and_measures_nothing(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("gpu_check: no CUDA GPU here") and done.stdout.strip().endswith("nothing measured")
     assert not out.exists()
+
+
+def test_gpu_check_run_cases_work_and_record_what_the_run_resolved(tmp_path, capsys):
+    """Its three run cases, on CPU with tiny models instead of the embedded default: a GPU session has
+    15 minutes, so the script must not fail there for the first time."""
+    import importlib.util
+
+    from tiny_models import make_pair
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
+    )
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    tiny = make_pair(tmp_path)
+    models = [f"teacher.ref={tiny['teacher']}", f"student.ref={tiny['student']}", f"data.path={tiny['data']}"]
+    small = ["train.batch_size=4", "eval.batch_size=8", "generation.max_new_tokens=6", *models]
+    runs = {
+        name: gpu_check.measure_run(3, 1, [*small, *extra], cuda=False) for name, extra in gpu_check.RUN_CASES.items()
+    }
+    assert runs["auto"]["config"]["precision"] in ("bf16", "fp32") and runs["auto"]["precision_line"].startswith(
+        "precision"
+    )
+    assert runs["full-logits"]["config"]["fused_head"] is False and runs["auto"]["head_line"]
+    assert runs["on-policy"]["sources"] == {"student": 3} and runs["on-policy"]["truncated"] is not None
+    assert all(r["steps"] == 3 and r["timed_steps"] == 2 and r["seconds_per_step"] > 0 for r in runs.values())
+    gpu_check.print_runs(runs)
+    assert "full-logits" in capsys.readouterr().out
