@@ -166,7 +166,6 @@ def test_plugin_params_are_validated_once_on_the_way_to_the_loss(monkeypatch):
     the plan's objects instead of validating again."""
     import distill.divergence
     import distill.resolve
-    from distill.session import Session  # noqa: F401 (the engine's set-up imports nothing that validates again)
 
     calls = []
     for module in (distill.divergence, distill.resolve):
