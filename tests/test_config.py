@@ -162,8 +162,9 @@ def test_one_path_resolves_recipe_then_embedded_default_then_layers():
 
 
 def test_plugin_params_are_validated_once_on_the_way_to_the_loss(monkeypatch):
-    """The CLI's path: resolve (merge only), plan (every plugin's params, once), and the engine takes
-    the plan's objects instead of validating again."""
+    """The CLI's path: resolving merges and checks no plugin; planning checks each plugin's params
+    once; a policy for a run is built from the plan's checked params without another check. (That
+    ``train`` uses the plan's objects is what ``open_session`` does; this test does not run it.)"""
     import distill.divergence
     import distill.resolve
 
