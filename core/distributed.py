@@ -8,8 +8,10 @@ file (``benchmarks/step_cost.py`` resets Accelerate's state too, for TRL's train
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import traceback
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -140,6 +142,41 @@ def budget_spent(max_seconds: float, seconds: float, accelerator) -> bool:
     return seconds >= max_seconds
 
 
+class GroupKeeper:
+    """Makes the end of a multi-process run destroy its process group where it cannot deadlock.
+
+    ``destroy_process_group`` (Accelerate's ``end_training``) only forgets the group: DDP's reducer
+    still holds it, and frees it from C++, with the GIL held, when the DDP module is freed. The
+    gloo group's destructor then joins its worker threads. A worker that is still freeing a
+    finished collective whose tensors Python has already let go of must take the GIL to free them,
+    and holds the group's work lock meanwhile: the two threads wait for each other forever, in futex
+    waits (issue #12; `tests/exit_deadlock.py` forces it). Freed through a Python reference,
+    a process group is destroyed with the GIL released, so the worker finishes first.
+
+    ``hold`` keeps such a reference for the run; ``release``, after the run's objects are gone,
+    frees what still holds the group (the DDP wrapper) and then drops the reference, the last one.
+    """
+
+    def __init__(self) -> None:
+        self.group = None
+
+    def hold(self, accelerator) -> None:
+        import torch.distributed as dist
+
+        if accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+            self.group = dist.group.WORLD
+
+    def release(self, error: BaseException | None = None) -> None:
+        """Call after the run returned, or with the ``error`` it raised: its traceback's frames
+        still hold the run's objects, so their locals are cleared first."""
+        if self.group is None:
+            return
+        if error is not None:
+            traceback.clear_frames(error.__traceback__)
+        gc.collect()  # the DDP wrapper, also where a reference cycle holds it
+        self.group = None  # the group's last reference: it is destroyed here, without the GIL
+
+
 def rank_log(accelerator) -> Callable[[dict[str, Any]], None]:
     """With ``DISTILL_RANK_LOG=DIR``, every process appends its own view of each step (source,
     local tokens) to ``DIR/rank-<i>.jsonl``: evidence that all ranks took the same branch."""
@@ -157,6 +194,7 @@ def rank_log(accelerator) -> Callable[[dict[str, Any]], None]:
 
 
 __all__ = [
+    "GroupKeeper",
     "accumulating",
     "budget_spent",
     "full_params",

@@ -1,9 +1,10 @@
 """The training loop: a frozen teacher supervises a student, step by step, on Accelerate.
 
-Read ``train`` top to bottom: the set-up (``distill.session.open_session``), an evaluation before
+Read ``_run`` (what ``train`` runs) top to bottom: the set-up (``distill.session.open_session``), an evaluation before
 training, then one optimizer step per iteration (the policy picks the sequences, the divergence is
 summed over response tokens and normalised once by the global token count), evaluation and
-checkpoints once in a while, ``final/``. What runs on Accelerate is in ``distill.distributed``.
+checkpoints once in a while, ``final/``. What runs on Accelerate is in ``distill.distributed``;
+``train`` adds only the end of a multi-process run's group (``distill.distributed.GroupKeeper``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from distill.checkpoint import RunState, StopSignals, latest_checkpoint
 from distill.config import RunConfig
 from distill.data import collate
-from distill.distributed import accumulating, budget_spent, share
+from distill.distributed import GroupKeeper, accumulating, budget_spent, share
 from distill.errors import RunStopped
 from distill.objective import group_counts, group_denominator
 from distill.policy import as_groups
@@ -69,10 +70,22 @@ def train(
     """
     registry = registry or default_registry()
     plan = config if isinstance(config, RunPlan) else plan_run(config, registry)
-    s = open_session(
-        plan, registry=registry, report=report or (lambda kind, record: None), overwrite=overwrite, resume=resume
-    )
+    keeper = GroupKeeper()  # a multi-process run's group is destroyed after the run's objects: see there
+    try:
+        result = _run(plan, registry, report or (lambda kind, record: None), overwrite, resume, keeper)
+    except BaseException as error:
+        keeper.release(error)
+        raise
+    keeper.release()
+    return result
+
+
+def _run(
+    plan: RunPlan, registry: Registry, report: Reporter, overwrite: bool, resume: bool, keeper: GroupKeeper
+) -> RunResult:
+    s = open_session(plan, registry=registry, report=report, overwrite=overwrite, resume=resume)
     cfg, accelerator, report = s.cfg, s.accelerator, s.report
+    keeper.hold(accelerator)
     if s.saved is None:  # evaluate before training: the "before" numbers and the adaptive policy's reference loss
         before = _evaluate(s, 0, rouge="before")
         run = RunState(before=before, after=before)
@@ -127,6 +140,8 @@ def train(
             if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or signum:
                 path = s.save(step, run)
             if signum:
+                accelerator.wait_for_everyone()
+                accelerator.end_training()  # every process stops at this step: trackers finish, the group ends
                 name = signal.Signals(signum).name
                 raise RunStopped(
                     f"{name} after step {step}; checkpoint saved to {path}; "
