@@ -163,16 +163,21 @@ class GroupKeeper:
     def hold(self, accelerator) -> None:
         import torch.distributed as dist
 
-        if accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():  # a launch of 1 process too: DDP wraps it
             self.group = dist.group.WORLD
 
     def release(self, error: BaseException | None = None) -> None:
-        """Call after the run returned, or with the ``error`` it raised: its traceback's frames
-        still hold the run's objects, so their locals are cleared first."""
+        """Call after the run returned, or with the ``error`` it raised: the tracebacks of the error
+        and of the ones it chains still hold the run's objects, so their frames' locals are cleared
+        first (post-mortem debuggers then see empty locals in those frames; only where a process
+        group exists)."""
         if self.group is None:
             return
-        if error is not None:
+        seen = set()
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
             traceback.clear_frames(error.__traceback__)
+            error = error.__cause__ or error.__context__
         gc.collect()  # the DDP wrapper, also where a reference cycle holds it
         self.group = None  # the group's last reference: it is destroyed here, without the GIL
 

@@ -140,8 +140,7 @@ def _run(
             if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or signum:
                 path = s.save(step, run)
             if signum:
-                accelerator.wait_for_everyone()
-                accelerator.end_training()  # every process stops at this step: trackers finish, the group ends
+                _end(accelerator)  # every process stops at this step
                 name = signal.Signals(signum).name
                 raise RunStopped(
                     f"{name} after step {step}; checkpoint saved to {path}; "
@@ -151,8 +150,7 @@ def _run(
             if last:  # max_steps, or the train.max_seconds budget is spent
                 break
     s.write_final()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    _end(accelerator)
     result = RunResult(
         s.out,
         run.step,
@@ -166,6 +164,13 @@ def _run(
     )
     report("end", {"output_dir": str(s.out), "seconds": result.seconds, "skipped": run.skipped})
     return result
+
+
+def _end(accelerator) -> None:
+    """The end of a run, and of a stop that every process takes at the same step: trackers finish and
+    the process group is destroyed (where, see ``GroupKeeper``)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def _evaluate(s: Session, step: int, **options) -> dict[str, float]:
@@ -239,7 +244,8 @@ def _optimizer_step(s: Session, run: RunState, step: int, step_loss: float, coun
         s.optimizer.step()
     elif cfg.train.skip_nonfinite:
         run.skipped += 1
-    else:
+    else:  # the loss and the norm are global: every process stops at this step
+        _end(s.accelerator)
         raise _nonfinite_stop(step, step_loss, norm, s.out)
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)

@@ -69,15 +69,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _signal_marked(marker: str, signum: int, pause: float = 0.0, *, workers: bool = False) -> None:
-    """Send ``signum`` to every process whose environment holds ``DISTILL_TEST_LAUNCH=marker``
-    (``workers``: only the training processes, not the launcher), ``pause`` seconds apart."""
+def _signal_marked(marker: str, signum: int, pause: float = 0.0, *, skip: int | None = None) -> None:
+    """Send ``signum`` to every process whose environment holds ``DISTILL_TEST_LAUNCH=marker`` but
+    ``skip`` (the launcher's pid: then only its training processes), ``pause`` seconds apart."""
     needle = f"DISTILL_TEST_LAUNCH={marker}".encode()
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+        if entry.name.isdigit() and int(entry.name) != skip:
             try:
-                if workers and b"accelerate" in (entry / "cmdline").read_bytes():
-                    continue
                 if needle in (entry / "environ").read_bytes().split(b"\0"):
                     os.kill(int(entry.name), signum)
                     time.sleep(pause)
@@ -188,7 +186,7 @@ def test_two_processes_take_the_same_branches_and_write_once(tiny, tmp_path):
 def test_two_processes_train_like_one_process_with_the_same_global_batch(tiny, tmp_path):
     """2 processes x 2 micro-batches x 2 sequences against 1 process x 1 micro-batch x 8 sequences:
     the same 8 sequences per step, so the same losses step after step (the gradients are equal)."""
-    kd = ["--recipe", "kd", "--max-steps", "3", "--set", "train.lr=3e-3", "--set", "eval.every=0", *SMALL]
+    kd = ["--recipe", "kd", "--max-steps", "3", "--set", "train.lr=3e-3", *SMALL, "--set", "eval.every=0"]
     out, ranks = tmp_path / "run", tmp_path / "ranks"
     distill_script = str(Path(sys.executable).with_name("distill"))  # `accelerate launch $(which distill) run ...`
     launch(
@@ -261,35 +259,43 @@ def test_two_processes_run_distillm2_with_both_groups_generated_in_step(tiny, tm
 
 def test_the_end_of_a_run_cannot_deadlock_in_the_group_teardown(tiny, tmp_path):
     """Issue #12's exit hang, forced (``tests/exit_deadlock.py``): a gloo collective is still in
-    flight on process 0 when the run ends. The run must exit; against the code that let DDP's
-    reducer destroy the group with the GIL held, both processes hung in the teardown."""
-    out = tmp_path / "run"
+    flight on process 0 while the run's objects are freed. Both processes must get through the
+    teardown; against the code that let DDP's reducer destroy the group with the GIL held, both hung."""
+    out, sync = tmp_path / "run", tmp_path / "sync"
+    sync.mkdir()
     script = str(Path(__file__).with_name("exit_deadlock.py"))
-    kd = ["--recipe", "kd", "--max-steps", "2", "--set", "eval.every=0", *SMALL]
-    output = launch([script, "run", *models(tiny, out), *kd])
+    kd = ["--recipe", "kd", "--max-steps", "2", *SMALL, "--set", "eval.every=0"]
+    output = launch([script, "run", *models(tiny, out), *kd], env={"DISTILL_TEST_SYNC": str(sync)})
     assert output.count("distill run summary") == 1, output
     assert (out / "final").is_dir()
+    assert {p.name for p in sync.iterdir()} == {"ddp-freed-0", "exited-0", "exited-1"}
 
 
 def test_two_processes_stop_together_on_sigterm_and_resume(tiny, tmp_path):
     """SIGTERM to both training processes: they finish the same step, save one checkpoint with both
-    states, end the process group and exit (no hang); ``--resume`` then runs the remaining steps."""
-    out, ranks = tmp_path / "run", tmp_path / "ranks"
-    kd = ["--recipe", "kd", "--max-steps", "60", "--set", "eval.every=0", *SMALL]
-    process, marker = start(["-m", "distill", "run", *models(tiny, out), *kd], env={"DISTILL_RANK_LOG": str(ranks)})
+    states, end the process group and exit, with a gloo collective in flight while the run's objects
+    are freed (``tests/exit_deadlock.py``): no process hangs in the teardown. ``--resume`` then runs
+    the remaining steps."""
+    out, ranks, sync = tmp_path / "run", tmp_path / "ranks", tmp_path / "sync"
+    sync.mkdir()
+    script = str(Path(__file__).with_name("exit_deadlock.py"))
+    kd = ["--recipe", "kd", "--max-steps", "40", *SMALL, "--set", "eval.every=0"]
+    env = {"DISTILL_RANK_LOG": str(ranks), "DISTILL_TEST_SYNC": str(sync)}
+    process, marker = start([script, "run", *models(tiny, out), *kd], env=env)
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline and process.poll() is None and not (ranks / "rank-1.jsonl").exists():
         time.sleep(0.05)
-    _signal_marked(marker, signal.SIGTERM, workers=True)
+    _signal_marked(marker, signal.SIGTERM, skip=process.pid)  # the training processes, not torchrun
     output = finish(process, marker, check=False)
     assert process.returncode != 0 and "SIGTERM after step" in output, output[-3000:]
+    assert {p.name for p in sync.iterdir()} == {"ddp-freed-0", "exited-0", "exited-1"}, output[-3000:]
     (checkpoint,) = (out / "checkpoints").iterdir()
     stopped = int(checkpoint.name.removeprefix("step-"))
-    assert 1 <= stopped < 60
+    assert 1 <= stopped < 40
     assert len(torch.load(checkpoint / "trainer_state.pt", weights_only=True)["ranks"]) == 2
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, stopped + 1))
     assert not (out / "final").exists()
 
     launch(["-m", "distill", "run", "--resume", "--output-dir", str(out)])
-    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, 61))
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, 41))
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 1
