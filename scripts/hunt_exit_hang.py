@@ -10,7 +10,7 @@ machine as a test run does. On a timeout it records, for every process of the la
 It then kills the launch. Each launch is one line of `launches.jsonl` under ``--out``, so a
 stopped hunt continues where it stopped. Stacks go to `hang-<n>.txt`.
 
-    .venv/bin/python scripts/hunt_exit_hang.py --out /tmp/hunt --launches 200 --parallel 2
+    .venv/bin/python scripts/hunt_exit_hang.py --out /tmp/hunt --launches 200 --parallel 2   # test extra installed
 """
 
 from __future__ import annotations
@@ -20,23 +20,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTIVE = (
-    "--recipe distillm -P init_prob=1 -P capacity=8 --seed 3 --max-steps 6 --set train.batch_size=4 "
-    "--set eval.batch_size=8 --set generation.max_new_tokens=12 --set eval.every=2"
-).split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def marked(marker: str) -> list[int]:
@@ -76,36 +65,12 @@ def describe(pid: int) -> str:
 
 
 def start(n: int, out: Path, tiny: dict[str, Path]):
+    from test_multiprocess import ADAPTIVE, launch_command, models  # the test's launch, exactly
+
     run_dir = out / "runs" / f"launch-{n}"
     shutil.rmtree(run_dir, ignore_errors=True)
     marker = f"{os.getpid()}-{n}"
-    command = [
-        str(Path(sys.executable).with_name("accelerate")),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "distill",
-        "run",
-        "--teacher",
-        str(tiny["teacher"]),
-        "--student",
-        str(tiny["student"]),
-        "--data",
-        str(tiny["data"]),
-        "--output-dir",
-        str(run_dir),
-        *ADAPTIVE,
-    ]
+    command = launch_command(["-m", "distill", "run", *models(tiny, run_dir), *ADAPTIVE])
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "DISTILL_HUNT": marker}
     log = open(out / "runs" / f"launch-{n}.log", "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

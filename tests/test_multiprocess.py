@@ -83,14 +83,13 @@ def _signal_marked(marker: str, signum: int, pause: float = 0.0, *, skip: int | 
                 pass
 
 
-def start(script: list[str], *, processes: int = 2, env: dict[str, str] | None = None):
-    """``accelerate launch`` with ``processes`` CPU processes, started; returns the launcher process
-    and the marker in its processes' environment (see ``launch``).
+def launch_command(script: list[str], processes: int = 2) -> list[str]:
+    """``accelerate launch`` of ``script`` with ``processes`` CPU processes (gloo).
 
     On a machine without GPUs ``accelerate launch --cpu --num_processes 2`` starts one process (it
-    forks CPU processes only through mpirun), so this uses the torchrun launcher with
-    ``ACCELERATE_USE_CPU=1``, which README's "Scaling out" documents."""
-    command = [
+    forks CPU processes only through mpirun), so this uses the torchrun launcher; the processes need
+    ``ACCELERATE_USE_CPU=1`` in their environment, as README's "Scaling out" documents."""
+    return [
         str(Path(sys.executable).with_name("accelerate")),
         "launch",
         "--multi_gpu",
@@ -106,6 +105,12 @@ def start(script: list[str], *, processes: int = 2, env: dict[str, str] | None =
         str(free_port()),
         *script,
     ]
+
+
+def start(script: list[str], *, processes: int = 2, env: dict[str, str] | None = None):
+    """``launch_command`` started; returns the launcher process and the marker in its processes'
+    environment (see ``launch``)."""
+    command = launch_command(script, processes)
     marker = f"{os.getpid()}-{free_port()}"
     # PYTHONFAULTHANDLER: on SIGABRT every process prints where each of its threads is
     env = {
