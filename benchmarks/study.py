@@ -292,6 +292,11 @@ def run_one(
         ],
         "sgo_prob": [m.get("sgo_prob") for m in metrics] if any("sgo_prob" in m for m in metrics) else None,
         "step_sources": [m["source"] for m in metrics],
+        "step_seconds": [round(m["seconds"], 3) for m in metrics],  # sources' paces within one run
+        "seconds_by_source": {
+            source: round(statistics.mean(m["seconds"] for m in metrics if m["source"] == source), 3)
+            for source in sorted({m["source"] for m in metrics})
+        },
         "load_average": _load_average(),
     }
     if not args.keep_runs:
@@ -452,7 +457,7 @@ def plot(records: list[dict[str, Any]], folder: Path) -> list[Path]:
 def write_report(args, records: list[dict[str, Any]], settings: dict[str, Any], complete: bool) -> dict[str, Any]:
     rows = summarise(records)
     plots = plot(records, args.output.parent) if records else []
-    slim = [{k: v for k, v in r.items() if k not in ("step_sources",)} for r in records]
+    slim = [{k: v for k, v in r.items() if k not in ("step_sources", "step_seconds")} for r in records]
     report = {
         "benchmark": "study",
         "complete": complete,

@@ -387,6 +387,11 @@ def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path,
         ):
             assert run[field] is not None, (key, field)
         assert [c["step"] for c in run["curve"]][0] == 0
+        # each source's mean step time, from the run's own steps
+        assert set(run["seconds_by_source"]) == {s for s in run["sources"]} and "step_seconds" not in run
+        assert sum(run["seconds_by_source"][s] * n for s, n in run["sources"].items()) == pytest.approx(
+            run["train_seconds"], abs=0.01 * len(run["sources"]) * run["steps"]
+        )
     assert all(runs["steps", n]["steps"] == 4 for n in ("kd", "sft", "distillm"))  # 2 epochs of 16 prompts, 8 a step
     assert [c["step"] for c in runs["steps", "kd"]["curve"]] == [0, 2, 4]  # once per epoch
     assert runs["steps", "sft"]["distill_recipe"] == "sft" and runs["steps", "distillm"]["sgo_prob"] is not None
