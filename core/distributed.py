@@ -143,7 +143,8 @@ def budget_spent(max_seconds: float, seconds: float, accelerator) -> bool:
 
 
 class GroupKeeper:
-    """Makes the end of a multi-process run destroy its process group where it cannot deadlock.
+    """Makes the end of a multi-process run destroy its process group where gloo's teardown does not
+    deadlock.
 
     ``destroy_process_group`` (Accelerate's ``end_training``) only forgets the group: DDP's reducer
     still holds it, and frees it from C++, with the GIL held, when the DDP module is freed. The
@@ -160,7 +161,8 @@ class GroupKeeper:
     def __init__(self) -> None:
         self.group = None
 
-    def hold(self, accelerator) -> None:
+    def hold(self) -> None:
+        """Call once the run's process group exists (after the Accelerator is made)."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():  # a launch of 1 process too: DDP wraps it

@@ -1,10 +1,11 @@
 """The training loop: a frozen teacher supervises a student, step by step, on Accelerate.
 
-Read ``_run`` (what ``train`` runs) top to bottom: the set-up (``distill.session.open_session``), an evaluation before
-training, then one optimizer step per iteration (the policy picks the sequences, the divergence is
-summed over response tokens and normalised once by the global token count), evaluation and
-checkpoints once in a while, ``final/``. What runs on Accelerate is in ``distill.distributed``;
-``train`` adds only the end of a multi-process run's group (``distill.distributed.GroupKeeper``).
+Read ``_run`` (what ``train`` runs) top to bottom: the set-up (``distill.session.open_session``), an
+evaluation before training, then one optimizer step per iteration (the policy picks the sequences,
+the divergence is summed over response tokens and normalised once by the global token count),
+evaluation and checkpoints once in a while, ``final/``. What runs on Accelerate is in
+``distill.distributed``; ``train`` adds only where a multi-process run's group ends
+(``distill.distributed.GroupKeeper``).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _run(
 ) -> RunResult:
     s = open_session(plan, registry=registry, report=report, overwrite=overwrite, resume=resume)
     cfg, accelerator, report = s.cfg, s.accelerator, s.report
-    keeper.hold(accelerator)
+    keeper.hold()
     if s.saved is None:  # evaluate before training: the "before" numbers and the adaptive policy's reference loss
         before = _evaluate(s, 0, rouge="before")
         run = RunState(before=before, after=before)
