@@ -13,21 +13,24 @@ bf16 runs). ``--max-new-tokens`` (128). Two workloads:
 - ``eval``: the ROUGE-L evaluation's generation: the first ``eval.rouge_samples`` (64) validation
   prompts, greedy, in batches of ``eval.batch_size`` (64). ``--eval-repeats 0`` skips it.
 
-For every (workload, model, dtype, mode), both implementations run through the same
-``ResponseGenerator`` (``always_generate=True`` for the old path) on the same prompts: one untimed
-warm-up call each, then ``--repeats`` (``--eval-repeats``) timed calls each, in one process,
-alternating which goes first. Before each call torch's generator is seeded with ``seed + repetition``,
-so both start from the same random state (sampled answers still differ: the two samplers draw
-differently, so their lengths differ too; compare ms per forward for sampled runs of the teacher).
+For every (workload, model, dtype, mode), three implementations run through the same
+``ResponseGenerator`` (``always_generate=True`` for the old path) on the same prompts: ``generate``,
+``decode``, and ``decode-linear-head`` (``decode`` with its few-row head turned off, so the output head
+multiplies as ``F.linear``: what that change alone is worth; it only touches float32 heads on a CPU).
+One untimed warm-up call each, then ``--repeats`` (``--eval-repeats``) timed calls each, in one
+process, rotating which goes first. Before each call torch's generator is seeded with ``seed + repetition``,
+so all start from the same random state (sampled answers of ``generate`` still differ: the two samplers
+draw differently, so their lengths differ too; compare ms per forward for sampled runs of the teacher).
 
 Reported per case: median and best seconds per call, mean new tokens (answers up to their EOS),
 mean forwards (per batch, as many as its longest answer has tokens: the prefill and one per further
 token), milliseconds per forward, and the ratio generate / decode of the medians (the machine this
-was written on is shared and noisy: read ratios, not absolute times). For greedy cases, whether the
-two produced the same tokens. The JSON is rewritten after every case (``"complete": false`` until
-the end).
+was written on is shared and noisy: read ratios, not absolute times), and "linear head/fwd": ms per
+forward of ``decode-linear-head`` over ``decode``. For greedy cases, whether ``generate`` and
+``decode`` produced the same tokens (``same_tokens_linear_head``: ``decode`` with either head).
+The JSON is rewritten after every case (``"complete": false`` until the end).
 
-Run (from the repository root; about 25 minutes on 2 CPU cores)::
+Run (from the repository root; about 35 minutes on 2 CPU cores)::
 
     .venv/bin/python benchmarks/generation_speed.py                   # the embedded default, 2 threads
     .venv/bin/python benchmarks/generation_speed.py --repeats 3 --eval-repeats 0 --models student --dtypes bfloat16
@@ -54,11 +57,12 @@ from common import RESULTS, add_setting_flags, base_layers, environment, overrid
 
 from distill.config import GenerationConfig
 from distill.data import Example, load_examples
+import distill.generation as generation_module
 from distill.generation import ResponseGenerator
 from distill.models import load_model, load_tokenizer
 from distill.resolve import resolve_config
 
-IMPLEMENTATIONS = ("generate", "decode")
+IMPLEMENTATIONS = ("generate", "decode", "decode-linear-head")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 generators = {
                     "generate": ResponseGenerator(tokenizer, generation, workload.batch_size, always_generate=True),
                     "decode": ResponseGenerator(tokenizer, generation, workload.batch_size),
+                    "decode-linear-head": LinearHeadGenerator(tokenizer, generation, workload.batch_size),
                 }
                 for mode in workload.modes:
                     greedy = mode == "greedy"
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     for name in IMPLEMENTATIONS:  # warm-up: first-call allocations, lazy initialisation
                         generators[name](model, workload.prompts[:2], greedy=greedy, max_new_tokens=4)
                     for repetition in range(workload.repeats):
-                        order = IMPLEMENTATIONS if repetition % 2 == 0 else IMPLEMENTATIONS[::-1]
+                        turn = repetition % len(IMPLEMENTATIONS)
+                        order = IMPLEMENTATIONS[turn:] + IMPLEMENTATIONS[:turn]
                         for name in order:
                             torch.manual_seed(args.seed + repetition)
                             runs[name].append(timed_call(generators[name], model, workload.prompts, greedy))
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     print(
                         f"{workload_name} {model_name} {dtype_name} {mode}: generate "
                         f"{case['generate']['median_seconds']:.2f} s, decode "
-                        f"{case['decode']['median_seconds']:.2f} s, ratio {case['generate_over_decode']:.2f}",
+                        f"{case['decode']['median_seconds']:.2f} s, ratio {case['generate_over_decode']:.2f}; "
+                        f"decode with F.linear's head {case['decode-linear-head']['median_seconds']:.2f} s",
                         flush=True,
                     )
                     write_json(args.output, report)
@@ -163,6 +170,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(report)
     print(f"\nwritten: {args.output}")
     return report
+
+
+class LinearHeadGenerator(ResponseGenerator):
+    """``decode`` with its few-row head turned off (``distill.generation.FEW_ROWS = 0``) during each call:
+    the head multiplies as ``F.linear``, as it did before, for a comparison within the same run."""
+
+    def __call__(self, *args, **kwargs):
+        kept = generation_module.FEW_ROWS
+        generation_module.FEW_ROWS = 0
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            generation_module.FEW_ROWS = kept
 
 
 @dataclass
@@ -217,8 +237,14 @@ def summarise(
         }
     case["generate_over_decode"] = case["generate"]["median_seconds"] / case["decode"]["median_seconds"]
     case["generate_over_decode_per_forward"] = case["generate"]["ms_per_forward"] / case["decode"]["ms_per_forward"]
+    case["linear_head_over_decode_per_forward"] = (
+        case["decode-linear-head"]["ms_per_forward"] / case["decode"]["ms_per_forward"]
+    )
     if mode == "greedy":
         case["same_tokens"] = all(a["responses"] == b["responses"] for a, b in zip(runs["generate"], runs["decode"]))
+        case["same_tokens_linear_head"] = all(
+            a["responses"] == b["responses"] for a, b in zip(runs["decode-linear-head"], runs["decode"])
+        )
     return case
 
 
@@ -243,6 +269,7 @@ def print_table(report: dict[str, Any]) -> None:
         "forwards g/d",
         "ms/forward g/d",
         "ratio/fwd",
+        "linear head/fwd",
         "same",
     )
     rows = []
@@ -261,6 +288,7 @@ def print_table(report: dict[str, Any]) -> None:
                 f"{g['mean_forwards']:.0f}/{d['mean_forwards']:.0f}",
                 f"{g['ms_per_forward']:.1f}/{d['ms_per_forward']:.1f}",
                 f"{c['generate_over_decode_per_forward']:.2f}x",
+                f"{c['linear_head_over_decode_per_forward']:.2f}x",
                 {True: "yes", False: "no"}.get(c.get("same_tokens"), "-"),
             )
         )

@@ -367,14 +367,14 @@ def test_generation_speed_benchmark_runs_on_tiny_models(tmp_path, monkeypatch, s
         ("eval", m, d, "greedy") for m, d in models_and_dtypes
     }
     for case in report["cases"]:
-        assert case["generate"]["median_seconds"] > 0 and case["decode"]["median_seconds"] > 0
+        assert all(case[name]["median_seconds"] > 0 for name in ("generate", "decode", "decode-linear-head"))
         batches, prompts = (1, 4) if case["workload"] == "train" else (2, 2)
         assert (
             batches <= case["decode"]["mean_forwards"] <= 6 * batches
             and case["decode"]["mean_new_tokens"] <= 6 * prompts
         )
         if case["mode"] == "greedy":
-            assert case["same_tokens"], case
+            assert case["same_tokens"] and case["same_tokens_linear_head"], case
 
 
 def two_stop_ids(model) -> list[int]:
@@ -428,3 +428,57 @@ def test_every_id_of_the_generation_config_and_the_tokenizer_eos_ends_a_response
         ends = {e.response_ids[-1] for e in out if len(e.response_ids) < NEW}
         assert ends == {first, second}, (always_generate, out)  # kept as the last label
         assert all(not {first, second} & set(e.response_ids[:-1]) for e in out)
+
+
+# --- decode's few-row head
+
+
+def test_few_row_head_multiplies_few_rows_as_w_times_x_transposed_and_is_restored(single_thread):
+    """Up to FEW_ROWS rows: ``(W @ x.T).T + b`` (the same logits as F.linear up to rounding); more rows:
+    F.linear itself. The head's own forward is back afterwards, and it never lingers after an error."""
+    from distill.generation import FEW_ROWS, few_row_head
+
+    head = torch.nn.Linear(32, VOCAB)
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: head
+    few, many = torch.randn(2, 3, 32), torch.randn(FEW_ROWS + 1, 32)
+    with torch.no_grad(), few_row_head(model):
+        assert "forward" in vars(head)
+        out_few, out_many = head(few), head(many)
+    assert "forward" not in vars(head)
+    with torch.no_grad():
+        expected = (head.weight @ few.reshape(6, 32).t()).t() + head.bias
+        assert out_few.shape == (2, 3, VOCAB) and out_few.is_contiguous()
+        assert torch.equal(out_few.reshape(6, VOCAB), expected)
+        torch.testing.assert_close(out_few, torch.nn.functional.linear(few, head.weight, head.bias))
+        assert torch.equal(out_many, torch.nn.functional.linear(many, head.weight, head.bias))
+    with pytest.raises(RuntimeError, match="inside"), few_row_head(model):
+        raise RuntimeError("inside")
+    assert "forward" not in vars(head)
+
+
+def test_few_row_head_leaves_bf16_and_non_linear_heads_alone(single_thread):
+    from peft import LoraConfig, get_peft_model
+
+    from distill.generation import few_row_head
+
+    bf16 = tiny_model("llama").to(torch.bfloat16)
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["lm_head"]))
+    for model in (bf16, lora):
+        head = model.get_output_embeddings()
+        with few_row_head(model):
+            assert "forward" not in vars(head)
+
+
+def test_decode_uses_the_few_row_head_and_matches_it_turned_off(monkeypatch, single_thread):
+    """Inside decode the float32 head runs the few-row product (seen by a hook); greedy tokens are the
+    same as with F.linear's head (FEW_ROWS = 0, what benchmarks/generation_speed.py compares)."""
+    import distill.generation as generation
+
+    model = tiny_model("llama")
+    seen: list[bool] = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append("forward" in vars(module)))
+    ours = our_decode(model, None)
+    assert seen and all(seen) and "forward" not in vars(model.lm_head)
+    monkeypatch.setattr(generation, "FEW_ROWS", 0)
+    assert torch.equal(our_decode(model, None), ours)
