@@ -349,14 +349,15 @@ FEW_ROWS = 8
 def few_row_head(model) -> Iterator[None]:
     """While inside, a float32 CPU output head multiplies at most ``FEW_ROWS`` rows as ``(W @ x.T).T``.
 
-    Decoding projects one position per row through the head: ``[B, H] x [H, V]`` with B of 8 or fewer.
-    ``F.linear`` computes ``x @ W.T``, and the CPU BLAS packs the whole transposed weight for it at
-    every call; for the embedded default's head ([8, 576] x [576, 49152], float32) that took 19-25 ms
-    against 9-15 ms for the same product as ``W @ x.T``, which streams W's rows as they lie (2-core AMD
-    EPYC, 1 and 2 threads, native and AVX2 paths; ``benchmarks/generation_speed.py``). bf16 heads and
-    taller inputs (a training step's positions) gain nothing from it and keep ``F.linear``. Only a plain
-    ``nn.Linear`` head is touched (not a LoRA or quantised one); its hooks still run; the result
-    differs from ``F.linear``'s by float rounding (another summation order).
+    Decoding projects one position per row through the head: ``[B, H] x [H, V]``, B mostly 8 or fewer.
+    ``F.linear`` computes it as ``x @ W.T``, which the CPU BLAS runs far below the speed of the same
+    product written ``W @ x.T`` (W's rows read as they lie): for the embedded default's float32 head
+    ([8, 576] x [576, 49152]) 19-25 ms against 9-15 ms, at 2 rows 23-43 ms against 6-11 ms (2-core AMD
+    EPYC, 1 and 2 threads, native and AVX2 paths; 2 rows taking twice as long as 1 suggests the
+    transposed weight is repacked at each call). Whole decodes: ``benchmarks/generation_speed.py``.
+    bf16 heads (as often slower as faster that way) and taller inputs (a training step's positions:
+    within 5-15%) keep ``F.linear``. Only a plain ``nn.Linear`` head is touched (not a LoRA, quantised
+    or hooked one); its hooks still run; the logits differ from ``F.linear``'s by float rounding.
     """
     head = _transformers_model(model)
     head = head.get_output_embeddings() if hasattr(head, "get_output_embeddings") else None
