@@ -18,7 +18,8 @@ Setting (the defaults; flags change them):
   no per-recipe tuning (the grid is the one value). The divergence term alone (``train.ce_weight``
   0), except ``sft``, which is the cross-entropy alone.
 
-Recipes: kd, sft, skew_kl and skew_rkl (off-policy), distillm, distillm with skew_rkl, gkd with TRL's
+Recipes: kd, sft, skew_kl and skew_rkl (off-policy), rkl (off-policy reverse KL, the control that
+"skew KL >= KL and RKL" needs beside kd), distillm, distillm with skew_rkl, gkd with TRL's
 settings (β 0.5, λ 0.5), gkd as the DistiLLM paper ran it (jsd β 0.1, λ 0.5, replay buffer),
 imitkd, minillm, and distillm2 where that recipe is registered.
 
@@ -70,6 +71,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sft": ("sft", {"train": {"ce_weight": 1.0}}),  # the shared layer's ce_weight 0 would cancel the recipe's
     "skew_kl": ("kd", {"divergence": {"name": "skew_kl", "params": {"alpha": 0.1}}}),
     "skew_rkl": ("kd", {"divergence": {"name": "skew_rkl", "params": {"alpha": 0.1}}}),
+    "rkl": ("kd", {"divergence": {"name": "rkl"}}),  # plain reverse KL: the other half of "skew KL >= KL and RKL"
     "distillm": ("distillm", {}),
     "distillm_rkl": ("distillm", {"divergence": {"name": "skew_rkl", "params": {"alpha": 0.1}}}),
     "gkd": ("gkd", {}),
