@@ -182,11 +182,12 @@ def make_init(args, registry) -> Path:
 def seconds_budget(args, name: str) -> tuple[float, float] | None:
     """The equal-seconds budget of ``name``: distillm's training seconds at equal steps and ``name``'s
     seconds per step there, each the least over the seeds run so far (a shared machine's load only
-    ever slows a run down). None until both have an equal-steps run."""
+    ever slows a run down), every seed with a record, not only this call's ``--seeds``: a process
+    running one seed gets the same budget as one running all. None until both have an equal-steps run."""
 
     def finished(recipe: str) -> list[dict[str, Any]]:
-        paths = (record_path(args, "steps", recipe, s) for s in args.seeds)
-        return [json.loads(p.read_text()) for p in paths if p.exists()]
+        paths = sorted((args.root / "records").glob(f"steps-{recipe}-s*.json"))
+        return [json.loads(p.read_text()) for p in paths if p.stem.rpartition("-s")[2].isdigit()]
 
     reference, own = finished("distillm"), finished(name)
     if not reference or not own:

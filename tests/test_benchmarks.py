@@ -312,7 +312,7 @@ def test_divergence_memory_still_measures_ours_against_the_peer(tmp_path):
 
 def test_study_seconds_budget_takes_the_quickest_seed(tmp_path):
     """A shared machine's load only slows a run down: the budget is distillm's least training seconds
-    and the recipe's least seconds per step over the seeds."""
+    and the recipe's least seconds per step over the seeds that have a record, whichever --seeds."""
     from argparse import Namespace
 
     study = load_script("study")
@@ -330,6 +330,10 @@ def test_study_seconds_budget_takes_the_quickest_seed(tmp_path):
         )
     assert study.seconds_budget(args, "kd") == (500.0, 6.0)
     assert study.seconds_budget(args, "distillm") == (500.0, 8.0)
+    # a process running seed 1 alone takes seed 0's records into account too
+    assert study.seconds_budget(Namespace(root=tmp_path, seeds=[1]), "kd") == (500.0, 6.0)
+    study.write_json(study.record_path(args, "steps", "kd_other", 0), {"train_seconds": 1.0, "seconds_per_step": 0.1})
+    assert study.seconds_budget(Namespace(root=tmp_path, seeds=[1]), "kd") == (500.0, 6.0)  # another recipe's prefix
 
 
 def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path, single_thread):
