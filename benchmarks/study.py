@@ -41,7 +41,9 @@ Resumable: each finished run writes ``<root>/records/<budget>-<recipe>-s<seed>.j
 afterwards; an interrupted run of the same config goes on from its last checkpoint (a stopped
 session sends SIGTERM, and the run saves one at the end of the step it is in), its record saying
 ``resumed``; any other interrupted run starts over. ``benchmarks/results/study.json`` (one record per run, the
-settings, the environment) and the plots are rewritten after every run. Run in the background::
+settings, the environment) and the plots are rewritten after every run. Several processes may share a
+root (one core each: ``--threads 1``): each claims a run before it starts it (``<root>/claims/``) and
+skips the runs another live process holds. Run in the background::
 
     nohup .venv/bin/python benchmarks/study.py > study.log 2>&1 &
     .venv/bin/python benchmarks/study.py --budgets steps --seeds 0 --only kd distillm   # a part
@@ -53,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -193,6 +196,41 @@ def seconds_budget(args, name: str) -> tuple[float, float] | None:
     if not reference or not own:
         return None
     return min(r["train_seconds"] for r in reference), min(r["seconds_per_step"] for r in own)
+
+
+def claim_path(args, budget: str, name: str, seed: int) -> Path:
+    return args.root / "claims" / f"{budget}-{name}-s{seed}.pid"
+
+
+def claim(args, budget: str, name: str, seed: int) -> int | None:
+    """Take a run for this process (several study processes may share a root, each one core): None
+    when taken, else the live process that holds it, whose run this one skips. A claim whose process
+    is gone is taken over (``<root>/claims/``: one file per run in progress, holding a process id)."""
+    path = claim_path(args, budget, name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            with open(path, "x") as file:
+                file.write(str(os.getpid()))
+            return None
+        except FileExistsError:
+            try:
+                holder = int(path.read_text() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                return holder
+            path.unlink(missing_ok=True)  # stale: its process is gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def record_path(args, budget: str, name: str, seed: int) -> Path:
@@ -559,8 +597,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         )
                         continue
                     seconds, pace = budget_pace
-                record = run_one(args, registry, name, seed, budget, seconds, pace)
-                write_json(path, record)
+                holder = claim(args, budget, name, seed)
+                if holder is not None:
+                    print(f"{budget} {name} seed {seed}: process {holder} is running it; left to it", flush=True)
+                    continue
+                try:
+                    record = run_one(args, registry, name, seed, budget, seconds, pace)
+                    write_json(path, record)
+                finally:
+                    claim_path(args, budget, name, seed).unlink(missing_ok=True)
                 write_report(args, load_records(args), settings, complete=False)
     records = load_records(args)
     expected = {(b, n, s) for b in args.budgets for n in names for s in args.seeds}

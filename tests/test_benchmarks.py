@@ -336,6 +336,28 @@ def test_study_seconds_budget_takes_the_quickest_seed(tmp_path):
     assert study.seconds_budget(Namespace(root=tmp_path, seeds=[1]), "kd") == (500.0, 6.0)  # another recipe's prefix
 
 
+def test_study_processes_sharing_a_root_claim_runs(tmp_path):
+    """A run claimed by a live process is left to it; a claim whose process is gone is taken over;
+    a run this process claimed can be claimed again by it (after a retry)."""
+    import os
+    import subprocess
+    from argparse import Namespace
+
+    study = load_script("study")
+    args = Namespace(root=tmp_path)
+    assert study.claim(args, "steps", "kd", 0) is None
+    assert study.claim_path(args, "steps", "kd", 0).read_text() == str(os.getpid())
+    assert study.claim(args, "steps", "kd", 0) is None  # its own claim
+    study.claim_path(args, "steps", "kd", 1).parent.mkdir(exist_ok=True)
+    study.claim_path(args, "steps", "kd", 1).write_text(str(os.getppid()))  # a live process
+    assert study.claim(args, "steps", "kd", 1) == os.getppid()
+    dead = subprocess.Popen(["true"])  # noqa: S603,S607
+    dead.wait()
+    study.claim_path(args, "seconds", "kd", 0).write_text(str(dead.pid))
+    assert study.claim(args, "seconds", "kd", 0) is None
+    assert study.claim_path(args, "seconds", "kd", 0).read_text() == str(os.getpid())
+
+
 def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path, single_thread):
     study = load_script("study")
     tiny = make_pair(tmp_path / "pair")
