@@ -147,8 +147,10 @@ def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    fig.savefig(partial, dpi=120)
     plt.close(fig)
+    partial.replace(path)  # whole, whichever process writes the same plot last
     return path
 
 
@@ -266,9 +268,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
-    """Write atomically (a temporary file renamed into place)."""
+    """Write atomically (a temporary file renamed into place; its name is this process's, so that
+    processes writing the same file, such as study.py's, never rename each other's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.tmp")
+    partial = path.with_suffix(f".json.{os.getpid()}.tmp")
     partial.write_text(json.dumps(report, indent=2) + "\n")
     partial.replace(path)
 

@@ -43,7 +43,7 @@ session sends SIGTERM, and the run saves one at the end of the step it is in), i
 ``resumed``; any other interrupted run starts over. ``benchmarks/results/study.json`` (one record per run, the
 settings, the environment) and the plots are rewritten after every run. Several processes may share a
 root (one core each: ``--threads 1``): each claims a run before it starts it (``<root>/claims/``) and
-skips the runs another live process holds. Run in the background::
+skips the runs another process holds (a lock that ends with its process). Run in the background::
 
     nohup .venv/bin/python benchmarks/study.py > study.log 2>&1 &
     .venv/bin/python benchmarks/study.py --budgets steps --seeds 0 --only kd distillm   # a part
@@ -56,6 +56,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -184,13 +185,14 @@ def make_init(args, registry) -> Path:
 
 def seconds_budget(args, name: str) -> tuple[float, float] | None:
     """The equal-seconds budget of ``name``: distillm's training seconds at equal steps and ``name``'s
-    seconds per step there, each the least over the seeds run so far (a shared machine's load only
-    ever slows a run down), every seed with a record, not only this call's ``--seeds``: a process
-    running one seed gets the same budget as one running all. None until both have an equal-steps run."""
+    seconds per step there, each the least over the seeds with a record so far (a shared machine's
+    load only ever slows a run down), whichever ``--seeds`` this call runs. None until both have an
+    equal-steps run."""
 
     def finished(recipe: str) -> list[dict[str, Any]]:
-        paths = sorted((args.root / "records").glob(f"steps-{recipe}-s*.json"))
-        return [json.loads(p.read_text()) for p in paths if p.stem.rpartition("-s")[2].isdigit()]
+        pattern = re.compile(rf"steps-{re.escape(recipe)}-s\d+")
+        paths = sorted((args.root / "records").glob("steps-*.json"))
+        return [json.loads(p.read_text()) for p in paths if pattern.fullmatch(p.stem)]
 
     reference, own = finished("distillm"), finished(name)
     if not reference or not own:
@@ -199,38 +201,41 @@ def seconds_budget(args, name: str) -> tuple[float, float] | None:
 
 
 def claim_path(args, budget: str, name: str, seed: int) -> Path:
-    return args.root / "claims" / f"{budget}-{name}-s{seed}.pid"
+    return args.root / "claims" / f"{budget}-{name}-s{seed}"
 
 
-def claim(args, budget: str, name: str, seed: int) -> int | None:
-    """Take a run for this process (several study processes may share a root, each one core): None
-    when taken, else the live process that holds it, whose run this one skips. A claim whose process
-    is gone is taken over (``<root>/claims/``: one file per run in progress, holding a process id)."""
+def claim(args, budget: str, name: str, seed: int):
+    """Take a run for this process (several study processes may share a root, one core each): an
+    open file holding an exclusive lock (``fcntl.flock``) on ``<root>/claims/<run>``, to keep open
+    while the run lasts and hand to ``release``; None when another process holds the run. The lock
+    ends with its process, so a killed process's claim is free at once."""
+    import fcntl
+
     path = claim_path(args, budget, name, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
+        file = open(path, "a+")  # noqa: SIM115 (kept open while the run lasts)
         try:
-            with open(path, "x") as file:
-                file.write(str(os.getpid()))
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.close()
             return None
-        except FileExistsError:
-            try:
-                holder = int(path.read_text() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            if holder and holder != os.getpid() and _alive(holder):
-                return holder
-            path.unlink(missing_ok=True)  # stale: its process is gone
+        try:
+            same = os.fstat(file.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last holder removed between our open and our lock
+            file.truncate(0)
+            file.write(str(os.getpid()))
+            file.flush()
+            return file
+        file.close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def release(args, budget: str, name: str, seed: int, file) -> None:
+    """End a claim: remove its file while still holding the lock, then let go."""
+    claim_path(args, budget, name, seed).unlink(missing_ok=True)
+    file.close()
 
 
 def record_path(args, budget: str, name: str, seed: int) -> Path:
@@ -597,15 +602,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         )
                         continue
                     seconds, pace = budget_pace
-                holder = claim(args, budget, name, seed)
-                if holder is not None:
-                    print(f"{budget} {name} seed {seed}: process {holder} is running it; left to it", flush=True)
+                held = claim(args, budget, name, seed)
+                if held is None:
+                    print(f"{budget} {name} seed {seed}: another study process is running it; left to it", flush=True)
                     continue
                 try:
+                    if path.exists():  # its holder finished it between our look and our claim
+                        continue
                     record = run_one(args, registry, name, seed, budget, seconds, pace)
                     write_json(path, record)
                 finally:
-                    claim_path(args, budget, name, seed).unlink(missing_ok=True)
+                    release(args, budget, name, seed, held)
                 write_report(args, load_records(args), settings, complete=False)
     records = load_records(args)
     expected = {(b, n, s) for b in args.budgets for n in names for s in args.seeds}

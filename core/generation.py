@@ -350,14 +350,16 @@ def few_row_head(model) -> Iterator[None]:
     """While inside, a float32 CPU output head multiplies at most ``FEW_ROWS`` rows as ``(W @ x.T).T``.
 
     Decoding projects one position per row through the head: ``[B, H] x [H, V]``, B mostly 8 or fewer.
-    ``F.linear`` computes it as ``x @ W.T``, which the CPU BLAS runs far below the speed of the same
-    product written ``W @ x.T`` (W's rows read as they lie): for the embedded default's float32 head
-    ([8, 576] x [576, 49152]) 19-25 ms against 9-15 ms, at 2 rows 23-43 ms against 6-11 ms (2-core AMD
-    EPYC, 1 and 2 threads, native and AVX2 paths; 2 rows taking twice as long as 1 suggests the
-    transposed weight is repacked at each call). Whole decodes: ``benchmarks/generation_speed.py``.
-    bf16 heads (as often slower as faster that way) and taller inputs (a training step's positions:
-    within 5-15%) keep ``F.linear``. Only a plain ``nn.Linear`` head is touched (not a LoRA, quantised
-    or hooked one); its hooks still run; the logits differ from ``F.linear``'s by float rounding.
+    ``F.linear`` computes it as ``x @ W.T``, which the CPU BLAS runs well below the speed of the same
+    product written ``W @ x.T`` (W's rows read as they lie). A float32 head of the embedded default's
+    shape ([8, 576] x [576, 49152]) took 19-25 ms against 9-15 ms, and at 2 rows 23-43 ms against
+    6-11 ms (micro-benchmarks on a shared 2-core AMD EPYC, 1 and 2 threads, native and AVX2 paths);
+    whole decodes: ``benchmarks/generation_speed.py``. It applies to float32 generation (runs in
+    fp32, the AVX2 path's ``auto``); bf16 runs generate from bf16 copies, whose heads measured as
+    often slower as faster that way, and taller inputs (a training step's positions: within 5-15%)
+    keep ``F.linear``. Only a plain ``nn.Linear`` head whose ``forward`` nobody replaced (accelerate's
+    device-map hooks do) is touched; forward hooks still run; the logits differ from ``F.linear``'s
+    by float rounding.
     """
     head = _transformers_model(model)
     head = head.get_output_embeddings() if hasattr(head, "get_output_embeddings") else None
@@ -369,12 +371,12 @@ def few_row_head(model) -> Iterator[None]:
     ):
         yield
         return
-    weight, bias = head.weight, head.bias
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        rows = hidden.numel() // max(hidden.shape[-1], 1)
-        if rows > FEW_ROWS or hidden.dtype != weight.dtype or rows == 0:
-            return torch.nn.functional.linear(hidden, weight, bias)
+        weight, bias = head.weight, head.bias  # read at each call: parameters may be swapped meanwhile
+        rows = hidden.numel() // max(hidden.shape[-1], 1) if hidden.dim() else 0
+        if rows == 0 or rows > FEW_ROWS or hidden.dtype != weight.dtype or hidden.shape[-1] != weight.shape[1]:
+            return torch.nn.functional.linear(hidden, weight, bias)  # (and its error message for a wrong shape)
         out = (weight @ hidden.reshape(rows, hidden.shape[-1]).t()).t().contiguous()
         if bias is not None:
             out += bias
@@ -384,7 +386,8 @@ def few_row_head(model) -> Iterator[None]:
     try:
         yield
     finally:
-        del head.forward
+        if vars(head).get("forward") is forward:  # not another decode's (threads) nor anyone else's
+            del head.forward
 
 
 def _transformers_model(model):

@@ -332,30 +332,55 @@ def test_study_seconds_budget_takes_the_quickest_seed(tmp_path):
     assert study.seconds_budget(args, "distillm") == (500.0, 8.0)
     # a process running seed 1 alone takes seed 0's records into account too
     assert study.seconds_budget(Namespace(root=tmp_path, seeds=[1]), "kd") == (500.0, 6.0)
-    study.write_json(study.record_path(args, "steps", "kd_other", 0), {"train_seconds": 1.0, "seconds_per_step": 0.1})
-    assert study.seconds_budget(Namespace(root=tmp_path, seeds=[1]), "kd") == (500.0, 6.0)  # another recipe's prefix
+    for other in ("kd-sft", "kd_other"):  # other recipes whose names start with kd's
+        study.write_json(study.record_path(args, "steps", other, 0), {"train_seconds": 1.0, "seconds_per_step": 0.1})
+    assert study.seconds_budget(Namespace(root=tmp_path, seeds=[1]), "kd") == (500.0, 6.0)
 
 
 def test_study_processes_sharing_a_root_claim_runs(tmp_path):
-    """A run claimed by a live process is left to it; a claim whose process is gone is taken over;
-    a run this process claimed can be claimed again by it (after a retry)."""
+    """A run another process holds is left to it (its lock, here from a child process); once that
+    process is gone, even killed, the run can be claimed; a released claim leaves no file."""
     import os
+    import signal
     import subprocess
+    import textwrap
     from argparse import Namespace
 
     study = load_script("study")
     args = Namespace(root=tmp_path)
-    assert study.claim(args, "steps", "kd", 0) is None
-    assert study.claim_path(args, "steps", "kd", 0).read_text() == str(os.getpid())
-    assert study.claim(args, "steps", "kd", 0) is None  # its own claim
-    study.claim_path(args, "steps", "kd", 1).parent.mkdir(exist_ok=True)
-    study.claim_path(args, "steps", "kd", 1).write_text(str(os.getppid()))  # a live process
-    assert study.claim(args, "steps", "kd", 1) == os.getppid()
-    dead = subprocess.Popen(["true"])  # noqa: S603,S607
-    dead.wait()
-    study.claim_path(args, "seconds", "kd", 0).write_text(str(dead.pid))
-    assert study.claim(args, "seconds", "kd", 0) is None
-    assert study.claim_path(args, "seconds", "kd", 0).read_text() == str(os.getpid())
+    held = study.claim(args, "steps", "kd", 0)
+    assert held is not None and study.claim_path(args, "steps", "kd", 0).read_text() == str(os.getpid())
+    assert study.claim(args, "steps", "kd", 0) is None  # a second claim, even from the same process, is refused
+    study.release(args, "steps", "kd", 0, held)
+    assert not study.claim_path(args, "steps", "kd", 0).exists()
+
+    path = study.claim_path(args, "steps", "kd", 1)
+    holder = subprocess.Popen(  # noqa: S603
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import fcntl, sys, time
+                file = open({str(path)!r}, "a+")
+                fcntl.flock(file, fcntl.LOCK_EX)
+                print("held", flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert study.claim(args, "steps", "kd", 1) is None
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    taken = study.claim(args, "steps", "kd", 1)
+    assert taken is not None
+    study.release(args, "steps", "kd", 1, taken)
 
 
 def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path, single_thread):

@@ -367,14 +367,15 @@ def test_generation_speed_benchmark_runs_on_tiny_models(tmp_path, monkeypatch, s
         ("eval", m, d, "greedy") for m, d in models_and_dtypes
     }
     for case in report["cases"]:
-        assert all(case[name]["median_seconds"] > 0 for name in ("generate", "decode", "decode-linear-head"))
+        assert all(case[name]["median_seconds"] > 0 for name in ("generate", "decode"))
+        assert ("decode-linear-head" in case) == (case["dtype"] == "float32")
         batches, prompts = (1, 4) if case["workload"] == "train" else (2, 2)
         assert (
             batches <= case["decode"]["mean_forwards"] <= 6 * batches
             and case["decode"]["mean_new_tokens"] <= 6 * prompts
         )
         if case["mode"] == "greedy":
-            assert case["same_tokens"] and case["same_tokens_linear_head"], case
+            assert case["same_tokens"] and case.get("same_tokens_linear_head", True), case
 
 
 def two_stop_ids(model) -> list[int]:
@@ -445,6 +446,10 @@ def test_few_row_head_multiplies_few_rows_as_w_times_x_transposed_and_is_restore
     with torch.no_grad(), few_row_head(model):
         assert "forward" in vars(head)
         out_few, out_many = head(few), head(many)
+        ours = vars(head)["forward"]
+        with few_row_head(model):  # another decode on the same model meanwhile: leaves ours in place
+            assert vars(head)["forward"] is ours
+        assert vars(head)["forward"] is ours
     assert "forward" not in vars(head)
     with torch.no_grad():
         expected = (head.weight @ few.reshape(6, 32).t()).t() + head.bias
@@ -471,14 +476,23 @@ def test_few_row_head_leaves_bf16_and_non_linear_heads_alone(single_thread):
 
 
 def test_decode_uses_the_few_row_head_and_matches_it_turned_off(monkeypatch, single_thread):
-    """Inside decode the float32 head runs the few-row product (seen by a hook); greedy tokens are the
-    same as with F.linear's head (FEW_ROWS = 0, what benchmarks/generation_speed.py compares)."""
+    """Inside decode the float32 head multiplies its rows itself: F.linear never sees the head's
+    weight (it does with FEW_ROWS = 0, what benchmarks/generation_speed.py compares), and greedy
+    tokens are the same either way."""
     import distill.generation as generation
 
     model = tiny_model("llama")
-    seen: list[bool] = []
-    model.lm_head.register_forward_hook(lambda module, args, out: seen.append("forward" in vars(module)))
+    plain_linear = torch.nn.functional.linear
+    head_calls: list[int] = []
+
+    def counting_linear(input, weight, bias=None):
+        if weight is model.lm_head.weight:
+            head_calls.append(input.shape[0])
+        return plain_linear(input, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
     ours = our_decode(model, None)
-    assert seen and all(seen) and "forward" not in vars(model.lm_head)
+    assert head_calls == [] and "forward" not in vars(model.lm_head)
     monkeypatch.setattr(generation, "FEW_ROWS", 0)
     assert torch.equal(our_decode(model, None), ours)
+    assert len(head_calls) == NEW  # the prefill and each further token: one head call each
