@@ -461,7 +461,8 @@ def plot(records: list[dict[str, Any]], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    names = [n for n in VARIANTS if any(r["recipe"] == n for r in records)]
+    seen = {r["recipe"] for r in records}  # a record of a recipe this copy does not know still gets a colour
+    names = [n for n in VARIANTS if n in seen] + sorted(seen - set(VARIANTS))
     colours = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for r in records:

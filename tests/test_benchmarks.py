@@ -383,6 +383,25 @@ def test_study_processes_sharing_a_root_claim_runs(tmp_path):
     study.release(args, "steps", "kd", 1, taken)
 
 
+def test_study_plots_records_of_recipes_it_does_not_know(tmp_path):
+    """Processes sharing a root may run different copies of study.py: a record of a recipe missing
+    from this copy's VARIANTS (a newer copy's) is plotted too, not a KeyError that ends the process."""
+    study = load_script("study")
+    records = [
+        {
+            "recipe": name,
+            "budget": "steps",
+            "seed": 0,
+            "train_seconds": 10.0 + i,
+            "rouge_l_greedy": 5.0,
+            "token_kl": 4.0,
+        }
+        for i, name in enumerate(("kd", "a_newer_recipe"))
+    ]
+    written = study.plot(records, tmp_path)
+    assert [p.name for p in written] == ["study_quality.png"] and written[0].stat().st_size > 0
+
+
 def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path, single_thread):
     study = load_script("study")
     tiny = make_pair(tmp_path / "pair")
