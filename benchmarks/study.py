@@ -576,7 +576,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     )
     if args.report_only:
-        report = write_report(args, load_records(args), settings, complete=False)
+        records = load_records(args)
+        done = {(r["budget"], r["recipe"], r["seed"]) for r in records}
+        expected = {(b, n, s) for b in args.budgets for n in names for s in args.seeds}
+        report = write_report(args, records, settings, complete=expected <= done)
         print_table(report["summary"])
         return report
     write_subset(args)

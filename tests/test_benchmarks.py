@@ -483,6 +483,9 @@ def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path,
     stamps = [p.stat().st_mtime_ns for p in records]
     study.main(argv)
     assert [p.stat().st_mtime_ns for p in records] == stamps
+    # --report-only rewrites the report and says whether the selected runs are all there
+    assert study.main([*argv, "--report-only"])["complete"]
+    assert not study.main([*argv, "--report-only", "--seeds", "0", "1"])["complete"]
 
 
 # --- the compute floor's arithmetic against torch's own FLOP counter
