@@ -232,10 +232,16 @@ def claim(args, budget: str, name: str, seed: int):
         file.close()
 
 
-def release(args, budget: str, name: str, seed: int, file) -> None:
+def release(file) -> None:
     """End a claim: remove its file while still holding the lock, then let go."""
-    claim_path(args, budget, name, seed).unlink(missing_ok=True)
+    Path(file.name).unlink(missing_ok=True)
     file.close()
+
+
+def complete(args, records: list[dict[str, Any]], names: list[str]) -> bool:
+    """Whether every run this call selects (budgets x recipes x seeds) has a record."""
+    done = {(r["budget"], r["recipe"], r["seed"]) for r in records}
+    return {(b, n, s) for b in args.budgets for n in names for s in args.seeds} <= done
 
 
 def record_path(args, budget: str, name: str, seed: int) -> Path:
@@ -577,9 +583,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if args.report_only:
         records = load_records(args)
-        done = {(r["budget"], r["recipe"], r["seed"]) for r in records}
-        expected = {(b, n, s) for b in args.budgets for n in names for s in args.seeds}
-        report = write_report(args, records, settings, complete=expected <= done)
+        report = write_report(args, records, settings, complete=complete(args, records, names))
         print_table(report["summary"])
         return report
     write_subset(args)
@@ -616,12 +620,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     record = run_one(args, registry, name, seed, budget, seconds, pace)
                     write_json(path, record)
                 finally:
-                    release(args, budget, name, seed, held)
+                    release(held)
                 write_report(args, load_records(args), settings, complete=False)
     records = load_records(args)
-    expected = {(b, n, s) for b in args.budgets for n in names for s in args.seeds}
-    done = {(r["budget"], r["recipe"], r["seed"]) for r in records}
-    report = write_report(args, records, settings, complete=expected <= done)
+    report = write_report(args, records, settings, complete=complete(args, records, names))
     print_table(report["summary"])
     print(f"\nwrote {args.output} and {', '.join(report['plots'])}")
     return report

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from distill.data import Example, collate_prompts
+from distill.fused import head_of
 from distill.models import contiguous_head_input, stop_ids, vocab_size
 
 
@@ -356,15 +357,16 @@ def few_row_head(model) -> Iterator[None]:
     6-11 ms (micro-benchmarks on a shared 2-core AMD EPYC, 1 and 2 threads, native and AVX2 paths);
     whole decodes: ``benchmarks/generation_speed.py``. It applies to float32 generation (runs in
     fp32, the AVX2 path's ``auto``); bf16 runs generate from bf16 copies, whose heads measured as
-    often slower as faster that way, and taller inputs (a training step's positions: within 5-15%)
-    keep ``F.linear``. Only a plain ``nn.Linear`` head whose ``forward`` nobody replaced (accelerate's
-    device-map hooks do) is touched; forward hooks still run; the logits differ from ``F.linear``'s
-    by float rounding.
+    often slower as faster that way, and taller inputs (a training step's positions: 5-18% at 512
+    and 1024 rows, AVX2 path) keep ``F.linear``. Only a plain ``nn.Linear`` head (``fused.head_of``'s
+    rule) whose ``forward`` nobody replaced (accelerate's device-map hooks do) is touched; forward
+    hooks still run (the trim of padded rows among them); the logits differ from ``F.linear``'s by
+    float rounding.
     """
-    head = _transformers_model(model)
-    head = head.get_output_embeddings() if hasattr(head, "get_output_embeddings") else None
+    found = head_of(model, _transformers_model)
+    head = None if isinstance(found, str) else found.module
     if (
-        type(head) is not torch.nn.Linear
+        head is None
         or head.weight.dtype != torch.float32
         or head.weight.device.type != "cpu"
         or "forward" in vars(head)

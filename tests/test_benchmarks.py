@@ -351,7 +351,7 @@ def test_study_processes_sharing_a_root_claim_runs(tmp_path):
     held = study.claim(args, "steps", "kd", 0)
     assert held is not None and study.claim_path(args, "steps", "kd", 0).read_text() == str(os.getpid())
     assert study.claim(args, "steps", "kd", 0) is None  # a second claim, even from the same process, is refused
-    study.release(args, "steps", "kd", 0, held)
+    study.release(held)
     assert not study.claim_path(args, "steps", "kd", 0).exists()
 
     path = study.claim_path(args, "steps", "kd", 1)
@@ -380,7 +380,7 @@ def test_study_processes_sharing_a_root_claim_runs(tmp_path):
         holder.wait()
     taken = study.claim(args, "steps", "kd", 1)
     assert taken is not None
-    study.release(args, "steps", "kd", 1, taken)
+    study.release(taken)
 
 
 def test_study_plots_records_of_recipes_it_does_not_know(tmp_path):
