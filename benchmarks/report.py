@@ -133,8 +133,31 @@ def environment_line(env: dict[str, Any]) -> str:
     )
 
 
-def targets_section(steps: dict[str, dict], quality: dict | None, memory: dict | None) -> list[str]:
+def targets_section(
+    steps: dict[str, dict], quality: dict | None, memory: dict | None, default_quality: dict | None = None
+) -> list[str]:
     rows = [["target", "measured", "result", "from"]]
+    for s in (default_quality or {}).get("settings", []):
+        if s["overrides"]:
+            continue  # the embedded default itself; changed settings are in their own section
+        t = default_quality.get("targets", {})
+        seeds = f"seeds {' '.join(str(seed) for seed in s['seeds'])}"
+        rows.append(
+            [
+                f"embedded default: ROUGE-L >= {t.get('rouge_l', 20.0):g} at every seed",
+                f"{' '.join(f'{v:.2f}' for v in s['rouge_l'])} ({seeds})",
+                verdict(s["every_seed_reaches_rouge"]),
+                "default_quality",
+            ]
+        )
+        rows.append(
+            [
+                f"embedded default: KL <= {t.get('kl_fraction', 0.25):g}x its start at every seed",
+                f"at most {s['kl_fraction_max']:.2f}x ({seeds})",
+                verdict(s["every_seed_reaches_kl"]),
+                "default_quality",
+            ]
+        )
     for label, step in steps.items():
         for v in step.get("verdicts", []):
             measured = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x (limit {v['limit']}x)"
@@ -286,6 +309,53 @@ def quality_section(quality: dict, results: Path, out_dir: Path) -> list[str]:
     return lines
 
 
+def default_quality_section(dq: dict) -> list[str]:
+    """``default_quality.py``: the embedded default's ROUGE-L and KL at each seed, beside changed settings."""
+    targets = dq.get("targets", {})
+    rouge_target, kl_target = targets.get("rouge_l", 20.0), targets.get("kl_fraction", 0.25)
+    env = dq["environment"]
+    rows = [
+        ["setting", "changed", "precision", "threads", "seeds", "ROUGE-L each", "mean", "KL end each", "every seed"]
+    ]
+    runs = dq.get("runs", [])
+    for s in dq.get("settings", []):
+        members = [r for r in runs if r["overrides"] == s["overrides"]]
+        precisions = sorted({r["precision"] for r in members})
+        threads = sorted({str(r.get("omp_num_threads") or "unset") for r in members})
+        reaches = [
+            f"ROUGE-L {verdict(s['every_seed_reaches_rouge'])}",
+            f"KL {verdict(s['every_seed_reaches_kl'])}",
+        ]
+        rows.append(
+            [
+                s["setting"],
+                ", ".join(f"`{k}={v}`" for k, v in s["overrides"].items()) or "nothing (the default)",
+                "/".join(precisions),
+                "/".join(threads),
+                " ".join(str(seed) for seed in s["seeds"]),
+                " ".join(f"{v:.2f}" for v in s["rouge_l"]),
+                f"{s['rouge_l_mean']:.2f}",
+                " ".join(f"{v:.2f}" for v in s["kl_end"]),
+                ", ".join(reaches),
+            ]
+        )
+    return [
+        "## The embedded default over seeds (`default_quality.py`)",
+        "",
+        (
+            f"Collected {env['date']} on {env['cpu']} ({env['cpu_count']} cores, {env.get('cpu_path', '')}); "
+            f"torch {env['torch']}, transformers {env['transformers']}; commit {env.get('commit', 'unknown')}. "
+            "Each run is `distill run` on the embedded default with "
+            f"`--seed` and the setting's `--set` overrides; targets: ROUGE-L >= {rouge_target:g} on the "
+            f"validation prompts and KL(teacher || student) <= {kl_target:g}x its start, at every seed. "
+            "threads: the runs' OMP_NUM_THREADS (unset: torch's choice, one per core)."
+        ),
+        "",
+        markdown_table(rows),
+        "",
+    ]
+
+
 STUDY_NOTES = HERE / "study_notes.md"
 """The reading of the study's results, written by hand; appended to its section."""
 
@@ -419,6 +489,7 @@ def render(
     out_dir: Path,
     study: dict | None = None,
     cache: tuple[dict[str, dict], dict[str, dict]] = ({}, {}),
+    default_quality: dict | None = None,
 ) -> str:
     """``steps``: step_cost results by label ("" for ``step_cost.json``, ", AVX2 path" for
     ``step_cost-avx2.json``: the same benchmark without native bf16)."""
@@ -431,7 +502,7 @@ def render(
         ),
         "",
     ]
-    lines += targets_section(steps, quality, memory)
+    lines += targets_section(steps, quality, memory, default_quality)
     for label, step in steps.items():
         lines += step_cost_section(step, results, out_dir, label)
     if quality:
@@ -451,6 +522,8 @@ def render(
         lines += [NOTES.read_text().strip(), ""]
     if cache[0] or cache[1]:
         lines += teacher_cache_section(*cache)
+    if default_quality:
+        lines += default_quality_section(default_quality)
     if study:
         lines += study_section(study, results, out_dir)
     return "\n".join(lines)
@@ -493,7 +566,10 @@ def main(argv: list[str] | None = None) -> Path:
         }
         for kind in ("steps", "quality")
     )
-    args.output.write_text(render(steps, quality, memory, args.results, args.output.resolve().parent, study, cache))
+    default_quality = load(args.results / "default_quality.json")
+    args.output.write_text(
+        render(steps, quality, memory, args.results, args.output.resolve().parent, study, cache, default_quality)
+    )
     print(f"wrote {args.output}")
     return args.output
 

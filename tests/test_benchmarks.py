@@ -797,3 +797,81 @@ def test_a_study_run_stopped_by_sigterm_goes_on_from_its_checkpoint(tmp_path, si
         and again["train_seconds"] == record["train_seconds"]
     )
     assert not (tmp_path / "root" / "runs" / "steps-kd-s0").exists()
+
+
+def _default_run_folder(root: Path, name: str, seed: int, layer: dict, rouge: float, kl_end: float, done=True):
+    """A finished ``distill run`` of the embedded default as default_quality.py finds it on disk."""
+    import yaml
+
+    from distill.config import dump_config
+    from distill.resolve import resolve_config
+
+    layers = [layer, {"output_dir": str(root / name / "run"), "train": {"seed": seed, "precision": "bf16"}}]
+    config = yaml.safe_load(dump_config(resolve_config(*layers)))
+    run = root / name / "run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    steps = config["train"]["max_steps"]
+    evals = [{"step": 0, "val_kl": 11.0, "rouge_l": 0.0}, {"step": steps, "val_kl": kl_end, "rouge_l": rouge}]
+    (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s + 1, "seconds": 2.0}) + "\n" for s in range(steps))
+    )
+    if done:
+        (root / name / "done").touch()
+
+
+def test_default_quality_groups_runs_by_what_they_changed_and_checks_every_seed(tmp_path):
+    """A setting is the keys a run's config.yaml changed from the embedded default (not its seed, its
+    folder or what auto resolved to); runs that did not finish are left out; a setting reaches a
+    target only when every seed does."""
+    script = load_script("default_quality")
+    root = tmp_path / "runs"
+    _default_run_folder(root, "default-s0", 0, {}, rouge=21.0, kl_end=2.0)
+    _default_run_folder(root, "default-s1", 1, {}, rouge=19.0, kl_end=2.2)
+    _default_run_folder(root, "lr-s0", 0, {"train": {"lr": 2e-3}}, rouge=22.0, kl_end=2.1)
+    _default_run_folder(root, "lr-s1", 1, {"train": {"lr": 2e-3}}, rouge=20.5, kl_end=3.0)
+    _default_run_folder(root, "lr-s2", 2, {"train": {"lr": 2e-3}}, rouge=1.0, kl_end=9.0, done=False)
+    out = tmp_path / "dq.json"
+    result = script.main(["--root", str(root), "--report-only", "--json", str(out)])
+    assert json.loads(out.read_text())["settings"] == result["settings"]
+    default, lr = result["settings"]
+    assert (default["setting"], default["overrides"], default["seeds"]) == ("default", {}, [0, 1])
+    assert default["rouge_l_mean"] == pytest.approx(20.0) and not default["every_seed_reaches_rouge"]
+    assert default["every_seed_reaches_kl"]  # 2.2 / 11 <= 0.25
+    assert (lr["overrides"], lr["seeds"]) == ({"train.lr": 0.002}, [0, 1])
+    assert lr["every_seed_reaches_rouge"] and not lr["every_seed_reaches_kl"]  # 3.0 / 11 > 0.25
+    assert {r["precision"] for r in result["runs"]} == {"bf16"} and len(result["runs"]) == 4
+    # RESULTS.md: the default's targets in the targets table, every setting in its own section
+    targets = "\n".join(report.targets_section({}, None, None, result))
+    assert "| embedded default: ROUGE-L >= 20 at every seed | 21.00 19.00 (seeds 0 1) | **miss** |" in targets
+    assert "| embedded default: KL <= 0.25x its start at every seed | at most 0.20x (seeds 0 1) | **pass** |" in targets
+    assert "train.lr" not in targets
+    section = "\n".join(report.default_quality_section(result))
+    assert "| lr | `train.lr=0.002` | bf16 | unset | 0 1 | 22.00 20.50 | 21.25 | 2.10 3.00 |" in section
+
+
+def test_default_quality_runs_each_seed_once_and_says_which_failed(tmp_path, monkeypatch):
+    script = load_script("default_quality")
+    commands = []
+
+    def fake_run(command, stdout, stderr, env):
+        commands.append((command, env.get("OMP_NUM_THREADS")))
+        return type("Done", (), {"returncode": 3 if "7" in command else 0})()
+
+    monkeypatch.setattr(script.subprocess, "run", fake_run)
+    name, pairs = script.parse_setting("lr:train.lr=2e-3,train.warmup_steps=10")
+    assert (name, pairs) == ("lr", ["train.lr=2e-3", "train.warmup_steps=10"])
+    folder = script.run_one(tmp_path, name, 1, pairs, threads=1)
+    assert (folder / "done").exists() and folder.name == "lr-s1"
+    command, threads = commands[0]
+    assert threads == "1" and command[command.index("--seed") + 1] == "1"
+    assert command.count("--set") == 2 and "train.warmup_steps=10" in command
+    script.run_one(tmp_path, name, 1, pairs, threads=1)  # done: not run again
+    assert len(commands) == 1
+    with pytest.raises(SystemExit, match="lr-s7 failed .exit 3."):
+        script.run_one(tmp_path, name, 7, pairs, threads=None)
+    assert not (tmp_path / "lr-s7" / "done").exists()
+    for bad in ("lr-s2:train.lr=1", "lr:train.lr", ":train.lr=1"):
+        with pytest.raises(SystemExit, match="setting"):
+            script.parse_setting(bad)
