@@ -38,8 +38,12 @@ from common import RESULTS, environment, mean, read_jsonl, write_json
 
 ROUGE_TARGET = 20.0
 KL_FRACTION_TARGET = 0.25
-IGNORED = {"output_dir", "train.seed", "train.precision", "teacher.dtype", "student.dtype"}
-"""Config keys that are not a setting: where the run wrote, its seed, and what ``auto`` resolved to."""
+IGNORED = {"output_dir", "train.seed"}
+"""Config keys that are not a setting: where the run wrote and its seed."""
+COMPUTE = ("train.precision", "teacher.dtype", "student.dtype")
+"""What a run computed in. ``config.yaml`` holds what ``auto`` resolved to, which cannot be told from a
+value set by hand, so these are not overrides: runs are grouped by them beside their overrides (a
+default run on an AVX2-only CPU, float32, is not the same setting as one with native bf16)."""
 
 
 def parse_setting(text: str) -> tuple[str, list[str]]:
@@ -58,6 +62,13 @@ def run_one(root: Path, name: str, seed: int, pairs: list[str], threads: int | N
     """``distill run`` on the embedded default into ``<root>/<name>-s<seed>``; skipped when done."""
     folder = root / f"{name}-s{seed}"
     if (folder / "done").exists():
+        launch = folder / "launch.json"
+        done_with = json.loads(launch.read_text()).get("set") if launch.exists() else None
+        if done_with is not None and done_with != pairs:
+            before, now = " ".join(done_with) or "nothing", " ".join(pairs) or "nothing"
+            raise SystemExit(
+                f"{folder.name} was run with --set {before}, not {now}: name this setting otherwise, or remove it"
+            )
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "distill", "run", "--output-dir", str(folder / "run"), "--seed", str(seed)]
@@ -66,7 +77,12 @@ def run_one(root: Path, name: str, seed: int, pairs: list[str], threads: int | N
     started = time.time()
     with open(folder / "log", "w") as log:
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    launch = {"command": command, "omp_num_threads": env.get("OMP_NUM_THREADS"), "seconds": time.time() - started}
+    launch = {
+        "command": command,
+        "set": pairs,
+        "omp_num_threads": env.get("OMP_NUM_THREADS"),
+        "seconds": time.time() - started,
+    }
     (folder / "launch.json").write_text(json.dumps(launch, indent=2) + "\n")
     if code != 0:
         raise SystemExit(f"{folder.name} failed (exit {code}): see {folder / 'log'}")
@@ -99,13 +115,15 @@ def read_run(folder: Path, reference: dict[str, Any]) -> dict[str, Any] | None:
         return None
     config = flatten(yaml.safe_load((run / "config.yaml").read_text()))
     evals = read_jsonl(run / "eval.jsonl")
+    if not evals:
+        return None
     first, last = evals[0], evals[-1]
     if "rouge_l" not in last or last["step"] != config["train.max_steps"]:
         return None
     overrides = {
         key: value
         for key, value in sorted(config.items())
-        if key not in IGNORED and reference.get(key, object()) != value
+        if key not in IGNORED and key not in COMPUTE and reference.get(key, object()) != value
     }
     steps = read_jsonl(run / "metrics.jsonl")
     launch = json.loads((folder / "launch.json").read_text()) if (folder / "launch.json").exists() else {}
@@ -115,12 +133,13 @@ def read_run(folder: Path, reference: dict[str, Any]) -> dict[str, Any] | None:
         "seed": config["train.seed"],
         "overrides": overrides,
         "precision": config["train.precision"],
+        "compute": {key: config[key] for key in COMPUTE},
         "kl_start": first["val_kl"],
         "kl_end": last["val_kl"],
         "kl_fraction": last["val_kl"] / first["val_kl"],
         "rouge_l": last["rouge_l"],
         "rouge_prompts": last.get("rouge_prompts"),
-        "rouge_l_first": last.get("rouge_l_subset"),
+        "rouge_l_subset": last.get("rouge_l_subset"),
         "steps": len(steps),
         "training_seconds": sum(s["seconds"] for s in steps),
         "omp_num_threads": launch.get("omp_num_threads"),
@@ -128,19 +147,25 @@ def read_run(folder: Path, reference: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs grouped by their overrides (same overrides: same setting, whatever the folder says)."""
+    """Runs grouped by their overrides and what they computed in (the same: one setting, whatever the
+    folders are called)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault(json.dumps(run["overrides"], sort_keys=True), []).append(run)
+        groups.setdefault(json.dumps([run["overrides"], run["compute"]], sort_keys=True), []).append(run)
     rows = []
     for key, members in groups.items():
         members.sort(key=lambda r: r["seed"])
+        seeds = [r["seed"] for r in members]
+        for seed in sorted({seed for seed in seeds if seeds.count(seed) > 1}):
+            twice = ", ".join(r["name"] for r in members if r["seed"] == seed)
+            print(f"warning: {twice} ran the same setting at seed {seed}; each is counted")
         rouge = [r["rouge_l"] for r in members]
         kl = [r["kl_fraction"] for r in members]
         rows.append(
             {
                 "setting": members[0]["setting"],
-                "overrides": json.loads(key),
+                "overrides": members[0]["overrides"],
+                "compute": members[0]["compute"],
                 "seeds": [r["seed"] for r in members],
                 "rouge_l": rouge,
                 "rouge_l_mean": mean(rouge),
@@ -150,18 +175,33 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "every_seed_reaches_kl": max(kl) <= KL_FRACTION_TARGET,
             }
         )
-    rows.sort(key=lambda r: (bool(r["overrides"]), r["setting"]))
+    rows.sort(key=lambda r: (bool(r["overrides"]), r["setting"], r["compute"]["train.precision"]))
     return rows
 
 
+def compute_text(compute: dict[str, str]) -> str:
+    """``bf16 (teacher bfloat16, student float32)``."""
+    return f"{compute['train.precision']} (teacher {compute['teacher.dtype']}, student {compute['student.dtype']})"
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = ["setting", "overrides", "seeds", "ROUGE-L each", "mean", "KL end each", f">= {ROUGE_TARGET:g} all"]
+    header = [
+        "setting",
+        "overrides",
+        "computed in",
+        "seeds",
+        "ROUGE-L each",
+        "mean",
+        "KL end each",
+        f">= {ROUGE_TARGET:g} all",
+    ]
     lines = [header]
     for row in rows:
         lines.append(
             [
                 row["setting"],
                 ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or "(the default)",
+                compute_text(row["compute"]),
                 " ".join(str(s) for s in row["seeds"]),
                 " ".join(f"{v:.2f}" for v in row["rouge_l"]),
                 f"{row['rouge_l_mean']:.2f}",
@@ -192,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     settings = [parse_setting(text) for text in args.setting]
+    failures: list[str] = []
     if not args.report_only:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             jobs = [
@@ -199,13 +240,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for name, pairs in settings
                 for seed in args.seeds
             ]
-            for job in jobs:
-                job.result()
+            for job in jobs:  # a failed run does not stop the others; the report then says which failed
+                try:
+                    job.result()
+                except SystemExit as failure:
+                    failures.append(str(failure))
     reference = reference_config()
     folders = sorted(p for p in args.root.iterdir() if p.is_dir()) if args.root.is_dir() else []
     runs = [run for run in (read_run(folder, reference) for folder in folders) if run is not None]
     if not runs:
-        raise SystemExit(f"no finished runs under {args.root}")
+        raise SystemExit("; ".join(failures) or f"no finished runs under {args.root}")
     rows = summarise(runs)
     print_table(rows)
     report = {
@@ -214,9 +258,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": {"rouge_l": ROUGE_TARGET, "kl_fraction": KL_FRACTION_TARGET},
         "settings": rows,
         "runs": runs,
+        "reference": reference,
     }
     write_json(args.json, report)
     print(f"wrote {args.json}")
+    if failures:
+        raise SystemExit("; ".join(failures))
     return report
 
 

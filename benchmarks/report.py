@@ -141,7 +141,7 @@ def targets_section(
         if s["overrides"]:
             continue  # the embedded default itself; changed settings are in their own section
         t = default_quality.get("targets", {})
-        seeds = f"seeds {' '.join(str(seed) for seed in s['seeds'])}"
+        seeds = f"seeds {' '.join(str(seed) for seed in s['seeds'])}; {compute_text(s)}"
         rows.append(
             [
                 f"embedded default: ROUGE-L >= {t.get('rouge_l', 20.0):g} at every seed",
@@ -309,18 +309,24 @@ def quality_section(quality: dict, results: Path, out_dir: Path) -> list[str]:
     return lines
 
 
+def compute_text(setting: dict) -> str:
+    compute = setting.get("compute")
+    if not compute:
+        return "-"
+    return f"{compute['train.precision']} (teacher {compute['teacher.dtype']}, student {compute['student.dtype']})"
+
+
 def default_quality_section(dq: dict) -> list[str]:
     """``default_quality.py``: the embedded default's ROUGE-L and KL at each seed, beside changed settings."""
     targets = dq.get("targets", {})
     rouge_target, kl_target = targets.get("rouge_l", 20.0), targets.get("kl_fraction", 0.25)
     env = dq["environment"]
     rows = [
-        ["setting", "changed", "precision", "threads", "seeds", "ROUGE-L each", "mean", "KL end each", "every seed"]
+        ["setting", "changed", "computed in", "threads", "seeds", "ROUGE-L each", "mean", "KL end each", "every seed"]
     ]
     runs = dq.get("runs", [])
     for s in dq.get("settings", []):
-        members = [r for r in runs if r["overrides"] == s["overrides"]]
-        precisions = sorted({r["precision"] for r in members})
+        members = [r for r in runs if (r["overrides"], r.get("compute")) == (s["overrides"], s.get("compute"))]
         threads = sorted({str(r.get("omp_num_threads") or "unset") for r in members})
         reaches = [
             f"ROUGE-L {verdict(s['every_seed_reaches_rouge'])}",
@@ -330,7 +336,7 @@ def default_quality_section(dq: dict) -> list[str]:
             [
                 s["setting"],
                 ", ".join(f"`{k}={v}`" for k, v in s["overrides"].items()) or "nothing (the default)",
-                "/".join(precisions),
+                compute_text(s),
                 "/".join(threads),
                 " ".join(str(seed) for seed in s["seeds"]),
                 " ".join(f"{v:.2f}" for v in s["rouge_l"]),
@@ -344,7 +350,8 @@ def default_quality_section(dq: dict) -> list[str]:
         "",
         (
             f"Collected {env['date']} on {env['cpu']} ({env['cpu_count']} cores, {env.get('cpu_path', '')}); "
-            f"torch {env['torch']}, transformers {env['transformers']}; commit {env.get('commit', 'unknown')}. "
+            f"torch {env['torch']}, transformers {env['transformers']}; commit "
+            f"{env.get('commit', 'unknown')} at collection (the runs record no commit of their own). "
             "Each run is `distill run` on the embedded default with "
             f"`--seed` and the setting's `--set` overrides; targets: ROUGE-L >= {rouge_target:g} on the "
             f"validation prompts and KL(teacher || student) <= {kl_target:g}x its start, at every seed. "

@@ -166,8 +166,9 @@ DEFAULT_RUN = {
     # every step weighing the same, 18.6 with train.step_weight tokens; random batches of 8: 21.2
     # at 5.8 s a step (seed 0 each; bf16 on a 2-core AMD EPYC with native bf16, AVX512-BF16; under
     # the AVX2 emulation, float32, this default: 6.4 s a step, ROUGE-L 19.1). Over seeds 0-3 (bf16):
-    # ROUGE-L 18.8-19.9, KL 1.94-1.97; lr 2e-3 (one seed's loss jumped after warm-up: 12.3), lr 5e-4
-    # and ce_weight 2 were no better beyond that spread (2 seeds each; benchmarks/default_quality.py)
+    # ROUGE-L 18.8-19.9, KL 1.94-1.97; lr 2e-3, lr 5e-4 and ce_weight 2 (2 seeds each) gave lower
+    # means with a wider spread (lr 2e-3: 22.0 and 12.3, a loss spike after warm-up; see
+    # benchmarks/default_quality.py)
     "train": {
         "max_steps": 100,
         "batch_size": 2,

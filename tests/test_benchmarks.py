@@ -799,14 +799,22 @@ def test_a_study_run_stopped_by_sigterm_goes_on_from_its_checkpoint(tmp_path, si
     assert not (tmp_path / "root" / "runs" / "steps-kd-s0").exists()
 
 
-def _default_run_folder(root: Path, name: str, seed: int, layer: dict, rouge: float, kl_end: float, done=True):
-    """A finished ``distill run`` of the embedded default as default_quality.py finds it on disk."""
+def _default_run_folder(
+    root: Path, name: str, seed: int, layer: dict, rouge: float, kl_end: float, done=True, fp32=False
+):
+    """A finished ``distill run`` of the embedded default as default_quality.py finds it on disk: with
+    precision and dtypes as ``auto`` resolves them with native bf16, or (``fp32``) without."""
     import yaml
 
     from distill.config import dump_config
     from distill.resolve import resolve_config
 
-    layers = [layer, {"output_dir": str(root / name / "run"), "train": {"seed": seed, "precision": "bf16"}}]
+    resolved = {
+        "train": {"seed": seed, "precision": "fp32" if fp32 else "bf16"},
+        "teacher": {"dtype": "float32" if fp32 else "bfloat16"},
+        "student": {"dtype": "float32"},
+    }
+    layers = [layer, {"output_dir": str(root / name / "run"), **resolved}]
     config = yaml.safe_load(dump_config(resolve_config(*layers)))
     run = root / name / "run"
     run.mkdir(parents=True)
@@ -832,30 +840,37 @@ def test_default_quality_groups_runs_by_what_they_changed_and_checks_every_seed(
     _default_run_folder(root, "lr-s0", 0, {"train": {"lr": 2e-3}}, rouge=22.0, kl_end=2.1)
     _default_run_folder(root, "lr-s1", 1, {"train": {"lr": 2e-3}}, rouge=20.5, kl_end=3.0)
     _default_run_folder(root, "lr-s2", 2, {"train": {"lr": 2e-3}}, rouge=1.0, kl_end=9.0, done=False)
+    _default_run_folder(root, "avx2-s0", 0, {}, rouge=19.5, kl_end=2.0, fp32=True)  # the default, float32
     out = tmp_path / "dq.json"
     result = script.main(["--root", str(root), "--report-only", "--json", str(out)])
     assert json.loads(out.read_text())["settings"] == result["settings"]
-    default, lr = result["settings"]
+    avx2, default, lr = result["settings"]
+    assert (avx2["overrides"], avx2["seeds"], avx2["compute"]["train.precision"]) == ({}, [0], "fp32")
     assert (default["setting"], default["overrides"], default["seeds"]) == ("default", {}, [0, 1])
     assert default["rouge_l_mean"] == pytest.approx(20.0) and not default["every_seed_reaches_rouge"]
     assert default["every_seed_reaches_kl"]  # 2.2 / 11 <= 0.25
     assert (lr["overrides"], lr["seeds"]) == ({"train.lr": 0.002}, [0, 1])
     assert lr["every_seed_reaches_rouge"] and not lr["every_seed_reaches_kl"]  # 3.0 / 11 > 0.25
-    assert {r["precision"] for r in result["runs"]} == {"bf16"} and len(result["runs"]) == 4
+    assert [r["precision"] for r in result["runs"]].count("bf16") == 4 and len(result["runs"]) == 5
     # RESULTS.md: the default's targets in the targets table, every setting in its own section
     targets = "\n".join(report.targets_section({}, None, None, result))
-    assert "| embedded default: ROUGE-L >= 20 at every seed | 21.00 19.00 (seeds 0 1) | **miss** |" in targets
-    assert "| embedded default: KL <= 0.25x its start at every seed | at most 0.20x (seeds 0 1) | **pass** |" in targets
+    bf16 = "bf16 (teacher bfloat16, student float32)"
+    assert f"| embedded default: ROUGE-L >= 20 at every seed | 21.00 19.00 (seeds 0 1; {bf16}) | **miss** |" in targets
+    assert f"| embedded default: KL <= 0.25x its start at every seed | at most 0.20x (seeds 0 1; {bf16}) |" in targets
+    assert "| 19.50 (seeds 0; fp32 (teacher float32, student float32)) | **miss** |" in targets
     assert "train.lr" not in targets
     section = "\n".join(report.default_quality_section(result))
-    assert "| lr | `train.lr=0.002` | bf16 | unset | 0 1 | 22.00 20.50 | 21.25 | 2.10 3.00 |" in section
+    assert f"| lr | `train.lr=0.002` | {bf16} | unset | 0 1 | 22.00 20.50 | 21.25 | 2.10 3.00 |" in section
 
 
 def test_default_quality_runs_each_seed_once_and_says_which_failed(tmp_path, monkeypatch):
     script = load_script("default_quality")
-    commands = []
+    commands, real_run = [], script.subprocess.run
 
-    def fake_run(command, stdout, stderr, env):
+    def fake_run(command, **kwargs):
+        if command[0] == "git":  # the report's commit
+            return real_run(command, **kwargs)
+        env = kwargs["env"]
         commands.append((command, env.get("OMP_NUM_THREADS")))
         return type("Done", (), {"returncode": 3 if "7" in command else 0})()
 
@@ -869,9 +884,19 @@ def test_default_quality_runs_each_seed_once_and_says_which_failed(tmp_path, mon
     assert command.count("--set") == 2 and "train.warmup_steps=10" in command
     script.run_one(tmp_path, name, 1, pairs, threads=1)  # done: not run again
     assert len(commands) == 1
+    with pytest.raises(SystemExit, match="lr-s1 was run with --set train.lr=2e-3 train.warmup_steps=10, not"):
+        script.run_one(tmp_path, name, 1, ["train.lr=5e-4"], threads=1)
     with pytest.raises(SystemExit, match="lr-s7 failed .exit 3."):
         script.run_one(tmp_path, name, 7, pairs, threads=None)
     assert not (tmp_path / "lr-s7" / "done").exists()
     for bad in ("lr-s2:train.lr=1", "lr:train.lr", ":train.lr=1"):
         with pytest.raises(SystemExit, match="setting"):
             script.parse_setting(bad)
+    # a failed run leaves the others' report written, then exits non-zero naming it
+    root = tmp_path / "main"
+    _default_run_folder(root, "lr-s0", 0, {"train": {"lr": 2e-3}}, rouge=20.0, kl_end=2.0)
+    out = tmp_path / "dq.json"
+    argv = ["--root", str(root), "--setting", "lr:train.lr=2e-3", "--seeds", "0", "7", "--json", str(out)]
+    with pytest.raises(SystemExit, match="lr-s7 failed"):
+        script.main(argv)
+    assert [r["name"] for r in json.loads(out.read_text())["runs"]] == ["lr-s0"]
