@@ -5,7 +5,8 @@ One run is ``distill run`` on the embedded default (``distill.builtin.DEFAULT_RU
 own process, into ``<root>/<setting>-s<seed>/run``. A finished run leaves a ``done`` file next to
 ``run`` and is not run again (the script resumes). The report reads every finished run under the
 root: its ``config.yaml`` (the overrides are the keys that differ from the embedded default's
-resolved config, leaving out the output folder, the seed and what ``auto`` resolved to),
+resolved config, leaving out the output folder and the seed; runs are grouped by their overrides
+and by the precision and dtypes they computed in),
 ``eval.jsonl`` (KL to the teacher and ROUGE-L before and after) and ``metrics.jsonl`` (the seconds
 of its training steps). It prints a table of the settings with their seeds' range against the
 targets of issue 11 (ROUGE-L >= 20 and KL <= 0.25x its start) and writes
