@@ -32,7 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import yaml
+from distill.checkpoint import flatten_config
+from distill.config import read_config_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, mean, read_jsonl, write_json
@@ -91,22 +92,11 @@ def run_one(root: Path, name: str, seed: int, pairs: list[str], threads: int | N
     return folder
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def reference_config() -> dict[str, Any]:
     """The embedded default as ``distill run`` with no arguments resolves it, flattened."""
-    from distill.config import dump_config
     from distill.resolve import resolve_config
 
-    return flatten(yaml.safe_load(dump_config(resolve_config())))
+    return flatten_config(resolve_config().model_dump(mode="json", by_alias=True))
 
 
 def read_run(folder: Path, reference: dict[str, Any]) -> dict[str, Any] | None:
@@ -114,7 +104,7 @@ def read_run(folder: Path, reference: dict[str, Any]) -> dict[str, Any] | None:
     run = folder / "run"
     if not (folder / "done").exists() or not (run / "eval.jsonl").exists():
         return None
-    config = flatten(yaml.safe_load((run / "config.yaml").read_text()))
+    config = flatten_config(read_config_file(run / "config.yaml"))
     evals = read_jsonl(run / "eval.jsonl")
     if not evals:
         return None
@@ -167,6 +157,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "setting": members[0]["setting"],
                 "overrides": members[0]["overrides"],
                 "compute": members[0]["compute"],
+                "threads": sorted({str(r["omp_num_threads"] or "unset") for r in members}),
                 "seeds": [r["seed"] for r in members],
                 "rouge_l": rouge,
                 "rouge_l_mean": mean(rouge),

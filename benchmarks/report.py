@@ -31,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS
+from default_quality import compute_text
 
 HERE = Path(__file__).resolve().parent
 NOTES = HERE / "notes.md"
@@ -141,7 +142,7 @@ def targets_section(
         if s["overrides"]:
             continue  # the embedded default itself; changed settings are in their own section
         t = default_quality.get("targets", {})
-        seeds = f"seeds {' '.join(str(seed) for seed in s['seeds'])}; {compute_text(s)}"
+        seeds = f"seeds {' '.join(str(seed) for seed in s['seeds'])}; {compute_text(s['compute'])}"
         rows.append(
             [
                 f"embedded default: ROUGE-L >= {t.get('rouge_l', 20.0):g} at every seed",
@@ -309,13 +310,6 @@ def quality_section(quality: dict, results: Path, out_dir: Path) -> list[str]:
     return lines
 
 
-def compute_text(setting: dict) -> str:
-    compute = setting.get("compute")
-    if not compute:
-        return "-"
-    return f"{compute['train.precision']} (teacher {compute['teacher.dtype']}, student {compute['student.dtype']})"
-
-
 def default_quality_section(dq: dict) -> list[str]:
     """``default_quality.py``: the embedded default's ROUGE-L and KL at each seed, beside changed settings."""
     targets = dq.get("targets", {})
@@ -324,10 +318,7 @@ def default_quality_section(dq: dict) -> list[str]:
     rows = [
         ["setting", "changed", "computed in", "threads", "seeds", "ROUGE-L each", "mean", "KL end each", "every seed"]
     ]
-    runs = dq.get("runs", [])
     for s in dq.get("settings", []):
-        members = [r for r in runs if (r["overrides"], r.get("compute")) == (s["overrides"], s.get("compute"))]
-        threads = sorted({str(r.get("omp_num_threads") or "unset") for r in members})
         reaches = [
             f"ROUGE-L {verdict(s['every_seed_reaches_rouge'])}",
             f"KL {verdict(s['every_seed_reaches_kl'])}",
@@ -336,8 +327,8 @@ def default_quality_section(dq: dict) -> list[str]:
             [
                 s["setting"],
                 ", ".join(f"`{k}={v}`" for k, v in s["overrides"].items()) or "nothing (the default)",
-                compute_text(s),
-                "/".join(threads),
+                compute_text(s["compute"]),
+                "/".join(s["threads"]),
                 " ".join(str(seed) for seed in s["seeds"]),
                 " ".join(f"{v:.2f}" for v in s["rouge_l"]),
                 f"{s['rouge_l_mean']:.2f}",

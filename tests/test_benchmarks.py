@@ -804,8 +804,6 @@ def _default_run_folder(
 ):
     """A finished ``distill run`` of the embedded default as default_quality.py finds it on disk: with
     precision and dtypes as ``auto`` resolves them with native bf16, or (``fp32``) without."""
-    import yaml
-
     from distill.config import dump_config
     from distill.resolve import resolve_config
 
@@ -814,12 +812,11 @@ def _default_run_folder(
         "teacher": {"dtype": "float32" if fp32 else "bfloat16"},
         "student": {"dtype": "float32"},
     }
-    layers = [layer, {"output_dir": str(root / name / "run"), **resolved}]
-    config = yaml.safe_load(dump_config(resolve_config(*layers)))
+    config = resolve_config(layer, {"output_dir": str(root / name / "run"), **resolved})
     run = root / name / "run"
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    steps = config["train"]["max_steps"]
+    (run / "config.yaml").write_text(dump_config(config))
+    steps = config.train.max_steps
     evals = [{"step": 0, "val_kl": 11.0, "rouge_l": 0.0}, {"step": steps, "val_kl": kl_end, "rouge_l": rouge}]
     (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     (run / "metrics.jsonl").write_text(
