@@ -467,7 +467,7 @@ def run_grid(args, save) -> list[dict]:
                         result["tensor_peak_units"] = result["tensor_peak_bytes"] / size
                     key = (divergence, implementation)
                     measured[key] = max(measured.get(key, 0.0), result["peak_units"])
-                    grads[implementation] = torch.load(grad_path)
+                    grads[implementation] = torch.load(grad_path, weights_only=True)
                     print(
                         f"  {divergence:8} {implementation:4} V={vocab} N={tokens}: {result['seconds']:.3f} s, "
                         f"peak {result['peak_extra_bytes'] / MiB:.0f} MiB ({result['peak_units']:.2f} logits)",

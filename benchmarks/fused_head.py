@@ -230,7 +230,7 @@ def run_grid(args, save) -> list[dict]:
                         print(f"  {divergence:8} {implementation:5} V={vocab}: {result['error']}", flush=True)
                         continue
                     result["peak_mib"] = result["peak_extra_bytes"] / MiB
-                    grads[implementation] = torch.load(grad_path)
+                    grads[implementation] = torch.load(grad_path, weights_only=True)
                     print(
                         f"  {divergence:8} {implementation:5} V={vocab} N={args.tokens} "
                         f"H={hidden}: {result['seconds']:.3f} s, peak {result['peak_mib']:.0f} MiB",

@@ -16,6 +16,11 @@ Run (from the repository root)::
 ``--run`` runs each benchmark in its own process, one after the other, on the embedded default; on a
 2-core CPU machine step_cost takes about half an hour and quality_budget about 6 x (budget + its
 evaluations). RESULTS.md marks results measured on settings other than the embedded default.
+
+It also writes README.md's table of the embedded default's times and scores from
+``results/embedded_default.json`` (when that file is there), between the README's
+``<!-- embedded-default:begin -->`` and ``<!-- embedded-default:end -->`` lines and nowhere else: change
+the figures in the JSON, then run this script.
 """
 
 from __future__ import annotations
@@ -354,6 +359,72 @@ def default_quality_section(dq: dict) -> list[str]:
     ]
 
 
+# --- README.md's table of the embedded default
+
+README = HERE.parent / "README.md"
+EMBEDDED_DEFAULT = "embedded_default.json"
+EMBEDDED_DEFAULT_BEGIN = "<!-- embedded-default:begin -->"
+EMBEDDED_DEFAULT_END = "<!-- embedded-default:end -->"
+
+
+def embedded_default_table(measured: dict) -> str:
+    """The README's table of ``results/embedded_default.json``: one row per run of ``distill run``, each
+    figure as the JSON states it (``:g``, so 19.1 stays 19.1 and 574 stays 574)."""
+    rows = [
+        [
+            "CPU path",
+            "precision",
+            "`distill run`",
+            "KL(teacher ‖ student)",
+            f"ROUGE-L, {measured['rouge_samples']} prompts",
+        ]
+    ]
+    previous = None
+    for run in measured["runs"]:
+        overrides = " ".join(f"--set {k}={v}" for k, v in run["overrides"].items())
+        emulation = " ".join(f"{k}={v}" for k, v in run["emulation"].items())
+        path = (run["cpu_path"], run["emulation"])
+        if overrides and path == previous:
+            label = f"the same, `{overrides}`"
+        else:
+            label = run["cpu_path"] + (f" (emulated: `{emulation}`)" if emulation else "")
+            label += f", `{overrides}`" if overrides else ""
+        previous = path
+        rows.append(
+            [
+                label,
+                run["precision"],
+                f"{run['wall_seconds']:g} s",
+                f"{run['kl_before']:g} → {run['kl_after']:g}",
+                f"{run['rouge_l']:g} (first {measured['rouge_before']}: "
+                f"{run['rouge_l_subset_before']:g} → {run['rouge_l_subset_after']:g})",
+            ]
+        )
+    return markdown_table(rows)
+
+
+def with_embedded_default_table(readme: str, measured: dict) -> str:
+    """``readme`` with what lies between its two marker lines replaced by the table; the rest unchanged."""
+    begin, end = readme.find(EMBEDDED_DEFAULT_BEGIN), readme.find(EMBEDDED_DEFAULT_END)
+    if readme.count(EMBEDDED_DEFAULT_BEGIN) != 1 or readme.count(EMBEDDED_DEFAULT_END) != 1 or end < begin:
+        raise ValueError(f"README.md needs one {EMBEDDED_DEFAULT_BEGIN} line and after it one {EMBEDDED_DEFAULT_END}")
+    body = (
+        f"<!-- written by benchmarks/report.py from benchmarks/results/{EMBEDDED_DEFAULT}: "
+        "change the figures there and run it, not here -->\n\n"
+        f"{embedded_default_table(measured)}\n\n"
+    )
+    return f"{readme[: begin + len(EMBEDDED_DEFAULT_BEGIN)]}\n{body}{readme[end:]}"
+
+
+def write_embedded_default_table(readme: Path, measured: dict) -> bool:
+    """Rewrite ``readme``'s table in place; whether it changed."""
+    text = readme.read_text(encoding="utf-8")
+    new = with_embedded_default_table(text, measured)
+    if new != text:
+        readme.write_text(new, encoding="utf-8")
+    return new != text
+
+
 STUDY_NOTES = HERE / "study_notes.md"
 """The reading of the study's results, written by hand; appended to its section."""
 
@@ -546,6 +617,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--threads", type=int, help="torch threads in every benchmark")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON results")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--readme", type=Path, default=README, help=f"the README whose table is written from {EMBEDDED_DEFAULT}"
+    )
     args = parser.parse_args(argv)
     if args.run:
         run_benchmarks(args)
@@ -569,6 +643,9 @@ def main(argv: list[str] | None = None) -> Path:
         render(steps, quality, memory, args.results, args.output.resolve().parent, study, cache, default_quality)
     )
     print(f"wrote {args.output}")
+    embedded_default = load(args.results / EMBEDDED_DEFAULT)
+    if embedded_default is not None and write_embedded_default_table(args.readme, embedded_default):
+        print(f"wrote the embedded default's table in {args.readme}")
     return args.output
 
 

@@ -285,6 +285,40 @@ def test_report_writes_results_markdown_with_targets_tables_and_plots(results, t
         assert (out.parent / link.split("(", 1)[1].rstrip(")")).is_file()
 
 
+def test_readme_embedded_default_table_is_the_one_report_writes_from_its_json():
+    readme = (BENCHMARKS.parent / "README.md").read_text(encoding="utf-8")
+    measured = json.loads((BENCHMARKS / "results" / report.EMBEDDED_DEFAULT).read_text())
+    assert report.with_embedded_default_table(readme, measured) == readme, (
+        "README.md's embedded-default table differs from benchmarks/results/embedded_default.json: change the "
+        "JSON and run benchmarks/report.py instead of editing the table"
+    )
+
+
+def test_readme_rewrite_touches_nothing_outside_the_markers(tmp_path):
+    measured = json.loads((BENCHMARKS / "results" / report.EMBEDDED_DEFAULT).read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text((BENCHMARKS.parent / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    before = readme.read_text(encoding="utf-8")
+    measured["runs"][0]["wall_seconds"], measured["runs"][-1]["rouge_l"] = 600, 19.25
+    assert report.write_embedded_default_table(readme, measured)
+    after = readme.read_text(encoding="utf-8")
+
+    def outside(text: str) -> tuple[str, str]:
+        head, rest = text.split(report.EMBEDDED_DEFAULT_BEGIN)
+        return head, rest.split(report.EMBEDDED_DEFAULT_END)[1]
+
+    assert outside(after) == outside(before)
+    assert "| 600 s |" in after and "| 19.25 (first 16:" in after and "| 574 s |" not in after
+    assert not report.write_embedded_default_table(readme, measured)  # a second run changes nothing
+    for broken in (
+        before.replace(report.EMBEDDED_DEFAULT_END, ""),
+        before + report.EMBEDDED_DEFAULT_BEGIN,
+        f"{report.EMBEDDED_DEFAULT_END}\ntext\n{report.EMBEDDED_DEFAULT_BEGIN}\n",
+    ):
+        with pytest.raises(ValueError, match="embedded-default"):
+            report.with_embedded_default_table(broken, measured)
+
+
 def test_divergence_memory_still_measures_ours_against_the_peer(tmp_path):
     output = tmp_path / "divergence_memory.json"
     load_script("divergence_memory").main(
