@@ -140,7 +140,9 @@ def run(
 @app.command("cache-teacher")
 @user_errors
 def cache_teacher(
-    output_dir: str = typer.Option(..., "--output-dir", "-o", help="Folder for the cache (manifest.json and parts/)."),
+    output_dir: Optional[str] = typer.Option(
+        None, "--output-dir", "-o", help="Folder for the cache (manifest.json and parts/)."
+    ),
     top_k: int = typer.Option(
         64, "--top-k", help="Teacher log-probs kept per response position (the rest is one outcome)."
     ),
@@ -161,15 +163,32 @@ def cache_teacher(
     settings: list[str] = typer.Option(
         [], "--set", help="Any config key, e.g. data.max_response_tokens=128 (repeatable)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache in --output-dir."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a cache in --output-dir (its own files only; nothing else is removed)."
+    ),
+    verify: Optional[str] = typer.Option(
+        None, "--verify", help="Check every part of the cache in this folder against its checksums, and exit."
+    ),
 ) -> None:
     """Run the teacher once over the data's responses and store its top-K log-probs per position,
-    for distill run --teacher-cache. Interrupted, the same command continues it."""
+    for distill run --teacher-cache. Interrupted, the same command continues it. With --verify DIR:
+    check a cache, name each damaged part (exit code 1), and exit."""
     from transformers.utils import logging as hf_logging
 
     from distill.cli.cache_cmd import manifest_table, resolve_cache_config
     from distill.cli.run_cmd import flag_layer, make_reporter
-    from distill.teacher_cache import build_cache
+    from distill.teacher_cache import build_cache, verify_cache
+
+    if verify is not None:
+        problems = verify_cache(verify)
+        for problem in problems:
+            errors.print(f"[bold red]damaged:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+        if problems:
+            raise typer.Exit(1)
+        console.print(f"{verify}: every part matches its checksums", highlight=False, soft_wrap=True)
+        return
+    if output_dir is None:
+        raise distill.ConfigError("cache-teacher needs --output-dir DIR (or --verify DIR to check a cache)")
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

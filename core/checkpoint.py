@@ -1,16 +1,26 @@
 """Checkpoints a run resumes from exactly, the config a resumed run may change, and stopping on a signal.
 
 A checkpoint ``checkpoints/step-N/`` holds ``student/`` (weights and tokenizer; ``from_pretrained``
-loads it) and ``trainer_state.pt``: the step, optimizer, scheduler, data position and the run's
+loads it), ``trainer_state.pt``: the step, optimizer, scheduler, data position and the run's
 counters (evaluations so far, steps by source, skipped steps), and for every process its sampling
 policy state (draw generator, phi, reference loss, replay buffer as token ids) and every random
-generator (Python, NumPy, torch, CUDA, the LM-corpus sampler). The folder is written under a
-temporary name and renamed, so a folder named ``step-N`` is always complete.
+generator (Python, NumPy, torch, CUDA, the LM-corpus sampler), and, written last, ``complete.json``:
+every file's size and SHA-256. The folder is written under a temporary name and renamed, so an
+interrupted write (a kill, a full disk) leaves the previous checkpoints as they were.
+
+One reading of ``checkpoints/`` (``checkpoints``) serves the pruner, the reader and ``--resume``: a
+checkpoint is a folder ``step-<digits>`` with a complete state; anything else there is left alone.
+``--resume`` checks the newest one's sizes and checksums and, if they fail, says so and takes the next
+older one.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import re
+import shutil
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -22,9 +32,12 @@ import torch
 
 from distill.config import RunConfig, read_config_file
 from distill.errors import ConfigError
-from distill.outputs import RunFiles
+from distill.outputs import MARKER, RUN, RunFiles, file_sha256, folder_kind
 
 STATE_FILE = "trainer_state.pt"
+COMPLETE_FILE = "complete.json"
+"""Written last in a checkpoint: ``{"files": {relative path: {"bytes", "sha256"}}}``."""
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 
 RESUMABLE_FIELDS = (
     "train.max_steps",
@@ -97,14 +110,40 @@ class Checkpoint:
         # weights_only: the file holds tensors and plain Python values only (no pickled objects)
         return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
 
+    def damage(self) -> str | None:
+        """What is wrong with this checkpoint's files (None: nothing): a file missing, of another size
+        or checksum than ``complete.json`` says; a checkpoint from before that file must load."""
+        complete = self.path / COMPLETE_FILE
+        if not complete.is_file():
+            try:
+                self.load()
+            except Exception as error:  # a truncated or garbled file: any error of the unpickler
+                return f"{STATE_FILE} does not load ({type(error).__name__})"
+            return None
+        try:
+            files = json.loads(complete.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{COMPLETE_FILE} is unreadable"
+        for name, expected in files.items():
+            file = self.path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != expected["bytes"]:
+                return f"{name} has {file.stat().st_size} bytes, {expected['bytes']} were written"
+            if file_sha256(file) != expected["sha256"]:
+                return f"{name} does not match its checksum"
+        return None
+
 
 def checkpoints(out: str | Path) -> list[Checkpoint]:
-    """The complete checkpoints in a run folder, oldest first (temporary folders are ignored)."""
+    """The complete checkpoints in a run folder, oldest first: folders ``step-<digits>`` with
+    ``complete.json`` (or, from before that file, ``trainer_state.pt``). Anything else is not one."""
     found = []
-    for path in (Path(out) / "checkpoints").glob("step-*"):
-        number = path.name.removeprefix("step-")
-        if number.isdigit() and (path / STATE_FILE).is_file():
-            found.append(Checkpoint(path, int(number)))
+    folder = Path(out) / "checkpoints"
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match and path.is_dir() and ((path / COMPLETE_FILE).is_file() or (path / STATE_FILE).is_file()):
+            found.append(Checkpoint(path, int(match.group(1))))
     return sorted(found, key=lambda c: c.step)
 
 
@@ -113,19 +152,96 @@ def latest_checkpoint(out: str | Path) -> Checkpoint | None:
     return found[-1] if found else None
 
 
-def resume_point(config: RunConfig) -> Checkpoint | None:
-    """The checkpoint ``--resume`` continues from (None: none yet, start over); refuses a finished run."""
+def prune_checkpoints(out: str | Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` (at least 1) checkpoints; nothing else in ``checkpoints/``."""
+    for old in checkpoints(out)[: -max(keep, 1)]:
+        shutil.rmtree(old.path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where ``--resume`` continues: the checkpoint (None: the run never reached one and starts
+    over), and the newer checkpoints that were damaged and skipped, with what is wrong."""
+
+    checkpoint: Checkpoint | None
+    damaged: tuple[tuple[Checkpoint, str], ...] = ()
+
+    def notices(self) -> list[str]:
+        if self.checkpoint is None:
+            return ["the run holds no step yet: it starts over"]
+        return [
+            f"checkpoint {c.path} is damaged ({why}): set aside as {c.path.name}.damaged; "
+            f"resuming from step {self.checkpoint.step}"
+            for c, why in self.damaged
+        ]
+
+    def set_aside(self) -> None:
+        """Rename the damaged checkpoints ``step-N.damaged``: kept for a look, no longer read or pruned
+        as checkpoints (the pruner would keep a newer damaged one over the resumed run's new ones)."""
+        for checkpoint, _ in self.damaged:
+            os.replace(checkpoint.path, checkpoint.path.with_name(f"{checkpoint.path.name}.damaged"))
+
+
+def resume_point(config: RunConfig) -> ResumePoint:
+    """The newest undamaged checkpoint of the run in ``config.output_dir``. Refuses a finished run, a
+    run whose checkpoints are all damaged, and a run that trained steps (or wrote ``final/``) but has no
+    checkpoint left: only a run stopped before its first step starts over."""
     out = Path(config.output_dir)
-    checkpoint = latest_checkpoint(out)
+    found = checkpoints(out)
+    damaged: list[tuple[Checkpoint, str]] = []
+    checkpoint = None
+    for candidate in reversed(found):
+        damage = candidate.damage()
+        if damage is None:
+            checkpoint = candidate
+            break
+        damaged.append((candidate, damage))
+    if found and checkpoint is None:
+        raise ConfigError(
+            f"--resume: every checkpoint in {out / 'checkpoints'} is damaged "
+            f"({'; '.join(f'{c.path.name}: {why}' for c, why in damaged)}); "
+            "pass --overwrite instead of --resume to start the run again"
+        )
     if checkpoint is None:
-        return None
+        trained = _steps_logged(out / "metrics.jsonl")
+        there = [f"{trained} step(s) in metrics.jsonl"] if trained else []
+        there += ["final/"] if (out / "final").is_dir() else []
+        if there:
+            raise ConfigError(
+                f"--resume: {out} holds a run ({', '.join(there)}) but no checkpoint to continue from; "
+                "pass --overwrite instead of --resume to start it again, or choose another --output-dir"
+            )
+        return ResumePoint(None)
     max_steps = config.train.max_steps
     if checkpoint.step > max_steps or (checkpoint.step == max_steps and (out / "final").is_dir()):
         raise ConfigError(
             f"--resume: the run in {out} already reached step {checkpoint.step} (train.max_steps={max_steps}); "
             f"pass --max-steps N with N > {checkpoint.step} to train further"
         )
-    return checkpoint
+    return ResumePoint(checkpoint, tuple(damaged))
+
+
+def _steps_logged(metrics: Path) -> int:
+    """The number of step records in a ``metrics.jsonl`` (a line cut short by a kill is not one)."""
+    if not metrics.is_file():
+        return 0
+    count = 0
+    for line in metrics.read_text().splitlines():
+        try:
+            count += isinstance(json.loads(line), dict)
+        except ValueError:
+            pass
+    return count
+
+
+def write_complete(folder: Path) -> None:
+    """``complete.json``: every file's size and checksum, written last (a folder without it is not a checkpoint)."""
+    files = {
+        str(file.relative_to(folder)): {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+        for file in sorted(folder.rglob("*"))
+        if file.is_file()
+    }
+    (folder / COMPLETE_FILE).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
 
 # --- the config of a resumed run
@@ -136,6 +252,11 @@ def saved_config(out: str | Path) -> dict[str, Any]:
     path = Path(out) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--resume: {out} holds no run to continue (no config.yaml); check --output-dir")
+    if folder_kind(out) is not RUN:
+        raise ConfigError(
+            f"--resume: {out} is not a folder distill wrote (no {MARKER}, and no metrics.jsonl beside its "
+            "config.yaml); check --output-dir"
+        )
     return read_config_file(path)
 
 
@@ -217,9 +338,11 @@ def save_checkpoint(
         accelerator.unwrap_model(student).save_pretrained(folder / "student", state_dict=weights)
         tokenizer.save_pretrained(folder / "student")
         torch.save({"step": step, **shared, "ranks": ranks}, folder / STATE_FILE)
+        write_complete(folder)
 
     path = files.write_folder(f"checkpoints/step-{step}", fill)
-    files.prune_checkpoints(keep)
+    if files.main:
+        prune_checkpoints(files.out, keep)
     accelerator.wait_for_everyone()
     size = folder_bytes(path) if files.main else 0
     return path, size
@@ -279,11 +402,13 @@ class StopSignals:
 __all__ = [
     "Checkpoint",
     "RESUMABLE_FIELDS",
+    "ResumePoint",
     "RunState",
     "StopSignals",
     "capture_rng",
     "checkpoints",
     "latest_checkpoint",
+    "prune_checkpoints",
     "restore_rng",
     "resume_point",
     "save_checkpoint",

@@ -202,13 +202,16 @@ def _backward_groups(
     step_loss = torch.zeros((), device=accelerator.device)
     terms = torch.zeros(len(micro), dtype=torch.float64)
     index = {s: i for i, s in enumerate(micro)}
+    # cache or live teacher: decided for the whole step, the same on every process (teacher forwards
+    # are collectives under FSDP / ZeRO-3, so every process must run as many)
+    cached = session.cached_targets(batches, list(micro))
     for i, (s, batch, examples) in enumerate(batches):
         term = objective.term(s)
         denominator = group_denominator(counts[s], cfg.train.normalize, accelerator.num_processes)
         # each backward() adds to the gradients, so only the last micro-batch synchronises them
         with accumulating(accelerator, session.student, last=i == len(batches) - 1):
             loss, parts = session.micro_loss(
-                batch, term, denominator, term.weight(step, cfg.train.max_steps, objective.curriculum), s, examples
+                batch, term, denominator, term.weight(step, cfg.train.max_steps, objective.curriculum), s, cached[i]
             )
             if lm_loss is not None:
                 loss = loss + cfg.train.lm_weight * lm_loss(len(batches))
@@ -226,11 +229,11 @@ def _optimizer_step(s: Session, run: RunState, step: int, step_loss: float, coun
     """Clip, weigh (``train.step_weight``) and take the step, unless the loss or the gradient norm is
     not finite: then skip it (``train.skip_nonfinite``) or stop. Returns (finite, norm, weight)."""
     cfg = s.cfg
-    norm = (
-        s.accelerator.clip_grad_norm_(s.student.parameters(), cfg.train.max_grad_norm)
-        if cfg.train.max_grad_norm > 0
-        else None
-    )
+    clipping = cfg.train.max_grad_norm > 0
+    # the gradient norm is checked with clipping or without: a NaN gradient can stand behind a finite
+    # loss. With clipping it is the norm clipping computes; without, a bound of inf leaves every
+    # gradient as it is (times 1) and still gives the global norm under every backend
+    norm = s.accelerator.clip_grad_norm_(s.student.parameters(), cfg.train.max_grad_norm if clipping else math.inf)
     finite = math.isfinite(step_loss) and (norm is None or math.isfinite(float(norm)))
     # with train.normalize: sequence every sequence weighs the same, so steps are weighed by their sequences
     units = (
@@ -250,7 +253,7 @@ def _optimizer_step(s: Session, run: RunState, step: int, step_loss: float, coun
         raise _nonfinite_stop(step, step_loss, norm, s.out)
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
-    return finite, norm, weight
+    return finite, norm if clipping else None, weight  # the norm is logged where it clips
 
 
 def _step_record(

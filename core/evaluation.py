@@ -72,7 +72,7 @@ class Evaluator:
         self.rouge_subset = min(rouge_before, rouge_samples) if rouge_before is not None else rouge_samples
         self.tokenizer = tokenizer
         self.divergence = divergence
-        self.kl = None if kl is None or (divergence.name == "kl" and divergence.temperature == 1.0) else kl
+        self.kl = None if kl is None or (divergence.name == "kl" and divergence.temperature == kl.temperature) else kl
         self.generate = generate
         self.accelerator = accelerator
         self.unwrap = accelerator.unwrap_model if accelerator else (lambda m: m)

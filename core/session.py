@@ -50,7 +50,13 @@ from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
 from distill.policy import SamplingContext
 from distill.registry import Registry
 from distill.resolve import RunPlan
-from distill.teacher_cache import TeacherCache, cached_micro_batch_loss, derives_from_teacher, policy_generates
+from distill.teacher_cache import (
+    DamagedPart,
+    TeacherCache,
+    cached_micro_batch_loss,
+    derives_from_teacher,
+    policy_generates,
+)
 from distill.vocabulary import TextBridge, check_data_ids, cross_tokenizer_error, mismatch, student_tokenizer_ref
 
 Reporter = Callable[[str, dict[str, Any]], None]
@@ -102,18 +108,44 @@ class Session:
     lm_rng: random.Random
     rank_log: Callable[[dict[str, Any]], None]
 
-    def micro_loss(self, batch, term, denominator: float, weight: float, source: str, examples: list):
-        """One micro-batch's loss and its parts: from the cache for sequences it holds (no teacher
-        forward), else against the live teacher (fused with the heads where they allow it)."""
+    def cached_targets(self, batches: list[tuple[str, Any, list]], sources: list[str]) -> list[torch.Tensor | None]:
+        """The teacher cache's answer for each ``(source, batch, examples)`` micro-batch of a step, or
+        None where the live teacher answers. A group reads the cache only if it holds every micro-batch
+        of that group on every process: one reduction a step, so that every process runs the same
+        number of teacher forwards. A damaged part found by one process stops every process."""
+        if self.cache is None or self.apart:
+            return [None] * len(batches)
+        found: list[torch.Tensor | None] = []
+        damaged: DamagedPart | None = None
+        for _, batch, examples in batches:
+            try:
+                found.append(self.cache.targets(examples, batch.response_mask.shape[1], self.accelerator.device))
+            except DamagedPart as error:
+                damaged = error
+                found.append(None)
+        misses = torch.zeros(len(sources) + 1, dtype=torch.float64)
+        for (source, _, _), packed in zip(batches, found):
+            misses[sources.index(source)] += packed is None
+        misses[-1] = damaged is not None
+        if self.accelerator.num_processes > 1:
+            misses = self.accelerator.reduce(misses.to(self.accelerator.device), reduction="sum").cpu()
+        if damaged is not None:
+            raise damaged
+        if misses[-1] > 0:
+            raise ConfigError("another process found a damaged teacher cache part (its line names it); see there")
+        return [
+            packed if misses[sources.index(source)] == 0 else None for (source, _, _), packed in zip(batches, found)
+        ]
+
+    def micro_loss(self, batch, term, denominator: float, weight: float, source: str, cached: torch.Tensor | None):
+        """One micro-batch's loss and its parts: from the cache's ``cached`` targets when given (no
+        teacher forward, see ``cached_targets``), else against the live teacher (fused with the heads
+        where they allow it)."""
         cfg = self.cfg
         options = {"kd_weight": cfg.train.kd_weight * weight, "normalize": cfg.train.normalize}
         unwrap = self.accelerator.unwrap_model
-        cached = (
-            self.cache.targets(examples, batch.response_mask.shape[1], self.accelerator.device)
-            if self.cache is not None and not self.apart
-            else None
-        )
         if cached is not None:
+            self.cache.check_temperature(f"objective.terms.{source}.temperature", term.divergence.temperature)
             return cached_micro_batch_loss(
                 self.student, batch, cached, term.divergence, denominator, term.ce_weight, unwrap, **options
             )
@@ -212,7 +244,8 @@ def open_session(
     # `auto` precision and dtypes become what this hardware computes fastest; config.yaml keeps the answer
     cfg, precision, precision_warning = resolve_precision(plan.config)
     seed = cfg.train.seed
-    checkpoint = resume_point(cfg) if resume else None
+    point = resume_point(cfg) if resume else None
+    checkpoint = point.checkpoint if point else None
     objective = plan.objective  # one term per source; the run's divergence for the others
     policy = plan.make_policy()
     # with a teacher cache, dataset sequences need no teacher; a policy that never generates never loads it
@@ -222,6 +255,8 @@ def open_session(
         report = lambda kind, record: None  # noqa: E731 (one console: the main process's)
     if precision_warning:
         report("warning", {"message": precision_warning})
+    for notice in point.notices() if point else ():
+        report("warning", {"message": notice})
     set_seed(seed)
     policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
     teacher, tokenizer, student, student_tokenizer, apart, n_logits = _load_models(
@@ -269,8 +304,9 @@ def open_session(
     if not accelerator.is_main_process:
         out = Path(cfg.output_dir)
     elif checkpoint:
+        point.set_aside()
         out = reopen_output_dir(cfg.output_dir, checkpoint.step)
-    else:  # a new run, or a resumed one that never reached its first checkpoint: start over
+    else:  # a new run, or a resumed one that never reached its first step: start over
         out = prepare_output_dir(cfg.output_dir, overwrite=overwrite or resume)
     files = RunFiles(out, accelerator.is_main_process)
     files.write_text("config.yaml", dump_config(cfg))
@@ -284,6 +320,11 @@ def open_session(
         schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps
     )
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    if accelerator.process_index > 0:
+        # generation samples per process: the same seed everywhere would draw the same responses to the
+        # same prompt on every process. Set-up above ran seeded alike; the main process keeps the run's
+        # stream (a 1-process run is unchanged) and the policy's own draw stays shared (policy.reseed)
+        set_seed(seed + accelerator.process_index)
     student.train()  # from_pretrained returns eval mode; dropout (GPT-2) belongs to training
     teacher = prepare_teacher(accelerator, teacher) if teacher is not None else None
 
@@ -306,7 +347,8 @@ def open_session(
         cfg.eval.batch_size,
         cfg.eval.rouge_samples,
         accelerator,
-        kl=registry.get_divergence("kl"),
+        # with a cache, the teacher's side is at the cache's temperature: so is val_kl (the start line says so)
+        kl=registry.get_divergence("kl", temperature=cache.temperature if cache is not None else 1.0),
         rouge_before=cfg.eval.rouge_before,
         progress=progress,
         fused=fused,

@@ -16,10 +16,17 @@ divergence on the coarse pair is at most its value on the full pair, with equali
 
 Layout of a cache folder::
 
+    distill.json         the marker of a folder distill wrote (distill.outputs), written first
     manifest.json        written last: a cache without it is unfinished (cache-teacher resumes it)
-    settings.json        what the cache is made from (teacher, tokenizer, data, K), written first
+    settings.json        what the cache is made from (teacher, tokenizer, data, K, temperature)
     parts/r<rank>-<n>/   one finished part: keys.json (sequence keys and lengths), logprobs.npy
-                         [T, K] float16, ids.npy [T, K], rest.npy [T] float32 (T: the part's tokens)
+                         [T, K] float16, ids.npy [T, K], rest.npy [T] float32 (T: the part's tokens),
+                         checksum.json (each file's size and SHA-256, written with the part)
+
+A cache is checked before it is trusted: at open, every part's arrays have the lengths its
+``keys.json`` gives and the manifest's byte count matches the disk; a part's checksums are checked
+when it is first read (``distill cache-teacher --verify DIR`` checks them all). A damaged part is one
+line naming it: delete it and run the same ``cache-teacher`` command, which continues the cache.
 
 A sequence is found by its key, a hash of its prompt and response token ids: the cache answers for
 exactly the sequences it was made from, whichever order, split or process asks.
@@ -42,10 +49,14 @@ from distill.data import Batch, Example, collate
 from distill.divergence import NEG_LOGIT, ConfiguredDivergence, prepare_logits
 from distill.errors import ConfigError
 from distill.loss import chunked_token_mean
+from distill.outputs import TEACHER_CACHE, check_folder, claim_folder, file_sha256
 
 MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
-FORMAT = 1
+CHECKSUM = "checksum.json"
+FORMAT = 2
+"""2: parts carry checksums and the teacher fingerprint hashes the weights' contents (1: names and sizes)."""
+ARRAYS = ("logprobs", "ids", "rest")
 PART_EXAMPLES = 256
 """Sequences per part file: what an interrupted cache-teacher may have to redo, at most, per process."""
 
@@ -153,30 +164,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
-
-
 def teacher_fingerprint(spec) -> str:
-    """The teacher a ``ModelSpec`` names, without loading it: for a local folder its config.json and
-    the names and sizes of its weight files (a copy of the folder elsewhere matches); otherwise the
-    reference itself (a built-in name, a hub id). A merged ``adapter`` counts too."""
+    """The teacher a ``ModelSpec`` names, by the contents of the files it resolves to (a local folder,
+    a hub id's local snapshot, the built-in teacher's file) and of its adapter: ``distill.fingerprint``
+    (each file is hashed once; later calls read the digest from distill's cache folder)."""
+    from distill.fingerprint import model_fingerprint
 
-    def folder(ref: str) -> str:
-        path = Path(ref).expanduser()
-        if not path.is_dir():
-            return ref
-        digest = hashlib.sha256()
-        config = path / "config.json"
-        digest.update(config.read_bytes() if config.is_file() else b"")
-        for file in sorted(path.iterdir()):
-            if file.suffix in WEIGHT_SUFFIXES or file.name == "adapter_config.json":
-                digest.update(f"{file.name}:{file.stat().st_size}".encode())
-        return digest.hexdigest()[:32]
-
-    parts = [folder(spec.ref or "")]
-    if spec.adapter:
-        parts.append("adapter:" + folder(spec.adapter))
-    return "+".join(parts)
+    return model_fingerprint(spec)
 
 
 def cache_settings(
@@ -254,6 +248,8 @@ def write_part(
     np.save(tmp / "ids.npy", np.concatenate(ids))
     np.save(tmp / "rest.npy", np.concatenate(rest))
     (tmp / "keys.json").write_text(json.dumps(keys))
+    checksums = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(tmp.iterdir())}
+    (tmp / CHECKSUM).write_text(json.dumps(checksums, indent=1) + "\n")
     size = sum(f.stat().st_size for f in tmp.iterdir())
     tmp.rename(folder / name)
     return size
@@ -270,20 +266,18 @@ def finished_keys(out: Path) -> set[str]:
 
 def prepare_cache_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:
     """Check ``out`` before anything is written; returns whether it continues an unfinished cache of
-    the same settings. A finished cache, an unfinished one of other settings, or a folder that is no
-    cache at all is a one-line error (``--overwrite`` replaces the first two)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output-dir {out} is a file, not a folder")
-    if not out.exists() or not any(out.iterdir()):
+    the same settings. A folder that is neither empty nor a teacher cache is refused whatever the
+    flags; a finished cache, or an unfinished one of other settings, too, unless ``overwrite`` (which
+    then removes the cache's own files, nothing else). A finished cache with a part deleted (a damaged
+    part, see ``TeacherCache``) is unfinished again: the same command rebuilds the part."""
+    if not check_folder(out, TEACHER_CACHE) or overwrite:
         return False
-    if not (out / SETTINGS).is_file() and not (out / MANIFEST).is_file():
-        raise ConfigError(f"--output-dir {out} holds files but no teacher cache; choose an empty or new folder")
-    if overwrite:
-        return False
-    if (out / MANIFEST).is_file():
+    if not (out / SETTINGS).is_file():
+        return False  # marked, but killed before its settings were written
+    if (out / MANIFEST).is_file() and not missing_parts(out):
         raise ConfigError(
-            f"--output-dir {out} holds a finished teacher cache; "
-            "pass --overwrite to replace it, or choose another folder"
+            f"--output-dir {out} holds a finished teacher cache; pass --overwrite to replace it, choose another "
+            f"folder, or check it with distill cache-teacher --verify {out}"
         )
     saved = json.loads((out / SETTINGS).read_text())
     differ = [key for key in settings if saved.get(key) != settings[key]]
@@ -293,6 +287,15 @@ def prepare_cache_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> b
             "repeat its command to continue it, pass --overwrite to start over, or choose another folder"
         )
     return True
+
+
+def missing_parts(out: Path) -> list[str]:
+    """The parts a finished cache's manifest lists that are not on disk (deleted to be rebuilt)."""
+    try:
+        listed = json.loads((out / MANIFEST).read_text()).get("parts", [])
+    except (ValueError, OSError, AttributeError):
+        return ["manifest.json"]
+    return [name for name in listed if not (out / "parts" / name).is_dir()]
 
 
 def write_manifest(out: Path, settings: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -325,17 +328,100 @@ def write_manifest(out: Path, settings: dict[str, Any], seconds: float) -> dict[
 # --- reading a cache (distill run --teacher-cache)
 
 
+class DamagedPart(ConfigError):
+    """A part of a teacher cache whose files are not what was written."""
+
+    def __init__(self, part: Path, why: str) -> None:
+        super().__init__(
+            f"teacher cache part {part} is damaged ({why}); delete that folder and run the same distill "
+            "cache-teacher command again: it rebuilds the part"
+        )
+
+
+def open_part(part: Path, top_k: int) -> tuple[list, list[np.ndarray]]:
+    """A part's keys and its arrays (memory maps), their shapes checked against the keys."""
+    try:
+        keys = json.loads((part / "keys.json").read_text())
+        arrays = [np.load(part / f"{kind}.npy", mmap_mode="r") for kind in ARRAYS]
+    except FileNotFoundError as error:
+        raise DamagedPart(part, f"{Path(error.filename).name} is missing") from None
+    except (ValueError, OSError) as error:  # a truncated .npy: "mmap length is greater than file size"
+        raise DamagedPart(part, f"a file does not read: {error}") from None
+    tokens = sum(n for _, n in keys)
+    expected = {"logprobs": (tokens, top_k), "ids": (tokens, top_k), "rest": (tokens,)}
+    for kind, array in zip(ARRAYS, arrays):
+        if array.shape != expected[kind]:
+            raise DamagedPart(part, f"{kind}.npy has shape {list(array.shape)}, keys.json gives {list(expected[kind])}")
+    return keys, arrays
+
+
+def check_part(part: Path) -> None:
+    """Compare a part's files with the sizes and checksums written with it."""
+    try:
+        written = json.loads((part / CHECKSUM).read_text())
+    except (OSError, ValueError):
+        raise DamagedPart(part, f"{CHECKSUM} is missing or unreadable") from None
+    for name, expected in written.items():
+        file = part / name
+        if not file.is_file() or file.stat().st_size != expected["bytes"] or file_sha256(file) != expected["sha256"]:
+            raise DamagedPart(part, f"{name} does not match its checksum")
+
+
+def parts_bytes(folder: Path, names: list[str]) -> int:
+    return sum(f.stat().st_size for name in names for f in (folder / "parts" / name).iterdir() if f.is_file())
+
+
+def verify_cache(folder: str | Path) -> list[str]:
+    """Every problem of a cache, one line each (empty: sound): ``distill cache-teacher --verify``."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        names, top_k = list(manifest["parts"]), int(manifest["top_k"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{folder}: no readable manifest.json (unfinished: run its distill cache-teacher command again)"]
+    if manifest.get("format") != FORMAT:
+        return [format_problem(folder, manifest.get("format"))]
+    problems = []
+    for name in names:
+        part = folder / "parts" / name
+        if not part.is_dir():
+            problems.append(f"teacher cache part {part} is missing; run the same distill cache-teacher command again")
+            continue
+        try:
+            open_part(part, top_k)
+            check_part(part)
+        except DamagedPart as error:
+            problems.append(str(error))
+    if not problems and parts_bytes(folder, names) != manifest.get("bytes"):
+        problems.append(
+            f"{folder}: its parts hold {parts_bytes(folder, names):,} bytes, its manifest says {manifest.get('bytes')}"
+        )
+    return problems
+
+
+def format_problem(folder: Path, made: Any) -> str:
+    why = (
+        "was made before caches carried checksums and a fingerprint of the teacher's weights"
+        if isinstance(made, int) and made < FORMAT
+        else f"has format {made}, this distill reads {FORMAT}"
+    )
+    return f"teacher cache {folder} {why}; make it again with distill cache-teacher (--overwrite replaces it)"
+
+
 @dataclass
 class _Part:
+    path: Path
     log_probs: np.ndarray
     ids: np.ndarray
     rest: np.ndarray
+    checked: bool = False
 
 
 class TeacherCache:
     """A finished cache folder, read through memory maps: ``targets(examples, width)`` gives the
     packed teacher side of a micro-batch, or None when a sequence is not in the cache (a generated
-    one: the live teacher answers it)."""
+    one: the live teacher answers it). Opening checks the parts' shapes and the manifest's byte
+    count; a part's checksums are checked when it is first read."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -350,22 +436,27 @@ class TeacherCache:
             raise ConfigError(f"--teacher-cache {folder}: {why}")
         self.manifest = json.loads(manifest.read_text())
         if self.manifest.get("format") != FORMAT:
-            raise ConfigError(
-                f"--teacher-cache {folder}: format {self.manifest.get('format')}, this "
-                f"distill reads {FORMAT}; make it again with distill cache-teacher"
-            )
+            raise ConfigError(f"--teacher-cache: {format_problem(self.folder, self.manifest.get('format'))}")
         self.top_k = int(self.manifest["top_k"])
+        self.temperature = float(self.manifest["temperature"])
         self.parts: list[_Part] = []
         self.index: dict[str, tuple[int, int, int]] = {}
         for number, name in enumerate(self.manifest["parts"]):
-            part = self.folder / "parts" / name
-            self.parts.append(
-                _Part(*(np.load(part / f"{kind}.npy", mmap_mode="r") for kind in ("logprobs", "ids", "rest")))
-            )
+            path = self.folder / "parts" / name
+            if not path.is_dir():
+                raise DamagedPart(path, "missing")
+            keys, arrays = open_part(path, self.top_k)
+            self.parts.append(_Part(path, *arrays))
             offset = 0
-            for key, n in json.loads((part / "keys.json").read_text()):
+            for key, n in keys:
                 self.index[key] = (number, offset, n)
                 offset += n
+        size = parts_bytes(self.folder, self.manifest["parts"])
+        if size != self.manifest["bytes"]:
+            raise ConfigError(
+                f"--teacher-cache {folder}: its parts hold {size:,} bytes, its manifest says "
+                f"{self.manifest['bytes']:,}; find the damaged parts with distill cache-teacher --verify {folder}"
+            )
 
     def note(self, *, loaded: bool) -> str:
         """The start line's word on the cache."""
@@ -378,7 +469,17 @@ class TeacherCache:
             f"teacher cache {self.folder} (top-{self.top_k}, {self.manifest['examples']:,} "
             f"sequences): dataset sequences read it, {teacher}; divergences, validation "
             f"ones included, are over the top {self.top_k} + 1 outcomes"
+            + (f"; val_kl is at the cache's temperature {self.temperature:g}" if self.temperature != 1.0 else "")
         )
+
+    def check_temperature(self, key: str, temperature: float) -> None:
+        """A divergence that reads this cache must be at the cache's temperature (``key``: its config key)."""
+        if temperature != self.temperature:
+            raise ConfigError(
+                f"--teacher-cache {self.folder} holds the teacher at temperature {self.temperature:g}, this run's "
+                f"{key} is {temperature:g}; set {key}={self.temperature:g} or make the cache with --temperature "
+                f"{temperature:g} (terms on generated sequences use the live teacher and may differ)"
+            )
 
     def __contains__(self, example: Example) -> bool:
         return example_key(example) in self.index
@@ -393,6 +494,9 @@ class TeacherCache:
         out = np.zeros((len(examples), width, 2 * k + 1), dtype=np.float32)
         for row, (number, offset, n) in enumerate(found):
             part = self.parts[number]
+            if not part.checked:  # on first read: the files are what was written
+                check_part(part.path)
+                part.checked = True
             out[row, :n, :k] = part.log_probs[offset : offset + n]
             out[row, :n, k : 2 * k] = part.ids[offset : offset + n]
             out[row, :n, 2 * k] = part.rest[offset : offset + n]
@@ -415,12 +519,8 @@ class TeacherCache:
                 f"{where} was made with another tokenizer ({m['tokenizer']}, {m['vocabulary']} logits) than this run's "
                 f"({cfg.tokenizer or cfg.teacher.ref}, {n_logits}); use the teacher's tokenizer or make the cache again"
             )
-        if cfg.divergence.temperature != m["temperature"]:
-            raise ConfigError(
-                f"{where} holds the teacher at temperature {m['temperature']}, this run's divergence.temperature "
-                f"is {cfg.divergence.temperature}; set divergence.temperature={m['temperature']} or make the "
-                f"cache with --temperature {cfg.divergence.temperature}"
-            )
+        for key, temperature in cache_temperatures(cfg).items():
+            self.check_temperature(key, temperature)
         missing = len({example_key(e) for e in examples} - set(self.index))
         if missing:  # a run may use part of the cached data (fewer validation examples, say), nothing outside it
             d = m["data"]
@@ -433,6 +533,18 @@ class TeacherCache:
 
 
 # --- training and evaluation with a cache
+
+
+def cache_temperatures(cfg) -> dict[str, float]:
+    """The temperatures of the divergences that read the cache for sure, by config key: the run's
+    divergence (validation, and every source without a term) and the dataset's term. A term of
+    another source is checked when it first reads the cache (``TeacherCache.check_temperature``):
+    whether a policy's source holds dataset or generated sequences is the policy's business."""
+    temperatures = {"divergence.temperature": cfg.divergence.temperature}
+    dataset = cfg.objective.terms.get("dataset")
+    if dataset is not None and dataset.temperature is not None:
+        temperatures["objective.terms.dataset.temperature"] = dataset.temperature
+    return temperatures
 
 
 def derives_from_teacher(spec) -> bool:
@@ -532,8 +644,7 @@ def build_cache(
     teacher.to(state.device)
     # --- nothing was written so far; now the folder (main process), then every process's parts
     if state.is_main_process:
-        if not resuming:
-            shutil.rmtree(out, ignore_errors=True)
+        claim_folder(out, TEACHER_CACHE, clear=not resuming)  # the marker first; only the cache's own files go
         (out / "parts").mkdir(parents=True, exist_ok=True)
         for tmp in (out / "parts").glob(".*.tmp"):
             shutil.rmtree(tmp, ignore_errors=True)

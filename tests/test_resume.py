@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,15 +206,18 @@ def test_resume_extends_a_finished_run_with_a_new_max_steps(tiny, tmp_path):
     assert "max_steps: 6" in (out / "config.yaml").read_text()
 
 
-def test_resume_before_the_first_checkpoint_starts_over(tiny, tmp_path, reference):
+def test_resume_without_a_checkpoint_refuses_a_run_with_steps_and_starts_over_one_without(tiny, tmp_path, reference):
     out = tmp_path / "run"
     assert runner.invoke(app, run_args(tiny, out, "--max-steps", "2", "--set", "checkpoint.every=0")).exit_code == 0
     for folder in (out / "checkpoints" / "step-2", out / "final"):  # as if killed at step 2
-        for path in sorted(folder.rglob("*"), reverse=True):
-            path.rmdir() if path.is_dir() else path.unlink()
-        folder.rmdir()
+        shutil.rmtree(folder)
     result = runner.invoke(app, run_args(tiny, out, "--resume"))  # the flags repeat all but a safe field
+    assert result.exit_code == 2 and "2 step(s) in metrics.jsonl" in result.output  # never starts over over steps
+    (out / "metrics.jsonl").write_text("")  # as if killed before its first step
+    (out / "eval.jsonl").unlink()
+    result = runner.invoke(app, run_args(tiny, out, "--resume"))
     assert result.exit_code == 0, result.output
+    assert "starts over" in result.output
     assert_same_as_reference(out, reference)
 
 
