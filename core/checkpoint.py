@@ -53,8 +53,17 @@ RESUMABLE_FIELDS = (
     "log.with",
     "log.project",
 )
-"""Config fields ``--resume`` may change: they decide how long to train and what to report, not
-what one step computes. Anything else would make the resumed steps differ from the saved ones."""
+"""Config fields ``--resume`` may change; every other field must repeat the saved value. What they
+change from the checkpoint on:
+
+- ``train.max_steps``: the learning-rate schedule and the adaptive policy's replay schedule
+  (s = phi * (1 - t/T)) follow the new T from the checkpoint's step on (``reapply_schedule``), so the
+  resumed steps differ from an uninterrupted run with the old T; a finished run can be extended;
+- ``eval.every``: when evaluations happen, and so when ``adaptive_offpolicy`` may raise phi (it
+  changes only at an evaluation): later steps' sources can differ;
+- ``train.max_seconds``, ``train.skip_nonfinite``: when the run ends, and whether a non-finite step
+  is skipped or stops it;
+- the rest: what is reported and kept, not what a step computes."""
 
 
 @dataclass
