@@ -1,6 +1,6 @@
 """A short check of distill on one GPU: seconds per step, peak GPU memory and tokens per second.
 
-Two measurements:
+Three measurements:
 
 - ``run``: ``distill run`` on the embedded default (SmolLM2-135M-Instruct teacher, layer-pruned
   student, the built-in data; the ``distillm`` recipe) for ``--max-steps`` steps (20) without ROUGE
@@ -16,6 +16,14 @@ Two measurements:
 - ``loss``: ``distill.divergence_loss`` forward + backward on synthetic bf16 logits with a
   large vocabulary (``--vocab`` 151936, Qwen's, at ``--tokens`` 4096 positions), for each
   divergence: the best of ``--repeats`` times, and the peak memory above the two input tensors.
+- ``float16_head``: one forward + backward of the KL divergence through the student's head under
+  fp16 autocast (float32 parameters, the head multiplying in float16, a float16 teacher), at the
+  embedded default's head (V = 49,152, width 576) on 4,096 response tokens (``FLOAT16_HEAD``), the
+  gradient scaled by a GradScaler's initial factor: the share of exactly-zero entries of the
+  gradients of the hidden states and the head weight, their error and the peak memory above the
+  inputs, for the fused head, the full logits under autocast, and the float32 full logits (the
+  reference). The weights give the vocabulary a language model's prior (the rarest token e^-12
+  below the commonest), where float16 once flushed rare tokens' gradients to zero.
 
     .venv/bin/python benchmarks/gpu_check.py                    # on a machine with a CUDA GPU
     .venv/bin/python benchmarks/gpu_check.py --max-steps 50 --skip-run
@@ -51,6 +59,10 @@ RUN_CASES = {
     "on-policy": ["policy.params.init_prob=1"],
 }
 """The embedded default's cases: the defaults, without the fused head, every step generating."""
+FLOAT16_HEAD = {"vocab": 49152, "rows": 4096, "width": 576, "grad_scale": 2.0**16}
+"""The float16 head case: SmolLM2's head on 4,096 tokens, ``grad_scale`` the GradScaler's initial factor."""
+FLOAT16_PATHS = ("fused, fp16 autocast", "full logits, fp16 autocast", "full logits, float32")
+"""The paths the float16 head case compares; the last is the reference."""
 RESULTS = Path(__file__).parent / "results" / "gpu_check.json"
 MIB = 2**20
 DEVICE = "cuda"
@@ -195,6 +207,122 @@ def measure_loss(name: str, params: dict, vocab: int, tokens: int, repeats: int)
     }
 
 
+def zero_share(*grads) -> float:
+    """Percentage of the entries of ``grads`` that are exactly zero."""
+    return 100 * sum(int((g == 0).sum()) for g in grads) / sum(g.numel() for g in grads)
+
+
+def float16_head_problem(vocab: int, rows: int, width: int, device: str) -> dict:
+    """Student weight ``[vocab, width]`` and hidden states ``[rows, width]`` in float32 holding float16
+    values (autocast's master copies), the teacher's in float16. A constant feature of the hidden
+    states times a per-token rarity puts the rarest token e^-12 below the commonest at every position,
+    as a language model's prior over its vocabulary does."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    weight, teacher_weight = (torch.randn(vocab, width, generator=generator) / width**0.5 for _ in range(2))
+    hidden, teacher_hidden = (torch.randn(rows, width, generator=generator) for _ in range(2))
+    hidden[:, 0] = teacher_hidden[:, 0] = 1.0
+    weight[:, 0] = teacher_weight[:, 0] = -torch.linspace(0, 12, vocab)
+    return {
+        "weight": weight.half().float().to(device),
+        "hidden": hidden.half().float().to(device),
+        "teacher_weight": teacher_weight.half().to(device),
+        "teacher_hidden": teacher_hidden.half().to(device),
+    }
+
+
+def float16_head_pass(path: str, problem: dict, rows: int, grad_scale: float) -> tuple:
+    """Gradients ``(hidden [rows, width], weight [vocab, width])`` of the mean KL over ``rows`` tokens
+    times ``grad_scale``, along ``path`` (one of ``FLOAT16_PATHS``)."""
+    import torch
+    import torch.nn.functional as F
+
+    import distill
+    from distill.fused import Head, fused_loss
+
+    def head(weight: torch.nn.Parameter) -> Head:  # as head_input finds it under fp16 autocast
+        module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        module.weight = weight
+        return Head(module, weight.shape[0], None, torch.float16)
+
+    divergence = distill.get_divergence("kl")
+    weight = torch.nn.Parameter(problem["weight"])  # shares the input's storage: the peak counts the pass alone
+    hidden = problem["hidden"][:rows].detach().requires_grad_()
+    teacher_weight, teacher_hidden = problem["teacher_weight"], problem["teacher_hidden"][:rows]
+    device = weight.device.type
+    if path == "fused, fp16 autocast":
+        teacher = head(torch.nn.Parameter(teacher_weight, requires_grad=False))
+        loss, _ = fused_loss(head(weight), hidden, teacher, teacher_hidden, divergence, n_tokens=rows)
+    elif path == "full logits, fp16 autocast":
+        with torch.autocast(device, dtype=torch.float16):  # as Accelerate wraps the model's forward
+            logits = F.linear(hidden, weight)
+            teacher_logits = F.linear(teacher_hidden, teacher_weight)
+        loss = distill.divergence_loss(divergence, logits, teacher_logits, n_tokens=rows)
+    elif path == "full logits, float32":
+        logits = F.linear(hidden, weight)
+        teacher_logits = F.linear(teacher_hidden.float(), teacher_weight.float())
+        loss = distill.divergence_loss(divergence, logits, teacher_logits, n_tokens=rows)
+    else:
+        raise ValueError(f"unknown path {path!r}; one of {FLOAT16_PATHS}")
+    loss.backward(torch.tensor(grad_scale, device=loss.device))
+    return hidden.grad, weight.grad
+
+
+def measure_float16_head(vocab: int, rows: int, width: int, grad_scale: float, cuda: bool = True) -> dict:
+    """Each of ``FLOAT16_PATHS`` once (after a warm-up on 64 rows): zero shares, error against the
+    float32 path, peak memory above the inputs and seconds; ``cuda=False`` runs on CPU and measures no
+    memory (for checking the script at small sizes)."""
+    problem = float16_head_problem(vocab, rows, width, DEVICE if cuda else "cpu")
+    grads, cases = {}, []
+    for path in FLOAT16_PATHS:
+        float16_head_pass(path, problem, min(64, rows), grad_scale)
+        if cuda:
+            synchronize()
+            reset_peak()
+        base = allocated() if cuda else 0
+        start = time.perf_counter()
+        grads[path] = float16_head_pass(path, problem, rows, grad_scale)
+        if cuda:
+            synchronize()
+        seconds = time.perf_counter() - start
+        cases.append(
+            {
+                "path": path,
+                "zero_share_percent": zero_share(*grads[path]),
+                "zero_share_hidden_percent": zero_share(grads[path][0]),
+                "zero_share_weight_percent": zero_share(grads[path][1]),
+                "finite": all(bool(g.isfinite().all()) for g in grads[path]),
+                "seconds": seconds,
+                "peak_extra_mib": (peak() - base) / MIB if cuda else 0.0,
+            }
+        )
+    reference = grads[FLOAT16_PATHS[-1]]
+    for case in cases:
+        case["relative_error"] = max(
+            float((got.float() - expected).norm() / expected.norm())
+            for got, expected in zip(grads[case["path"]], reference)
+        )
+    return {"vocab": vocab, "rows": rows, "width": width, "grad_scale": grad_scale, "cases": cases}
+
+
+def print_float16_head(result: dict) -> None:
+    print(
+        f"\nfloat16 head: KL forward+backward, N={result['rows']}, V={result['vocab']}, width {result['width']}, "
+        f"fp16 autocast, gradient x {result['grad_scale']:g}; reference: {FLOAT16_PATHS[-1]}"
+    )
+    print(
+        f"  {'path':<28} {'zero grads %':>12} {'hidden %':>9} {'weight %':>9} {'rel. error':>10} "
+        f"{'peak extra MiB':>15} {'seconds':>8}"
+    )
+    for case in result["cases"]:
+        print(
+            f"  {case['path']:<28} {case['zero_share_percent']:>12.4f} {case['zero_share_hidden_percent']:>9.4f} "
+            f"{case['zero_share_weight_percent']:>9.4f} {case['relative_error']:>10.2e} "
+            f"{case['peak_extra_mib']:>15,.0f} {case['seconds']:>8.3f}" + ("" if case["finite"] else "  (inf/nan)")
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, default=20)
@@ -246,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             f"  {case['divergence']:<10} {case['seconds']:>9.4f} {args.tokens / case['seconds']:>11,.0f} "
             f"{case['peak_extra_mib']:>15,.0f} {case['peak_in_logits']:>10.2f}"
         )
+
+    result["float16_head"] = measure_float16_head(**FLOAT16_HEAD)
+    print_float16_head(result["float16_head"])
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

@@ -168,6 +168,12 @@ class _FusedHeadLoss(torch.autograd.Function):
     chunk of the block, the loss terms and, by a local backward, their gradient with respect to the
     raw outputs, written over those outputs (they are not needed again); then that gradient goes
     through the head: ``grad hidden = g @ W``, ``grad W += g.T @ hidden``, ``grad b += sum g``.
+
+    The gradients are kept in float32 and cast to their inputs' dtypes only in backward, after the
+    scaling by ``grad_output`` (a GradScaler's factor). A float16 head also takes ``g`` and both
+    matmuls through the head in float32: ``g`` is divided by the token count, and float16 flushes
+    what falls below ~6e-8 to zero (a rare token's ``(q - p) / 4096``) before the GradScaler's factor
+    could lift it. bfloat16 has float32's exponent range and keeps ``g`` in its own dtype.
     """
 
     @staticmethod
@@ -178,7 +184,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         wants = want_hidden or want_weight or want_bias
         w, b = student.operands()
         tw, tb = teacher.operands() if teacher is not None else (None, None)
-        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+        grad_dtype = torch.float32 if w.dtype == torch.float16 else w.dtype
+        back_weight = w.to(grad_dtype)  # the weight g goes back through
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
         scale = torch.tensor(terms.scale, dtype=torch.float32, device=hidden.device)
@@ -187,7 +195,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         for block_start in range(0, hidden.shape[0], terms.block_size):
             block = slice(block_start, block_start + terms.block_size)
             h = hidden[block].detach()
-            raw = student.logits(h, w, b)
+            raw = student.logits(h, w, b).to(grad_dtype)
             teacher_logits = teacher.cap(teacher.logits(teacher_hidden[block], tw, tb)) if teacher is not None else None
             any_grad = False
             for start in range(0, raw.shape[0], terms.chunk_size):
@@ -223,19 +231,16 @@ class _FusedHeadLoss(torch.autograd.Function):
             if not any_grad:
                 continue
             if want_hidden:
-                grad_hidden[block] = (raw @ w).to(hidden.dtype)
+                grad_hidden[block] = raw @ back_weight
             if want_weight:
-                if w.dtype == torch.float32:
+                if raw.dtype == torch.float32:
                     grad_weight[:n].addmm_(raw.t(), h.float())
                 else:  # the matmul in the head's dtype (as autocast's backward), summed over blocks in float32
                     grad_weight[:n].add_(raw.t() @ h.to(w.dtype))
             if want_bias:
                 grad_bias[:n].add_(raw.float().sum(0))
-        ctx.grads = (
-            grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-        )
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         for key, value in totals.items():
             terms.parts[key] = value * terms.scale
         loss = totals["divergence"] + terms.ce_weight * totals["ce"]
@@ -245,7 +250,10 @@ class _FusedHeadLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         grads = take_scaled_grads(ctx, grad_output, "the fused head loss")
-        return grads[0], grads[1], grads[2], None, None
+        grad_hidden, grad_weight, grad_bias = (
+            None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)
+        )
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def fused_loss(

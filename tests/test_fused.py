@@ -201,6 +201,49 @@ def test_a_third_party_divergence_runs_unchanged_through_the_fused_heads():
     torch.testing.assert_close(student.weight.grad, w.grad)
 
 
+def zero_share(*grads: torch.Tensor) -> float:
+    """Percentage of the entries of ``grads`` that are exactly zero."""
+    return 100 * sum(int((g == 0).sum()) for g in grads) / sum(g.numel() for g in grads)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float16-weights", "float16-autocast"])
+def test_float16_heads_keep_the_small_gradients_a_grad_scaler_lifts(autocast):
+    # float16 flushes values below ~6e-8 to zero: a rare token's (q - p) / n_tokens must meet the
+    # GradScaler's factor in float32 first, as it does on the float32 full-logits path
+    rows, width, vocab, grad_scale = 256, 64, 2048, 2.0**16
+    generator = torch.Generator().manual_seed(0)
+    weight, teacher_weight = (torch.randn(vocab, width, generator=generator) / width**0.5 for _ in range(2))
+    hidden, teacher_hidden = (torch.randn(rows, width, generator=generator) for _ in range(2))
+    # a language model's prior over its vocabulary: a constant feature of the hidden states times a
+    # per-token rarity puts the rarest token e^-12 below the commonest at every position
+    hidden[:, 0] = teacher_hidden[:, 0] = 1.0
+    weight[:, 0] = teacher_weight[:, 0] = -torch.linspace(0, 12, vocab)
+    weight, teacher_weight, hidden, teacher_hidden = (
+        x.half() for x in (weight, teacher_weight, hidden, teacher_hidden)
+    )
+    if autocast:  # float32 parameters and hidden states, the head multiplying in float16
+        weight, hidden = weight.float(), hidden.float()
+    student, teacher = head(weight, None, vocab, None), head(teacher_weight, None, vocab, None)
+    student.dtype = torch.float16
+    teacher.module.requires_grad_(False)
+    divergence = distill.get_divergence("kl")
+    x = hidden.clone().requires_grad_()
+    loss, _ = fused_loss(student, x, teacher, teacher_hidden, divergence, n_tokens=float(rows))
+    loss.backward(torch.tensor(grad_scale))
+
+    w32, x32 = weight.float().requires_grad_(), hidden.float().requires_grad_()
+    expected = distill.divergence_loss(
+        divergence, F.linear(x32, w32), F.linear(teacher_hidden.float(), teacher_weight.float()), n_tokens=float(rows)
+    )
+    expected.backward(torch.tensor(grad_scale))
+
+    fused_grads, float32_grads = (x.grad, student.weight.grad), (x32.grad, w32.grad)
+    assert all(got.dtype == weight.dtype and got.isfinite().all() for got in fused_grads)
+    assert zero_share(*fused_grads) <= zero_share(*float32_grads) + 0.1
+    for got, expected_grad in zip(fused_grads, float32_grads):
+        assert float((got.float() - expected_grad).norm() / expected_grad.norm()) < 1e-2
+
+
 # --- on tiny models: the engine's micro-batch loss and the evaluation, fused and not
 
 
