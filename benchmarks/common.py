@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from distill.builtin import DEFAULT_RUN
-from distill.config import RunConfig, parse_assignments, set_dotted
-from distill.resolve import resolve_config
+from distill.config import RunConfig, set_dotted
+from distill.resolve import flag_layer, resolve_config
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -71,11 +71,9 @@ def base_layers(args) -> list[dict[str, Any]]:
 
 
 def overrides(args) -> dict[str, Any]:
-    """The ``--set`` flags as a layer (they win over everything the benchmark chooses)."""
-    layer: dict[str, Any] = {}
-    for key, value in parse_assignments(args.settings, "--set").items():
-        set_dotted(layer, key, value)
-    return layer
+    """The ``--set`` flags as a layer (they win over everything the benchmark chooses), as ``distill run``
+    reads them."""
+    return flag_layer(settings=args.settings)
 
 
 def bench_layer(args, out: Path) -> dict[str, Any]:

@@ -54,14 +54,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, add_setting_flags, base_layers, environment, overrides, set_threads, write_json
+from common import RESULTS, add_setting_flags, case_config, environment, set_threads, write_json
 
 from distill.config import GenerationConfig
 from distill.data import Example, load_examples
 import distill.generation as generation_module
 from distill.generation import ResponseGenerator
 from distill.models import load_model, load_tokenizer
-from distill.resolve import resolve_config
 
 IMPLEMENTATIONS = ("generate", "decode", "decode-linear-head")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -89,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     set_threads(args)
-    cfg = resolve_config(*base_layers(args), overrides(args), recipe=False, embedded=False)
+    cfg = case_config(args, None)  # the embedded default < the flags < --set, as every benchmark case
 
     # --- models, tokenizer and prompts, as a run loads them
     teacher = load_model(cfg.teacher.ref, "teacher", torch.float32)

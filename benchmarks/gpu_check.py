@@ -97,29 +97,16 @@ def measure_run(max_steps: int, warmup: int, extra: list[str] = (), cuda: bool =
     ``cuda=False`` measures no GPU memory (the tests run it on CPU with tiny models)."""
     from transformers.utils import logging as hf_logging
 
-    from distill.cli.run_cmd import flag_layer, resolve_config
     from distill.engine import train
+    from distill.resolve import flag_layer, resolve_run
 
     settings = ["eval.rouge_samples=0", f"eval.every={max_steps}", f"checkpoint.every={max_steps}", *extra]
     started_event: dict = {}
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as folder:
-        flags = flag_layer(
-            recipe=None,
-            divergence=None,
-            divergence_params=[],
-            policy=None,
-            policy_params=[],
-            teacher=None,
-            student=None,
-            data=None,
-            output_dir=str(Path(folder) / "run"),
-            max_steps=max_steps,
-            seed=None,
-            settings=settings,
-        )
-        config = resolve_config(None, flags)
+        flags = flag_layer(output_dir=str(Path(folder) / "run"), max_steps=max_steps, settings=settings)
+        config = resolve_run(None, flags)  # as `distill run --output-dir ... --max-steps ... --set ...`
         if cuda:
             reset_peak()
         started = time.perf_counter()

@@ -235,7 +235,7 @@ def print_steps(record: dict[str, Any]) -> None:
 
 
 def quality(args) -> dict[str, Any]:
-    from distill.cli.eval_cmd import evaluate_model
+    from distill.evaluation import evaluate_model
 
     runs = {"live": Path(args.live), "cached": Path(args.cached)}
     configs = {name: yaml.safe_load((path / "config.yaml").read_text()) for name, path in runs.items()}

@@ -103,9 +103,9 @@ def run(
     """Distil a teacher into a student. Precedence: recipe < config file < flags."""
     from transformers.utils import logging as hf_logging
 
-    from distill.cli.run_cmd import flag_layer, make_reporter, resolve_config, resolve_resume_config, summary_table
+    from distill.cli.run_cmd import make_reporter, summary_table
     from distill.engine import train
-    from distill.resolve import plan_run
+    from distill.resolve import flag_layer, plan_run, resolve_resume, resolve_run
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -117,6 +117,7 @@ def run(
         policy=policy,
         policy_params=policy_params,
         teacher=teacher,
+        teacher_cache=teacher_cache,
         student=student,
         data=data,
         output_dir=output_dir,
@@ -124,9 +125,11 @@ def run(
         seed=seed,
         settings=settings,
     )
-    if teacher_cache is not None:
-        flags.setdefault("teacher", {})["cache"] = teacher_cache
-    resolved = resolve_resume_config(config, flags, overwrite) if resume else resolve_config(config, flags)
+    if resume and overwrite:
+        raise distill.ConfigError(
+            "--resume continues the run in --output-dir, --overwrite replaces it; pass one of them"
+        )
+    resolved = resolve_resume(config, flags) if resume else resolve_run(config, flags)
     plan = plan_run(resolved)  # every plugin's params checked, once: a bad value is one line naming the flag's key
     reporter = make_reporter(console, resolved.train.max_steps)
     try:
@@ -175,8 +178,9 @@ def cache_teacher(
     check a cache, name each damaged part (exit code 1), and exit."""
     from transformers.utils import logging as hf_logging
 
-    from distill.cli.cache_cmd import manifest_table, resolve_cache_config
-    from distill.cli.run_cmd import flag_layer, make_reporter
+    from distill.cli.cache_cmd import manifest_table
+    from distill.cli.run_cmd import make_reporter
+    from distill.resolve import flag_layer, resolve_cache
     from distill.teacher_cache import build_cache, verify_cache
 
     if verify is not None:
@@ -193,21 +197,8 @@ def cache_teacher(
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     started = time.perf_counter()
-    flags = flag_layer(
-        recipe=None,
-        divergence=None,
-        divergence_params=[],
-        policy=None,
-        policy_params=[],
-        teacher=teacher,
-        student=None,
-        data=data,
-        output_dir=None,
-        max_steps=None,
-        seed=seed,
-        settings=settings,
-    )
-    resolved = resolve_cache_config(config, flags)
+    flags = flag_layer(teacher=teacher, data=data, seed=seed, settings=settings)
+    resolved = resolve_cache(config, flags)
     reporter = make_reporter(console, 0)
     try:
         manifest = build_cache(
@@ -239,8 +230,9 @@ def evaluate(
     """Validation CE, token-level KL to the teacher and ROUGE-L of greedy answers."""
     from transformers.utils import logging as hf_logging
 
-    from distill.cli.eval_cmd import evaluate_model, result_table, write_json
+    from distill.cli.eval_cmd import result_table, write_json
     from distill.cli.run_cmd import make_reporter
+    from distill.evaluation import evaluate_model
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

@@ -1,23 +1,11 @@
-"""``distill cache-teacher``: flags -> a config (the data settings a run uses) -> a teacher cache, with
-progress and a summary."""
+"""``distill cache-teacher``'s summary table (the config: ``distill.resolve.resolve_cache``; the cache:
+``distill.teacher_cache.build_cache``)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from rich.table import Table
-
-import distill
-from distill.config import read_config_file
-
-
-def resolve_cache_config(config_file: Optional[str], flags: dict[str, Any]) -> "distill.config.RunConfig":
-    """config file < flags, like ``distill run`` (the same file gives the same data settings and
-    split); without a teacher anywhere, the embedded default's teacher and data."""
-    from distill.resolve import resolve_config
-
-    file_layer = read_config_file(config_file) if config_file else {}
-    return resolve_config(file_layer, flags, recipe=False)
 
 
 def manifest_table(manifest: dict[str, Any], out: str, seconds: float) -> Table:

@@ -1,88 +1,18 @@
-"""``distill run``: flags -> config layers -> the engine, with progress (a rich bar on a terminal, plain
-lines elsewhere) and a summary."""
+"""``distill run``'s console side: progress (a rich bar on a terminal, plain lines elsewhere) and the
+summary. Flags become a config in ``distill.resolve`` (``flag_layer``, ``resolve_run``, ``resolve_resume``)."""
 
 from __future__ import annotations
 
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 import distill
-from distill.config import parse_assignments, read_config_file, set_dotted
-
-
-def flag_layer(
-    *,
-    recipe: Optional[str],
-    divergence: Optional[str],
-    divergence_params: list[str],
-    policy: Optional[str],
-    policy_params: list[str],
-    teacher: Optional[str],
-    student: Optional[str],
-    data: Optional[str],
-    output_dir: Optional[str],
-    max_steps: Optional[int],
-    seed: Optional[int],
-    settings: list[str],
-) -> dict[str, Any]:
-    """The command-line flags as a config layer (highest precedence)."""
-    layer: dict[str, Any] = {}
-    for dotted, value in (
-        ("recipe", recipe),
-        ("divergence.name", divergence),
-        ("policy.name", policy),
-        ("teacher.ref", teacher),
-        ("student.ref", student),
-        ("data.path", data),
-        ("output_dir", output_dir),
-        ("train.max_steps", max_steps),
-        ("train.seed", seed),
-    ):
-        if value is not None:
-            set_dotted(layer, dotted, value)
-    for key, value in parse_assignments(divergence_params, "-D").items():
-        set_dotted(layer, f"divergence.params.{key}", value)
-    for key, value in parse_assignments(policy_params, "-P").items():
-        set_dotted(layer, f"policy.params.{key}", value)
-    for key, value in parse_assignments(settings, "--set").items():
-        set_dotted(layer, key, value)
-    return layer
-
-
-def resolve_config(config_file: Optional[str], flags: dict[str, Any], registry=None) -> distill.config.RunConfig:
-    """recipe < embedded default < config file < flags (``distill.resolve.resolve_config``): without a
-    recipe anywhere, ``distillm``; without a teacher anywhere, the embedded default (built-in teacher,
-    pruned student, built-in data); without an output folder, a new one under ``runs/``. Merging
-    checks the config's own fields only: pass the result to ``distill.resolve.plan_run``, which checks
-    every plugin's params (``distill run`` does, before anything is loaded or written)."""
-    from distill.resolve import resolve_config as resolve
-
-    file_layer = read_config_file(config_file) if config_file else {}
-    return resolve(file_layer, flags, stamp_output=True, registry=registry)
-
-
-def resolve_resume_config(
-    config_file: Optional[str], flags: dict[str, Any], overwrite: bool = False
-) -> distill.config.RunConfig:
-    """``--resume``: the config saved in ``--output-dir``; the file and flags may only change the
-    fields in ``distill.checkpoint.RESUMABLE_FIELDS`` (or repeat the saved values)."""
-    from distill.resolve import resume_config
-
-    if overwrite:
-        raise distill.ConfigError(
-            "--resume continues the run in --output-dir, --overwrite replaces it; pass one of them"
-        )
-    file_layer = read_config_file(config_file) if config_file else {}
-    out = flags.get("output_dir") or file_layer.get("output_dir")
-    if not out:
-        raise distill.ConfigError("--resume needs --output-dir DIR: the folder of the run to continue")
-    return resume_config(out, file_layer, flags)
 
 
 PROGRESS_ENV = "DISTILL_PROGRESS_SECONDS"

@@ -199,9 +199,11 @@ class TrainConfig(_Section):
     batch_size: int = Field(8, gt=0, description="sequences per micro-batch per process")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear learning-rate warm-up")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate decay after warm-up, over train.max_steps"
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 = off")
     step_weight: Literal["tokens", "equal"] = Field(
         "tokens",
@@ -243,7 +245,9 @@ class TrainConfig(_Section):
         ),
     )
     lm_weight: float = Field(0.0, ge=0, description="weight of the LM loss on data.lm_path")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(
+        0, ge=0, description="seeds the split, the batches, the policy's draws, generation and initialisation"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description=(
@@ -266,10 +270,10 @@ class TrainConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    max_new_tokens: int = Field(64, gt=0)
+    max_new_tokens: int = Field(64, gt=0, description="generated response length cap, in tokens")
     temperature: float = Field(1.0, ge=0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="0 = off")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens with this mass")
     inference_copy: bool = Field(
         True,
         description=(
@@ -288,7 +292,7 @@ class EvalConfig(_Section):
             "code does; the adaptive policy's φ can change only at an evaluation)"
         ),
     )
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="validation sequences per forward, per process")
     rouge_samples: int = Field(
         0, ge=0, description="validation prompts answered greedily for ROUGE-L (0 = no generation eval)"
     )
@@ -372,7 +376,9 @@ class RunConfig(_Section):
     teacher: ModelSpec = Field(default_factory=ModelSpec, description="the frozen teacher")
     student: ModelSpec = Field(default_factory=ModelSpec, description="the student being trained")
     tokenizer: str | None = Field(None, description="default: the teacher's tokenizer")
-    output_dir: str = "runs/latest"
+    output_dir: str = Field(
+        "runs/latest", description="the run's folder (the CLI makes a new runs/<recipe>-<time> unless given)"
+    )
     divergence: DivergenceSpec = Field(default_factory=DivergenceSpec)
     policy: PolicySpec = Field(default_factory=PolicySpec)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)

@@ -198,31 +198,33 @@ def _backward_groups(
     (its divergence, or its cross-entropy without a teacher), both averaged over processes.
     """
     cfg, accelerator, objective, lm_loss = session.cfg, session.accelerator, session.objective, session.lm_loss
-    batches = [(s, batch, examples_of[s][j]) for s, group in micro.items() for j, batch in enumerate(group)]
+    batches = [
+        (source, batch, examples_of[source][j]) for source, group in micro.items() for j, batch in enumerate(group)
+    ]
     step_loss = torch.zeros((), device=accelerator.device)
     terms = torch.zeros(len(micro), dtype=torch.float64)
-    index = {s: i for i, s in enumerate(micro)}
-    # cache or live teacher: decided for the whole step, the same on every process (teacher forwards
-    # are collectives under FSDP / ZeRO-3, so every process must run as many)
-    cached = session.cached_targets(batches, list(micro))
-    for i, (s, batch, examples) in enumerate(batches):
-        term = objective.term(s)
-        denominator = group_denominator(counts[s], cfg.train.normalize, accelerator.num_processes)
+    index = {source: i for i, source in enumerate(micro)}
+    # the teacher's side of every micro-batch (a cache or the live teacher), decided for the whole step
+    # and the same on every process (teacher forwards are collectives under FSDP / ZeRO-3)
+    prepared = session.teacher_side.prepare(batches)
+    for i, (source, batch, _) in enumerate(batches):
+        term = objective.term(source)
+        denominator = group_denominator(counts[source], cfg.train.normalize, accelerator.num_processes)
         # each backward() adds to the gradients, so only the last micro-batch synchronises them
         with accumulating(accelerator, session.student, last=i == len(batches) - 1):
             loss, parts = session.micro_loss(
-                batch, term, denominator, term.weight(step, cfg.train.max_steps, objective.curriculum), s, cached[i]
+                batch, term, denominator, term.weight(step, cfg.train.max_steps, objective.curriculum), prepared[i]
             )
             if lm_loss is not None:
                 loss = loss + cfg.train.lm_weight * lm_loss(len(batches))
             accelerator.backward(loss)
         step_loss += loss.detach()
-        terms[index[s]] += parts.get("divergence", parts.get("ce", 0.0))
+        terms[index[source]] += parts.get("divergence", parts.get("ce", 0.0))
     together = torch.cat([step_loss.reshape(1).double().cpu(), terms])
     if accelerator.num_processes > 1:  # one reduction: the same numbers on every rank
         together = accelerator.reduce(together.to(accelerator.device), reduction="mean").cpu()
     values = together.tolist()
-    return values[0], {s: values[1 + index[s]] for s in micro}
+    return values[0], {source: values[1 + index[source]] for source in micro}
 
 
 def _optimizer_step(s: Session, run: RunState, step: int, step_loss: float, counts: dict[str, tuple[float, float]]):

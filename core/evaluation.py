@@ -4,14 +4,19 @@ to the teacher on the validation responses, and ROUGE-L of greedy answers agains
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
-from distill.data import Example, collate
-from distill.loss import divergence_loss
-from distill.objective import response_logits, token_cross_entropy
+from distill.builtin import SMOLLM2
+from distill.config import DataConfig, GenerationConfig
+from distill.data import Example, collate, encode_records, read_records
+from distill.generation import ResponseGenerator
+from distill.models import load_model, load_tokenizer, share_vocabulary
+from distill.loss import TokenTerms, counted, token_loss
 from distill.progress import Progress
-from distill.teacher_cache import TeacherCache, coarse_divergence_loss
+from distill.registry import default_registry
+from distill.teacher_cache import TeacherCache
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
@@ -135,51 +140,34 @@ class Evaluator:
 
     def _batch_sums(self, student, teacher, examples: list[Example], batch) -> dict[str, float]:
         """One batch's sums: ``ce`` and, with a teacher (a model or a ``TeacherCache``), ``divergence``
-        and ``kl`` (when the run's divergence is not KL itself): through the fused heads where the run
-        has them and the teacher is a model, else from the logits."""
-        if self.fused is not None and not isinstance(teacher, TeacherCache):
-            return self._fused_sums(student, teacher, batch)
-        logits = response_logits(student, batch, self.unwrap)
-        sums = {"ce": float(token_cross_entropy(logits, batch.labels, batch.response_mask, n_tokens=1.0))}
+        and ``kl`` (when the run's divergence is not KL itself), in one pass over the rows, the
+        teacher's side read as training reads it (``distill.teacher``: the fused heads where the run
+        has them, a cache's top-K, else full logits)."""
+        from distill.teacher import CachedTeacher, FusedTeacher, LiveTeacher
+
+        cache = teacher if isinstance(teacher, TeacherCache) else None
+        model = None if cache is not None else teacher
+        side = FusedTeacher(self.fused, model) if self.fused is not None else LiveTeacher(model, self.unwrap)
+        if cache is not None:
+            side = CachedTeacher(cache, side)
+        mask = batch.response_mask
+        index = counted(mask, mask.shape, mask.device)
+        student_rows = side.student_rows(student, batch, index)
+        teacher_rows, reported = None, {}
         if teacher is not None:
-            teacher_logits = self._teacher_side(teacher, examples, batch)
-            loss = coarse_divergence_loss if isinstance(teacher, TeacherCache) else divergence_loss
-            sums["divergence"] = float(loss(self.divergence, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
-            if self.kl is not None:
-                sums["kl"] = float(loss(self.kl, logits, teacher_logits, batch.response_mask, n_tokens=1.0))
+            prepared = side.prepare([(None, batch, examples)])[0]
+            teacher_rows = side.teacher_rows(batch, index, prepared)
+            named = {"divergence": self.divergence, **({"kl": self.kl} if self.kl is not None else {})}
+            reported = {name: side.wrap(divergence, prepared) for name, divergence in named.items()}
+        _, sums = token_loss(
+            student_rows,
+            teacher_rows,
+            TokenTerms(ce_weight=1.0, reported=reported),
+            index,
+            n_tokens=1.0,
+            labels=batch.labels[index],
+        )
         return sums
-
-    def _fused_sums(self, student, teacher, batch) -> dict[str, float]:
-        """CE, divergence and KL sums of one batch through the fused heads."""
-        from distill.fused import fused_sums
-
-        hidden, teacher_hidden = self.fused.inputs(student, teacher, batch)
-        divergences = (
-            {"divergence": self.divergence, **({"kl": self.kl} if self.kl is not None else {})}
-            if teacher is not None
-            else {}
-        )
-        return fused_sums(
-            self.fused.student,
-            hidden,
-            self.fused.teacher if teacher is not None else None,
-            teacher_hidden,
-            batch.response_mask,
-            batch.labels,
-            divergences,
-        )
-
-    def _teacher_side(self, teacher, examples: list[Example], batch) -> torch.Tensor:
-        """The teacher's logits ``[B, R, V]``, or from a ``TeacherCache`` its packed top-K ``[B, R, 2K + 1]``."""
-        if not isinstance(teacher, TeacherCache):
-            return response_logits(teacher, batch, self.unwrap)
-        packed = teacher.targets(examples, batch.response_mask.shape[1], batch.input_ids.device)
-        if packed is None:
-            raise RuntimeError(
-                "a validation sequence is missing from the teacher "
-                "cache (TeacherCache.check_run lets no such run start)"
-            )
-        return packed
 
     def _rouge(self, rouge: str, student=None) -> dict[str, float]:
         """ROUGE-L of greedy answers: ``rouge_l`` over the pass's prompts, ``rouge_prompts`` their
@@ -226,3 +214,32 @@ class Evaluator:
         ):
             self.generate(student, self.stand_in, greedy=greedy, max_new_tokens=1, batch_size=self.batch_size)
         return scores
+
+
+def evaluate_model(
+    model: str,
+    teacher: str = SMOLLM2,
+    data: str = "builtin:val",
+    *,
+    rouge_samples: int = 64,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    max_prompt_tokens: int = 256,
+    max_response_tokens: int = 256,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """A saved model's ``val_loss``, ``val_divergence`` and ``val_kl`` (forward KL to ``teacher``) per
+    response token of ``data``, ``rouge_l`` of its greedy answers to the first ``rouge_samples`` prompts
+    (0: none), and ``examples``. ``model``: a folder (a run's ``final/``) or a reference; its tokenizer,
+    else the teacher's. ``progress(phase, done, total)`` sees each batch (``distill eval`` shows it)."""
+    tokenizer = load_tokenizer(model if Path(model).is_dir() else teacher)
+    teacher_model = load_model(teacher, "teacher").eval()
+    student = load_model(model, "model", teacher=teacher_model).eval()
+    share_vocabulary(teacher_model, student, tokenizer)
+    data_cfg = DataConfig(path=data, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
+    examples, _ = encode_records(read_records(data), tokenizer, data_cfg, data)
+    generate = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=max_new_tokens), batch_size)
+    kl = default_registry().get_divergence("kl")
+    evaluator = Evaluator(examples, tokenizer, kl, generate, batch_size, rouge_samples, progress=progress)
+    result = evaluator(student, teacher_model)
+    return {"examples": len(examples), **result}

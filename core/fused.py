@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from distill.divergence import ConfiguredDivergence
-from distill.loss import take_scaled_grads
 from distill.errors import ConfigError
+from distill.loss import TokenTerms, chunk_rows, counted, row_values, token_loss
 from distill.models import contiguous_head_input
 
 BLOCK_ELEMENTS = 1 << 22
@@ -39,19 +39,19 @@ the head weight at once. A block must be tall enough for those matmuls to run at
 one reads the whole weight, and the weight gradient's update reads and writes all of it (64-row
 blocks made the V = 152,064 head ~20% slower than 128-row ones on CPU)."""
 MIN_BLOCK_ROWS = 128
-CHUNK_ELEMENTS = 1 << 19
-"""Logits per chunk (2 MiB in float32): the rows a divergence plugin sees at once, inside a block.
-Plugins hold about 15 chunk-sized temporaries at their peak (autograd's included), so this is what
-keeps the peak low; it costs no speed (the matmuls run per block)."""
-MIN_CHUNK_ROWS = 4
+MAX_BLOCK_ELEMENTS = 1 << 23
+"""But never more than this many logits per block (64 MiB in float32): with a very large vocabulary
+(262,144 tokens) 128 rows of two models' logits and their gradient would weigh more than the rest
+of a small run. Blocks shrink below ``MIN_BLOCK_ROWS`` there, trading a little speed for memory."""
 
 
 def fused_sizes(vocab_size: int, chunk_size: int | None = None, block_size: int | None = None) -> tuple[int, int]:
     """``(block, chunk)`` rows for a vocabulary of ``vocab_size``: the head multiplies ``block`` rows
-    at once, the loss runs on ``chunk`` rows at once (``chunk <= block``)."""
+    at once, the loss runs on ``chunk`` rows at once (``distill.loss.chunk_rows``; ``chunk <= block``)."""
     vocab_size = max(1, vocab_size)
-    chunk = int(chunk_size or max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab_size))
-    block = int(block_size or max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // vocab_size))
+    chunk = int(chunk_size or chunk_rows(vocab_size))
+    bounded = min(max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // vocab_size), max(1, MAX_BLOCK_ELEMENTS // vocab_size))
+    block = int(block_size or bounded)
     if chunk < 1 or block < 1:
         raise ValueError(f"chunk and block sizes must be >= 1, got {chunk_size} and {block_size}")
     return max(block, chunk), chunk
@@ -141,119 +141,65 @@ def head_input(model, batch, head: Head, unwrap=lambda m: m) -> torch.Tensor:
     return hidden[:, -(r + 1) : -1]
 
 
-# --- the loss: one autograd function for the divergence and the cross-entropy of one micro-batch
+# --- a head's rows for the one loss path (distill.loss.token_loss)
 
 
-@dataclass
-class _Terms:
-    """What ``_FusedHeadLoss`` computes per chunk; ``parts`` receives each term's scaled total."""
+class HeadRows:
+    """A model's head applied to its hidden states ``[n, H]`` (the counted rows) a block at a time: the
+    row source of the fused path (``distill.loss.Rows``). The loss hands back each block's gradient
+    with respect to the head's raw outputs, ``g``, which goes through the head at once:
+    ``grad hidden = g @ W``, ``grad W += g.T @ hidden``, ``grad b += sum g``.
 
-    student: Head
-    teacher: Head | None
-    divergence: ConfiguredDivergence | None
-    labels: torch.Tensor | None  # [n] targets of the counted rows (needed when ce_weight > 0)
-    ce_weight: float
-    scale: float
-    block_size: int
-    chunk_size: int
-    parts: dict[str, float]
-    weights: torch.Tensor | None = None  # [n] per-row weights of the counted rows (train.normalize: sequence), None = 1
-
-
-class _FusedHeadLoss(torch.autograd.Function):
-    """Forward computes the loss and, block by block, its gradients with respect to the student's
-    hidden states and head; backward only scales them (as ``distill.loss._ChunkedDivergenceLoss``).
-
-    Per block of rows: the student's raw head outputs and the teacher's logits ``[block, n]``; per
-    chunk of the block, the loss terms and, by a local backward, their gradient with respect to the
-    raw outputs, written over those outputs (they are not needed again); then that gradient goes
-    through the head: ``grad hidden = g @ W``, ``grad W += g.T @ hidden``, ``grad b += sum g``.
-
-    The gradients are kept in float32 and cast to their inputs' dtypes only in backward, after the
-    scaling by ``grad_output`` (a GradScaler's factor). A float16 head also takes ``g`` and both
-    matmuls through the head in float32: ``g`` is divided by the token count, and float16 flushes
-    what falls below ~6e-8 to zero (a rare token's ``(q - p) / 4096``) before the GradScaler's factor
-    could lift it. bfloat16 has float32's exponent range and keeps ``g`` in its own dtype.
+    The gradients are kept in float32 and cast to their inputs' dtypes only after the scaling by the
+    loss's ``grad_output`` (a GradScaler's factor). A float16 head also takes ``g`` and both matmuls
+    through the head in float32: ``g`` is divided by the token count, and float16 flushes what falls
+    below ~6e-8 to zero (a rare token's ``(q - p) / 4096``) before the GradScaler's factor could lift
+    it. bfloat16 has float32's exponent range and keeps ``g`` in its own dtype.
     """
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_hidden, terms: _Terms):
-        student, teacher = terms.student, terms.teacher
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        want_bias = bias is not None and ctx.needs_input_grad[2]
-        wants = want_hidden or want_weight or want_bias
-        w, b = student.operands()
-        tw, tb = teacher.operands() if teacher is not None else (None, None)
-        grad_dtype = torch.float32 if w.dtype == torch.float16 else w.dtype
-        back_weight = w.to(grad_dtype)  # the weight g goes back through
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
-        scale = torch.tensor(terms.scale, dtype=torch.float32, device=hidden.device)
-        totals = {"divergence": 0.0, "ce": 0.0}
-        n = student.n
-        for block_start in range(0, hidden.shape[0], terms.block_size):
-            block = slice(block_start, block_start + terms.block_size)
-            h = hidden[block].detach()
-            raw = student.logits(h, w, b).to(grad_dtype)
-            teacher_logits = teacher.cap(teacher.logits(teacher_hidden[block], tw, tb)) if teacher is not None else None
-            any_grad = False
-            for start in range(0, raw.shape[0], terms.chunk_size):
-                rows = slice(start, start + terms.chunk_size)
-                leaf = raw[rows].detach().requires_grad_(wants)
-                with torch.enable_grad() if wants else torch.no_grad():
-                    logits = student.cap(leaf)
-                    chunk_terms = []
-                    row_weights = terms.weights[block][rows] if terms.weights is not None else None
-                    if terms.divergence is not None:
-                        values = terms.divergence(logits, teacher_logits[rows])
-                        value = (values * row_weights).sum() if row_weights is not None else values.sum()
-                        totals["divergence"] += float(value.detach())
-                        chunk_terms.append(value)
-                    if terms.ce_weight > 0:
-                        ce = F.cross_entropy(
-                            logits.float(),
-                            terms.labels[block][rows],
-                            reduction="none" if row_weights is not None else "sum",
-                        )
-                        if row_weights is not None:
-                            ce = (ce * row_weights).sum()
-                        totals["ce"] += float(ce.detach())
-                        chunk_terms.append(terms.ce_weight * ce)
-                    total = sum(chunk_terms)
-                if wants and isinstance(total, torch.Tensor) and total.requires_grad:
-                    (grad_raw,) = torch.autograd.grad(total, leaf, grad_outputs=scale)
-                    raw[rows] = grad_raw  # the raw outputs of these rows are spent: their storage holds their gradient
-                    any_grad = True
-                else:  # a constant divergence: a zero gradient
-                    raw[rows] = 0
-            del teacher_logits
-            if not any_grad:
-                continue
-            if want_hidden:
-                grad_hidden[block] = raw @ back_weight
-            if want_weight:
-                if raw.dtype == torch.float32:
-                    grad_weight[:n].addmm_(raw.t(), h.float())
-                else:  # the matmul in the head's dtype (as autocast's backward), summed over blocks in float32
-                    grad_weight[:n].add_(raw.t() @ h.to(w.dtype))
-            if want_bias:
-                grad_bias[:n].add_(raw.float().sum(0))
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        for key, value in totals.items():
-            terms.parts[key] = value * terms.scale
-        loss = totals["divergence"] + terms.ce_weight * totals["ce"]
-        return torch.tensor(loss * terms.scale, dtype=torch.float32, device=hidden.device)
+    def __init__(self, head: Head, hidden: torch.Tensor, block_rows: int, *, trained: bool = True) -> None:
+        self.head, self.hidden, self.block_rows = head, hidden, block_rows
+        self.width = head.n
+        self.w, self.b = head.operands()
+        self.compute_dtype = torch.float32 if self.w.dtype == torch.float16 else self.w.dtype
+        self.inputs = (hidden, head.weight, head.bias) if trained else ()
+        self.wants = (False, False, False)
+        self._grads: list[torch.Tensor | None] = [None, None, None]
+        self._block: torch.Tensor | None = None
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        grads = take_scaled_grads(ctx, grad_output, "the fused head loss")
-        grad_hidden, grad_weight, grad_bias = (
-            None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)
-        )
-        return grad_hidden, grad_weight, grad_bias, None, None
+    def want(self, flags: tuple[bool, ...]) -> None:
+        self.wants = (flags[0], flags[1], self.head.bias is not None and flags[2])
+        shapes = (self.hidden, self.head.weight, self.head.bias)
+        self._grads = [
+            torch.zeros(x.shape, dtype=torch.float32, device=x.device) if want else None
+            for x, want in zip(shapes, self.wants)
+        ]
+        self.back_weight = self.w.to(self.compute_dtype)  # the weight g goes back through
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        self._block = self.hidden[start:stop].detach()
+        raw = self.head.logits(self._block, self.w, self.b)
+        return raw.to(self.compute_dtype) if self.inputs else self.head.cap(raw)
+
+    def transform(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.head.cap(rows)
+
+    def add_grad(self, start: int, stop: int, grad: torch.Tensor) -> None:
+        grad_hidden, grad_weight, grad_bias = self._grads
+        h, n = self._block, self.head.n
+        if grad_hidden is not None:
+            grad_hidden[start:stop] = grad @ self.back_weight
+        if grad_weight is not None:
+            if grad.dtype == torch.float32:
+                grad_weight[:n].addmm_(grad.t(), h.float())
+            else:  # the matmul in the head's dtype (as autocast's backward), summed over blocks in float32
+                grad_weight[:n].add_(grad.t() @ h.to(self.w.dtype))
+        if grad_bias is not None:
+            grad_bias[:n].add_(grad.float().sum(0))
+
+    def grads(self) -> list[torch.Tensor | None]:
+        grads, self._grads = self._grads, [None, None, None]
+        return grads
 
 
 def fused_loss(
@@ -266,14 +212,15 @@ def fused_loss(
     labels: torch.Tensor | None = None,
     *,
     ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
     n_tokens: float | None = None,
     chunk_size: int | None = None,
     block_size: int | None = None,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``(divergence + ce_weight x cross-entropy)`` summed over the positions where ``mask`` is true,
-    divided by ``n_tokens``, computed from the heads' inputs: the fused ``divergence_loss`` +
-    ``token_cross_entropy``.
+    """``(kd_weight x divergence + ce_weight x cross-entropy)`` summed over the positions where ``mask``
+    is true, divided by ``n_tokens``, computed from the heads' inputs: ``distill.loss.token_loss`` over
+    ``HeadRows`` (the fused ``divergence_loss`` + ``token_cross_entropy``).
 
     Args:
         student, teacher: the heads (``head_of``); the teacher's may be None with ``divergence`` None
@@ -289,7 +236,7 @@ def fused_loss(
 
     Returns:
         The float32 scalar loss and its parts ``{"divergence": ..., "ce": ...}`` (each already divided
-        by ``n_tokens``; ``ce`` unweighted).
+        by ``n_tokens``, unweighted; a term not computed is absent).
     """
     if divergence is None and ce_weight <= 0:
         raise ValueError("fused_loss needs a divergence or ce_weight > 0")
@@ -301,36 +248,19 @@ def fused_loss(
             f"{teacher.n}; use models that share a tokenizer"
         )
     positions = hidden.shape[:-1]
-    if mask is None:
-        mask = torch.ones(positions, dtype=torch.bool, device=hidden.device)
-    elif mask.shape != positions:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match hidden positions {tuple(positions)}")
-    index = mask.to(device=hidden.device, dtype=torch.bool).nonzero(as_tuple=True)
-    count = index[0].numel()
-    denominator = float(count if n_tokens is None else n_tokens)
-    if count and not denominator > 0:
-        raise ValueError(f"n_tokens must be > 0 when positions count, got {denominator}")
-    if ce_weight > 0 and labels is None:
-        raise ValueError("ce_weight > 0 needs labels")
-    parts: dict[str, float] = {}
-    terms = _Terms(
-        student,
-        teacher if divergence is not None else None,
-        None if divergence is None else ConfiguredDivergence.wrap(divergence),
-        None if labels is None else labels[index],
-        float(ce_weight),
-        0.0 if count == 0 else 1.0 / denominator,
-        *fused_sizes(student.n, chunk_size, block_size),
-        parts,
-        None if weights is None else weights.to(hidden.device)[index].float(),
+    index = counted(mask, positions, hidden.device)
+    block, chunk = fused_sizes(student.n, chunk_size, block_size)
+    use_teacher = divergence is not None and kd_weight != 0
+    return token_loss(
+        HeadRows(student, hidden[index], block),
+        HeadRows(teacher, teacher_hidden[index].detach(), block, trained=False) if use_teacher else None,
+        TokenTerms(ConfiguredDivergence.wrap(divergence) if use_teacher else None, kd_weight, float(ce_weight)),
+        index,
+        n_tokens=n_tokens,
+        labels=row_values(positions, index, labels, "labels"),
+        weights=row_values(positions, index, weights, "weights", torch.float32),
+        chunk_size=chunk,
     )
-    rows = hidden[index]
-    teacher_rows = teacher_hidden[index].detach() if divergence is not None else None
-    weight, bias = student.weight, student.bias
-    if not torch.is_grad_enabled():
-        rows, weight, bias = rows.detach(), weight.detach(), None if bias is None else bias.detach()
-    loss = _FusedHeadLoss.apply(rows, weight, bias, teacher_rows, terms)
-    return loss, parts
 
 
 @torch.no_grad()
@@ -348,23 +278,19 @@ def fused_sums(
 ) -> dict[str, float]:
     """Sums over the counted positions, without gradients (evaluation): ``"ce"`` (the student's
     cross-entropy) and, with a teacher, each named divergence of ``divergences``."""
-    index = mask.to(device=hidden.device, dtype=torch.bool).nonzero(as_tuple=True)
-    rows, targets = hidden[index], labels[index]
-    teacher_rows = teacher_hidden[index] if teacher is not None else None
-    w, b = student.operands()
-    tw, tb = teacher.operands() if teacher is not None else (None, None)
-    divergences = {name: ConfiguredDivergence.wrap(d) for name, d in divergences.items()} if teacher is not None else {}
-    sums = {"ce": 0.0, **{name: 0.0 for name in divergences}}
-    block_rows, chunk_rows = fused_sizes(student.n, chunk_size, block_size)
-    for block_start in range(0, rows.shape[0], block_rows):
-        block = slice(block_start, block_start + block_rows)
-        logits = student.cap(student.logits(rows[block], w, b))
-        teacher_logits = teacher.cap(teacher.logits(teacher_rows[block], tw, tb)) if divergences else None
-        for start in range(0, logits.shape[0], chunk_rows):
-            chunk = slice(start, start + chunk_rows)
-            sums["ce"] += float(F.cross_entropy(logits[chunk].float(), targets[block][chunk], reduction="sum"))
-            for name, divergence in divergences.items():
-                sums[name] += float(divergence(logits[chunk], teacher_logits[chunk]).sum())
+    positions = hidden.shape[:-1]
+    index = counted(mask, positions, hidden.device)
+    block, chunk = fused_sizes(student.n, chunk_size, block_size)
+    reported = {name: ConfiguredDivergence.wrap(d) for name, d in divergences.items()} if teacher is not None else {}
+    _, sums = token_loss(
+        HeadRows(student, hidden[index], block),
+        HeadRows(teacher, teacher_hidden[index], block, trained=False) if reported else None,
+        TokenTerms(ce_weight=1.0, reported=reported),
+        index,
+        n_tokens=1.0,
+        labels=row_values(positions, index, labels, "labels"),
+        chunk_size=chunk,
+    )
     return sums
 
 
@@ -378,58 +304,6 @@ class FusedHeads:
     student: Head
     teacher: Head | None
     unwrap: Callable
-
-    def inputs(self, student, teacher, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[B, R, H]`` hidden states of the student (with its graph) and the teacher (without)."""
-        hidden = head_input(student, batch, self.student, self.unwrap)
-        if teacher is None or self.teacher is None:
-            return hidden, None
-        with torch.no_grad():
-            teacher_hidden = head_input(teacher, batch, self.teacher, self.unwrap)
-        return hidden, teacher_hidden
-
-    def micro_batch_loss(
-        self,
-        student,
-        teacher,
-        batch,
-        divergence,
-        denominator: float,
-        ce_weight: float = 0.0,
-        *,
-        kd_weight: float = 1.0,
-        weights: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``distill.objective.micro_batch_loss`` through the fused heads."""
-        if teacher is None or kd_weight == 0:  # cross-entropy alone: the teacher is not run
-            hidden, _ = self.inputs(student, None, batch)
-            loss, parts = fused_loss(
-                self.student,
-                hidden,
-                mask=batch.response_mask,
-                labels=batch.labels,
-                ce_weight=1.0,
-                n_tokens=denominator,
-                weights=weights,
-            )
-            return (loss if teacher is None else ce_weight * loss), {"ce": parts["ce"]}
-        hidden, teacher_hidden = self.inputs(student, teacher, batch)
-        # kd_weight x (divergence + ce_weight / kd_weight x cross-entropy): one pass over the heads
-        loss, parts = fused_loss(
-            self.student,
-            hidden,
-            self.teacher,
-            teacher_hidden,
-            divergence,
-            batch.response_mask,
-            batch.labels,
-            ce_weight=ce_weight / kd_weight,
-            n_tokens=denominator,
-            weights=weights,
-        )
-        if kd_weight != 1.0:
-            loss = kd_weight * loss
-        return loss, {"divergence": parts["divergence"], **({"ce": parts["ce"]} if ce_weight > 0 else {})}
 
 
 SHARDED_BACKENDS = ("FSDP",)

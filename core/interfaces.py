@@ -52,10 +52,14 @@ class SamplingPolicy(Protocol):
     names (the adaptive policy's ``sgo_prob``). ``state_dict`` / ``load_state_dict`` carry
     everything needed to resume exactly (probabilities, buffers, generator state).
     ``distill.policy.RandomPolicy`` is the base class: it gives ``reseed``, ``metrics`` (none),
-    ``observe_eval`` (nothing) and the generator's state. An optional ``generates`` attribute, false
-    when the policy never trains on generated sequences (``offpolicy``), lets a run on a teacher
-    cache (``distill run --teacher-cache``) skip loading the teacher; without it a policy is assumed
-    to generate.
+    ``observe_eval`` (nothing) and the generator's state.
+
+    ``generates`` (an optional class attribute, not a member the protocol checks): whether the policy
+    may train on generated sequences (student or teacher outputs, replayed ones included). Those need
+    the live teacher: with a teacher cache, a policy whose ``generates`` is false (``offpolicy``;
+    ``mixed`` at prob 0) trains without loading the teacher, and every sequence it picks must be in
+    the cache. A policy without the attribute is assumed to generate
+    (``distill.policy.policy_generates`` reads it).
     """
 
     name: ClassVar[str]

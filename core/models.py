@@ -312,3 +312,9 @@ def check_stop_ids(teacher, student, tokenizer, n_logits: int, student_tokenizer
 
 def _shown(ids: list[int], most: int = 8) -> str:
     return str(ids) if len(ids) <= most else f"[{', '.join(map(str, ids[:most]))}, ... ({len(ids)} ids)]"
+
+
+def derives_from_teacher(spec) -> bool:
+    """Whether a student reference is cut from the run's teacher (``prune:K``, not ``prune:K:REF``)."""
+    ref = spec.ref or ""
+    return ref.startswith("prune:") and ref.count(":") == 1

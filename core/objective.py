@@ -16,20 +16,22 @@ step's loss is the sum over groups of ``weight x divergence mean + ce_weight x c
 from __future__ import annotations
 
 import inspect
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from distill.config import RunConfig, TermSpec
 from distill.data import Batch
 from distill.errors import ConfigError, UnknownPluginError
-from distill.loss import chunked_token_mean, divergence_loss
+from distill.interfaces import Source
+from distill.loss import TokenTerms, counted, token_loss
 from distill.models import contiguous_head_input
 
-KNOWN_SOURCES = ("dataset", "teacher", "student", "replay")
-"""The built-in policies' sources; ``objective.terms`` may also name a source a policy declares."""
+KNOWN_SOURCES = typing.get_args(Source)
+"""The built-in policies' sources (``distill.interfaces.Source``); ``objective.terms`` may also name a
+source a policy declares."""
 
 
 @dataclass
@@ -135,30 +137,6 @@ def loss_denominator(local_counts: list[int], accelerator=None) -> float:
     return group_denominator((float(total), 0.0), "token", accelerator.num_processes)
 
 
-def _cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, reduction="none")
-
-
-def token_cross_entropy(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    n_tokens: float | None = None,
-    chunk_size: int | None = None,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]`` summed where ``mask`` (times
-    ``weights [B, T]`` if given) / ``n_tokens``.
-
-    Chunked like ``divergence_loss`` (the same autograd function), so no whole-vocabulary
-    log-softmax is kept.
-    """
-    return chunked_token_mean(
-        _cross_entropy_rows, logits, labels, mask, chunk_size=chunk_size, n_tokens=n_tokens, weights=weights
-    )
-
-
 _KEEPS_LOGITS: dict[type, bool] = {}
 
 
@@ -185,6 +163,41 @@ def response_logits(model, batch: Batch, unwrap=lambda m: m) -> torch.Tensor:
     return out.logits[:, -(r + 1) : -1]
 
 
+def micro_loss(
+    side,
+    student,
+    batch: Batch,
+    divergence,
+    denominator: float,
+    ce_weight: float = 0.0,
+    *,
+    kd_weight: float = 1.0,
+    normalize: str = "token",
+    prepared: Any = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The one micro-batch loss: ``kd_weight`` x divergence + ``ce_weight`` x the student's
+    cross-entropy on the response tokens of ``batch``, over ``denominator`` (``group_denominator``;
+    with ``normalize="sequence"`` each token weighs 1 / its sequence's length). ``side``: the run's
+    ``distill.teacher.TeacherSide`` (live logits, fused heads, a cache; ``prepared``: what its
+    ``prepare`` gave for this micro-batch). Without a teacher (sequence-level KD across tokenizers: no
+    logits in common) the student's cross-entropy alone; with ``kd_weight`` 0 the teacher is not run
+    and the loss is ``ce_weight`` x cross-entropy. ``parts``: the unweighted values."""
+    mask = batch.response_mask
+    index = counted(mask, mask.shape, mask.device)
+    weights = sequence_weights(mask)[index] if normalize == "sequence" else None
+    student_rows = side.student_rows(student, batch, index)
+    if side.teacher is None and prepared is None:
+        terms, teacher_rows = TokenTerms(ce_weight=1.0), None  # no logits in common: cross-entropy alone
+    elif kd_weight == 0:
+        terms, teacher_rows = TokenTerms(ce_weight=ce_weight), None
+    else:
+        teacher_rows = side.teacher_rows(batch, index, prepared)
+        terms = TokenTerms(side.wrap(divergence, prepared), kd_weight, ce_weight)
+    return token_loss(
+        student_rows, teacher_rows, terms, index, n_tokens=denominator, labels=batch.labels[index], weights=weights
+    )
+
+
 def micro_batch_loss(
     student,
     teacher,
@@ -198,53 +211,11 @@ def micro_batch_loss(
     normalize: str = "token",
     fused=None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``kd_weight`` x divergence + ``ce_weight`` x student cross-entropy on the response tokens of one
-    micro-batch, over ``denominator`` (``group_denominator``; with ``normalize="sequence"`` each token
-    weighs 1 / its sequence's length). Without a teacher (sequence-level KD across tokenizers: no
-    logits in common), the student's cross-entropy alone; with ``kd_weight`` 0 the teacher is not run,
-    and the loss is ``ce_weight`` x cross-entropy. ``parts``: the unweighted values. ``fused``: a
-    ``distill.fused.FusedHeads`` (``train.fused_head``): the same loss with the heads fused into it,
-    so no ``[B, R, V]`` logits are held."""
-    weights = sequence_weights(batch.response_mask) if normalize == "sequence" else None
-    if fused is not None:
-        return fused.micro_batch_loss(
-            student, teacher, batch, divergence, denominator, ce_weight, kd_weight=kd_weight, weights=weights
-        )
-    if teacher is None or kd_weight == 0:
-        ce = token_cross_entropy(
-            response_logits(student, batch, unwrap),
-            batch.labels,
-            batch.response_mask,
-            n_tokens=denominator,
-            weights=weights,
-        )
-        return (ce if teacher is None else ce_weight * ce), {"ce": float(ce.detach())}
-    with torch.no_grad():
-        teacher_logits = response_logits(teacher, batch, unwrap)
-    student_logits = response_logits(student, batch, unwrap)
-    value = divergence_loss(
-        divergence, student_logits, teacher_logits, batch.response_mask, n_tokens=denominator, weights=weights
+    """``micro_loss`` for a loaded ``teacher`` (or None) without a session: full logits, or through
+    ``fused`` (a ``distill.fused.FusedHeads``) when given."""
+    from distill.teacher import teacher_side
+
+    side = teacher_side(teacher, fused=fused, unwrap=unwrap)
+    return micro_loss(
+        side, student, batch, divergence, denominator, ce_weight, kd_weight=kd_weight, normalize=normalize
     )
-    return with_cross_entropy(value, student_logits, batch, denominator, ce_weight, kd_weight, weights)
-
-
-def with_cross_entropy(
-    value: torch.Tensor,
-    student_logits: torch.Tensor,
-    batch: Batch,
-    denominator: float,
-    ce_weight: float,
-    kd_weight: float,
-    weights: torch.Tensor | None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """``kd_weight`` x ``value`` (a micro-batch's divergence term) + ``ce_weight`` x the student's
-    cross-entropy on the same tokens, and the unweighted parts."""
-    parts = {"divergence": float(value.detach())}
-    loss = value if kd_weight == 1.0 else kd_weight * value
-    if ce_weight > 0:
-        ce = token_cross_entropy(
-            student_logits, batch.labels, batch.response_mask, n_tokens=denominator, weights=weights
-        )
-        parts["ce"] = float(ce.detach())
-        loss = loss + ce_weight * ce
-    return loss, parts

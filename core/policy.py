@@ -27,6 +27,13 @@ class SamplingContext:
     generate_teacher: Callable[[list[Example]], list[Example]]
 
 
+def policy_generates(policy) -> bool:
+    """Whether a sampling policy may train on generated sequences, which need the live teacher (the
+    ``generates`` attribute of ``distill.interfaces.SamplingPolicy``; a policy that does not say is
+    assumed to generate)."""
+    return bool(getattr(policy, "generates", True))
+
+
 def as_groups(sampled: Any, policy_name: str = "policy") -> dict[str, list[Example]]:
     """A policy's answer as ``{source: examples}``: ``(examples, source)`` is one group.
 

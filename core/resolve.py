@@ -10,6 +10,14 @@
   plans it first).
 - ``resume_config``: ``--resume``'s config, the saved ``config.yaml`` with the layers on top, where
   only ``distill.checkpoint.RESUMABLE_FIELDS`` may change.
+
+A command's config, from a config file and its flags (``flag_layer``), one function per command, each
+``(config_file, flags, registry=None) -> RunConfig`` on top of the two above:
+
+- ``resolve_run``: ``distill run`` (recipe < embedded default < file < flags, a new ``runs/`` folder);
+- ``resolve_resume``: ``distill run --resume`` (the run in the output folder, its saved config);
+- ``resolve_cache``: ``distill cache-teacher`` (no recipe: the data settings a run with the same file
+  and flags uses).
 """
 
 from __future__ import annotations
@@ -18,11 +26,19 @@ import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from distill.builtin import DEFAULT_RUN
 from distill.checkpoint import RESUMABLE_FIELDS, flatten_config, saved_config
-from distill.config import RunConfig, build_config, merge_layer, recipe_layer
+from distill.config import (
+    RunConfig,
+    build_config,
+    merge_layer,
+    parse_assignments,
+    read_config_file,
+    recipe_layer,
+    set_dotted,
+)
 from distill.errors import ConfigError
 from distill.objective import Objective
 from distill.params import Params, validate_params
@@ -114,9 +130,102 @@ def resume_config(out: str | Path, *layers: Mapping[str, Any], registry: Registr
     return resolve_config(saved, {**overrides, "output_dir": str(out)}, recipe=False, embedded=False, registry=registry)
 
 
+def flag_layer(
+    *,
+    recipe: str | None = None,
+    divergence: str | None = None,
+    divergence_params: Iterable[str] = (),
+    policy: str | None = None,
+    policy_params: Iterable[str] = (),
+    teacher: str | None = None,
+    teacher_cache: str | None = None,
+    student: str | None = None,
+    data: str | None = None,
+    output_dir: str | None = None,
+    max_steps: int | None = None,
+    seed: int | None = None,
+    settings: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Command-line flags as a config layer (the topmost). ``None`` and empty: not given.
+
+    ``divergence_params`` (``-D``), ``policy_params`` (``-P``) and ``settings`` (``--set``) are
+    ``key=value`` items; a malformed one is a one-line error naming its flag. ``teacher_cache``
+    (``--teacher-cache``) goes in last, over a ``--set teacher.cache=...``.
+    """
+    layer: dict[str, Any] = {}
+    for dotted, value in (
+        ("recipe", recipe),
+        ("divergence.name", divergence),
+        ("policy.name", policy),
+        ("teacher.ref", teacher),
+        ("student.ref", student),
+        ("data.path", data),
+        ("output_dir", output_dir),
+        ("train.max_steps", max_steps),
+        ("train.seed", seed),
+    ):
+        if value is not None:
+            set_dotted(layer, dotted, value)
+    for key, value in parse_assignments(list(divergence_params), "-D").items():
+        set_dotted(layer, f"divergence.params.{key}", value)
+    for key, value in parse_assignments(list(policy_params), "-P").items():
+        set_dotted(layer, f"policy.params.{key}", value)
+    for key, value in parse_assignments(list(settings), "--set").items():
+        set_dotted(layer, key, value)
+    if teacher_cache is not None:
+        set_dotted(layer, "teacher.cache", teacher_cache)
+    return layer
+
+
+def resolve_run(
+    config_file: str | Path | None, flags: Mapping[str, Any], registry: Registry | None = None
+) -> RunConfig:
+    """``distill run``'s config: recipe < embedded default < ``config_file`` < ``flags``. Without a
+    recipe anywhere, ``DEFAULT_RECIPE``; without a teacher anywhere, the embedded default (built-in
+    teacher, pruned student, built-in data); without an output folder, a new one under ``runs/``.
+    Checks the config's own fields only: ``plan_run`` checks the plugins' params."""
+    return resolve_config(_file_layer(config_file), flags, stamp_output=True, registry=registry)
+
+
+def resolve_resume(
+    config_file: str | Path | None, flags: Mapping[str, Any], registry: Registry | None = None
+) -> RunConfig:
+    """``distill run --resume``'s config: the one saved in the output folder (``flags`` first, then
+    ``config_file``); the file and flags may only change ``RESUMABLE_FIELDS`` (``resume_config``)."""
+    file_layer = _file_layer(config_file)
+    out = flags.get("output_dir") or file_layer.get("output_dir")
+    if not out:
+        raise ConfigError("--resume needs --output-dir DIR: the folder of the run to continue")
+    return resume_config(out, file_layer, flags, registry=registry)
+
+
+def resolve_cache(
+    config_file: str | Path | None, flags: Mapping[str, Any], registry: Registry | None = None
+) -> RunConfig:
+    """``distill cache-teacher``'s config: ``config_file`` < ``flags`` without a recipe, so the same
+    file and flags give the data settings and split ``distill run`` uses; without a teacher anywhere,
+    the embedded default's teacher and data."""
+    return resolve_config(_file_layer(config_file), flags, recipe=False, registry=registry)
+
+
+def _file_layer(config_file: str | Path | None) -> dict[str, Any]:
+    """``--config FILE`` as a layer (none given: empty)."""
+    return read_config_file(config_file) if config_file else {}
+
+
 def _names_model(value: Any) -> bool:
     """Whether a layer's ``teacher`` entry (a string or a mapping) names a model."""
     return bool(value.get("ref") if isinstance(value, Mapping) else value)
 
 
-__all__ = ["DEFAULT_RECIPE", "RunPlan", "plan_run", "resolve_config", "resume_config"]
+__all__ = [
+    "DEFAULT_RECIPE",
+    "RunPlan",
+    "flag_layer",
+    "plan_run",
+    "resolve_cache",
+    "resolve_config",
+    "resolve_resume",
+    "resolve_run",
+    "resume_config",
+]

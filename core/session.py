@@ -13,11 +13,14 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from distill.checkpoint import (
+    Checkpoint,
+    ResumePoint,
     RunState,
     capture_rng,
     flatten_config,
@@ -28,14 +31,15 @@ from distill.checkpoint import (
     save_checkpoint,
 )
 from distill.config import ModelSpec, RunConfig, dump_config
-from distill.data import BatchSampler, collate, load_examples, load_lm_corpus
+from distill.data import BatchSampler, Example, collate, load_examples, load_lm_corpus
 from distill.distributed import full_params, make_accelerator, prepare_teacher, rank_log, synced_generation
 from distill.errors import ConfigError
 from distill.evaluation import Evaluator
-from distill.fused import plan_fused_head
+from distill.fused import FusedHeads, plan_fused_head
 from distill.generation import ResponseGenerator
 from distill.hardware import resolve_precision
 from distill.models import (
+    derives_from_teacher,
     add_lora,
     check_stop_ids,
     freeze,
@@ -45,19 +49,20 @@ from distill.models import (
     share_vocabulary,
     vocab_size,
 )
-from distill.objective import Objective, micro_batch_loss, token_cross_entropy
+from distill.loss import token_cross_entropy
+from distill.objective import Objective, micro_loss
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
-from distill.policy import SamplingContext
+from distill.interfaces import SamplingPolicy
+from distill.policy import SamplingContext, policy_generates
 from distill.registry import Registry
 from distill.resolve import RunPlan
-from distill.teacher_cache import (
-    DamagedPart,
-    TeacherCache,
-    cached_micro_batch_loss,
-    derives_from_teacher,
-    policy_generates,
-)
+from distill.teacher import TeacherSide, teacher_side
+from distill.teacher_cache import TeacherCache
 from distill.vocabulary import TextBridge, check_data_ids, cross_tokenizer_error, mismatch, student_tokenizer_ref
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Reporter = Callable[[str, dict[str, Any]], None]
 
@@ -74,21 +79,19 @@ class Session:
 
     cfg: RunConfig
     """The resolved config (``auto`` precision and dtypes decided); ``config.yaml`` holds it."""
-    accelerator: Any
+    accelerator: Accelerator
     report: Reporter
     """The console's events; a no-op in every process but the main one."""
     objective: Objective
-    policy: Any
-    cache: TeacherCache | None
-    teacher: Any
+    policy: SamplingPolicy
+    teacher: PreTrainedModel | None
     """None when a teacher cache serves every sequence the policy can pick."""
-    student: Any
-    student_tokenizer: Any
-    data_tokenizer: Any
+    student: torch.nn.Module
+    """The student as Accelerate prepared it (DDP-wrapped on several processes)."""
+    student_tokenizer: PreTrainedTokenizerBase
+    data_tokenizer: PreTrainedTokenizerBase
     """The tokenizer the training sequences are in: the student's when the two tokenizers differ."""
-    apart: bool
-    """Teacher and student tokenizers differ: sequence-level KD, no logit-level term."""
-    train_set: list
+    train_set: list[Example]
     sampler: BatchSampler
     evaluates_at: Callable[[int], bool]
     evaluate: Callable[..., dict[str, float]]
@@ -96,69 +99,34 @@ class Session:
     context: SamplingContext
     ends: dict[str, set[int]]
     """Stop ids per generated source: a response that ends on none of them hit the token cap."""
-    fused: Any
-    optimizer: Any
-    scheduler: Any
+    teacher_side: TeacherSide
+    """Where each micro-batch's teacher rows come from (live logits, fused heads, a cache): chosen
+    once, here (``distill.teacher``)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
     out: Path
     files: RunFiles
     saved: dict[str, Any] | None
     """The checkpoint's contents when resuming, else None."""
-    checkpoint: Any
+    checkpoint: Checkpoint | None
     lm_blocks: list[list[int]] | None
     lm_rng: random.Random
     rank_log: Callable[[dict[str, Any]], None]
 
-    def cached_targets(self, batches: list[tuple[str, Any, list]], sources: list[str]) -> list[torch.Tensor | None]:
-        """The teacher cache's answer for each ``(source, batch, examples)`` micro-batch of a step, or
-        None where the live teacher answers. A group reads the cache only if it holds every micro-batch
-        of that group on every process: one reduction a step, so that every process runs the same
-        number of teacher forwards. A damaged part found by one process stops every process."""
-        if self.cache is None or self.apart:
-            return [None] * len(batches)
-        found: list[torch.Tensor | None] = []
-        damaged: DamagedPart | None = None
-        for _, batch, examples in batches:
-            try:
-                found.append(self.cache.targets(examples, batch.response_mask.shape[1], self.accelerator.device))
-            except DamagedPart as error:
-                damaged = error
-                found.append(None)
-        misses = torch.zeros(len(sources) + 1, dtype=torch.float64)
-        for (source, _, _), packed in zip(batches, found):
-            misses[sources.index(source)] += packed is None
-        misses[-1] = damaged is not None
-        if self.accelerator.num_processes > 1:
-            misses = self.accelerator.reduce(misses.to(self.accelerator.device), reduction="sum").cpu()
-        if damaged is not None:
-            raise damaged
-        if misses[-1] > 0:
-            raise ConfigError("another process found a damaged teacher cache part (its line names it); see there")
-        return [
-            packed if misses[sources.index(source)] == 0 else None for (source, _, _), packed in zip(batches, found)
-        ]
-
-    def micro_loss(self, batch, term, denominator: float, weight: float, source: str, cached: torch.Tensor | None):
-        """One micro-batch's loss and its parts: from the cache's ``cached`` targets when given (no
-        teacher forward, see ``cached_targets``), else against the live teacher (fused with the heads
-        where they allow it)."""
-        cfg = self.cfg
-        options = {"kd_weight": cfg.train.kd_weight * weight, "normalize": cfg.train.normalize}
-        unwrap = self.accelerator.unwrap_model
-        if cached is not None:
-            self.cache.check_temperature(f"objective.terms.{source}.temperature", term.divergence.temperature)
-            return cached_micro_batch_loss(
-                self.student, batch, cached, term.divergence, denominator, term.ce_weight, unwrap, **options
-            )
-        return micro_batch_loss(
+    def micro_loss(self, batch, term, denominator: float, weight: float, prepared: Any):
+        """One micro-batch's loss and its parts, the teacher's side as the run's ``teacher_side`` reads
+        it (``prepared``: what its ``prepare`` gave for this micro-batch, once for the step)."""
+        train = self.cfg.train
+        return micro_loss(
+            self.teacher_side,
             self.student,
-            None if self.apart else _live(self.teacher, source),
             batch,
             term.divergence,
             denominator,
             term.ce_weight,
-            unwrap,
-            fused=self.fused,
-            **options,
+            kd_weight=train.kd_weight * weight,
+            normalize=train.normalize,
+            prepared=prepared,
         )
 
     @property
@@ -235,136 +203,47 @@ class Session:
 def open_session(
     plan: RunPlan, *, registry: Registry, report: Reporter, overwrite: bool = False, resume: bool = False
 ) -> Session:
-    """Build a run from ``plan`` (a config whose plugins are checked, ``distill.resolve.plan_run``):
-    everything that can fail on bad input fails before the output folder is touched. Reports
-    ``warning`` events and, last, the ``start`` event."""
+    """Build a run from ``plan`` (a config whose plugins are checked, ``distill.resolve.plan_run``),
+    one named step at a time: everything that can fail on bad input fails before the output folder
+    is touched. Reports ``warning`` events and, last, the ``start`` event."""
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     # `auto` precision and dtypes become what this hardware computes fastest; config.yaml keeps the answer
     cfg, precision, precision_warning = resolve_precision(plan.config)
-    seed = cfg.train.seed
     point = resume_point(cfg) if resume else None
-    checkpoint = point.checkpoint if point else None
-    objective = plan.objective  # one term per source; the run's divergence for the others
     policy = plan.make_policy()
     # with a teacher cache, dataset sequences need no teacher; a policy that never generates never loads it
     cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
     accelerator = make_accelerator(cfg)
     if not accelerator.is_main_process:
         report = lambda kind, record: None  # noqa: E731 (one console: the main process's)
-    if precision_warning:
-        report("warning", {"message": precision_warning})
-    for notice in point.notices() if point else ():
-        report("warning", {"message": notice})
-    set_seed(seed)
-    policy.reseed(seed)  # the same seed on every rank: every rank draws the same branch
-    teacher, tokenizer, student, student_tokenizer, apart, n_logits = _load_models(
-        cfg, checkpoint, policy, cache, report
-    )
-    data_tokenizer = student_tokenizer if apart else tokenizer
-    train_set, val_set, dropped = load_examples(cfg.data, data_tokenizer, seed)
-    if not apart and len(student_tokenizer) != len(tokenizer):
-        check_data_ids(
-            train_set + val_set, n_logits, "student" if len(student_tokenizer) < len(tokenizer) else "teacher"
-        )
-    if cache is not None:  # before anything is written: a cache of another teacher, tokenizer or data is refused
-        if apart:
-            raise ConfigError(
-                "--teacher-cache: holds log-probs over the teacher's tokens; a student "
-                "with another tokenizer trains on generated text, drop the cache"
-            )
-        cache.check_run(cfg, tokenizer, train_set + val_set, n_logits)
-    lm_blocks = None
-    if cfg.data.lm_path and cfg.train.lm_weight > 0:
-        lm_blocks = load_lm_corpus(
-            cfg.data.lm_path, student_tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
-        )
-    lengths = (
-        [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if cfg.data.group_by_length != "off" else None
-    )
-    sampler = BatchSampler(
-        len(train_set),
-        cfg.train.batch_size,
-        seed,
-        accelerator.process_index,
-        accelerator.num_processes,
-        lengths,
-        cfg.train.grad_accum,
-        grouping=cfg.data.group_by_length if lengths else "groups",
-    )
-    evaluates_at = eval_schedule(
-        cfg.eval.every, len(train_set) // (cfg.train.batch_size * accelerator.num_processes), cfg.train.grad_accum
-    )
+    for message in [precision_warning, *(point.notices() if point else [])]:
+        if message:
+            report("warning", {"message": message})
+    set_seed(cfg.train.seed)
+    policy.reseed(cfg.train.seed)  # the same seed on every rank: every rank draws the same branch
+    checkpoint = point.checkpoint if point else None
+    models = _load_models(cfg, checkpoint, policy, cache, report)
+    data = _load_data(cfg, models, cache)
+    sampler = _batch_sampler(cfg, data.train_set, accelerator)
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
         rank_state(saved, accelerator)  # fails now if the number of processes changed
-
-    # --- the output folder: new, or reopened at the checkpoint
-    if not accelerator.is_main_process:
-        out = Path(cfg.output_dir)
-    elif checkpoint:
-        point.set_aside()
-        out = reopen_output_dir(cfg.output_dir, checkpoint.step)
-    else:  # a new run, or a resumed one that never reached its first step: start over
-        out = prepare_output_dir(cfg.output_dir, overwrite=overwrite or resume)
-    files = RunFiles(out, accelerator.is_main_process)
-    files.write_text("config.yaml", dump_config(cfg))
-    accelerator.init_trackers(cfg.log.project, config=_tracker_config(cfg))  # main process only; none unless log.with
-
-    # --- the student on Accelerate, its optimizer and schedule; the teacher for inference only
-    trainable = [p for p in student.parameters() if p.requires_grad]  # with LoRA: the adapters only
-    optimizer = _adamw(trainable, cfg.train.lr, cfg.train.weight_decay)
-    schedule = "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule
-    scheduler = get_scheduler(
-        schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps
-    )
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    if accelerator.process_index > 0:
-        # generation samples per process: the same seed everywhere would draw the same responses to the
-        # same prompt on every process. Set-up above ran seeded alike; the main process keeps the run's
-        # stream (a 1-process run is unchanged) and the policy's own draw stays shared (policy.reseed)
-        set_seed(seed + accelerator.process_index)
-    student.train()  # from_pretrained returns eval mode; dropout (GPT-2) belongs to training
-    teacher = prepare_teacher(accelerator, teacher) if teacher is not None else None
-
-    # --- generation, the evaluator, and the heads fused into the loss
+    out, files = _open_output(cfg, accelerator, point, overwrite=overwrite or resume)
+    student, teacher, optimizer, scheduler = _prepare_training(cfg, accelerator, models)
     progress = lambda phase, done, total: report("progress", {"phase": phase, "done": done, "total": total})  # noqa: E731 (long passes)
-    generate, context, ends, val_set = _generation(
-        cfg, accelerator, tokenizer, student_tokenizer, data_tokenizer, teacher, student, apart, val_set, progress
+    generate, context, ends, val_set = _generation(cfg, accelerator, models, teacher, student, data.val_set, progress)
+    fused, head_line = _fused_heads(cfg, accelerator, models, student, teacher, data.train_set)
+    evaluate = _evaluation(
+        cfg, accelerator, registry, plan.objective, models, cache, generate, fused, val_set, progress
     )
-    probe = collate(train_set[:1], data_tokenizer.pad_token_id).to(
-        accelerator.device
-    )  # the fused heads are checked on one real example
-    fused, head_line = plan_fused_head(
-        cfg.train.fused_head, student, None if apart else teacher, probe, accelerator.unwrap_model, accelerator
-    )
-    evaluator = Evaluator(
-        val_set,
-        data_tokenizer,
-        objective.default,
-        generate,
-        cfg.eval.batch_size,
-        cfg.eval.rouge_samples,
-        accelerator,
-        # with a cache, the teacher's side is at the cache's temperature: so is val_kl (the start line says so)
-        kl=registry.get_divergence("kl", temperature=cache.temperature if cache is not None else 1.0),
-        rouge_before=cfg.eval.rouge_before,
-        progress=progress,
-        fused=fused,
-        rouge_draws=cfg.eval.rouge_draws,
-        seed=seed,
-    )
-    evaluate = functools.partial(evaluator, with_teacher=not apart)
-    if cache is not None:  # validation divergences from the cache too (coarse, like training's)
-        evaluate = lambda student, _teacher, **options: evaluator(student, cache, with_teacher=True, **options)  # noqa: E731
-    mode = CROSS_TOKENIZER_NOTE if apart else cache.note(loaded=teacher is not None) if cache is not None else None
+    mode = CROSS_TOKENIZER_NOTE if models.apart else cache.note(loaded=teacher is not None) if cache else None
     report(
         "start",
         {
-            "train_examples": len(train_set),
+            "train_examples": len(data.train_set),
             "val_examples": len(val_set),
-            "dropped": dropped,
+            "dropped": data.dropped,
             "output_dir": str(out),
             "processes": accelerator.num_processes,
             "precision": precision,
@@ -376,34 +255,193 @@ def open_session(
         cfg=cfg,
         accelerator=accelerator,
         report=report,
-        objective=objective,
+        objective=plan.objective,
         policy=policy,
-        cache=cache,
         teacher=teacher,
         student=student,
-        student_tokenizer=student_tokenizer,
-        data_tokenizer=data_tokenizer,
-        apart=apart,
-        train_set=train_set,
+        student_tokenizer=models.student_tokenizer,
+        data_tokenizer=models.data_tokenizer,
+        train_set=data.train_set,
         sampler=sampler,
-        evaluates_at=evaluates_at,
+        evaluates_at=eval_schedule(
+            cfg.eval.every,
+            len(data.train_set) // (cfg.train.batch_size * accelerator.num_processes),
+            cfg.train.grad_accum,
+        ),
         evaluate=evaluate,
         context=context,
         ends=ends,
-        fused=fused,
+        teacher_side=teacher_side(
+            None if models.apart else teacher,
+            fused=fused,
+            cache=cache,
+            unwrap=accelerator.unwrap_model,
+            accelerator=accelerator,
+        ),
         optimizer=optimizer,
         scheduler=scheduler,
         out=out,
         files=files,
         saved=saved,
         checkpoint=checkpoint,
-        lm_blocks=lm_blocks,
-        lm_rng=random.Random(seed + accelerator.process_index),
+        lm_blocks=data.lm_blocks,
+        lm_rng=random.Random(cfg.train.seed + accelerator.process_index),
         rank_log=rank_log(accelerator),
     )
 
 
-def _load_models(cfg: RunConfig, checkpoint, policy, cache: TeacherCache | None, report: Reporter):
+@dataclass
+class Models:
+    """The run's models and tokenizers as ``_load_models`` loads and checks them."""
+
+    teacher: PreTrainedModel | None
+    """None when a teacher cache serves every sequence the policy can pick."""
+    tokenizer: PreTrainedTokenizerBase
+    """The teacher's."""
+    student: PreTrainedModel
+    student_tokenizer: PreTrainedTokenizerBase
+    apart: bool
+    """Teacher and student tokenizers differ: sequence-level KD, no logit-level term."""
+    n_logits: int
+    """The logits the two heads share (the tokenizer's size)."""
+
+    @property
+    def data_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer the training sequences are in: the student's when the two tokenizers differ."""
+        return self.student_tokenizer if self.apart else self.tokenizer
+
+
+@dataclass
+class Data:
+    """The run's examples, tokenized and split, and the LM corpus's blocks (``train.lm_weight``)."""
+
+    train_set: list[Example]
+    val_set: list[Example]
+    dropped: dict[str, int]
+    lm_blocks: list[list[int]] | None
+
+
+def _load_data(cfg: RunConfig, models: Models, cache: TeacherCache | None) -> Data:
+    """The training and validation examples in the data tokenizer, checked against the heads and a
+    teacher cache before anything is written."""
+    train_set, val_set, dropped = load_examples(cfg.data, models.data_tokenizer, cfg.train.seed)
+    teacher_size, student_size = len(models.tokenizer), len(models.student_tokenizer)
+    if not models.apart and student_size != teacher_size:
+        check_data_ids(train_set + val_set, models.n_logits, "student" if student_size < teacher_size else "teacher")
+    if cache is not None:  # a cache of another teacher, tokenizer or data is refused
+        if models.apart:
+            raise ConfigError(
+                "--teacher-cache: holds log-probs over the teacher's tokens; a student "
+                "with another tokenizer trains on generated text, drop the cache"
+            )
+        cache.check_run(cfg, models.tokenizer, train_set + val_set, models.n_logits)
+    lm_blocks = None
+    if cfg.data.lm_path and cfg.train.lm_weight > 0:
+        lm_blocks = load_lm_corpus(
+            cfg.data.lm_path, models.student_tokenizer, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+        )
+    return Data(train_set, val_set, dropped, lm_blocks)
+
+
+def _batch_sampler(cfg: RunConfig, train_set: list[Example], accelerator) -> BatchSampler:
+    """This process's batches of training examples (grouped by length unless ``data.group_by_length: off``)."""
+    grouped = cfg.data.group_by_length != "off"
+    lengths = [(len(e.prompt_ids), len(e.response_ids)) for e in train_set] if grouped else None
+    return BatchSampler(
+        len(train_set),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        lengths,
+        cfg.train.grad_accum,
+        grouping=cfg.data.group_by_length if lengths else "groups",
+    )
+
+
+def _open_output(cfg: RunConfig, accelerator, point: ResumePoint | None, *, overwrite: bool) -> tuple[Path, RunFiles]:
+    """The output folder: new (only what a previous run wrote is replaced, with ``overwrite``), or
+    reopened at the checkpoint; ``config.yaml`` written, the trackers started (main process only)."""
+    if not accelerator.is_main_process:
+        out = Path(cfg.output_dir)
+    elif point is not None and point.checkpoint is not None:
+        point.set_aside()
+        out = reopen_output_dir(cfg.output_dir, point.checkpoint.step)
+    else:  # a new run, or a resumed one that never reached its first step: start over
+        out = prepare_output_dir(cfg.output_dir, overwrite=overwrite)
+    files = RunFiles(out, accelerator.is_main_process)
+    files.write_text("config.yaml", dump_config(cfg))
+    accelerator.init_trackers(cfg.log.project, config=_tracker_config(cfg))  # none unless log.with
+    return out, files
+
+
+def _prepare_training(cfg: RunConfig, accelerator, models: Models):
+    """The student on Accelerate with its optimizer and schedule, the teacher for inference only;
+    then generation seeded per process."""
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    trainable = [p for p in models.student.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    optimizer = _adamw(trainable, cfg.train.lr, cfg.train.weight_decay)
+    schedule = "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule
+    scheduler = get_scheduler(
+        schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps
+    )
+    student, optimizer, scheduler = accelerator.prepare(models.student, optimizer, scheduler)
+    if accelerator.process_index > 0:
+        # generation samples per process: the same seed everywhere would draw the same responses to the
+        # same prompt on every process. Set-up ran seeded alike; the main process keeps the run's
+        # stream (a 1-process run is unchanged) and the policy's own draw stays shared (policy.reseed)
+        set_seed(cfg.train.seed + accelerator.process_index)
+    student.train()  # from_pretrained returns eval mode; dropout (GPT-2) belongs to training
+    teacher = prepare_teacher(accelerator, models.teacher) if models.teacher is not None else None
+    return student, teacher, optimizer, scheduler
+
+
+def _fused_heads(cfg: RunConfig, accelerator, models: Models, student, teacher, train_set: list[Example]):
+    """The heads fused into the loss, or None, and the start line saying which (checked on one real example)."""
+    probe = collate(train_set[:1], models.data_tokenizer.pad_token_id).to(accelerator.device)
+    return plan_fused_head(
+        cfg.train.fused_head, student, None if models.apart else teacher, probe, accelerator.unwrap_model, accelerator
+    )
+
+
+def _evaluation(
+    cfg: RunConfig,
+    accelerator,
+    registry: Registry,
+    objective: Objective,
+    models: Models,
+    cache: TeacherCache | None,
+    generate,
+    fused: FusedHeads | None,
+    val_set: list[Example],
+    progress,
+) -> Callable[..., dict[str, float]]:
+    """``evaluate(student, teacher, **options)``: the validation numbers (``Evaluator``); with a cache,
+    its divergences from the cache, like training's."""
+    evaluator = Evaluator(
+        val_set,
+        models.data_tokenizer,
+        objective.default,
+        generate,
+        cfg.eval.batch_size,
+        cfg.eval.rouge_samples,
+        accelerator,
+        # with a cache, the teacher's side is at the cache's temperature: so is val_kl (the start line says so)
+        kl=registry.get_divergence("kl", temperature=cache.temperature if cache is not None else 1.0),
+        rouge_before=cfg.eval.rouge_before,
+        progress=progress,
+        fused=fused,
+        rouge_draws=cfg.eval.rouge_draws,
+        seed=cfg.train.seed,
+    )
+    if cache is not None:
+        return lambda student, _teacher, **options: evaluator(student, cache, with_teacher=True, **options)
+    return functools.partial(evaluator, with_teacher=not models.apart)
+
+
+def _load_models(cfg: RunConfig, checkpoint, policy, cache: TeacherCache | None, report: Reporter) -> Models:
     """The teacher (None when a cache serves every sequence), the teacher's tokenizer, the student
     (from the checkpoint when resuming) and its tokenizer; whether the two tokenizers differ, and
     the number of logits the two heads share."""
@@ -437,23 +475,13 @@ def _load_models(cfg: RunConfig, checkpoint, policy, cache: TeacherCache | None,
     stop_warning = check_stop_ids(teacher, student, tokenizer, n_logits, student_tokenizer if apart else None)
     if stop_warning:
         report("warning", {"message": stop_warning})
-    return teacher, tokenizer, student, student_tokenizer, apart, n_logits
+    return Models(teacher, tokenizer, student, student_tokenizer, apart, n_logits)
 
 
-def _generation(
-    cfg: RunConfig,
-    accelerator,
-    tokenizer,
-    student_tokenizer,
-    data_tokenizer,
-    teacher,
-    student,
-    apart: bool,
-    val_set: list,
-    progress,
-):
+def _generation(cfg: RunConfig, accelerator, models: Models, teacher, student, val_set: list[Example], progress):
     """The response generator, the policies' sampling context, the stop ids of each generated source,
     and the validation set (across tokenizers: the prompts with the teacher's greedy answers)."""
+    tokenizer, student_tokenizer, data_tokenizer = models.tokenizer, models.student_tokenizer, models.data_tokenizer
     unwrap, synced = accelerator.unwrap_model, synced_generation(accelerator)
     inference_dtype = (
         {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
@@ -471,7 +499,7 @@ def _generation(
         "teacher": set(generate.stop_ids(teacher)) if teacher is not None else set(),
         "student": set(generate.stop_ids(student)),
     }
-    if apart:  # the teacher answers in its own tokens; the student trains on that text in its own
+    if models.apart:  # the teacher answers in its own tokens; the student trains on that text in its own
         generate_teacher = ResponseGenerator(
             tokenizer, cfg.generation, batch, unwrap, synced, full_params(accelerator), inference_dtype
         )
@@ -500,16 +528,6 @@ def eval_schedule(every: int | str, micro_per_epoch: int, grad_accum: int) -> Ca
     if every == "epoch":
         return lambda step: step * grad_accum // micro_per_epoch > (step - 1) * grad_accum // micro_per_epoch
     return lambda step: bool(every) and step % every == 0
-
-
-def _live(teacher, source: str):
-    """The loaded teacher, for sequences a cache does not hold."""
-    if teacher is None:
-        raise RuntimeError(
-            f"a {source} step holds sequences the teacher cache lacks, "
-            "and the policy said it never generates (generates = False)"
-        )
-    return teacher
 
 
 def _adamw(parameters: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from distill.data import Batch, Example, collate
+from distill.data import Example, collate
 from distill.divergence import NEG_LOGIT, ConfiguredDivergence, prepare_logits
 from distill.errors import ConfigError
 from distill.loss import chunked_token_mean
@@ -547,43 +547,6 @@ def cache_temperatures(cfg) -> dict[str, float]:
     return temperatures
 
 
-def derives_from_teacher(spec) -> bool:
-    """Whether a student reference is cut from the run's teacher (``prune:K``, not ``prune:K:REF``)."""
-    ref = spec.ref or ""
-    return ref.startswith("prune:") and ref.count(":") == 1
-
-
-def policy_generates(policy) -> bool:
-    """Whether a sampling policy may train on generated sequences (which need the live teacher).
-    A policy says so with a ``generates`` attribute; one that does not is assumed to generate."""
-    return bool(getattr(policy, "generates", True))
-
-
-def cached_micro_batch_loss(
-    student,
-    batch: Batch,
-    packed: torch.Tensor,
-    divergence,
-    denominator: float,
-    ce_weight: float = 0.0,
-    unwrap=lambda m: m,
-    *,
-    kd_weight: float = 1.0,
-    normalize: str = "token",
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """``distill.objective.micro_batch_loss`` with the teacher's side from a cache: ``kd_weight`` x the
-    divergence on coarse distributions (no teacher forward), plus ``ce_weight`` x the student's
-    cross-entropy; ``normalize="sequence"``: each token weighs 1 / its sequence's length."""
-    from distill.objective import response_logits, sequence_weights, with_cross_entropy
-
-    weights = sequence_weights(batch.response_mask) if normalize == "sequence" else None
-    student_logits = response_logits(student, batch, unwrap)
-    value = coarse_divergence_loss(
-        divergence, student_logits, packed, batch.response_mask, n_tokens=denominator, weights=weights
-    )
-    return with_cross_entropy(value, student_logits, batch, denominator, ce_weight, kd_weight, weights)
-
-
 def rank_share(examples: list[Example], rank: int, world: int) -> list[Example]:
     """This process's share of the distinct sequences not yet cached, sorted by length (less padding)."""
     distinct = sorted({example_key(e): e for e in examples}.items())
@@ -658,13 +621,36 @@ def build_cache(
     todo = rank_share([e for e in examples if example_key(e) not in done], state.process_index, state.num_processes)
     if resuming and state.is_main_process:
         report(f"continuing {out}: {len(done)} sequences cached before")
-    first = 1 + max(
-        (int(p.name.split("-")[1]) for p in (out / "parts").glob(f"r{state.process_index:03d}-*")), default=-1
+    tell = progress if progress and state.is_main_process else None  # one console: the main process's share
+    _write_parts(
+        out / "parts", todo, teacher, top_k, temperature, n_logits, tokenizer.pad_token_id, batch_size, state, tell
     )
+    state.wait_for_everyone()
+    manifest = None
+    if state.is_main_process:
+        manifest = write_manifest(out, settings, time.perf_counter() - started)
+    state.wait_for_everyone()
+    return manifest
+
+
+def _write_parts(
+    folder: Path,
+    todo: list[Example],
+    teacher,
+    top_k: int,
+    temperature: float,
+    n_logits: int,
+    pad_id: int,
+    batch_size: int,
+    state,
+    progress: Callable[[str, int, int], None] | None,
+) -> None:
+    """This process's share of the sequences, ``PART_EXAMPLES`` to a part, numbered after its own
+    finished parts (``r<rank>-<n>``)."""
+    rank = state.process_index
+    first = 1 + max((int(p.name.split("-")[1]) for p in folder.glob(f"r{rank:03d}-*")), default=-1)
     finished = 0
-    tell = (
-        progress if progress and state.is_main_process else (lambda phase, n, total: None)
-    )  # one console: the main process's share
+    tell = progress or (lambda phase, n, total: None)
     tell("teacher cache (sequences)", 0, len(todo))
 
     def advance(n: int) -> None:
@@ -674,21 +660,15 @@ def build_cache(
 
     for number, start in enumerate(range(0, len(todo), PART_EXAMPLES)):
         write_part(
-            out / "parts",
-            f"r{state.process_index:03d}-{first + number:05d}",
+            folder,
+            f"r{rank:03d}-{first + number:05d}",
             todo[start : start + PART_EXAMPLES],
             teacher,
             top_k,
             temperature,
             n_logits,
-            tokenizer.pad_token_id,
+            pad_id,
             batch_size,
             state.device,
             advance,
         )
-    state.wait_for_everyone()
-    manifest = None
-    if state.is_main_process:
-        manifest = write_manifest(out, settings, time.perf_counter() - started)
-    state.wait_for_everyone()
-    return manifest

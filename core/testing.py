@@ -16,6 +16,15 @@ raises ``distill.ConfigError`` naming the field, as ``distill.get_divergence`` d
 fails raises ``AssertionError`` whose message names the property and gives a counter-example: the
 inputs hypothesis found (shrunk), or the step and the values that differ.
 
+``parametrize_with_checks`` runs the same checks one per pytest case, as scikit-learn's does, so a
+report names the property a plugin breaks (``hellinger-zero_at_equal``) and the others still run::
+
+    from distill.testing import parametrize_with_checks
+
+    @parametrize_with_checks([Hellinger, (Power, {"lam": 1.0}), (Warmup, {"warmup_steps": 2})])
+    def test_conforms(plugin, check):
+        check(plugin)
+
 The properties with random inputs are driven by hypothesis, which this module needs
 (``pip install 'distill[testing]'``); ``max_examples`` sets how many inputs each one tries (by default
 25 for a divergence and 10 for a policy, scaled by the active hypothesis profile's ``max_examples`` / 100).
@@ -24,6 +33,7 @@ The properties with random inputs are driven by hypothesis, which this module ne
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import os
@@ -51,13 +61,15 @@ from distill.params import describe_validation_error, validate_params
 from distill.policy import SamplingContext
 from distill.registry import Registry
 
-__all__ = ["DIVERGENCE_CHECKS", "POLICY_CHECKS", "check_divergence", "check_policy"]
+__all__ = ["DIVERGENCE_CHECKS", "POLICY_CHECKS", "check_divergence", "check_policy", "parametrize_with_checks"]
 
 SOURCES = frozenset(typing.get_args(Source))
 EXTREME = 1e4
 """The largest logit magnitude the checks feed (real models reach a few hundred; bf16 and fp16 hold it)."""
 ZERO_TOLERANCE = 1e-5
 """|D(p, p)| allowed: float32 rounding of log-probabilities, not a modelling error."""
+DEFAULT_EXAMPLES = {"divergence": 25, "policy": 10}
+"""Inputs each property tries when ``max_examples`` is not given (scaled by the hypothesis profile)."""
 
 
 # --- the shared machinery: one named property, its hypothesis run, its failure message
@@ -104,19 +116,54 @@ def _show(tensor: torch.Tensor) -> str:
     return f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)} {tensor.detach().float().tolist()}"
 
 
-def _check_registration(kind: str, plugin_cls: type) -> None:
+@dataclass(frozen=True)
+class Check:
+    """One named property of the plugin contract; calling it checks that property alone.
+
+    ``prop`` is what its failure message names, ``id`` the second half of its pytest case id
+    (``hellinger-zero_at_equal``). A check of the class itself (registration, parameters) has no
+    ``inputs`` and runs ``test(check, plugin_cls, params)``; a property runs ``test(plugin, input)``
+    on each of the hypothesis ``inputs``, ``plugin`` being the plugin under test (``_Divergence``,
+    ``_Policy``) built from validated ``params``.
+    """
+
+    kind: str
+    id: str
+    prop: str
+    test: Callable[..., None]
+    inputs: st.SearchStrategy | None = None
+
+    def __call__(self, plugin_cls: type, *, max_examples: int | None = None, **params: Any) -> None:
+        """Check ``plugin_cls`` built with ``params``: raises ``distill.ConfigError`` if ``params``
+        are invalid and ``AssertionError`` naming ``prop``, with a counter-example, if it breaks."""
+        if self.inputs is None:
+            self.test(self, plugin_cls, params)
+            return
+        values = validate_params(plugin_cls.Params, dict(params), f"{self.kind} {plugin_cls.name}")
+        plugin = _UNDER_TEST[self.kind](plugin_cls, values, self.prop)
+
+        def run(example: Any) -> None:
+            self.test(plugin, example)
+
+        run.__name__ = run.__qualname__ = self.id  # hypothesis's report: "Falsifying example: zero_at_equal(...)"
+        n = _examples(max_examples, DEFAULT_EXAMPLES[self.kind])
+        with _quiet_threads():
+            _run(f"check_{self.kind}({plugin_cls.name}): {self.prop}", self.inputs, run, n)
+
+
+def _registration(check: Check, plugin_cls: type, params: Mapping[str, Any]) -> None:
     try:
-        Registry().add(kind, plugin_cls, provider="distill.testing")
+        Registry().add(check.kind, plugin_cls, provider="distill.testing")
     except PluginError as error:
-        _fail(kind, plugin_cls, "registration", str(error))
+        _fail(check.kind, plugin_cls, check.prop, str(error))
 
 
-def _check_params(kind: str, plugin_cls: type, params: Mapping[str, Any]) -> Any:
+def _params(check: Check, plugin_cls: type, params: Mapping[str, Any]) -> None:
     """``params`` validated as the registry validates them; then every declared default must pass
     its own field (pydantic does not validate defaults, so a default out of its range goes unnoticed)."""
-    fields = plugin_cls.Params.model_fields
+    kind, fields = check.kind, plugin_cls.Params.model_fields
     if kind == "divergence" and "temperature" in fields:
-        _fail(kind, plugin_cls, "params are validated", "`temperature` belongs to the core; do not declare it")
+        _fail(kind, plugin_cls, check.prop, "`temperature` belongs to the core; do not declare it")
     values = validate_params(plugin_cls.Params, dict(params), f"{kind} {plugin_cls.name}")
     for name, info in fields.items():
         if info.is_required():
@@ -128,10 +175,9 @@ def _check_params(kind: str, plugin_cls: type, params: Mapping[str, Any]) -> Any
             _fail(
                 kind,
                 plugin_cls,
-                "params are validated",
+                check.prop,
                 f"the default {name}={default!r} is refused: {describe_validation_error(error, 'Params')}",
             )
-    return values
 
 
 # --- divergences
@@ -182,80 +228,94 @@ def _logits(
     return _Logits(student.to(dtype), teacher.to(dtype))
 
 
-def _divergence_checks(plugin_cls: type, d: ConfiguredDivergence) -> list[tuple[str, st.SearchStrategy, Callable]]:
-    def fail(prop: str, detail: str) -> None:
-        return _fail("divergence", plugin_cls, prop, detail)
+class _Divergence:
+    """The divergence under test as users get it (``d``: what ``distill.get_divergence`` builds,
+    temperature 1), and the property checked, which its failure messages name."""
 
-    def call(prop: str, case: _Logits, *, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __init__(self, plugin_cls: type, values: Any, prop: str) -> None:
+        self.plugin_cls, self.prop = plugin_cls, prop
+        self.d = ConfiguredDivergence(plugin_cls(values), values)
+
+    def fail(self, detail: str) -> None:
+        _fail("divergence", self.plugin_cls, self.prop, detail)
+
+    def call(self, case: _Logits, *, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """d(student, teacher) as users get it, and the gradient of its sum for the student logits."""
         student = case.student.clone().requires_grad_(grad)
         try:
-            values = d(student, case.teacher)
+            values = self.d(student, case.teacher)
             gradient = torch.autograd.grad(values.sum(), student)[0] if grad else None
         except Exception as error:
-            fail(prop, f"raised {type(error).__name__}: {error} on {case}")
+            self.fail(f"raised {type(error).__name__}: {error} on {case}")
         return values.detach(), gradient
 
-    def output_shape(case: _Logits) -> None:
-        prop = "output is [N] float32, one value per row"
-        try:
-            values = d.plugin(prepare_logits(case.student), prepare_logits(case.teacher))
-        except Exception as error:
-            fail(prop, f"raised {type(error).__name__}: {error} on {case}")
-        n = case.student.shape[0]
-        if not isinstance(values, torch.Tensor):
-            fail(prop, f"returned {type(values).__name__}, not a tensor, on {case}")
-        if values.shape != (n,) or values.dtype != torch.float32:
-            got = f"{str(values.dtype).removeprefix('torch.')}{list(values.shape)}"
-            fail(prop, f"returned {got}, expected float32[{n}], on {case}")
-        for row in range(n):
-            alone = d.plugin(prepare_logits(case.student[row : row + 1]), prepare_logits(case.teacher[row : row + 1]))
-            alone = alone.detach().float()
-            if not torch.allclose(values[row : row + 1].detach(), alone, rtol=1e-4, atol=1e-5, equal_nan=True):
-                fail(
-                    prop,
-                    f"row {row} is {values[row].item()!r} in the batch but {alone.flatten()[0].item()!r} "
-                    f"alone, on {case}",
-                )
 
-    def zero_on_equal(case: _Logits) -> None:
-        values, _ = call("D(p, p) = 0", case)
-        if not (values.abs() <= ZERO_TOLERANCE).all():
-            fail("D(p, p) = 0", f"values {values.tolist()} on {case}")
-
-    def nonnegative(case: _Logits) -> None:
-        values, _ = call("D >= 0", case)
-        if not (values >= 0).all():  # NaN fails too
-            fail("D >= 0", f"values {values.tolist()} on {case} (a rounding error below 0 needs .clamp_min(0))")
-
-    def finite(case: _Logits) -> None:
-        prop = "finite values and gradients"
-        values, gradient = call(prop, case, grad=True)
-        if not torch.isfinite(values).all():
-            fail(prop, f"values {values.tolist()} on {case}")
-        if not torch.isfinite(gradient).all():
-            fail(
-                prop,
-                f"student gradient {_show(gradient)} on {case} (take sqrt and log of probabilities from log_softmax)",
+def _output_shape(plugin: _Divergence, case: _Logits) -> None:
+    d = plugin.d
+    try:
+        values = d.plugin(prepare_logits(case.student), prepare_logits(case.teacher))
+    except Exception as error:
+        plugin.fail(f"raised {type(error).__name__}: {error} on {case}")
+    n = case.student.shape[0]
+    if not isinstance(values, torch.Tensor):
+        plugin.fail(f"returned {type(values).__name__}, not a tensor, on {case}")
+    if values.shape != (n,) or values.dtype != torch.float32:
+        got = f"{str(values.dtype).removeprefix('torch.')}{list(values.shape)}"
+        plugin.fail(f"returned {got}, expected float32[{n}], on {case}")
+    for row in range(n):
+        alone = d.plugin(prepare_logits(case.student[row : row + 1]), prepare_logits(case.teacher[row : row + 1]))
+        alone = alone.detach().float()
+        if not torch.allclose(values[row : row + 1].detach(), alone, rtol=1e-4, atol=1e-5, equal_nan=True):
+            plugin.fail(
+                f"row {row} is {values[row].item()!r} in the batch but {alone.flatten()[0].item()!r} alone, on {case}"
             )
 
-    low = (torch.float32, torch.bfloat16, torch.float16)
-    return [
-        ("output is [N] float32, one value per row", _logits(bound=50.0), output_shape),
-        ("D(p, p) = 0", _logits(same=True, masked=True, dtypes=low), zero_on_equal),
-        ("D >= 0", st.one_of(_logits(), _logits(bound=50.0), _logits(masked=True, dtypes=low)), nonnegative),
-        ("finite values and gradients", st.one_of(_logits(), _logits(masked=True, dtypes=low)), finite),
-    ]
+
+def _zero_on_equal(plugin: _Divergence, case: _Logits) -> None:
+    values, _ = plugin.call(case)
+    if not (values.abs() <= ZERO_TOLERANCE).all():
+        plugin.fail(f"values {values.tolist()} on {case}")
 
 
-DIVERGENCE_CHECKS = (
-    "registration",
-    "params are validated",
-    "output is [N] float32, one value per row",
-    "D(p, p) = 0",
-    "D >= 0",
-    "finite values and gradients",
+def _nonnegative(plugin: _Divergence, case: _Logits) -> None:
+    values, _ = plugin.call(case)
+    if not (values >= 0).all():  # NaN fails too
+        plugin.fail(f"values {values.tolist()} on {case} (a rounding error below 0 needs .clamp_min(0))")
+
+
+def _finite(plugin: _Divergence, case: _Logits) -> None:
+    values, gradient = plugin.call(case, grad=True)
+    if not torch.isfinite(values).all():
+        plugin.fail(f"values {values.tolist()} on {case}")
+    if not torch.isfinite(gradient).all():
+        plugin.fail(
+            f"student gradient {_show(gradient)} on {case} (take sqrt and log of probabilities from log_softmax)"
+        )
+
+
+_LOW = (torch.float32, torch.bfloat16, torch.float16)
+_DIVERGENCE = (
+    Check("divergence", "registration", "registration", _registration),
+    Check("divergence", "params", "params are validated", _params),
+    Check("divergence", "output_shape", "output is [N] float32, one value per row", _output_shape, _logits(bound=50.0)),
+    Check("divergence", "zero_at_equal", "D(p, p) = 0", _zero_on_equal, _logits(same=True, masked=True, dtypes=_LOW)),
+    Check(
+        "divergence",
+        "nonnegative",
+        "D >= 0",
+        _nonnegative,
+        st.one_of(_logits(), _logits(bound=50.0), _logits(masked=True, dtypes=_LOW)),
+    ),
+    Check(
+        "divergence",
+        "finite",
+        "finite values and gradients",
+        _finite,
+        st.one_of(_logits(), _logits(masked=True, dtypes=_LOW)),
+    ),
 )
+
+DIVERGENCE_CHECKS = tuple(check.prop for check in _DIVERGENCE)
 """The properties ``check_divergence`` checks, in order; each failure message names one."""
 
 
@@ -272,13 +332,8 @@ def check_divergence(plugin_cls: type, *, max_examples: int | None = None, **par
     Raises ``distill.ConfigError`` if ``params`` are invalid and ``AssertionError`` naming the
     broken property, with a counter-example, if the plugin breaks one.
     """
-    _check_registration("divergence", plugin_cls)
-    values = _check_params("divergence", plugin_cls, params)
-    d = ConfiguredDivergence(plugin_cls(values), values)  # what get_divergence builds, temperature 1
-    n = _examples(max_examples, 25)
-    with _quiet_threads():
-        for prop, strategy, test in _divergence_checks(plugin_cls, d):
-            _run(f"check_divergence({plugin_cls.name}): {prop}", strategy, test, n)
+    for check in _DIVERGENCE:
+        check(plugin_cls, max_examples=max_examples, **params)
 
 
 # --- policies
@@ -400,11 +455,20 @@ class _Step:
     metrics: dict[str, float]
 
 
-def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str, st.SearchStrategy, Callable]]:
-    def fail(prop: str, detail: str) -> None:
-        return _fail("policy", plugin_cls, prop, detail)
+class _Policy:
+    """The policy class under test with its validated parameters (``build`` makes a fresh instance),
+    and the property checked, which its failure messages name."""
 
-    def step(prop: str, policy: Any, context: SimulatedContext, schedule: _Schedule, t: int) -> _Step:
+    def __init__(self, plugin_cls: type, values: Any, prop: str) -> None:
+        self.plugin_cls, self.values, self.prop = plugin_cls, values, prop
+
+    def build(self) -> Any:
+        return self.plugin_cls(self.values)
+
+    def fail(self, detail: str) -> None:
+        _fail("policy", self.plugin_cls, self.prop, detail)
+
+    def step(self, policy: Any, context: SimulatedContext, schedule: _Schedule, t: int) -> _Step:
         """One optimizer step of one process, then its evaluation when one is due."""
         context.step = t
         examples = context.batch(t)
@@ -416,18 +480,17 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
                 if schedule.val_loss(t) is not None:
                     policy.observe_eval(t, schedule.val_loss(t))
         except Exception as error:
-            fail(prop, f"step {t}: raised {type(error).__name__}: {error} ({schedule})")
+            self.fail(f"step {t}: raised {type(error).__name__}: {error} ({schedule})")
         if not groups:
-            fail(prop, f"step {t}: sample returned no group ({schedule})")
+            self.fail(f"step {t}: sample returned no group ({schedule})")
         sources, returned = [], []
         for source, group in groups:
             if source not in SOURCES:
-                fail(prop, f"step {t}: source {source!r} is not one of {sorted(SOURCES)} ({schedule})")
+                self.fail(f"step {t}: source {source!r} is not one of {sorted(SOURCES)} ({schedule})")
             if not isinstance(group, list) or not group or not all(isinstance(e, Example) for e in group):
-                fail(
-                    prop,
+                self.fail(
                     f"step {t}: the {source!r} examples are not a non-empty list of distill.Example: "
-                    f"{group!r} ({schedule})",
+                    f"{group!r} ({schedule})"
                 )
             sources.append(source)
             returned.append([(tuple(e.prompt_ids), tuple(e.response_ids)) for e in group])
@@ -436,110 +499,113 @@ def _policy_checks(plugin_cls: type, build: Callable[[], Any]) -> list[tuple[str
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         if not isinstance(metrics, dict) or not all(isinstance(k, str) and number(v) for k, v in metrics.items()):
-            fail(
-                prop,
-                f"step {t}: metrics() must return dict[str, float] of finite numbers, got {metrics!r} ({schedule})",
+            self.fail(
+                f"step {t}: metrics() must return dict[str, float] of finite numbers, got {metrics!r} ({schedule})"
             )
         return _Step(sources, context.calls[first_call:], returned, dict(metrics))
 
-    def start(policy: Any, context: SimulatedContext, schedule: _Schedule, prop: str) -> None:
+    def start(self, policy: Any, context: SimulatedContext, schedule: _Schedule) -> None:
         try:
             with _rank_environment(context.process_index, context.num_processes, schedule.seed, 0):
                 policy.reseed(schedule.seed)
                 policy.observe_eval(0, schedule.val_loss(0))
         except Exception as error:
-            fail(prop, f"reseed / observe_eval(0) raised {type(error).__name__}: {error} ({schedule})")
+            self.fail(f"reseed / observe_eval(0) raised {type(error).__name__}: {error} ({schedule})")
 
-    def valid_sources(schedule: _Schedule) -> None:
-        prop = "sources are valid"
-        policy, context = build(), SimulatedContext.for_rank(0, 1)
-        start(policy, context, schedule, prop)
-        dataset: set = set()
-        for t in range(1, schedule.total_steps + 1):
-            dataset.update((tuple(e.prompt_ids), tuple(e.response_ids)) for e in context.batch(t))
-            record = step(prop, policy, context, schedule, t)
-            fresh = {
-                model: {(p, r) for p, r in context.generated[model] if r[1] == 20 + t}
-                for model in ("student", "teacher")
-            }
-            origin = {"dataset": dataset, **fresh, "replay": context.generated["student"]}
-            for source, examples in zip(record.sources, record.examples):
-                stray = [e for e in examples if e not in origin[source]]
-                if stray:
-                    where = {
-                        "dataset": "the dataset examples seen so far",
-                        "student": "this step's student generations",
-                        "teacher": "this step's teacher generations",
-                        "replay": "past student generations",
-                    }[source]
-                    fail(prop, f"step {t}: labelled {source!r} but {stray[0]} is not among {where} ({schedule})")
 
-    def same_on_every_rank(schedule: _Schedule) -> None:
-        prop = "every rank makes the same draws for one seed"
-        ranks = 3
-        policies = [build() for _ in range(ranks)]
-        contexts = [SimulatedContext.for_rank(i, ranks) for i in range(ranks)]
-        for policy, context in zip(policies, contexts):
-            start(policy, context, schedule, prop)
-        for t in range(1, schedule.total_steps + 1):
-            records = [step(prop, p, c, schedule, t) for p, c in zip(policies, contexts)]
-            for rank, record in enumerate(records[1:], 1):
-                for what in ("sources", "calls", "metrics"):
-                    if getattr(record, what) != getattr(records[0], what):
-                        fail(
-                            prop,
-                            f"step {t}: rank 0 {what} {getattr(records[0], what)} but rank {rank} "
-                            f"{getattr(record, what)} ({schedule}; the ranks differ only in their data, "
-                            f"RANK and the global random generators: draw from self.generator)",
-                        )
+def _valid_sources(plugin: _Policy, schedule: _Schedule) -> None:
+    policy, context = plugin.build(), SimulatedContext.for_rank(0, 1)
+    plugin.start(policy, context, schedule)
+    dataset: set = set()
+    for t in range(1, schedule.total_steps + 1):
+        dataset.update((tuple(e.prompt_ids), tuple(e.response_ids)) for e in context.batch(t))
+        record = plugin.step(policy, context, schedule, t)
+        fresh = {
+            model: {(p, r) for p, r in context.generated[model] if r[1] == 20 + t} for model in ("student", "teacher")
+        }
+        origin = {"dataset": dataset, **fresh, "replay": context.generated["student"]}
+        for source, examples in zip(record.sources, record.examples):
+            stray = [e for e in examples if e not in origin[source]]
+            if stray:
+                where = {
+                    "dataset": "the dataset examples seen so far",
+                    "student": "this step's student generations",
+                    "teacher": "this step's teacher generations",
+                    "replay": "past student generations",
+                }[source]
+                plugin.fail(f"step {t}: labelled {source!r} but {stray[0]} is not among {where} ({schedule})")
 
-    def round_trip(schedule: _Schedule) -> None:
-        prop = "a state_dict round trip reproduces the choices that follow"
-        policy, context = build(), SimulatedContext.for_rank(0, 1)
-        start(policy, context, schedule, prop)
-        for t in range(1, schedule.checkpoint + 1):
-            step(prop, policy, context, schedule, t)
-        buffer = io.BytesIO()
-        try:  # as a checkpoint stores it: tensors and plain values only
-            torch.save(policy.state_dict(), buffer)
-            state = torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
-        except Exception as error:
-            fail(
-                prop,
-                f"state_dict() after step {schedule.checkpoint} cannot be checkpointed "
-                f"(torch.save, then torch.load(weights_only=True)): {type(error).__name__}: {error} "
-                f"({schedule})",
-            )
-        resumed, resumed_context = build(), SimulatedContext.for_rank(0, 1)
-        try:  # as the engine resumes: reseed with the run's seed, then load
-            resumed.reseed(schedule.seed)
-            resumed.load_state_dict(state)
-        except Exception as error:
-            fail(prop, f"load_state_dict raised {type(error).__name__}: {error} ({schedule})")
-        for t in range(schedule.checkpoint + 1, schedule.total_steps + 1):
-            expected, got = step(prop, policy, context, schedule, t), step(prop, resumed, resumed_context, schedule, t)
-            for what in ("sources", "calls", "metrics", "examples"):
-                if getattr(got, what) != getattr(expected, what):
-                    fail(
-                        prop,
-                        f"step {t} after a checkpoint at step {schedule.checkpoint}: {what} "
-                        f"{getattr(expected, what)} uninterrupted but {getattr(got, what)} resumed ({schedule})",
+
+def _same_on_every_rank(plugin: _Policy, schedule: _Schedule) -> None:
+    ranks = 3
+    policies = [plugin.build() for _ in range(ranks)]
+    contexts = [SimulatedContext.for_rank(i, ranks) for i in range(ranks)]
+    for policy, context in zip(policies, contexts):
+        plugin.start(policy, context, schedule)
+    for t in range(1, schedule.total_steps + 1):
+        records = [plugin.step(p, c, schedule, t) for p, c in zip(policies, contexts)]
+        for rank, record in enumerate(records[1:], 1):
+            for what in ("sources", "calls", "metrics"):
+                if getattr(record, what) != getattr(records[0], what):
+                    plugin.fail(
+                        f"step {t}: rank 0 {what} {getattr(records[0], what)} but rank {rank} "
+                        f"{getattr(record, what)} ({schedule}; the ranks differ only in their data, "
+                        f"RANK and the global random generators: draw from self.generator)"
                     )
 
-    return [
-        ("sources are valid", _schedules(), valid_sources),
-        ("every rank makes the same draws for one seed", _schedules(), same_on_every_rank),
-        ("a state_dict round trip reproduces the choices that follow", _schedules(), round_trip),
-    ]
+
+def _round_trip(plugin: _Policy, schedule: _Schedule) -> None:
+    policy, context = plugin.build(), SimulatedContext.for_rank(0, 1)
+    plugin.start(policy, context, schedule)
+    for t in range(1, schedule.checkpoint + 1):
+        plugin.step(policy, context, schedule, t)
+    buffer = io.BytesIO()
+    try:  # as a checkpoint stores it: tensors and plain values only
+        torch.save(policy.state_dict(), buffer)
+        state = torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
+    except Exception as error:
+        plugin.fail(
+            f"state_dict() after step {schedule.checkpoint} cannot be checkpointed "
+            f"(torch.save, then torch.load(weights_only=True)): {type(error).__name__}: {error} "
+            f"({schedule})"
+        )
+    resumed, resumed_context = plugin.build(), SimulatedContext.for_rank(0, 1)
+    try:  # as the engine resumes: reseed with the run's seed, then load
+        resumed.reseed(schedule.seed)
+        resumed.load_state_dict(state)
+    except Exception as error:
+        plugin.fail(f"load_state_dict raised {type(error).__name__}: {error} ({schedule})")
+    for t in range(schedule.checkpoint + 1, schedule.total_steps + 1):
+        expected, got = plugin.step(policy, context, schedule, t), plugin.step(resumed, resumed_context, schedule, t)
+        for what in ("sources", "calls", "metrics", "examples"):
+            if getattr(got, what) != getattr(expected, what):
+                plugin.fail(
+                    f"step {t} after a checkpoint at step {schedule.checkpoint}: {what} "
+                    f"{getattr(expected, what)} uninterrupted but {getattr(got, what)} resumed ({schedule})"
+                )
 
 
-POLICY_CHECKS = (
-    "registration",
-    "params are validated",
-    "sources are valid",
-    "every rank makes the same draws for one seed",
-    "a state_dict round trip reproduces the choices that follow",
+_POLICY = (
+    Check("policy", "registration", "registration", _registration),
+    Check("policy", "params", "params are validated", _params),
+    Check("policy", "valid_sources", "sources are valid", _valid_sources, _schedules()),
+    Check(
+        "policy",
+        "same_on_every_rank",
+        "every rank makes the same draws for one seed",
+        _same_on_every_rank,
+        _schedules(),
+    ),
+    Check(
+        "policy",
+        "state_round_trip",
+        "a state_dict round trip reproduces the choices that follow",
+        _round_trip,
+        _schedules(),
+    ),
 )
+
+POLICY_CHECKS = tuple(check.prop for check in _POLICY)
 """The properties ``check_policy`` checks, in order; each failure message names one."""
 
 
@@ -560,13 +626,40 @@ def check_policy(plugin_cls: type, *, max_examples: int | None = None, **params:
     Raises ``distill.ConfigError`` if ``params`` are invalid and ``AssertionError`` naming the
     broken property, with a counter-example, if the plugin breaks one.
     """
-    _check_registration("policy", plugin_cls)
-    values = _check_params("policy", plugin_cls, params)
+    for check in _POLICY:
+        check(plugin_cls, max_examples=max_examples, **params)
 
-    def build():
-        return plugin_cls(values)
 
-    n = _examples(max_examples, 10)
-    with _quiet_threads():
-        for prop, strategy, test in _policy_checks(plugin_cls, build):
-            _run(f"check_policy({plugin_cls.name}): {prop}", strategy, test, n)
+# --- one pytest case per (plugin, check)
+
+
+_UNDER_TEST = {"divergence": _Divergence, "policy": _Policy}
+_CHECKS = {"divergence": _DIVERGENCE, "policy": _POLICY}
+
+
+def parametrize_with_checks(plugins: list, *, max_examples: int | None = None):
+    """A pytest decorator giving one test case per (plugin, named check), as scikit-learn's
+    ``parametrize_with_checks`` does: a report names each property a plugin breaks, and a broken
+    one does not hide the others.
+
+    ``plugins``: divergence and policy classes (a class with a ``sample`` method is a policy), or
+    ``(class, params)`` pairs. Each case's id is the plugin's name and the check's id
+    (``hellinger-zero_at_equal``, ``warmup-same_on_every_rank``); the test takes ``plugin`` (the
+    class) and ``check``, which runs that one check of ``check_divergence`` / ``check_policy`` with
+    ``params`` and ``max_examples``, failing with the same message::
+
+        @parametrize_with_checks([Hellinger, (Power, {"lam": 1.0}), Warmup])
+        def test_conforms(plugin, check):
+            check(plugin)
+    """
+    import pytest  # only plugin authors' test suites need it, never training
+
+    cases = []
+    for item in plugins:
+        plugin_cls, params = item if isinstance(item, tuple) else (item, {})
+        kind = "policy" if callable(getattr(plugin_cls, "sample", None)) else "divergence"
+        name = getattr(plugin_cls, "name", plugin_cls.__name__)
+        for check in _CHECKS[kind]:
+            run = functools.partial(check, max_examples=max_examples, **params)
+            cases.append(pytest.param(plugin_cls, run, id=f"{name}-{check.id}"))
+    return pytest.mark.parametrize(("plugin", "check"), cases)

@@ -65,12 +65,13 @@ def describe(pid: int) -> str:
 
 
 def start(n: int, out: Path, tiny: dict[str, Path]):
-    from test_multiprocess import ADAPTIVE, launch_command, models  # the test's launch, exactly
+    from cli_runs import pair_args
+    from test_multiprocess import ADAPTIVE, launch_command  # the test's launch, exactly
 
     run_dir = out / "runs" / f"launch-{n}"
     shutil.rmtree(run_dir, ignore_errors=True)
     marker = f"{os.getpid()}-{n}"
-    command = launch_command(["-m", "distill", "run", *models(tiny, run_dir), *ADAPTIVE])
+    command = launch_command(["-m", "distill", "run", *pair_args(tiny, run_dir), *ADAPTIVE])
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "DISTILL_HUNT": marker}
     log = open(out / "runs" / f"launch-{n}.log", "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
