@@ -2,7 +2,7 @@
 ``tests/test_pinned_losses.py`` compares against ``tests/data/pinned_losses.json``.
 
     python tests/pinned_losses.py            # prints the cases' losses as JSON
-    python tests/pinned_losses.py --write    # writes tests/data/pinned_losses.json (only when a change of numbers is meant)
+    python tests/pinned_losses.py --write    # writes tests/data/pinned_losses.json (only for a meant change)
 
 A redesign moves code, never numbers: the pins were written before the loss path was unified, and
 a change that moves one of them says by how much in its commit.

@@ -10,62 +10,31 @@ gives, and a pruned model computes what its teacher computes without the dropped
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
 import distill
-from distill.cli import app
+from cli_runs import read_jsonl, run_cli, sets
 from distill.data import Example, collate_prompts
 from distill.generation import TokenPicker, decodable, decode
 from distill.models import load_model
 from distill.pruning import decoder_layers
-from tiny_models import ARCHITECTURES, make_config, make_pair
+from tiny_models import ARCHITECTURES, greedy_generate, make_config, make_pair
 
-runner = CliRunner()
 TEACHER_ROWS, STUDENT_ROWS = 320, 304
 every_architecture = pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def run_distillm_on_student_outputs(pair: dict[str, Path], out: Path, student: str):
-    return runner.invoke(
-        app,
-        [
-            "run",
-            "--teacher",
-            str(pair["teacher"]),
-            "--student",
-            student,
-            "--data",
-            str(pair["data"]),
-            "--output-dir",
-            str(out),
-            "--recipe",
-            "distillm",
-            "-P",
-            "init_prob=1",
-            "--max-steps",
-            "2",
-            "--set",
-            "train.batch_size=4",
-            "--set",
-            "eval.batch_size=8",
-            "--set",
-            "eval.every=0",
-            "--set",
-            "eval.rouge_samples=2",
-            "--set",
-            "generation.max_new_tokens=8",
-        ],
+    overrides = sets(
+        "train.batch_size=4", "eval.batch_size=8", "eval.every=0", "eval.rouge_samples=2", "generation.max_new_tokens=8"
+    )
+    return run_cli(
+        pair, out, "--recipe", "distillm", "-P", "init_prob=1", "--max-steps", "2", *overrides, student=student
     )
 
 
@@ -142,18 +111,7 @@ def test_decode_gives_what_generate_gives_past_the_sliding_window(architecture):
             return decode(model, ids, attention, TokenPicker.greedy(), new, eos, 0)
 
     def theirs(eos):
-        with torch.no_grad():
-            return model.generate(
-                input_ids=ids,
-                attention_mask=attention,
-                max_new_tokens=new,
-                do_sample=False,
-                pad_token_id=0,
-                eos_token_id=eos,
-                temperature=None,
-                top_k=None,
-                top_p=None,
-            )[:, ids.shape[1] :]
+        return greedy_generate(model, ids, attention, new, eos, pad_token_id=0)
 
     free = ours(None)
     assert torch.equal(free, theirs(None)) and len(set(free.flatten().tolist())) > 4

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import distill
+from cli_runs import pair_args, sets
 from tiny_models import make_pair
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -42,20 +43,7 @@ def results(tmp_path_factory, single_thread) -> dict[str, Path]:
     """Both benchmarks run once on tiny models; step_cost first, so quality_budget sizes its runs from it."""
     root = tmp_path_factory.mktemp("bench")
     tiny = make_pair(root)
-    settings = [
-        "--teacher",
-        str(tiny["teacher"]),
-        "--student",
-        str(tiny["student"]),
-        "--data",
-        str(tiny["data"]),
-        "--batch-size",
-        "4",
-        "--max-new-tokens",
-        "6",
-        "--set",
-        "eval.batch_size=8",
-    ]
+    settings = [*pair_args(tiny), "--batch-size", "4", "--max-new-tokens", "6", "--set", "eval.batch_size=8"]
     out = root / "results"
     step_cost.main([*settings, "--steps", "1", "--warmup", "0", "--output", str(out / "step_cost.json")])
     quality_budget.main(
@@ -439,38 +427,11 @@ def test_study_plots_records_of_recipes_it_does_not_know(tmp_path):
 def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path, single_thread):
     study = load_script("study")
     tiny = make_pair(tmp_path / "pair")
-    argv = [
-        "--root",
-        str(tmp_path / "root"),
-        "--output",
-        str(tmp_path / "study.json"),
-        "--teacher",
-        str(tiny["teacher"]),
-        "--student",
-        str(tiny["student"]),
-        "--train-prompts",
-        "16",
-        "--epochs",
-        "2",
-        "--init-steps",
-        "1",
-        "--rouge-samples",
-        "2",
-        "--draws",
-        "2",
-        "--seeds",
-        "0",
-        "--only",
-        "kd",
-        "sft",
-        "distillm",
-        "--set",
-        "eval.batch_size=8",
-        "--set",
-        "generation.max_new_tokens=4",
-        "--set",
-        "data.val_max=4",
-    ]
+    argv = ["--root", str(tmp_path / "root"), "--output", str(tmp_path / "study.json")]
+    argv += ["--teacher", str(tiny["teacher"]), "--student", str(tiny["student"])]
+    argv += ["--train-prompts", "16", "--epochs", "2", "--init-steps", "1", "--rouge-samples", "2", "--draws", "2"]
+    argv += ["--seeds", "0", "--only", "kd", "sft", "distillm"]
+    argv += sets("eval.batch_size=8", "generation.max_new_tokens=4", "data.val_max=4")
     report_ = study.main(argv)
     assert report_["complete"]
     runs = {(r["budget"], r["recipe"]): r for r in report_["runs"]}
@@ -530,16 +491,8 @@ def tiny_llama(tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-        attn_implementation="sdpa",
-    )
+    sizes = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    config = LlamaConfig(**sizes, num_key_value_heads=2, tie_word_embeddings=tie, attn_implementation="sdpa")
     return LlamaForCausalLM(config)
 
 
@@ -691,16 +644,7 @@ def test_teacher_cache_benchmark_times_both_variants_and_compares_full_vocabular
 
     teacher_cache = load_script("teacher_cache")
     tiny = make_pair(tmp_path)
-    settings = [
-        "--teacher",
-        str(tiny["teacher"]),
-        "--student",
-        str(tiny["student"]),
-        "--data",
-        str(tiny["data"]),
-        "--batch-size",
-        "4",
-    ]
+    settings = [*pair_args(tiny), "--batch-size", "4"]
     cache = tmp_path / "cache"
     teacher_cache.main(
         [
@@ -734,36 +678,14 @@ def test_teacher_cache_benchmark_times_both_variants_and_compares_full_vocabular
     runs = {}
     for name, extra in (("live", []), ("cached", ["--teacher-cache", str(cache)])):
         runs[name] = tmp_path / name
-        result = CliRunner().invoke(
-            app,
-            [
-                "run",
-                "--recipe",
-                "kd",
-                *settings[:6],
-                "--max-steps",
-                "2",
-                "--set",
-                "train.batch_size=4",
-                "--set",
-                "eval.every=0",
-                "-o",
-                str(runs[name]),
-                *extra,
-            ],
-        )
+        kd = ["run", "--recipe", "kd", *pair_args(tiny), "--max-steps", "2", *sets("train.batch_size=4")]
+        result = CliRunner().invoke(app, [*kd, *sets("eval.every=0"), "-o", str(runs[name]), *extra])
         assert result.exit_code == 0, result.output
-    teacher_cache.main(
-        [
-            "quality",
-            "--live",
-            str(runs["live"]),
-            "--cached",
-            str(runs["cached"]),
-            "--output",
-            str(tmp_path / "quality.json"),
-        ]
-    )
+
+    def compare(live: Path, cached: Path, output: Path) -> None:
+        teacher_cache.main(["quality", "--live", str(live), "--cached", str(cached), "--output", str(output)])
+
+    compare(runs["live"], runs["cached"], tmp_path / "quality.json")
     quality = json.loads((tmp_path / "quality.json").read_text())
     assert quality["live"]["val_kl_full"] > 0 and quality["cached"]["val_kl_full"] > 0
     assert quality["relative_difference"] == pytest.approx(
@@ -772,17 +694,7 @@ def test_teacher_cache_benchmark_times_both_variants_and_compares_full_vocabular
     # the cached run logged the coarse KL, which is at most the full one of the same student
     assert quality["cached"]["logged_val_kl"] <= quality["cached"]["val_kl_full"] * 1.01
     with pytest.raises(SystemExit):  # not the same settings: refused
-        teacher_cache.main(
-            [
-                "quality",
-                "--live",
-                str(runs["cached"]),
-                "--cached",
-                str(runs["live"]),
-                "--output",
-                str(tmp_path / "no.json"),
-            ]
-        )
+        compare(runs["cached"], runs["live"], tmp_path / "no.json")
     # RESULTS.md renders both files, each with its machine and verdicts
     lines = report.teacher_cache_section({"teacher_cache_steps.json": record}, {"teacher_cache_quality.json": quality})
     text = "\n".join(lines)

@@ -20,6 +20,7 @@ from transformers import (
 from typer.testing import CliRunner
 
 import distill
+from cli_runs import sets
 from distill import builtin
 from distill.cli import app
 from distill.pruning import kept_layers, prune_layers
@@ -38,35 +39,10 @@ def test_kept_layers_are_evenly_spaced_with_both_ends():
 
 def tiny_models():
     torch.manual_seed(0)
-    yield (
-        "llama",
-        LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=64,
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=5,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-            )
-        ),
-        "model.layers",
-    )
-    yield (
-        "qwen2",
-        Qwen2ForCausalLM(
-            Qwen2Config(
-                vocab_size=64,
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=5,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                tie_word_embeddings=True,
-            )
-        ),
-        "model.layers",
-    )
+    sizes = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=5)
+    sizes.update(num_attention_heads=2, num_key_value_heads=1)
+    yield "llama", LlamaForCausalLM(LlamaConfig(**sizes)), "model.layers"
+    yield "qwen2", Qwen2ForCausalLM(Qwen2Config(**sizes, tie_word_embeddings=True)), "model.layers"
     yield (
         "gpt2",
         GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=5, n_head=2, n_positions=64)),
@@ -124,26 +100,9 @@ needs_teacher = pytest.mark.skipif(
 def test_embedded_default_runs_two_steps_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "run"
-    result = runner.invoke(
-        app,
-        [
-            "run",
-            "--max-steps",
-            "2",
-            "--output-dir",
-            str(out),
-            "--set",
-            "train.batch_size=2",
-            "--set",
-            "eval.rouge_samples=2",
-            "--set",
-            "generation.max_new_tokens=8",
-            "--set",
-            "data.val_max=8",
-            "--set",
-            "eval.batch_size=8",
-        ],
-    )
+    overrides = sets("train.batch_size=2", "eval.rouge_samples=2", "generation.max_new_tokens=8")
+    overrides += sets("data.val_max=8", "eval.batch_size=8")
+    result = runner.invoke(app, ["run", "--max-steps", "2", "--output-dir", str(out), *overrides])
     assert result.exit_code == 0, result.output
     config = (out / "config.yaml").read_text()
     assert "ref: smollm2-135m-instruct" in config and "recipe: distillm" in config

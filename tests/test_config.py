@@ -5,30 +5,12 @@ from __future__ import annotations
 import pytest
 
 import distill
-from distill.cli.run_cmd import flag_layer, resolve_config
+from cli_runs import flags
 from distill.config import RunConfig, build_config, dump_config, parse_value, read_config_file
 from distill.resolve import plan_run
+from distill.resolve import resolve_run as resolve_config  # `distill run`'s config: (config file, flags)
 
 import yaml
-
-
-def flags(**kwargs):
-    base = dict(
-        recipe=None,
-        divergence=None,
-        divergence_params=[],
-        policy=None,
-        policy_params=[],
-        teacher=None,
-        student=None,
-        data=None,
-        output_dir=None,
-        max_steps=None,
-        seed=None,
-        settings=[],
-    )
-    base.update(kwargs)
-    return flag_layer(**base)
 
 
 def test_recipe_then_file_then_flags(tmp_path):
@@ -190,8 +172,9 @@ def test_plugin_params_are_validated_once_on_the_way_to_the_loss(monkeypatch):
 def test_resume_comes_through_the_same_path(tmp_path):
     import distill.resolve as resolve
 
-    out = tmp_path / "run"
-    out.mkdir()
+    from distill.outputs import RUN, claim_folder
+
+    out = claim_folder(tmp_path / "run", RUN)  # a run folder, marked as distill writes it
     saved = resolve.resolve_config({"teacher": "t", "student": "s", "output_dir": str(out)}, recipe="kd")
     (out / "config.yaml").write_text(dump_config(saved))
     again = resolve.resume_config(out, {"train": {"max_steps": 500}})  # a resumable field

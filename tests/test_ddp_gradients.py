@@ -4,9 +4,6 @@ mean over every response token of that batch."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import distill
 from distill.data import collate
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cli_runs import run_script  # noqa: E402
 from ddp_gradients import CE_WEIGHT, global_batch, models  # noqa: E402
 
 TIMEOUT = 180
@@ -44,21 +42,8 @@ def reference_gradients() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("ddp_gradients.py")), str(out)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"the 2-process run did not finish within {TIMEOUT} s (a deadlock?)")
-    assert process.returncode == 0, output[-5000:]
+    deadlock = f"the 2-process run did not finish within {TIMEOUT} s (a deadlock?)"
+    run_script("ddp_gradients.py", str(out), timeout=TIMEOUT, deadlock=deadlock)
     return [torch.load(out / f"rank-{i}.pt", weights_only=True) for i in range(2)]
 
 

@@ -14,9 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+import cli_runs
 import distill
+from cli_runs import flags, read_jsonl, run_script, sets
 from distill.cli import app
-from distill.cli.run_cmd import flag_layer, resolve_config
+from distill.resolve import resolve_run as resolve_config  # `distill run`'s config: (config file, flags)
 from distill.data import Example
 from distill.errors import ConfigError, DistillError
 from distill.objective import Objective, group_denominator, sequence_weights
@@ -25,29 +27,6 @@ from distill.registry import default_registry
 from tiny_models import make_pair, write_data
 
 runner = CliRunner()
-
-
-def flags(**kwargs):
-    base = dict(
-        recipe=None,
-        divergence=None,
-        divergence_params=[],
-        policy=None,
-        policy_params=[],
-        teacher=None,
-        student=None,
-        data=None,
-        output_dir=None,
-        max_steps=None,
-        seed=None,
-        settings=[],
-    )
-    base.update(kwargs)
-    return flag_layer(**base)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # --- the loss on fixed logits against a float64 re-computation of the official formula
@@ -276,30 +255,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_args(tiny, out: Path, *extra: str, data: str = "data") -> list[str]:
-    return [
-        "run",
-        "--teacher",
-        str(tiny["teacher"]),
-        "--student",
-        str(tiny["student"]),
-        "--data",
-        str(tiny[data]),
-        "--output-dir",
-        str(out),
-        "--recipe",
-        "distillm2",
-        "--seed",
-        "1",
-        "--set",
-        "train.batch_size=4",
-        "--set",
-        "train.lr=3e-3",
-        "--set",
-        "eval.batch_size=8",
-        "--set",
-        "generation.max_new_tokens=10",
-        *extra,
-    ]
+    overrides = sets("train.batch_size=4", "train.lr=3e-3", "eval.batch_size=8", "generation.max_new_tokens=10")
+    return cli_runs.run_args(tiny, out, "--recipe", "distillm2", "--seed", "1", *overrides, *extra, data=tiny[data])
 
 
 def test_distillm2_run_logs_joined_sources_terms_and_the_configs_divergence(tiny, tmp_path):
@@ -388,26 +345,8 @@ def test_resume_is_exact_with_kept_student_responses(tiny, tmp_path):
 
 def test_synced_generation_pads_the_ranks_with_fewer_prompts(tmp_path):
     """2 CPU processes; a deadlock fails after the timeout instead of hanging."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("synced_generation.py")), str(tmp_path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail("synced generation with 3 prompts on one rank and none on the other did not finish (a deadlock)")
-    assert process.returncode == 0, output[-5000:]
+    deadlock = "synced generation with 3 prompts on one rank and none on the other did not finish (a deadlock)"
+    run_script("synced_generation.py", str(tmp_path), timeout=120, deadlock=deadlock)
     assert json.loads((tmp_path / "rank-0.json").read_text()) == [[5, 6, 0], [5, 6, 1], [5, 6, 2]]
     assert json.loads((tmp_path / "rank-1.json").read_text()) == []
 

@@ -8,51 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
-from distill.cli import app
+import cli_runs
+from cli_runs import read_jsonl, sets
 from tiny_models import make_pair
 
-runner = CliRunner()
-SMALL = [
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "eval.batch_size=8",
-    "--set",
-    "generation.max_new_tokens=12",
-    "--set",
-    "eval.every=2",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    return make_pair(tmp_path_factory.mktemp("tiny"))
+SMALL = sets("train.batch_size=4", "eval.batch_size=8", "generation.max_new_tokens=12", "eval.every=2")
 
 
 def run_cli(tiny, out: Path, *args: str):
-    result = runner.invoke(
-        app,
-        [
-            "run",
-            "--teacher",
-            str(tiny["teacher"]),
-            "--student",
-            str(tiny["student"]),
-            "--data",
-            str(tiny["data"]),
-            "--output-dir",
-            str(out),
-            *SMALL,
-            *args,
-        ],
-    )
-    return result
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return cli_runs.run_cli(tiny, out, *SMALL, *args)
 
 
 EXPECTED_SOURCES = {
@@ -62,13 +27,6 @@ EXPECTED_SOURCES = {
     "gkd": {"dataset", "student"},
     "minillm": {"student"},
 }
-
-
-@pytest.fixture(scope="module")
-def padded(tmp_path_factory) -> dict[str, Path]:
-    """Heads padded past the 300-token tokenizer, differently (as Qwen2.5-7B's 152064 rows and
-    0.5B's 151936 over 151665 tokens)."""
-    return make_pair(tmp_path_factory.mktemp("padded"), teacher_vocab=320, student_vocab=304)
 
 
 @pytest.mark.parametrize("recipe", ["kd", "seqkd", "imitkd", "gkd", "minillm", "distillm"])
@@ -110,20 +68,8 @@ def test_every_recipe_trains_evaluates_and_saves(padded, tmp_path, recipe):
 
 def test_time_budget_ends_the_run_with_the_final_evaluation_and_save(tiny, tmp_path):
     out = tmp_path / "run"
-    result = run_cli(
-        tiny,
-        out,
-        "--recipe",
-        "kd",
-        "--max-steps",
-        "50",
-        "--set",
-        "train.max_seconds=1e-9",
-        "--set",
-        "eval.every=0",
-        "--set",
-        "eval.rouge_samples=2",
-    )
+    overrides = sets("train.max_seconds=1e-9", "eval.every=0", "eval.rouge_samples=2")
+    result = run_cli(tiny, out, "--recipe", "kd", "--max-steps", "50", *overrides)
     assert result.exit_code == 0, result.output
     # any step takes longer than the budget, so the first one is the last
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1]
@@ -170,24 +116,14 @@ def test_loss_decreases_with_a_few_steps_of_kd(tiny, tmp_path):
 def test_ce_weight_and_auxiliary_lm_loss(tiny, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("one two three four five six seven eight nine ten. " * 40)
-    result = run_cli(
-        tiny,
-        tmp_path / "run",
-        "--recipe",
-        "kd",
-        "--max-steps",
-        "2",
-        "--set",
+    overrides = sets(
         "train.ce_weight=0.5",
-        "--set",
         f"data.lm_path={corpus}",
-        "--set",
         "train.lm_weight=1.0",
-        "--set",
         "data.max_prompt_tokens=24",
-        "--set",
         "data.max_response_tokens=24",
     )
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "2", *overrides)
     assert result.exit_code == 0, result.output
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
 
@@ -199,46 +135,13 @@ def test_chat_messages_data(tiny, tmp_path):
         for w in "one two three four five six seven eight nine ten".split()
     ] * 2
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = runner.invoke(
-        app,
-        [
-            "run",
-            "--teacher",
-            str(tiny["teacher"]),
-            "--student",
-            str(tiny["student"]),
-            "--data",
-            str(data),
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--recipe",
-            "kd",
-            "--max-steps",
-            "2",
-            *SMALL,
-        ],
-    )
+    result = cli_runs.run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "2", *SMALL, data=data)
     assert result.exit_code == 0, result.output
 
 
 def test_a_head_smaller_than_the_tokenizer_fails_before_training_with_both_sizes(tmp_path):
     paths = make_pair(tmp_path, student_vocab=250)
-    result = runner.invoke(
-        app,
-        [
-            "run",
-            "--teacher",
-            str(paths["teacher"]),
-            "--student",
-            str(paths["student"]),
-            "--data",
-            str(paths["data"]),
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--max-steps",
-            "2",
-        ],
-    )
+    result = cli_runs.run_cli(paths, tmp_path / "run", "--max-steps", "2")
     assert result.exit_code == 2
     assert "the tokenizer has 300 tokens but the student's output head only 250 rows" in result.output
     assert not (tmp_path / "run").exists()
@@ -263,18 +166,8 @@ def test_previous_run_is_not_overwritten_without_flag(tiny, tmp_path):
 
 
 def test_frozen_embeddings_stay_as_they_were_and_the_rest_trains(tiny, tmp_path):
-    result = run_cli(
-        tiny,
-        tmp_path / "run",
-        "--recipe",
-        "kd",
-        "--max-steps",
-        "2",
-        "--set",
-        "train.lr=1e-2",
-        "--set",
-        "student.freeze=[embeddings, 'model.layers.0.*']",
-    )
+    overrides = sets("train.lr=1e-2", "student.freeze=[embeddings, 'model.layers.0.*']")
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "2", *overrides)
     assert result.exit_code == 0, result.output
     before = AutoModelForCausalLM.from_pretrained(tiny["student"]).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").state_dict()
@@ -304,18 +197,8 @@ def test_bad_freeze_settings_are_one_line_errors(tiny, tmp_path, setting, messag
 def test_every_step_logs_its_padding_share_and_grouping_cuts_it(tiny, tmp_path):
     shares = {}
     for grouped in ("true", "false"):
-        result = run_cli(
-            tiny,
-            tmp_path / grouped,
-            "--recipe",
-            "kd",
-            "--max-steps",
-            "8",
-            "--set",
-            f"data.group_by_length={grouped}",
-            "--set",
-            "eval.every=0",
-        )
+        overrides = sets(f"data.group_by_length={grouped}", "eval.every=0")
+        result = run_cli(tiny, tmp_path / grouped, "--recipe", "kd", "--max-steps", "8", *overrides)
         assert result.exit_code == 0, result.output
         metrics = read_jsonl(tmp_path / grouped / "metrics.jsonl")
         assert all(0.0 <= m["padding"] < 1.0 for m in metrics)
@@ -324,20 +207,8 @@ def test_every_step_logs_its_padding_share_and_grouping_cuts_it(tiny, tmp_path):
 
 
 def test_the_pass_before_training_answers_fewer_prompts_and_after_compares_the_same_ones(tiny, tmp_path):
-    result = run_cli(
-        tiny,
-        tmp_path / "run",
-        "--recipe",
-        "kd",
-        "--max-steps",
-        "2",
-        "--set",
-        "eval.rouge_samples=8",
-        "--set",
-        "eval.rouge_before=1",
-        "--set",
-        "eval.every=0",
-    )  # 2 validation examples
+    overrides = sets("eval.rouge_samples=8", "eval.rouge_before=1", "eval.every=0")
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "2", *overrides)  # 2 validation examples
     assert result.exit_code == 0, result.output
     before, after = read_jsonl(tmp_path / "run" / "eval.jsonl")
     assert before["rouge_prompts"] == 1 and "rouge_l_subset" not in before
@@ -346,20 +217,8 @@ def test_the_pass_before_training_answers_fewer_prompts_and_after_compares_the_s
 
 
 def test_no_pass_before_training_leaves_no_subset_to_compare(tiny, tmp_path):
-    result = run_cli(
-        tiny,
-        tmp_path / "run",
-        "--recipe",
-        "kd",
-        "--max-steps",
-        "1",
-        "--set",
-        "eval.rouge_samples=8",
-        "--set",
-        "eval.rouge_before=0",
-        "--set",
-        "eval.every=0",
-    )
+    overrides = sets("eval.rouge_samples=8", "eval.rouge_before=0", "eval.every=0")
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "kd", "--max-steps", "1", *overrides)
     assert result.exit_code == 0, result.output
     before, after = read_jsonl(tmp_path / "run" / "eval.jsonl")
     assert "rouge_l" not in before and after["rouge_prompts"] == 2 and "rouge_l_subset" not in after
@@ -400,24 +259,14 @@ def test_step_weight_tokens_scales_each_clipped_step_by_its_share_of_the_tokens(
     weights = {}
     for mode, steps in (("equal", 1), ("equal", 2), ("tokens", 2)):
         out = tmp_path / f"{mode}-{steps}"
-        result = run_cli(
-            tiny,
-            out,
-            "--recipe",
-            "kd",
-            "--max-steps",
-            str(steps),
-            "--set",
+        overrides = sets(
             f"train.step_weight={mode}",
-            "--set",
             "eval.every=0",
-            "--set",
             "eval.rouge_samples=0",
-            "--set",
             "train.lr=0.1",
-            "--set",
             "train.schedule=constant",
         )
+        result = run_cli(tiny, out, "--recipe", "kd", "--max-steps", str(steps), *overrides)
         assert result.exit_code == 0, result.output
         weights[mode, steps] = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
         metrics = read_jsonl(out / "metrics.jsonl")
@@ -445,21 +294,9 @@ def test_stop_ids_of_each_model_end_its_responses_and_a_difference_is_a_warning(
     config = json.loads((student / "generation_config.json").read_text())
     (student / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": list(range(3, 300))}))
     pair = {**tiny, "student": student}
+    overrides = sets("eval.every=0", "eval.rouge_samples=0", "generation.max_new_tokens=40")
     result = run_cli(
-        pair,
-        tmp_path / "run",
-        "--recipe",
-        "distillm",
-        "--max-steps",
-        "2",
-        "-P",
-        "init_prob=1",
-        "--set",
-        "eval.every=0",
-        "--set",
-        "eval.rouge_samples=0",
-        "--set",
-        "generation.max_new_tokens=40",
+        pair, tmp_path / "run", "--recipe", "distillm", "--max-steps", "2", "-P", "init_prob=1", *overrides
     )
     assert result.exit_code == 0, result.output
     warning = [line for line in result.output.splitlines() if "end responses on different ids" in line]
@@ -481,46 +318,40 @@ def test_a_step_generates_its_micro_batches_together(tiny, tmp_path, monkeypatch
     monkeypatch.setattr(
         generation, "decode", lambda model, ids, *rest: sizes.append(ids.shape[0]) or original(model, ids, *rest)
     )
-    result = run_cli(
-        tiny,
-        tmp_path / "run",
-        "--recipe",
-        "gkd",
-        "-P",
-        "prob=1",
-        "--max-steps",
-        "2",
-        "--set",
-        "train.batch_size=2",
-        "--set",
-        "train.grad_accum=2",
-        "--set",
-        "eval.every=0",
-        "--set",
-        "eval.rouge_samples=0",
-    )
+    overrides = sets("train.batch_size=2", "train.grad_accum=2", "eval.every=0", "eval.rouge_samples=0")
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "gkd", "-P", "prob=1", "--max-steps", "2", *overrides)
     assert result.exit_code == 0, result.output
     assert sizes == [4, 4]  # one call of 2 x 2 per step, not two of 2
 
 
 def test_sft_trains_on_cross_entropy_alone_and_never_runs_the_teacher_in_a_step(tiny, tmp_path, monkeypatch):
-    import importlib
+    import distill.session
+    import distill.teacher
 
-    importlib.import_module(
-        "distill.engine"
-    )  # evaluation binds the real response_logits first: only training steps are counted
-    objective = importlib.import_module("distill.objective")
-    seen = []
-    real = objective.response_logits
+    in_step, seen = {"on": False}, []
+    real_loss, real_logits = distill.session.micro_loss, distill.teacher.response_logits
+
+    def step_loss(*args, **kwargs):  # only training steps are counted, not evaluation
+        in_step["on"] = True
+        try:
+            return real_loss(*args, **kwargs)
+        finally:
+            in_step["on"] = False
 
     def counted(model, batch, unwrap=lambda m: m):
-        seen.append(unwrap(model).config.num_hidden_layers)
-        return real(model, batch, unwrap)
+        if in_step["on"]:
+            seen.append(unwrap(model).config.num_hidden_layers)
+        return real_logits(model, batch, unwrap)
 
-    monkeypatch.setattr(objective, "response_logits", counted)
-    monkeypatch.setattr(
-        objective, "divergence_loss", lambda *a, **k: pytest.fail("sft computed a divergence in a training step")
-    )
+    def no_teacher(*args, **kwargs):
+        if in_step["on"]:
+            pytest.fail("sft asked for the teacher's rows in a training step")
+        return real_rows(*args, **kwargs)
+
+    real_rows = distill.teacher.LiveTeacher.teacher_rows
+    monkeypatch.setattr(distill.session, "micro_loss", step_loss)
+    monkeypatch.setattr(distill.teacher, "response_logits", counted)
+    monkeypatch.setattr(distill.teacher.LiveTeacher, "teacher_rows", no_teacher)
     # full logits, whose forwards response_logits counts (the fused heads' kd_weight 0: tests/test_fused.py)
     result = run_cli(tiny, tmp_path / "run", "--recipe", "sft", "--max-steps", "2", "--set", "train.fused_head=false")
     assert result.exit_code == 0, result.output
@@ -555,22 +386,8 @@ def test_eval_every_epoch_evaluates_where_each_pass_over_the_training_set_ends(t
     assert not any(session.eval_schedule(0, 5, 2)(s) for s in range(1, 7))
     # 48 examples, 2-3 held out: 5 micro-batches of 8 an epoch, 2 micro-batches a step
     out = tmp_path / "run"
-    result = run_cli(
-        tiny,
-        out,
-        "--recipe",
-        "kd",
-        "--max-steps",
-        "9",
-        "--set",
-        "eval.every=epoch",
-        "--set",
-        "eval.rouge_samples=0",
-        "--set",
-        "train.batch_size=8",
-        "--set",
-        "train.grad_accum=2",
-    )
+    overrides = sets("eval.every=epoch", "eval.rouge_samples=0", "train.batch_size=8", "train.grad_accum=2")
+    result = run_cli(tiny, out, "--recipe", "kd", "--max-steps", "9", *overrides)
     assert result.exit_code == 0, result.output
     assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 3, 5, 8, 9]
 

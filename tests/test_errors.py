@@ -10,35 +10,20 @@ from typing import Callable
 import pytest
 from typer.testing import CliRunner
 
+from cli_runs import pair_args, run_args, sets
 from distill.checkpoint import RESUMABLE_FIELDS
 from distill.cli import app
-from tiny_models import make_model, make_pair
+from tiny_models import make_model
 
 runner = CliRunner()
-SMALL = [
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "eval.batch_size=8",
-    "--set",
-    "generation.max_new_tokens=8",
-    "--recipe",
-    "kd",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    return make_pair(tmp_path_factory.mktemp("tiny"))
+SMALL = [*sets("train.batch_size=4", "eval.batch_size=8", "generation.max_new_tokens=8"), "--recipe", "kd"]
 
 
 @pytest.fixture(scope="module")
 def finished(tiny, tmp_path_factory) -> Path:
     """A finished two-step run, for the cases about an existing --output-dir."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    result = runner.invoke(
-        app, ["run", *models(tiny), "--data", str(tiny["data"]), "--output-dir", str(out), "--max-steps", "2", *SMALL]
-    )
+    result = runner.invoke(app, run_args(tiny, out, "--max-steps", "2", *SMALL))
     assert result.exit_code == 0, result.output
     return out
 
@@ -64,7 +49,7 @@ def write(tmp: Path, name: str, content: str | bytes) -> str:
 
 
 def data(tiny) -> list[str]:
-    return [*models(tiny), "--data", str(tiny["data"])]
+    return pair_args(tiny)
 
 
 ROW = json.dumps({"prompt": "What is 1 plus 2?", "response": "three."})

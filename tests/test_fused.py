@@ -19,13 +19,15 @@ from hypothesis.extra import numpy as hnp
 from typer.testing import CliRunner
 
 import distill
+from cli_runs import pair_args, sets
 from distill.cli import app
 from distill.data import Example, collate
 from distill.errors import ConfigError
 from distill.evaluation import Evaluator
 from distill.fused import Head, fused_loss, plan_fused_head
 from distill.models import load_model, load_tokenizer, trim_head
-from distill.objective import micro_batch_loss, token_cross_entropy
+from distill.loss import token_cross_entropy
+from distill.objective import micro_batch_loss
 from tiny_models import make_pair
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -421,23 +423,8 @@ runner = CliRunner()
 
 def test_a_run_says_which_path_it_takes_and_both_paths_train_alike(pairs, tmp_path):
     paths = pairs["padded"]
-    args = [
-        "run",
-        "--teacher",
-        str(paths["teacher"]),
-        "--student",
-        str(paths["student"]),
-        "--data",
-        str(paths["data"]),
-        "--max-steps",
-        "2",
-        "--set",
-        "train.batch_size=4",
-        "--set",
-        "eval.batch_size=8",
-        "--set",
-        "train.ce_weight=0.5",
-    ]
+    overrides = sets("train.batch_size=4", "eval.batch_size=8", "train.ce_weight=0.5")
+    args = ["run", *pair_args(paths), "--max-steps", "2", *overrides]
     losses = {}
     for setting in ("auto", "false"):
         out = tmp_path / setting
@@ -456,20 +443,5 @@ def test_a_run_says_which_path_it_takes_and_both_paths_train_alike(pairs, tmp_pa
 
 def test_fused_head_setting_is_validated(pairs, tmp_path):
     paths = pairs["padded"]
-    result = runner.invoke(
-        app,
-        [
-            "run",
-            "--teacher",
-            str(paths["teacher"]),
-            "--student",
-            str(paths["student"]),
-            "--data",
-            str(paths["data"]),
-            "--output-dir",
-            str(tmp_path / "x"),
-            "--set",
-            "train.fused_head=sometimes",
-        ],
-    )
+    result = runner.invoke(app, ["run", *pair_args(paths, tmp_path / "x"), "--set", "train.fused_head=sometimes"])
     assert result.exit_code == 2 and "train.fused_head" in result.output

@@ -13,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from distill.config import GenerationConfig
 from distill.data import Example, collate_prompts
 from distill.generation import ResponseGenerator, TokenPicker, decodable, decode
+from tiny_models import greedy_generate
 
 VOCAB = 300
 PAD = 0
@@ -22,43 +23,17 @@ NEW = 16
 
 def tiny_model(family: str, vocab: int = VOCAB):
     torch.manual_seed(0)
-    if family == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        return LlamaForCausalLM(config).eval()
-    if family == "qwen2":
-        config = Qwen2Config(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=256,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        return Qwen2ForCausalLM(config).eval()
+    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2)
+    if family in ("llama", "qwen2"):
+        config_class, model_class, kv_heads = {
+            "llama": (LlamaConfig, LlamaForCausalLM, 2),
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM, 1),
+        }[family]
+        sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        config = config_class(**ids, **sizes, num_key_value_heads=kv_heads, max_position_embeddings=256)
+        return model_class(config).eval()
     # a wide initialisation: GPT-2's default (std 0.02) makes a 2-layer model repeat one token forever
-    config = GPT2Config(
-        vocab_size=vocab,
-        n_positions=256,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        initializer_range=0.5,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = GPT2Config(**ids, n_positions=256, n_embd=32, n_layer=2, n_head=2, initializer_range=0.5)
     return GPT2LMHeadModel(config).eval()
 
 
@@ -74,18 +49,7 @@ def prompts() -> tuple[torch.Tensor, torch.Tensor]:
 def generate(model, eos_id: int | None) -> torch.Tensor:
     """transformers' greedy generate on the same prompts: ``[4, <= NEW]`` new tokens, pad after each row's EOS."""
     ids, attention = prompts()
-    with torch.no_grad():
-        return model.generate(
-            input_ids=ids,
-            attention_mask=attention,
-            max_new_tokens=NEW,
-            pad_token_id=PAD,
-            eos_token_id=eos_id,
-            do_sample=False,
-            temperature=None,
-            top_k=None,
-            top_p=None,
-        )[:, ids.shape[1] :]
+    return greedy_generate(model, ids, attention, NEW, eos_id, pad_token_id=PAD)
 
 
 def our_decode(model, eos_id: int | None, pick: TokenPicker | None = None) -> torch.Tensor:
@@ -316,6 +280,7 @@ def test_generation_speed_benchmark_runs_on_tiny_models(tmp_path, monkeypatch, s
     the same greedy tokens from both. Not a timing test."""
     import importlib.util
 
+    from cli_runs import pair_args, sets
     from tiny_models import make_pair
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "generation_speed.py"
@@ -326,31 +291,9 @@ def test_generation_speed_benchmark_runs_on_tiny_models(tmp_path, monkeypatch, s
     spec.loader.exec_module(benchmark)
     tiny = make_pair(tmp_path)
     output = tmp_path / "generation_speed.json"
+    sizes = ["--batch-size", "4", "--max-new-tokens", "6", "--repeats", "1", "--eval-repeats", "1", "--threads", "1"]
     benchmark.main(
-        [
-            "--teacher",
-            str(tiny["teacher"]),
-            "--student",
-            str(tiny["student"]),
-            "--data",
-            str(tiny["data"]),
-            "--batch-size",
-            "4",
-            "--max-new-tokens",
-            "6",
-            "--repeats",
-            "1",
-            "--eval-repeats",
-            "1",
-            "--threads",
-            "1",
-            "--set",
-            "eval.rouge_samples=2",
-            "--set",
-            "eval.batch_size=1",
-            "--output",
-            str(output),
-        ]
+        [*pair_args(tiny), *sizes, *sets("eval.rouge_samples=2", "eval.batch_size=1"), "--output", str(output)]
     )
     report = json.loads(output.read_text())
     workloads = report["settings"]["workloads"]

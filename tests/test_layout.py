@@ -182,6 +182,56 @@ def test_import_checks_can_fail(tmp_path, monkeypatch):
     ]
 
 
+LIBRARY_FOLDERS = ("core", "plugins", "benchmarks", "scripts", "examples")
+"""Folders whose code must not import the command line (the library, and what is built on it)."""
+RUNS_THE_CLI = {"core/__main__.py"}
+"""``python -m distill``: the one file outside ``cli/`` that imports ``distill.cli`` (to run it)."""
+
+
+def cli_import_offenders(paths: list[Path]) -> list[str]:
+    """``file:line: module`` for each import of ``distill.cli`` outside ``cli/`` and ``tests/``."""
+    offenders = []
+    for path in paths:
+        rel = path.relative_to(REPO).as_posix()
+        if rel.split("/")[0] not in LIBRARY_FOLDERS or rel in RUNS_THE_CLI:
+            continue
+        offenders += [
+            f"{rel}:{line}: {module}"
+            for line, module in imported_modules(path)
+            if module == "distill.cli" or module.startswith("distill.cli.")
+        ]
+    return first_per_line(offenders)
+
+
+def test_only_the_command_line_imports_distill_cli():
+    """Evaluation, config resolution and the rest live in the library; benchmarks and scripts use it."""
+    offenders = cli_import_offenders(python_files())
+    assert offenders == [], "import distill.cli outside cli/ (use distill.resolve, distill.evaluation):\n" + "\n".join(
+        offenders
+    )
+
+
+def test_cli_import_check_can_fail(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    files = {
+        "benchmarks/bench.py": "import json\ndef later():\n    from distill.cli.run_cmd import flag_layer\n",
+        "scripts/tool.py": "import distill.cli\n",
+        "examples/ex.py": "import importlib\nimportlib.import_module('distill.cli.app')\n",
+        "core/__main__.py": "from distill.cli import main\n",
+        "cli/app.py": "from distill.cli.listing import render_listing\n",
+        "tests/test_x.py": "from distill.cli import app\n",
+        "benchmarks/fine.py": "from distill.resolve import flag_layer\nimport distill.client\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert cli_import_offenders([tmp_path / rel for rel in files]) == [
+        "benchmarks/bench.py:3: distill.cli.run_cmd",
+        "scripts/tool.py:1: distill.cli",
+        "examples/ex.py:2: distill.cli.app",
+    ]
+
+
 def test_builtin_plugins_are_named_in_the_plugins_package():
     from distill.registry import BUILTIN_PLUGINS
 

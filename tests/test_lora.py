@@ -11,21 +11,21 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from cli_runs import pair_args, sets
 from distill.cli import app
 from distill.config import LoraSpec, ModelSpec, build_config
 from distill.errors import ConfigError
 from distill.models import add_lora, load_model
-from tiny_models import make_pair
 
 peft = pytest.importorskip("peft")
 runner = CliRunner()
-LORA = ["--set", "student.lora.rank=4", "--set", "student.lora.save_merged=true"]
+LORA = sets("student.lora.rank=4", "student.lora.save_merged=true")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
+def tiny(padded) -> dict[str, Path]:
     """Heads padded differently past the 300-token tokenizer (LoRA and resume with padded heads)."""
-    return make_pair(tmp_path_factory.mktemp("tiny"), teacher_vocab=320, student_vocab=304)
+    return padded
 
 
 def run_args(tiny, out: Path, *extra: str) -> list[str]:
@@ -33,22 +33,10 @@ def run_args(tiny, out: Path, *extra: str) -> list[str]:
         "run",
         "--recipe",
         "kd",
-        "--teacher",
-        str(tiny["teacher"]),
-        "--student",
-        str(tiny["student"]),
-        "--data",
-        str(tiny["data"]),
-        "--output-dir",
-        str(out),
+        *pair_args(tiny, out),
         "--max-steps",
         "3",
-        "--set",
-        "train.batch_size=4",
-        "--set",
-        "train.lr=1e-2",
-        "--set",
-        "eval.every=0",
+        *sets("train.batch_size=4", "train.lr=1e-2", "eval.every=0"),
         *LORA,
         *extra,
     ]
@@ -163,28 +151,8 @@ def test_teacher_adapter_is_merged_at_load(tiny, tmp_path):
 def test_teacher_adapter_through_the_command_line(tiny, tmp_path):
     adapter = make_teacher_adapter(tiny, tmp_path / "adapter")
     out = tmp_path / "run"
-    result = runner.invoke(
-        app,
-        [
-            "run",
-            "--recipe",
-            "kd",
-            "--teacher",
-            str(tiny["teacher"]),
-            "--student",
-            str(tiny["student"]),
-            "--data",
-            str(tiny["data"]),
-            "--output-dir",
-            str(out),
-            "--max-steps",
-            "1",
-            "--set",
-            "train.batch_size=4",
-            "--set",
-            f"teacher.adapter={adapter}",
-        ],
-    )
+    overrides = sets("train.batch_size=4", f"teacher.adapter={adapter}")
+    result = runner.invoke(app, ["run", "--recipe", "kd", *pair_args(tiny, out), "--max-steps", "1", *overrides])
     assert result.exit_code == 0, result.output
     assert f"adapter: {adapter}" in (out / "config.yaml").read_text()
 
@@ -205,26 +173,7 @@ def test_teacher_adapter_through_the_command_line(tiny, tmp_path):
 )
 def test_lora_mistakes_are_one_line(tiny, tmp_path, setting, message):
     out = tmp_path / "run"
-    result = runner.invoke(
-        app,
-        [
-            "run",
-            "--recipe",
-            "kd",
-            "--teacher",
-            str(tiny["teacher"]),
-            "--student",
-            str(tiny["student"]),
-            "--data",
-            str(tiny["data"]),
-            "--output-dir",
-            str(out),
-            "--max-steps",
-            "1",
-            "--set",
-            setting,
-        ],
-    )
+    result = runner.invoke(app, ["run", "--recipe", "kd", *pair_args(tiny, out), "--max-steps", "1", "--set", setting])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.output

@@ -4,7 +4,6 @@ process with the same global batch. Each launch has a timeout, so a deadlock fai
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,49 +17,14 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from cli_runs import pair_args, read_jsonl, sets
 from distill.cli import app
-from tiny_models import make_pair
 
 runner = CliRunner()
 TIMEOUT = 240
-SMALL = ["--set", "eval.batch_size=8", "--set", "generation.max_new_tokens=12", "--set", "eval.every=2"]
-ADAPTIVE = [
-    "--recipe",
-    "distillm",
-    "-P",
-    "init_prob=1",
-    "-P",
-    "capacity=8",
-    "--seed",
-    "3",
-    "--max-steps",
-    "6",
-    "--set",
-    "train.batch_size=4",
-    *SMALL,
-]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    return make_pair(tmp_path_factory.mktemp("tiny"))
-
-
-def models(tiny, out: Path) -> list[str]:
-    return [
-        "--teacher",
-        str(tiny["teacher"]),
-        "--student",
-        str(tiny["student"]),
-        "--data",
-        str(tiny["data"]),
-        "--output-dir",
-        str(out),
-    ]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+SMALL = sets("eval.batch_size=8", "generation.max_new_tokens=12", "eval.every=2")
+ADAPTIVE = ["--recipe", "distillm", "-P", "init_prob=1", "-P", "capacity=8", "--seed", "3", "--max-steps", "6"]
+ADAPTIVE += ["--set", "train.batch_size=4", *SMALL]
 
 
 def free_port() -> int:
@@ -157,9 +121,9 @@ def launch(script: list[str], *, processes: int = 2, env: dict[str, str] | None 
 
 def test_two_processes_take_the_same_branches_and_write_once(tiny, tmp_path):
     out, ranks = tmp_path / "run", tmp_path / "ranks"
-    output = launch(["-m", "distill", "run", *models(tiny, out), *ADAPTIVE], env={"DISTILL_RANK_LOG": str(ranks)})
+    output = launch(["-m", "distill", "run", *pair_args(tiny, out), *ADAPTIVE], env={"DISTILL_RANK_LOG": str(ranks)})
     single = tmp_path / "single"
-    result = runner.invoke(app, ["run", *models(tiny, single), *ADAPTIVE])
+    result = runner.invoke(app, ["run", *pair_args(tiny, single), *ADAPTIVE])
     assert result.exit_code == 0, result.output
 
     # one console: the start line and the summary come from the main process only
@@ -195,11 +159,11 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tiny, t
     out, ranks = tmp_path / "run", tmp_path / "ranks"
     distill_script = str(Path(sys.executable).with_name("distill"))  # `accelerate launch $(which distill) run ...`
     launch(
-        [distill_script, "run", *models(tiny, out), *kd, "--set", "train.batch_size=2", "--set", "train.grad_accum=2"],
+        [distill_script, "run", *pair_args(tiny, out), *kd, *sets("train.batch_size=2", "train.grad_accum=2")],
         env={"DISTILL_RANK_LOG": str(ranks)},
     )
     single = tmp_path / "single"
-    result = runner.invoke(app, ["run", *models(tiny, single), *kd, "--set", "train.batch_size=8"])
+    result = runner.invoke(app, ["run", *pair_args(tiny, single), *kd, "--set", "train.batch_size=8"])
     assert result.exit_code == 0, result.output
 
     ours, theirs = read_jsonl(out / "metrics.jsonl"), read_jsonl(single / "metrics.jsonl")
@@ -239,7 +203,7 @@ def test_two_processes_run_distillm2_with_both_groups_generated_in_step(tiny, tm
         "checkpoint.every=2",
         *SMALL,
     ]
-    launch(["-m", "distill", "run", *models(tiny, out), *args], env={"DISTILL_RANK_LOG": str(ranks)})
+    launch(["-m", "distill", "run", *pair_args(tiny, out), *args], env={"DISTILL_RANK_LOG": str(ranks)})
     metrics = read_jsonl(out / "metrics.jsonl")
     rank0, rank1 = read_jsonl(ranks / "rank-0.jsonl"), read_jsonl(ranks / "rank-1.jsonl")
     assert (
@@ -270,7 +234,7 @@ def test_the_end_of_a_run_cannot_deadlock_in_the_group_teardown(tiny, tmp_path):
     sync.mkdir()
     script = str(Path(__file__).with_name("exit_deadlock.py"))
     kd = ["--recipe", "kd", "--max-steps", "2", *SMALL, "--set", "eval.every=0"]
-    output = launch([script, "run", *models(tiny, out), *kd], env={"DISTILL_TEST_SYNC": str(sync)})
+    output = launch([script, "run", *pair_args(tiny, out), *kd], env={"DISTILL_TEST_SYNC": str(sync)})
     assert output.count("distill run summary") == 1, output
     assert (out / "final").is_dir()
     assert {p.name for p in sync.iterdir()} == {"ddp-freed-0", "exited-0", "exited-1"}
@@ -286,7 +250,7 @@ def test_two_processes_stop_together_on_sigterm_and_resume(tiny, tmp_path):
     script = str(Path(__file__).with_name("exit_deadlock.py"))
     kd = ["--recipe", "kd", "--max-steps", "40", *SMALL, "--set", "eval.every=0"]
     env = {"DISTILL_RANK_LOG": str(ranks), "DISTILL_TEST_SYNC": str(sync)}
-    process, marker = start([script, "run", *models(tiny, out), *kd], env=env)
+    process, marker = start([script, "run", *pair_args(tiny, out), *kd], env=env)
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline and process.poll() is None and not (ranks / "rank-1.jsonl").exists():
         time.sleep(0.05)

@@ -14,66 +14,25 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import cli_runs
 import distill.checkpoint
 import distill.session
+from cli_runs import cache_cli, read_jsonl, sets
 from distill.checkpoint import checkpoints
 from distill.cli import app
 from distill.outputs import MARKER
-from tiny_models import make_model, make_pair
+from tiny_models import make_model
 
 runner = CliRunner()
 SMALL = [
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "eval.batch_size=8",
-    "--set",
-    "eval.rouge_samples=0",
-    "--set",
-    "generation.max_new_tokens=8",
+    *sets("train.batch_size=4", "eval.batch_size=8", "eval.rouge_samples=0", "generation.max_new_tokens=8"),
     "--recipe",
     "kd",
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    return make_pair(tmp_path_factory.mktemp("tiny"))
-
-
 def run_cli(tiny, out: Path, *args: str, teacher: Path | None = None):
-    return runner.invoke(
-        app,
-        [
-            "run",
-            "--teacher",
-            str(teacher or tiny["teacher"]),
-            "--student",
-            str(tiny["student"]),
-            "--data",
-            str(tiny["data"]),
-            "--output-dir",
-            str(out),
-            *SMALL,
-            *args,
-        ],
-    )
-
-
-def cache_cli(tiny, out: Path, *args: str, teacher: Path | None = None):
-    return runner.invoke(
-        app,
-        [
-            "cache-teacher",
-            "--teacher",
-            str(teacher or tiny["teacher"]),
-            "--data",
-            str(tiny["data"]),
-            "-o",
-            str(out),
-            *args,
-        ],
-    )
+    return cli_runs.run_cli(tiny, out, *SMALL, *args, teacher=teacher)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -91,10 +50,6 @@ def refused(result, *words: str) -> str:
     line = result.output.strip().splitlines()[-1]
     assert line.startswith("error:") and all(w in result.output for w in words), result.output
     return line
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -283,11 +238,9 @@ def test_nan_gradients_behind_a_finite_loss_never_reach_the_optimizer(
 
 
 @pytest.fixture(scope="module")
-def cache(tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("caches") / "k8"
-    result = cache_cli(tiny, out, "--top-k", "8")
-    assert result.exit_code == 0, result.output
-    return out
+def cache(cache_k8) -> Path:
+    """A finished top-8 cache (conftest.py)."""
+    return cache_k8
 
 
 def copy_cache(cache: Path, tmp_path: Path) -> Path:

@@ -9,29 +9,17 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from cli_runs import flags, pair_args, sets
 from distill.cli import app
-from distill.cli.run_cmd import flag_layer, resolve_config
+from distill.resolve import resolve_run as resolve_config  # `distill run`'s config: (config file, flags)
 from tiny_models import make_pair
 
 runner = CliRunner()
 
 
 def test_teacher_flag_and_dtype_setting_combine():
-    flags = flag_layer(
-        recipe="kd",
-        divergence=None,
-        divergence_params=[],
-        policy=None,
-        policy_params=[],
-        teacher="t",
-        student="s",
-        data=None,
-        output_dir="o",
-        max_steps=None,
-        seed=None,
-        settings=["teacher.dtype=bfloat16", "train.precision=bf16"],
-    )
-    config = resolve_config(None, flags)
+    settings = ["teacher.dtype=bfloat16", "train.precision=bf16"]
+    config = resolve_config(None, flags(recipe="kd", teacher="t", student="s", output_dir="o", settings=settings))
     assert (config.teacher.ref, config.teacher.dtype, config.student.dtype) == ("t", "bfloat16", "auto")
     assert config.train.precision == "bf16"
 
@@ -40,33 +28,12 @@ def test_teacher_flag_and_dtype_setting_combine():
 def test_bf16_student_and_teacher_train_and_save_float32(tmp_path, inference_copy):
     paths = make_pair(tmp_path)
     out = tmp_path / "run"
+    copy = f"generation.inference_copy={str(inference_copy).lower()}"
+    overrides = sets(
+        "train.batch_size=4", "train.precision=bf16", "teacher.dtype=bfloat16", "generation.max_new_tokens=8"
+    )
     result = runner.invoke(
-        app,
-        [
-            "run",
-            "--recipe",
-            "minillm",
-            "--set",
-            f"generation.inference_copy={str(inference_copy).lower()}",
-            "--teacher",
-            str(paths["teacher"]),
-            "--student",
-            str(paths["student"]),
-            "--data",
-            str(paths["data"]),
-            "--output-dir",
-            str(out),
-            "--max-steps",
-            "3",
-            "--set",
-            "train.batch_size=4",
-            "--set",
-            "train.precision=bf16",
-            "--set",
-            "teacher.dtype=bfloat16",
-            "--set",
-            "generation.max_new_tokens=8",
-        ],
+        app, ["run", "--recipe", "minillm", "--set", copy, *pair_args(paths, out), "--max-steps", "3", *overrides]
     )
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -81,24 +48,7 @@ def test_fp16_without_a_gpu_is_one_line_before_anything_is_written(tmp_path):
     paths = make_pair(tmp_path)
     out = tmp_path / "run"
     result = runner.invoke(
-        app,
-        [
-            "run",
-            "--recipe",
-            "kd",
-            "--teacher",
-            str(paths["teacher"]),
-            "--student",
-            str(paths["student"]),
-            "--data",
-            str(paths["data"]),
-            "--output-dir",
-            str(out),
-            "--max-steps",
-            "1",
-            "--set",
-            "train.precision=fp16",
-        ],
+        app, ["run", "--recipe", "kd", *pair_args(paths, out), "--max-steps", "1", "--set", "train.precision=fp16"]
     )
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
@@ -111,24 +61,7 @@ def test_a_launch_precision_other_than_train_precision_is_one_line(tmp_path, mon
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
     out = tmp_path / "run"
     result = runner.invoke(
-        app,
-        [
-            "run",
-            "--recipe",
-            "kd",
-            "--teacher",
-            str(paths["teacher"]),
-            "--student",
-            str(paths["student"]),
-            "--data",
-            str(paths["data"]),
-            "--output-dir",
-            str(out),
-            "--max-steps",
-            "1",
-            "--set",
-            "train.precision=fp32",
-        ],
+        app, ["run", "--recipe", "kd", *pair_args(paths, out), "--max-steps", "1", "--set", "train.precision=fp32"]
     )
     assert result.exit_code == 2
     assert result.output.strip() == (
@@ -231,23 +164,7 @@ def test_a_run_records_the_resolved_precision_and_says_why(tmp_path, monkeypatch
     monkeypatch.setenv("DISTILL_NATIVE_BF16", native)
     paths = make_pair(tmp_path)
     out = tmp_path / "run"
-    args = [
-        "run",
-        "--recipe",
-        "kd",
-        "--teacher",
-        str(paths["teacher"]),
-        "--student",
-        str(paths["student"]),
-        "--data",
-        str(paths["data"]),
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        "1",
-        "--set",
-        "train.batch_size=4",
-    ]
+    args = ["run", "--recipe", "kd", *pair_args(paths, out), "--max-steps", "1", "--set", "train.batch_size=4"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     precision, dtype = ("bf16", "bfloat16") if native == "1" else ("fp32", "float32")
@@ -268,27 +185,9 @@ def test_a_run_records_the_resolved_precision_and_says_why(tmp_path, monkeypatch
 def test_bf16_forced_without_native_bf16_trains_with_a_one_line_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_NATIVE_BF16", "0")
     paths = make_pair(tmp_path)
+    overrides = sets("train.batch_size=4", "train.precision=bf16")
     result = runner.invoke(
-        app,
-        [
-            "run",
-            "--recipe",
-            "kd",
-            "--teacher",
-            str(paths["teacher"]),
-            "--student",
-            str(paths["student"]),
-            "--data",
-            str(paths["data"]),
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--max-steps",
-            "1",
-            "--set",
-            "train.batch_size=4",
-            "--set",
-            "train.precision=bf16",
-        ],
+        app, ["run", "--recipe", "kd", *pair_args(paths, tmp_path / "run"), "--max-steps", "1", *overrides]
     )
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]

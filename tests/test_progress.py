@@ -11,9 +11,9 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from cli_runs import run_args, sets
 from distill.cli import app
 from distill.cli.run_cmd import PROGRESS_ENV, PlainReporter, RichReporter, duration, make_reporter
-from tiny_models import make_pair
 
 runner = CliRunner()
 STEP_LINE = re.compile(
@@ -91,42 +91,12 @@ def test_duration():
     assert [duration(s) for s in (0, 42.4, 61, 3599, 3600, 7385)] == ["0s", "42s", "1m01s", "59m59s", "1h00m", "2h03m"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    return make_pair(tmp_path_factory.mktemp("tiny"))
-
-
 def run_off_a_terminal(tiny, out: Path, env: dict[str, str]):
     """CliRunner's output is not a terminal: what nohup, CI and a redirected log see."""
-    return runner.invoke(
-        app,
-        [
-            "run",
-            "--teacher",
-            str(tiny["teacher"]),
-            "--student",
-            str(tiny["student"]),
-            "--data",
-            str(tiny["data"]),
-            "--output-dir",
-            str(out),
-            "--recipe",
-            "kd",
-            "--max-steps",
-            "3",
-            "--set",
-            "train.batch_size=4",
-            "--set",
-            "eval.batch_size=1",
-            "--set",
-            "eval.every=0",
-            "--set",
-            "eval.rouge_samples=4",
-            "--set",
-            "generation.max_new_tokens=4",
-        ],
-        env=env,
+    overrides = sets(
+        "train.batch_size=4", "eval.batch_size=1", "eval.every=0", "eval.rouge_samples=4", "generation.max_new_tokens=4"
     )
+    return runner.invoke(app, run_args(tiny, out, "--recipe", "kd", "--max-steps", "3", *overrides), env=env)
 
 
 def test_run_off_a_terminal_prints_steps_and_evaluation_progress(tiny, tmp_path):

@@ -71,6 +71,13 @@ def plugin_module(module_name: str, *, divergences=(), policies=(), recipes=()) 
     return module
 
 
+def hooked_module(module_name: str, hook) -> types.ModuleType:
+    """A module object whose one hook implementation is the function ``hook``, under its own name."""
+    module = types.ModuleType(module_name)
+    setattr(module, hook.__name__, distill.hookimpl(hook))
+    return module
+
+
 class CoinPolicy:
     """Dataset or student generations, by a coin from a generator seeded identically on every rank."""
 
@@ -173,38 +180,27 @@ def test_plugin_object_with_hook_methods():
 
 
 def test_hook_implementation_may_omit_the_register_argument():
-    module = types.ModuleType("lazy_plugin")
-
-    @distill.hookimpl
     def register_divergences():
         """Registers nothing (pluggy allows implementations with fewer arguments)."""
 
-    module.register_divergences = register_divergences
+    module = hooked_module("lazy_plugin", register_divergences)
     assert set(build(module).names("divergence")) == BUILTIN_DIVERGENCES
 
 
 def test_misspelt_hook_is_an_error_naming_the_plugin():
-    module = types.ModuleType("typo_plugin")
-
-    @distill.hookimpl
     def register_divergence(register):
         register(make_divergence("never"))
 
-    module.register_divergence = register_divergence
     with pytest.raises(distill.PluginError, match="typo_plugin.*register_divergence"):
-        build(module)
+        build(hooked_module("typo_plugin", register_divergence))
 
 
 def test_hook_with_wrong_argument_name_is_an_error():
-    module = types.ModuleType("wrong_args")
-
-    @distill.hookimpl
     def register_divergences(reg):
         reg(make_divergence("never"))
 
-    module.register_divergences = register_divergences
     with pytest.raises(distill.PluginError, match="wrong_args"):
-        build(module)
+        build(hooked_module("wrong_args", register_divergences))
 
 
 # --- duplicates

@@ -16,65 +16,29 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import cli_runs
 import distill.session
+from cli_runs import read_jsonl, sets
 from distill.checkpoint import checkpoints, latest_checkpoint
 from distill.cli import app
-from tiny_models import make_pair
 
 runner = CliRunner()
 MAX_STEPS = 12
 # the adaptive recipe with phi = 1 and a buffer of two batches: every step generates or replays, so
 # the generation RNG, the replay buffer and the policy's draw generator all decide the losses
-ADAPTIVE = [
-    "--recipe",
-    "distillm",
-    "-P",
-    "init_prob=1",
-    "-P",
-    "capacity=8",
-    "--seed",
-    "3",
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "train.lr=3e-3",
-    "--set",
-    "eval.batch_size=8",
-    "--set",
-    "generation.max_new_tokens=12",
-    "--set",
-    "eval.every=2",
-    "--set",
-    "checkpoint.every=2",
-    "--max-steps",
-    str(MAX_STEPS),
-]
+ADAPTIVE = ["--recipe", "distillm", "-P", "init_prob=1", "-P", "capacity=8", "--seed", "3"]
+ADAPTIVE += sets("train.batch_size=4", "train.lr=3e-3", "eval.batch_size=8", "generation.max_new_tokens=12")
+ADAPTIVE += [*sets("eval.every=2", "checkpoint.every=2"), "--max-steps", str(MAX_STEPS)]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
+def tiny(padded) -> dict[str, Path]:
     """Heads padded differently past the tokenizer: resume holds with them too."""
-    return make_pair(tmp_path_factory.mktemp("tiny"), teacher_vocab=320, student_vocab=304)
+    return padded
 
 
 def run_args(tiny, out: Path, *extra: str) -> list[str]:
-    return [
-        "run",
-        "--teacher",
-        str(tiny["teacher"]),
-        "--student",
-        str(tiny["student"]),
-        "--data",
-        str(tiny["data"]),
-        "--output-dir",
-        str(out),
-        *ADAPTIVE,
-        *extra,
-    ]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return cli_runs.run_args(tiny, out, *ADAPTIVE, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -228,14 +192,14 @@ def test_resume_without_a_checkpoint_refuses_a_run_with_steps_and_starts_over_on
 def nan_at_step_3(monkeypatch):
     """The training loss of step 3 (one micro-batch per step) is NaN, and so are its gradients."""
     calls = {"n": 0}
-    original = distill.session.micro_batch_loss
+    original = distill.session.micro_loss
 
     def poisoned(*args, **kwargs):
         loss, parts = original(*args, **kwargs)
         calls["n"] += 1
         return (loss * math.nan, parts) if calls["n"] == 3 else (loss, parts)
 
-    monkeypatch.setattr(distill.session, "micro_batch_loss", poisoned)
+    monkeypatch.setattr(distill.session, "micro_loss", poisoned)
 
 
 def test_nonfinite_loss_stops_with_one_line_naming_step_and_checkpoint(tiny, tmp_path, nan_at_step_3):

@@ -5,15 +5,13 @@ process's over the same examples."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cli_runs import run_script  # noqa: E402
 from sharded_eval import BATCH_SIZE, PASSES, ROUGE_BEFORE, VAL_EXAMPLES, setup  # noqa: E402
 from tiny_models import make_pair  # noqa: E402
 
@@ -28,22 +26,9 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ranks(tiny, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("sharded_eval.py")), str(tiny), str(out)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # debug_launcher forks its workers into this process group
-        output, _ = process.communicate(timeout=30)
-        pytest.fail(f"the 2-process evaluation did not finish within {TIMEOUT} s (a deadlock?):\n{output[-3000:]}")
-    assert process.returncode == 0, output[-5000:]
+    deadlock = f"the 2-process evaluation did not finish within {TIMEOUT} s (a deadlock?)"
+    # debug_launcher forks its workers into the script's process group, which a timeout kills
+    run_script("sharded_eval.py", str(tiny), str(out), timeout=TIMEOUT, deadlock=deadlock, show_output=True)
     return [json.loads((out / f"rank-{i}.json").read_text()) for i in range(2)]
 
 

@@ -16,26 +16,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+import cli_runs
 import distill
 import distill.session
 import distill.teacher_cache as teacher_cache
+from cli_runs import cache_args, cache_cli, read_jsonl, run_args, sets
 from distill.cli import app
 from distill.teacher_cache import TeacherCache, coarse_divergence_loss, coarse_log_probs, pack_targets, top_k_targets
 from test_multiprocess import launch
-from tiny_models import make_pair, make_tokenizer
+from tiny_models import make_tokenizer
 
 runner = CliRunner()
 BUILTIN = ["kl", "rkl", "jsd", "tvd", "skew_kl", "skew_rkl"]
-SMALL = [
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "eval.batch_size=8",
-    "--set",
-    "generation.max_new_tokens=8",
-    "--set",
-    "eval.every=2",
-]
+SMALL = sets("train.batch_size=4", "eval.batch_size=8", "generation.max_new_tokens=8", "eval.every=2")
 
 
 # --- the math
@@ -138,46 +131,8 @@ def test_coarse_loss_gradient_matches_autograd_and_honours_mask_and_temperature(
 # --- cache-teacher and run --teacher-cache on tiny models
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    return make_pair(tmp_path_factory.mktemp("tiny"))
-
-
-def cache_cli(tiny, out: Path, *args: str):
-    return runner.invoke(
-        app, ["cache-teacher", "--teacher", str(tiny["teacher"]), "--data", str(tiny["data"]), "-o", str(out), *args]
-    )
-
-
-def run_cli(tiny, out: Path, *args: str):
-    return runner.invoke(
-        app,
-        [
-            "run",
-            "--teacher",
-            str(tiny["teacher"]),
-            "--student",
-            str(tiny["student"]),
-            "--data",
-            str(tiny["data"]),
-            "--output-dir",
-            str(out),
-            *SMALL,
-            *args,
-        ],
-    )
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def cache_k8(tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("caches") / "k8"
-    result = cache_cli(tiny, out, "--top-k", "8")
-    assert result.exit_code == 0, result.output
-    return out
+def run_cli(tiny, out: Path, *args: str, **models: Path):
+    return cli_runs.run_cli(tiny, out, *SMALL, *args, **models)
 
 
 def test_cache_teacher_writes_a_manifest_that_describes_the_cache(tiny, cache_k8):
@@ -261,21 +216,25 @@ def test_a_full_vocabulary_cache_trains_like_the_live_teacher(tiny, tmp_path):
     assert cached_eval[-1]["val_kl"] == pytest.approx(live_eval[-1]["val_kl"], rel=1e-2)
 
 
+def count_teacher_rows(monkeypatch) -> dict[str, int]:
+    """Training micro-batches whose teacher rows come from the cache, and from the live teacher."""
+    import distill.teacher
+
+    calls = {"cached": 0, "live": 0}
+    real = distill.teacher.CacheOrLive.teacher_rows
+
+    def counting(self, batch, index, prepared):
+        calls["live" if prepared is None else "cached"] += 1
+        return real(self, batch, index, prepared)
+
+    monkeypatch.setattr(distill.teacher.CacheOrLive, "teacher_rows", counting)
+    return calls
+
+
 def test_generating_policy_with_a_cache_uses_the_live_teacher_for_generated_steps(
     tiny, cache_k8, tmp_path, monkeypatch
 ):
-    calls = {"cached": 0, "live": 0}
-    cached_loss, live_loss = distill.session.cached_micro_batch_loss, distill.session.micro_batch_loss
-    monkeypatch.setattr(
-        distill.session,
-        "cached_micro_batch_loss",
-        lambda *a, **k: calls.__setitem__("cached", calls["cached"] + 1) or cached_loss(*a, **k),
-    )
-    monkeypatch.setattr(
-        distill.session,
-        "micro_batch_loss",
-        lambda *a, **k: calls.__setitem__("live", calls["live"] + 1) or live_loss(*a, **k),
-    )
+    calls = count_teacher_rows(monkeypatch)
     result = run_cli(
         tiny,
         tmp_path / "run",
@@ -304,18 +263,7 @@ def test_distillm2_with_a_cache_reads_it_for_the_dataset_group_and_runs_the_teac
     # two groups a step: the dataset's responses from the cache, the student's through the live teacher;
     # at K = V, with per-sequence means (train.normalize: sequence), the losses are the live run's
     assert cache_cli(tiny, tmp_path / "k300", "--top-k", "300").exit_code == 0
-    calls = {"cached": 0, "live": 0}
-    cached_loss, live_loss = distill.session.cached_micro_batch_loss, distill.session.micro_batch_loss
-    monkeypatch.setattr(
-        distill.session,
-        "cached_micro_batch_loss",
-        lambda *a, **k: calls.__setitem__("cached", calls["cached"] + 1) or cached_loss(*a, **k),
-    )
-    monkeypatch.setattr(
-        distill.session,
-        "micro_batch_loss",
-        lambda *a, **k: calls.__setitem__("live", calls["live"] + 1) or live_loss(*a, **k),
-    )
+    calls = count_teacher_rows(monkeypatch)
     common = ["--recipe", "distillm2", "--max-steps", "2", "--set", "generation.temperature=0"]
     assert run_cli(tiny, tmp_path / "cached", *common, "--teacher-cache", str(tmp_path / "k300")).exit_code == 0
     assert calls["cached"] == calls["live"] == 2  # one micro-batch of each group a step (train.batch_size 4, 4 prompts)
@@ -332,43 +280,13 @@ def test_a_mismatched_cache_is_one_line_exit_2_and_nothing_written(tiny, cache_k
     if case == "data":
         other = tmp_path / "other.jsonl"
         other.write_text("".join(json.dumps({"prompt": f"Say {i}.", "response": f"{i}."}) + "\n" for i in range(20)))
-        result = runner.invoke(
-            app,
-            [
-                "run",
-                "--teacher",
-                str(tiny["teacher"]),
-                "--student",
-                str(tiny["student"]),
-                "--data",
-                str(other),
-                "--output-dir",
-                str(tmp_path / "run"),
-                *SMALL,
-                *args,
-            ],
-        )
+        result = run_cli(tiny, tmp_path / "run", *args, data=other)
         expected = "other data or another tokenization"
     elif case == "tokenization":
         result = run_cli(tiny, tmp_path / "run", *args, "--set", "data.max_response_tokens=4")
         expected = "other data or another tokenization"
     elif case == "teacher":
-        result = runner.invoke(
-            app,
-            [
-                "run",
-                "--teacher",
-                str(tiny["student"]),
-                "--student",
-                str(tiny["student"]),
-                "--data",
-                str(tiny["data"]),
-                "--output-dir",
-                str(tmp_path / "run"),
-                *SMALL,
-                *args,
-            ],
-        )
+        result = run_cli(tiny, tmp_path / "run", *args, teacher=tiny["student"])
         expected = "was made with teacher"
     elif case == "tokenizer":
         other = tmp_path / "other-tokenizer"
@@ -394,22 +312,7 @@ def test_cache_teacher_refuses_bad_input_and_a_finished_cache_without_overwrite(
         assert not (tmp_path / "bad").exists()
     result = cache_cli(tiny, cache_k8, "--top-k", "8")
     assert result.exit_code == 2 and "finished teacher cache" in result.output, result.output
-    result = runner.invoke(
-        app,
-        [
-            "run",
-            "--teacher",
-            str(tiny["teacher"]),
-            "--student",
-            str(tiny["student"]),
-            "--data",
-            str(tiny["data"]),
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--teacher-cache",
-            str(tmp_path / "nowhere"),
-        ],
-    )
+    result = runner.invoke(app, run_args(tiny, tmp_path / "run", "--teacher-cache", str(tmp_path / "nowhere")))
     assert result.exit_code == 2 and "not a teacher cache" in result.output and not (tmp_path / "run").exists(), (
         result.output
     )
@@ -426,22 +329,7 @@ def test_an_interrupted_cache_is_continued_by_the_same_command(tiny, cache_k8, t
     shutil.rmtree(parts[-1])
     (out / "parts" / ".r000-00099.tmp").mkdir()
     kept = {p.name: (p / "logprobs.npy").stat().st_mtime_ns for p in parts[:-1]}
-    result = runner.invoke(
-        app,
-        [
-            "run",
-            "--teacher",
-            str(tiny["teacher"]),
-            "--student",
-            str(tiny["student"]),
-            "--data",
-            str(tiny["data"]),
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--teacher-cache",
-            str(out),
-        ],
-    )
+    result = runner.invoke(app, run_args(tiny, tmp_path / "run", "--teacher-cache", str(out)))
     assert result.exit_code == 2 and "unfinished" in result.output, result.output
     result = cache_cli(tiny, out, "--top-k", "8")
     assert result.exit_code == 0 and "continuing" in result.output, result.output
@@ -463,20 +351,7 @@ def test_an_interrupted_cache_is_continued_by_the_same_command(tiny, cache_k8, t
 def test_two_processes_split_the_cache(tiny, cache_k8, tmp_path):
     out = tmp_path / "cache"
     # process 1 reads the folder late (tests/late_reader.py): still every sequence is cached once
-    launch(
-        [
-            str(Path(__file__).with_name("late_reader.py")),
-            "cache-teacher",
-            "--teacher",
-            str(tiny["teacher"]),
-            "--data",
-            str(tiny["data"]),
-            "-o",
-            str(out),
-            "--top-k",
-            "8",
-        ]
-    )
+    launch([str(Path(__file__).with_name("late_reader.py")), *cache_args(tiny, out, "--top-k", "8")])
     assert sorted(p.name.split("-")[0] for p in (out / "parts").iterdir()) == ["r000", "r001"]
     two, one = json.loads((out / "manifest.json").read_text()), json.loads((cache_k8 / "manifest.json").read_text())
     assert {k: two[k] for k in ("examples", "tokens", "fingerprint")} == {
@@ -497,7 +372,7 @@ def test_two_processes_split_the_cache(tiny, cache_k8, tmp_path):
 
 
 def test_which_policies_need_the_live_teacher_with_a_cache():
-    from distill.teacher_cache import policy_generates
+    from distill.policy import policy_generates
 
     assert not policy_generates(distill.get_policy("offpolicy"))
     assert not policy_generates(distill.get_policy("mixed", prob=0.0))

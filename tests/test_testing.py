@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 import distill
-from distill.testing import DIVERGENCE_CHECKS, POLICY_CHECKS, check_divergence, check_policy
+from distill.testing import DIVERGENCE_CHECKS, POLICY_CHECKS, check_divergence, check_policy, parametrize_with_checks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -74,13 +74,16 @@ def test_a_nan_gradient_is_caught():
     assert "student gradient" in str(error.value) and "nan" in str(error.value)
 
 
+class Offset(KL):
+    """Breaks D(p, p) = 0 and nothing else."""
+
+    name = "offset"
+
+    def __call__(self, student_logits, teacher_logits):
+        return super().__call__(student_logits, teacher_logits) + 1e-3
+
+
 def test_a_value_at_p_equals_q_is_caught():
-    class Offset(KL):
-        name = "offset"
-
-        def __call__(self, student_logits, teacher_logits):
-            return super().__call__(student_logits, teacher_logits) + 1e-3
-
     with broken("D(p, p) = 0"):
         check_divergence(Offset, max_examples=10)
 
@@ -101,13 +104,16 @@ def test_a_wrong_output_is_caught(reduce):
         check_divergence(Reduced, max_examples=20)
 
 
+class BadDefault(KL):
+    """Breaks "params are validated" and nothing else: a default outside its own range."""
+
+    name = "bad_default"
+
+    class Params(distill.Params):
+        weight: float = Field(2.0, ge=0.0, le=1.0)
+
+
 def test_a_default_outside_its_own_range_is_caught():
-    class BadDefault(KL):
-        name = "bad_default"
-
-        class Params(distill.Params):
-            weight: float = Field(2.0, ge=0.0, le=1.0)
-
     with broken("params are validated") as error:
         check_divergence(BadDefault)
     assert "weight=2.0" in str(error.value)
@@ -259,6 +265,73 @@ def test_a_policy_returning_groups_passes():
     check_policy(Contrastive, max_examples=3)
 
 
+# --- one pytest case per (plugin, check)
+
+
+class Unseeded(Coin):
+    """Breaks "every rank makes the same draws for one seed" and nothing else: the global generator."""
+
+    name = "unseeded"
+
+    def sample(self, step, total_steps, examples, context):
+        if random.random() < self.params.prob:
+            return context.generate_student(examples), "student"
+        return examples, "dataset"
+
+
+def cases_of(decorator) -> list:
+    """The cases a parametrize decorator gives a test of (plugin, check), each with ``id`` and ``values``."""
+    names, cases = decorator.mark.args
+    assert tuple(names) == ("plugin", "check")
+    return cases
+
+
+def test_parametrize_with_checks_gives_one_case_per_named_check():
+    cases = cases_of(parametrize_with_checks([KL, (Coin, {"prob": 2.0})]))
+    assert len(cases) == len(DIVERGENCE_CHECKS) + len(POLICY_CHECKS)
+    assert [case.id for case in cases] == [
+        *("test_kl-registration", "test_kl-params", "test_kl-output_shape", "test_kl-zero_at_equal"),
+        *("test_kl-nonnegative", "test_kl-finite"),
+        *("coin-registration", "coin-params", "coin-valid_sources", "coin-same_on_every_rank"),
+        "coin-state_round_trip",
+    ]
+    assert [case.values[0] for case in cases] == [KL] * len(DIVERGENCE_CHECKS) + [Coin] * len(POLICY_CHECKS)
+    plugin, check = cases[len(DIVERGENCE_CHECKS) + 1].values  # coin-params, with the pair's params
+    with pytest.raises(distill.ConfigError, match=r"^policy coin\.prob: "):
+        check(plugin)
+
+
+@pytest.mark.parametrize(
+    ("plugin_cls", "kit", "failing", "prop"),
+    [
+        (Offset, check_divergence, "offset-zero_at_equal", "D(p, p) = 0"),
+        (BadDefault, check_divergence, "bad_default-params", "params are validated"),
+        (Unseeded, check_policy, "unseeded-same_on_every_rank", "every rank makes the same draws for one seed"),
+    ],
+    ids=["divergence property", "params", "policy property"],
+)
+def test_a_broken_plugin_fails_exactly_the_case_of_its_broken_property(plugin_cls, kit, failing, prop):
+    failed = {}
+    for case in cases_of(parametrize_with_checks([plugin_cls], max_examples=5)):
+        plugin, check = case.values
+        try:
+            check(plugin)
+        except AssertionError as error:
+            failed[case.id] = str(error)
+    assert list(failed) == [failing]
+    with pytest.raises(AssertionError) as error:
+        kit(plugin_cls, max_examples=5)
+    # the kit's message (hypothesis may find another counter-example in another run; a default has one)
+    head = f"{kit.__name__}({plugin_cls.name}): {prop}: "
+    assert str(error.value).startswith(head) and failed[failing].startswith(head), (failed, str(error.value))
+    assert failed[failing] == str(error.value) or plugin_cls is not BadDefault
+
+
+@parametrize_with_checks([KL, (Coin, {"prob": 0.3})], max_examples=3)
+def test_parametrize_with_checks_runs_under_pytest(plugin, check):
+    check(plugin)
+
+
 def test_the_named_checks_are_the_documented_ones():
     assert DIVERGENCE_CHECKS[:2] == POLICY_CHECKS[:2] == ("registration", "params are validated")
     doc = distill.testing.check_divergence.__doc__ + distill.testing.check_policy.__doc__
@@ -285,6 +358,13 @@ def test_without_hypothesis_the_import_error_says_what_to_install(monkeypatch):
         importlib.import_module("distill.testing")
     monkeypatch.undo()
     assert importlib.import_module("distill.testing").check_divergence is check_divergence
+
+
+def test_the_kit_never_imports_pytest_itself():
+    """pytest is imported by parametrize_with_checks when called, so it is never a training dependency."""
+    code = "import sys, distill.testing\nprint('pytest' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr
 
 
 def test_only_the_kit_needs_hypothesis():

@@ -4,53 +4,22 @@ reach the tracker; metrics.jsonl and eval.jsonl stay the record."""
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from cli_runs import pair_args, read_jsonl, sets
 from distill.cli import app
-from tiny_models import make_pair
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    return make_pair(tmp_path_factory.mktemp("tiny"))
-
-
 def run(tiny, out: Path, *extra: str):
+    overrides = sets("train.batch_size=4", "eval.every=2", "generation.max_new_tokens=8")
     return runner.invoke(
-        app,
-        [
-            "run",
-            "--recipe",
-            "distillm",
-            "--teacher",
-            str(tiny["teacher"]),
-            "--student",
-            str(tiny["student"]),
-            "--data",
-            str(tiny["data"]),
-            "--output-dir",
-            str(out),
-            "--max-steps",
-            "3",
-            "--set",
-            "train.batch_size=4",
-            "--set",
-            "eval.every=2",
-            "--set",
-            "generation.max_new_tokens=8",
-            *extra,
-        ],
+        app, ["run", "--recipe", "distillm", *pair_args(tiny, out), "--max-steps", "3", *overrides, *extra]
     )
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_tensorboard_gets_every_step_and_evaluation(tiny, tmp_path):

@@ -8,27 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
-from distill.cli import app
+from cli_runs import run_cli, sets
 from distill.config import DataConfig
 from distill.data import Example, encode_records, read_records
 from distill.vocabulary import TextBridge, mismatch, student_tokenizer_ref
 from tiny_models import make_model, make_other_tokenizer, make_pair
 
-runner = CliRunner()
-SMALL = [
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "eval.batch_size=8",
-    "--set",
-    "generation.max_new_tokens=12",
-    "--set",
-    "eval.every=0",
-    "--set",
-    "eval.rouge_samples=2",
-]
+SMALL = sets(
+    "train.batch_size=4", "eval.batch_size=8", "generation.max_new_tokens=12", "eval.every=0", "eval.rouge_samples=2"
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,24 +32,7 @@ def pairs(tmp_path_factory) -> dict[str, Path]:
 
 
 def run(pairs, out: Path, *args: str, student: str = "other"):
-    return runner.invoke(
-        app,
-        [
-            "run",
-            "--teacher",
-            str(pairs["teacher"]),
-            "--student",
-            str(pairs[student]),
-            "--data",
-            str(pairs["data"]),
-            "--output-dir",
-            str(out),
-            "--max-steps",
-            "2",
-            *SMALL,
-            *args,
-        ],
-    )
+    return run_cli(pairs, out, "--max-steps", "2", *SMALL, *args, student=pairs[student])
 
 
 def chat_ids(tokenizer, messages) -> list[int]:

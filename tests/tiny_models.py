@@ -187,3 +187,24 @@ def table_rows(output: str) -> dict[str, str]:
         if cells and cells[0]:
             found[cells[0]] = " | ".join(cells)
     return found
+
+
+def greedy_generate(model, ids, attention, max_new_tokens: int, eos_token_id, pad_token_id: int = 0):
+    """transformers' own greedy ``generate``, the reference the decode loop is checked against.
+
+    ``ids``, ``attention``: ``[B, P]`` left-padded prompts; returns ``[B, <= max_new_tokens]`` new
+    tokens, ``pad_token_id`` after each row's EOS (``eos_token_id``: an id, a list of them, or None)."""
+    import torch
+
+    with torch.no_grad():
+        return model.generate(
+            input_ids=ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            do_sample=False,
+            temperature=None,
+            top_k=None,
+            top_p=None,
+        )[:, ids.shape[1] :]
