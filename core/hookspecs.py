@@ -27,5 +27,10 @@ def register_policies(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_sequence_terms(register: Callable[[type], None]) -> None:
+    """Register SequenceTerm classes (loss terms over whole sampled responses): ``register(cls)``."""
+
+
+@hookspec
 def register_recipes(register: Callable[[object], None]) -> None:
     """Register Recipe objects (named presets of a divergence and a policy): ``register(recipe)``."""

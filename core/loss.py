@@ -115,6 +115,10 @@ class TokenTerms:
     ce_weight: float = 0.0
     reported: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = field(default_factory=dict)
     """More divergences summed in the same pass without a gradient (evaluation's ``kl``), by name."""
+    sequence: Any = None
+    """A sequence-level term (``distill.sequence``): its ``surrogate`` of the student's log-probabilities
+    of the sampled tokens, summed as ``sequence_weight x`` a term of its own (``sequence``)."""
+    sequence_weight: float = 1.0
 
     def uses_teacher(self) -> bool:
         return (self.divergence is not None and self.kd_weight != 0) or bool(self.reported)
@@ -167,6 +171,8 @@ class LossPlan:
     device: torch.device
     labels: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    rollout: Any = None
+    """The sequence term's constants at the counted rows: ``(advantages, old log-probs, weights)``, ``[n]`` each."""
     parts: dict[str, float] = field(default_factory=dict)
 
     def sums(self, want_grad: bool, want_teacher_grad: bool = False) -> dict[str, torch.Tensor]:
@@ -179,6 +185,8 @@ class LossPlan:
             trained.append(("divergence", terms.kd_weight, terms.divergence))
         if terms.ce_weight > 0:
             trained.append(("ce", terms.ce_weight, None))
+        if terms.sequence is not None:
+            trained.append(("sequence", terms.sequence_weight, terms.sequence))
         names = [name for name, _, _ in trained] + list(terms.reported)
         totals = {name: torch.zeros((), dtype=torch.float32, device=self.device) for name in names}
         scale = torch.tensor(self.scale, dtype=torch.float32, device=self.device)
@@ -199,11 +207,13 @@ class LossPlan:
                     logits = student.transform(leaf)
                     values = {}
                     for name, _, fn in trained:
-                        row = (
-                            cross_entropy_rows(logits, self.labels[first : first + n])
-                            if fn is None
-                            else fn(logits, other_leaf)
-                        )
+                        if name == "ce":
+                            row = cross_entropy_rows(logits, self.labels[first : first + n])
+                        elif name == "sequence":  # of the log-probabilities of the sampled tokens
+                            logq = -cross_entropy_rows(logits, self.labels[first : first + n])
+                            row = fn.surrogate(logq, *(x[first : first + n] for x in self.rollout))
+                        else:
+                            row = fn(logits, other_leaf)
                         values[name] = row.sum() if weights is None else (row * weights).sum()
                     total = sum(coefficient * values[name] for name, coefficient, _ in trained)
                 with torch.no_grad():
@@ -253,6 +263,8 @@ class _TokenLoss(torch.autograd.Function):
             loss = loss + (divergence if terms.kd_weight == 1.0 else terms.kd_weight * divergence)
         if "ce" in totals:
             loss = loss + terms.ce_weight * totals["ce"]
+        if "sequence" in totals:
+            loss = loss + terms.sequence_weight * totals["sequence"]
         return loss * plan.scale
 
     @staticmethod
@@ -284,20 +296,33 @@ def token_loss(
     n_tokens: int | float | torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    rollout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The one micro-batch loss: ``(kd_weight x divergence + ce_weight x cross-entropy)`` summed over
-    the counted rows (``index``; ``labels`` and ``weights`` already at those rows, ``[n]``) over
-    ``n_tokens``, from two row sources. Returns the float32 scalar and its parts (each term's sum
-    over ``n_tokens``, unweighted by its coefficient)."""
+    """The one micro-batch loss: ``(kd_weight x divergence + ce_weight x cross-entropy + sequence_weight
+    x sequence term)`` summed over the counted rows (``index``; ``labels``, ``weights`` and the sequence
+    term's ``rollout`` constants already at those rows, ``[n]``) over ``n_tokens``, from two row sources.
+    Returns the float32 scalar and its parts (each term's sum over ``n_tokens``, unweighted by its
+    coefficient)."""
     count = index[0].numel()
-    if terms.ce_weight > 0 and labels is None:
-        raise ValueError("ce_weight > 0 needs labels")
+    if (terms.ce_weight > 0 or terms.sequence is not None) and labels is None:
+        raise ValueError("the cross-entropy and a sequence term need labels")
+    if terms.sequence is not None and rollout is None:
+        raise ValueError("a sequence term needs the rollout's advantages, old log-probs and weights")
     size = chunk_size if chunk_size is not None else chunk_rows(student.width)
     if size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {size}")
     plan = LossPlan(
-        student, teacher, terms, count, token_scale(count, n_tokens), int(size), index[0].device, labels, weights
+        student,
+        teacher,
+        terms,
+        count,
+        token_scale(count, n_tokens),
+        int(size),
+        index[0].device,
+        labels,
+        weights,
+        rollout,
     )
     inputs = list(student.inputs)
     if teacher is not None and getattr(teacher, "inputs", None):

@@ -32,18 +32,27 @@ AUTOLOAD_ENV = "DISTILL_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_PLUGINS = (
     "distill.plugins.divergences",
     "distill.plugins.policies",
+    "distill.plugins.sequence_terms",
     "distill.plugins.recipes",
 )
 BUILTIN_PROVIDER = "distill (built-in)"
 
-KINDS = {"divergence": "register_divergences", "policy": "register_policies", "recipe": "register_recipes"}
+KINDS = {
+    "divergence": "register_divergences",
+    "policy": "register_policies",
+    "sequence_term": "register_sequence_terms",
+    "recipe": "register_recipes",
+}
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
-_POLICY_METHODS = ("sample", "observe_eval", "reseed", "metrics", "state_dict", "load_state_dict")
+_METHODS = {
+    "policy": ("sample", "observe_eval", "reseed", "metrics", "state_dict", "load_state_dict"),
+    "sequence_term": ("advantages", "surrogate"),
+}
 
 
 @dataclass(frozen=True)
 class Registration:
-    """One registered divergence class, policy class or recipe, with who provided it."""
+    """One registered divergence class, policy class, sequence term class or recipe, with who provided it."""
 
     kind: str
     name: str
@@ -145,12 +154,10 @@ class Registry:
             # every class is callable (type.__call__ builds instances), so look for the method itself
             if kind == "divergence" and not any("__call__" in vars(base) for base in obj.__mro__):
                 raise PluginError(f"{provider}: divergence {name!r} must define __call__")
-            missing = [m for m in _POLICY_METHODS if kind == "policy" and not callable(getattr(obj, m, None))]
+            missing = [m for m in _METHODS.get(kind, ()) if not callable(getattr(obj, m, None))]
             if missing:
-                raise PluginError(
-                    f"{provider}: policy {name!r} lacks {', '.join(missing)} "
-                    "(distill.policy.RandomPolicy gives defaults)"
-                )
+                hint = " (distill.policy.RandomPolicy gives defaults)" if kind == "policy" else ""
+                raise PluginError(f"{provider}: {kind.replace('_', ' ')} {name!r} lacks {', '.join(missing)}{hint}")
         aliases = getattr(obj, "aliases", ()) or ()
         if not isinstance(aliases, (tuple, list)) or not all(isinstance(a, str) and _NAME.match(a) for a in aliases):
             raise PluginError(
@@ -203,6 +210,14 @@ class Registry:
         registration = self.lookup("policy", name)
         cls = registration.obj
         return cls(validate_params(cls.Params, params, f"policy {registration.name}"))
+
+    def get_sequence_term(self, name: str, **params: Any):
+        """An instance of the sequence-level term ``name`` built with ``params`` (``distill.sequence``)."""
+        from distill.params import validate_params
+
+        registration = self.lookup("sequence_term", name)
+        cls = registration.obj
+        return cls(validate_params(cls.Params, params, f"sequence term {registration.name}"))
 
     def get_recipe(self, name: str) -> Recipe:
         return self.lookup("recipe", name).obj
