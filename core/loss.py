@@ -84,15 +84,20 @@ class LogitRows:
     def __post_init__(self) -> None:
         self.width = self.tensor.shape[-1]
         self.inputs = (self.tensor,)
+        # float16 rows are read, and their gradient kept, in float32 until the GradScaler's factor has
+        # been applied (backward): (q - p) / n_tokens of a rare token is below what float16 can hold
+        self.compute_dtype = torch.float32 if self.tensor.dtype == torch.float16 else self.tensor.dtype
 
     def want(self, flags: tuple[bool, ...]) -> None:
-        self.grad = torch.zeros_like(self.tensor) if flags[0] else None
+        self.grad = (
+            torch.zeros(self.tensor.shape, dtype=self.compute_dtype, device=self.tensor.device) if flags[0] else None
+        )
 
     def _rows(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
         return tuple(i[start:stop] for i in self.index)
 
     def block(self, start: int, stop: int) -> torch.Tensor:
-        return self.tensor[self._rows(start, stop)]
+        return self.tensor[self._rows(start, stop)].to(self.compute_dtype)
 
     def transform(self, rows: torch.Tensor) -> torch.Tensor:
         return rows

@@ -350,3 +350,24 @@ def test_default_chunk_is_about_8_mib_of_float32(vocab_size):
     assert rows >= 1
     assert rows * vocab_size <= distill.loss.CHUNK_ELEMENTS or rows == 1
     assert (rows + 1) * vocab_size > distill.loss.CHUNK_ELEMENTS
+
+
+def test_float16_logits_keep_the_small_gradients_a_grad_scaler_lifts():
+    # as the fused head (tests/test_fused.py): (q - p) / n_tokens of a rare token underflows float16
+    # unless it meets the GradScaler's factor in float32 first
+    rows, vocab, grad_scale = 256, 2048, 2.0**16
+    generator = torch.Generator().manual_seed(0)
+    prior = -torch.linspace(0, 12, vocab)  # the rarest token e^-12 below the commonest
+    student = (torch.randn(rows, vocab, generator=generator) + prior).half().requires_grad_()
+    teacher = (torch.randn(rows, vocab, generator=generator) + prior).half()
+    divergence = distill.get_divergence("kl")
+    distill.divergence_loss(divergence, student, teacher, n_tokens=float(rows)).backward(torch.tensor(grad_scale))
+    reference = student.detach().float().requires_grad_()
+    distill.divergence_loss(divergence, reference, teacher.float(), n_tokens=float(rows)).backward(
+        torch.tensor(grad_scale)
+    )
+    zeros = float((student.grad == 0).float().mean()) * 100
+    reference_zeros = float((reference.grad == 0).float().mean()) * 100
+    assert student.grad.dtype == torch.float16 and student.grad.isfinite().all()
+    assert zeros <= reference_zeros + 0.1, (zeros, reference_zeros)
+    assert float((student.grad.float() - reference.grad).norm() / reference.grad.norm()) < 1e-2
