@@ -21,7 +21,8 @@ Setting (the defaults; flags change them):
 Recipes: kd, sft, skew_kl and skew_rkl (off-policy), rkl (off-policy reverse KL, the control that
 "skew KL >= KL and RKL" needs beside kd), distillm, distillm with skew_rkl, gkd with TRL's
 settings (β 0.5, λ 0.5), gkd as the DistiLLM paper ran it (jsd β 0.1, λ 0.5, replay buffer),
-imitkd, minillm, and distillm2 where that recipe is registered.
+imitkd, minillm (as its authors run it), rkl_onpolicy (the approximation earlier runs called
+minillm) and distillm2 where that recipe is registered.
 
 Budgets: ``steps``: every recipe runs epochs x steps-per-epoch optimizer steps. ``seconds``: every
 recipe gets the training seconds (optimizer steps only) that ``distillm`` took at equal steps,
@@ -84,7 +85,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"divergence": {"params": {"beta": 0.1}}, "policy": {"params": {"prob": 0.5, "replay": True}}},
     ),
     "imitkd": ("imitkd", {}),
-    "minillm": ("minillm", {}),
+    "minillm": ("minillm", {}),  # MiniLLM as its authors run it (before 2026-12-04: the approximation below)
+    "rkl_onpolicy": ("rkl_onpolicy", {}),  # the token-level approximation the study's first runs called minillm
     "distillm2": ("distillm2", {}),
 }
 

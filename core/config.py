@@ -87,6 +87,14 @@ class DivergenceSpec(_Section):
     temperature: float = Field(1.0, gt=0, description="divides teacher and student logits")
 
 
+class SequenceSpec(_Section):
+    """A sequence-level term of a group (``distill.sequence``: MiniLLM's long-term policy gradient)."""
+
+    name: str = Field(description="registered sequence term (distill.sequence; built-in: minillm_pg)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the sequence term's parameters")
+    weight: float = Field(1.0, ge=0, description="its weight beside the divergence and the cross-entropy")
+
+
 class TermSpec(_Section):
     """The loss term of one source's group of sequences (``objective.terms.<source>``); a plain string
     in a file or flag sets ``divergence``."""
@@ -114,6 +122,11 @@ class TermSpec(_Section):
         None,
         ge=0,
         description="weight of the student's cross-entropy on this group's responses; default: train.ce_weight",
+    )
+    sequence: SequenceSpec | None = Field(
+        None,
+        description="a sequence-level term over the group's sampled responses, beside the divergence "
+        "(needs a policy that records rollouts: teacher_mixed)",
     )
 
     @model_validator(mode="before")

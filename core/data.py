@@ -29,6 +29,9 @@ class Example:
     """The response text, for ROUGE-L against generated answers."""
     messages: list[dict[str, str]] | None = field(default=None, compare=False, repr=False)
     """The prompt as chat messages, to encode it with another tokenizer (``distill.vocabulary``)."""
+    rollout: tuple[list[float], list[float], list[float]] | None = field(default=None, compare=False, repr=False)
+    """For a sampled response (``teacher_mixed``): per response token, log p under the teacher, log q
+    under the student that sampled it, and the importance weight q / p̃ (``distill.sequence.Rollout``)."""
 
 
 @dataclass
@@ -40,6 +43,9 @@ class Batch:
     position_ids: torch.Tensor
     response_mask: torch.Tensor
     """``[B, R]`` true at response tokens (EOS included); the labels are ``input_ids[:, P:]``."""
+    rollout: torch.Tensor | None = None
+    """``[3, B, R]``: the examples' ``rollout`` (teacher log-probs, old log-probs, weights; 0, 0, 1 past
+    each response), when every example has one."""
 
     @property
     def n_tokens(self) -> int:
@@ -66,7 +72,8 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(
-            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.response_mask))
+            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.response_mask)),
+            None if self.rollout is None else self.rollout.to(device),
         )
 
 
@@ -83,7 +90,13 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         attention[row, p - len(e.prompt_ids) : p + len(e.response_ids)] = 1
         response_mask[row, : len(e.response_ids)] = True
     position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
-    return Batch(ids, attention, position_ids, response_mask)
+    rollout = None
+    if all(e.rollout is not None for e in examples):
+        rollout = torch.zeros((3, len(examples), r), dtype=torch.float32)
+        rollout[2] = 1.0
+        for row, e in enumerate(examples):
+            rollout[:, row, : len(e.response_ids)] = torch.tensor(e.rollout, dtype=torch.float32)
+    return Batch(ids, attention, position_ids, response_mask, rollout)
 
 
 def collate_prompts(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

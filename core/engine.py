@@ -49,9 +49,10 @@ class RunResult:
 
     @property
     def student_share(self) -> float:
-        """Share of steps trained on student-generated outputs (fresh or replayed)."""
+        """Share of steps trained on student-generated outputs (fresh, replayed, or teacher-mixed)."""
         total = sum(self.sources.values())
-        return (self.sources.get("student", 0) + self.sources.get("replay", 0)) / total if total else 0.0
+        generated = sum(self.sources.get(source, 0) for source in ("student", "replay", "mixed"))
+        return generated / total if total else 0.0
 
 
 def train(

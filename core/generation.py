@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from distill.errors import ConfigError
+
 from distill.data import Example, collate_prompts
 from distill.fused import head_of
 from distill.models import contiguous_head_input, stop_ids, vocab_size
@@ -86,6 +88,47 @@ class ResponseGenerator:
                 model = self.copies.get(model)
             contiguous_head_input(model)  # generation's last-position logits are a strided slice too
             return self._generate(model, examples, greedy, max_new_tokens, batch_size, stops, progress, even)
+
+    def mixed(self, student, teacher, examples: list[Example], alpha: float) -> list[Example]:
+        """Teacher-mixed sampling (``decode_mixed``) for the examples' prompts, in batches: each response
+        ends at the student's stop ids and carries its ``rollout`` (log p, log q and q / p̃ per token)."""
+        if self.synced:
+            raise ConfigError(
+                "teacher-mixed sampling runs its own decode loop over both models, which sharded training "
+                "(FSDP, ZeRO-3) cannot enter; run it with DDP"
+            )
+        if not self.cfg.temperature > 0:
+            raise ConfigError("teacher-mixed sampling samples: generation.temperature must be > 0")
+        with self.full_params(student), self.full_params(teacher):
+            student, teacher = self.unwrap(student), self.unwrap(teacher)
+            stops = self.stop_ids(student)
+            if self.copies is not None:
+                student = self.copies.get(student)
+            for role, model in (("student", student), ("teacher", teacher)):
+                if not decodable(model):
+                    raise ConfigError(f"teacher-mixed sampling needs a decoder-only transformers {role}")
+                contiguous_head_input(model)
+            pick = TokenPicker(self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.n_tokens)
+            modes = student.training, teacher.training
+            student.eval(), teacher.eval()
+            device = next(student.parameters()).device
+            out: list[Example] = []
+            try:
+                for start in range(0, len(examples), self.batch_size):
+                    chunk = examples[start : start + self.batch_size]
+                    ids, attention = (x.to(device) for x in collate_prompts(chunk, self.pad_id))
+                    with torch.no_grad():
+                        tokens, records = decode_mixed(
+                            student, teacher, ids, attention, alpha, pick, self.cfg.max_new_tokens, stops, self.pad_id
+                        )
+                    for row, (example, new) in enumerate(zip(chunk, tokens.tolist())):
+                        response = self._cut(new, stops)
+                        rollout = tuple(records[k, row, : len(response)].tolist() for k in range(3))
+                        out.append(Example(example.prompt_ids, response, reference=example.reference, rollout=rollout))
+            finally:
+                student.train(modes[0])
+                teacher.train(modes[1])
+        return out
 
     def stop_ids(self, model) -> list[int]:
         """The ids that end the responses ``model`` (wrapped or not) generates."""
@@ -214,6 +257,12 @@ class TokenPicker:
             return logits.argmax(-1)
         return self._draw(self._filtered(logits / self.temperature).softmax(-1))
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, V]`` logits -> the ``[B, V']`` float32 distribution ``__call__`` samples from (V' = ``n_tokens``)."""
+        if self.n_tokens is not None and logits.shape[-1] > self.n_tokens:
+            logits = logits[:, : self.n_tokens]
+        return self._filtered(logits.float() / self.temperature).softmax(-1)
+
     def _filtered(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B, V]`` logits with those outside top-k / top-p set to -inf."""
         if 0 < self.top_k < logits.shape[-1]:
@@ -289,37 +338,82 @@ def decode(
         return _decode(model, input_ids, attention_mask, pick, max_new_tokens, stops, pad_id)
 
 
+class _Stepper:
+    """One model's side of a decode loop: its cache, the positions and attention mask of the rows still
+    going, and one forward per new token (the last position's logits)."""
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
+        base = _transformers_model(model)
+        keywords = _forward_keywords(base)
+        self.model, self.cache_keyword, self.cache = model, _cache_keyword(keywords), _new_cache(base)
+        self.prompt_length = input_ids.shape[1]
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # the mask of every step, sliced; None without padding (what generate does: the model's causal path is faster)
+        self.attention = (
+            None
+            if bool(attention_mask.all())
+            else torch.cat([attention_mask, attention_mask.new_ones(input_ids.shape[0], max_new_tokens)], dim=1)
+        )
+        first = dict(logits_to_keep=1) if "logits_to_keep" in keywords else {}
+        self.logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask if self.attention is not None else None,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_keyword: self.cache},
+            **first,
+        ).logits[:, -1]
+        self.next_position = positions[:, -1:] + 1
+
+    def keep(self, kept: torch.Tensor) -> None:
+        """Only the rows ``kept`` go on (the others ended)."""
+        self.next_position = self.next_position[kept]
+        self.attention = self.attention[kept] if self.attention is not None else None
+        self.cache.batch_select_indices(kept)
+
+    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """Feed ``tokens`` (the step-th new token of each row going); the next position's logits."""
+        step_mask = self.attention[:, : self.prompt_length + step + 1] if self.attention is not None else None
+        self.logits = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=step_mask,
+            position_ids=self.next_position,
+            use_cache=True,
+            **{self.cache_keyword: self.cache},
+        ).logits[:, -1]
+        self.next_position = self.next_position + 1
+        return self.logits
+
+
 def _decode(model, input_ids, attention_mask, pick, max_new_tokens, stops, pad_id) -> torch.Tensor:
-    base = _transformers_model(model)
-    keywords = _forward_keywords(base)
-    cache_keyword = _cache_keyword(keywords)
-    cache = _new_cache(base)
-    batch, prompt_length = input_ids.shape
-    device = input_ids.device
+    tokens_out, _ = _decode_loop(
+        [_Stepper(model, input_ids, attention_mask, max_new_tokens)],
+        lambda logits: (pick(logits[0]), None),
+        max_new_tokens,
+        stops,
+        pad_id,
+    )
+    return tokens_out
+
+
+def _decode_loop(steppers: list[_Stepper], choose, max_new_tokens: int, stops, pad_id: int):
+    """The loop of ``decode``: ``choose([logits of each stepper])`` gives the next token of every row
+    going and, optionally, ``[k, rows]`` numbers to record per token; returns the ``[B, N]`` tokens
+    and the ``[k, B, N]`` records (0 past a row's end; None when ``choose`` records nothing)."""
+    first = steppers[0].logits
+    batch, device = first.shape[0], first.device
     responses = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    records = None
     stops = [stops] if isinstance(stops, int) else list(stops or [])
     stop = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
     rows = torch.arange(batch, device=device)  # the row of `responses` each live row writes to
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    # the mask of every step, sliced; None without padding (what generate does: the model's causal path is faster)
-    attention = (
-        None
-        if bool(attention_mask.all())
-        else torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
-    )
-    first = dict(logits_to_keep=1) if "logits_to_keep" in keywords else {}
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask if attention is not None else None,
-        position_ids=positions,
-        use_cache=True,
-        **{cache_keyword: cache},
-        **first,
-    ).logits[:, -1]
-    next_position = positions[:, -1:] + 1
     for step in range(max_new_tokens):
-        tokens = pick(logits)
+        tokens, recorded = choose([stepper.logits for stepper in steppers])
         responses[rows, step] = tokens
+        if recorded is not None:
+            if records is None:
+                records = torch.zeros((recorded.shape[0], batch, max_new_tokens), dtype=recorded.dtype, device=device)
+            records[:, rows, step] = recorded
         if step == max_new_tokens - 1:
             break
         if stop is not None:
@@ -328,19 +422,42 @@ def _decode(model, input_ids, attention_mask, pick, max_new_tokens, stops, pad_i
                 if not bool(going.any()):
                     break
                 kept = going.nonzero().squeeze(1)
-                rows, tokens, next_position = rows[kept], tokens[kept], next_position[kept]
-                attention = attention[kept] if attention is not None else None
-                cache.batch_select_indices(kept)
-        step_mask = attention[:, : prompt_length + step + 1] if attention is not None else None
-        logits = model(
-            input_ids=tokens[:, None],
-            attention_mask=step_mask,
-            position_ids=next_position,
-            use_cache=True,
-            **{cache_keyword: cache},
-        ).logits[:, -1]
-        next_position = next_position + 1
-    return responses
+                rows, tokens = rows[kept], tokens[kept]
+                for stepper in steppers:
+                    stepper.keep(kept)
+        for stepper in steppers:
+            stepper.step(tokens, step)
+    return responses, records
+
+
+def decode_mixed(
+    student,
+    teacher,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    alpha: float,
+    pick: TokenPicker,
+    max_new_tokens: int,
+    stops: int | list[int] | None,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-mixed sampling (MiniLLM): every new token is drawn from p̃ = alpha x p + (1 - alpha) x q,
+    the teacher's and the student's next-token distributions after ``pick``'s temperature and top-k /
+    top-p (mixed in probability space, as the official code's generation does), in one loop over both
+    models. Returns the ``[B, N]`` tokens (as ``decode``) and ``[3, B, N]`` per token: log p(y_t),
+    log q(y_t) and the importance weight q(y_t) / p̃(y_t) (0, 0, 0 past a row's end)."""
+
+    def choose(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        q, p = (pick.probabilities(x) for x in logits)
+        mixed = alpha * p + (1 - alpha) * q
+        tokens = TokenPicker._draw(mixed)
+        at = tokens[:, None]
+        q_y, p_y, mixed_y = (x.gather(-1, at).squeeze(-1) for x in (q, p, mixed))
+        return tokens, torch.stack([p_y.log(), q_y.log(), q_y / mixed_y])
+
+    with few_row_head(student), few_row_head(teacher):
+        steppers = [_Stepper(m, input_ids, attention_mask, max_new_tokens) for m in (student, teacher)]
+        return _decode_loop(steppers, choose, max_new_tokens, stops, pad_id)
 
 
 FEW_ROWS = 8

@@ -13,7 +13,7 @@ import torch
 
 from distill.params import Params
 
-Source = Literal["dataset", "teacher", "student", "replay"]
+Source = Literal["dataset", "teacher", "student", "replay", "mixed"]
 """Where an optimizer step's sequences came from (the ``source`` column of metrics.jsonl)."""
 
 

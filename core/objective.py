@@ -26,6 +26,7 @@ from distill.config import RunConfig, TermSpec
 from distill.data import Batch
 from distill.errors import ConfigError, UnknownPluginError
 from distill.interfaces import Source
+from distill.sequence import Rollout
 from distill.loss import TokenTerms, counted, token_loss
 from distill.models import contiguous_head_input
 
@@ -36,11 +37,17 @@ source a policy declares."""
 
 @dataclass
 class Term:
-    """The loss term of one source's group: ``weight x divergence + ce_weight x cross-entropy``."""
+    """The loss term of one source's group: ``weight x divergence + ce_weight x cross-entropy``, plus
+    ``sequence_weight x`` a sequence-level term (``distill.sequence``) when the spec names one."""
 
     divergence: Any
     spec: TermSpec
     ce_weight: float
+    sequence: Any = None
+
+    @property
+    def sequence_weight(self) -> float:
+        return self.spec.sequence.weight if self.spec.sequence is not None else 0.0
 
     def weight(self, step: int, total_steps: int, curriculum: bool = True) -> float:
         return self.spec.weight_at(step, total_steps) if curriculum else self.spec.weight
@@ -66,10 +73,13 @@ class Objective:
             temperature = spec.temperature if spec.temperature is not None else run.temperature
             try:
                 divergence = registry.get_divergence(name, temperature=temperature, **params)
+                sequence = (
+                    registry.get_sequence_term(spec.sequence.name, **spec.sequence.params) if spec.sequence else None
+                )
             except (ConfigError, UnknownPluginError) as error:
                 raise type(error)(f"objective.terms.{source}: {error}") from None
             self.terms[source] = Term(
-                divergence, spec, cfg.train.ce_weight if spec.ce_weight is None else spec.ce_weight
+                divergence, spec, cfg.train.ce_weight if spec.ce_weight is None else spec.ce_weight, sequence
             )
 
     def term(self, source: str) -> Term:
@@ -79,6 +89,16 @@ class Objective:
     def scheduled(self) -> bool:
         """Whether some term's weight changes during the run."""
         return self.curriculum and any(t.scheduled for t in self.terms.values())
+
+    def check_sequence_terms(self, policy, policy_name: str) -> None:
+        """A sequence-level term reads the sampling record of its group's responses: a policy that
+        records none (dataset responses carry no sampling probabilities) is refused in one line."""
+        for source, term in self.terms.items():
+            if term.sequence is not None and not getattr(policy, "records_rollouts", False):
+                raise ConfigError(
+                    f"objective.terms.{source}.sequence: {term.sequence.name} needs sampled responses with their "
+                    f"log-probabilities, and policy {policy_name} records none; use --policy teacher_mixed"
+                )
 
     def check_sources(self, policy, policy_name: str) -> None:
         """A term for a source no policy returns is a typo: one line naming the sources there are.
@@ -174,6 +194,8 @@ def micro_loss(
     kd_weight: float = 1.0,
     normalize: str = "token",
     prepared: Any = None,
+    sequence: Any = None,
+    sequence_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The one micro-batch loss: ``kd_weight`` x divergence + ``ce_weight`` x the student's
     cross-entropy on the response tokens of ``batch``, over ``denominator`` (``group_denominator``;
@@ -181,7 +203,8 @@ def micro_loss(
     ``distill.teacher.TeacherSide`` (live logits, fused heads, a cache; ``prepared``: what its
     ``prepare`` gave for this micro-batch). Without a teacher (sequence-level KD across tokenizers: no
     logits in common) the student's cross-entropy alone; with ``kd_weight`` 0 the teacher is not run
-    and the loss is ``ce_weight`` x cross-entropy. ``parts``: the unweighted values."""
+    and the loss is ``ce_weight`` x cross-entropy. ``sequence``: a sequence-level term over the batch's
+    rollout (``distill.sequence``), weighted ``sequence_weight``. ``parts``: the unweighted values."""
     mask = batch.response_mask
     index = counted(mask, mask.shape, mask.device)
     weights = sequence_weights(mask)[index] if normalize == "sequence" else None
@@ -193,8 +216,22 @@ def micro_loss(
     else:
         teacher_rows = side.teacher_rows(batch, index, prepared)
         terms = TokenTerms(side.wrap(divergence, prepared), kd_weight, ce_weight)
+    rollout = None
+    if sequence is not None:
+        if batch.rollout is None:
+            raise RuntimeError("a sequence term's group holds responses without a rollout (check_sequence_terms)")
+        record = Rollout(*batch.rollout, mask)
+        rollout = (sequence.advantages(record)[index], record.old_logprobs[index], record.weights[index])
+        terms.sequence, terms.sequence_weight = sequence, sequence_weight
     return token_loss(
-        student_rows, teacher_rows, terms, index, n_tokens=denominator, labels=batch.labels[index], weights=weights
+        student_rows,
+        teacher_rows,
+        terms,
+        index,
+        n_tokens=denominator,
+        labels=batch.labels[index],
+        weights=weights,
+        rollout=rollout,
     )
 
 

@@ -21,10 +21,13 @@ from distill.data import Example
 
 @dataclass
 class SamplingContext:
-    """What a policy may call: generation from the student or the teacher (batched, KV cache)."""
+    """What a policy may call: generation from the student or the teacher (batched, KV cache), and
+    ``generate_mixed(examples, alpha)``: teacher-mixed sampling, each response token drawn from
+    alpha x p + (1 - alpha) x q, the responses carrying their ``rollout`` (``distill.sequence``)."""
 
     generate_student: Callable[[list[Example]], list[Example]]
     generate_teacher: Callable[[list[Example]], list[Example]]
+    generate_mixed: Callable[[list[Example], float], list[Example]] | None = None
 
 
 def policy_generates(policy) -> bool:

@@ -102,7 +102,9 @@ def plan_run(config: RunConfig, registry: Registry | None = None) -> RunPlan:
     registration = registry.lookup("policy", config.policy.name)
     params = validate_params(registration.obj.Params, dict(config.policy.params), f"policy {registration.name}")
     # on an instance: a policy may set its `sources` in __init__
-    objective.check_sources(registration.obj(params), config.policy.name)
+    policy = registration.obj(params)
+    objective.check_sources(policy, config.policy.name)
+    objective.check_sequence_terms(policy, config.policy.name)
     return RunPlan(config, objective, registration.obj, params)
 
 

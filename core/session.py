@@ -56,7 +56,7 @@ from distill.interfaces import SamplingPolicy
 from distill.policy import SamplingContext, policy_generates
 from distill.registry import Registry
 from distill.resolve import RunPlan
-from distill.teacher import TeacherSide, teacher_side
+from distill.teacher import TeacherSide, live, teacher_side
 from distill.teacher_cache import TeacherCache
 from distill.vocabulary import TextBridge, check_data_ids, cross_tokenizer_error, mismatch, student_tokenizer_ref
 
@@ -127,6 +127,8 @@ class Session:
             kd_weight=train.kd_weight * weight,
             normalize=train.normalize,
             prepared=prepared,
+            sequence=term.sequence,
+            sequence_weight=term.sequence_weight * weight,
         )
 
     @property
@@ -494,7 +496,11 @@ def _generation(cfg: RunConfig, accelerator, models: Models, teacher, student, v
         data_tokenizer, cfg.generation, batch, unwrap, synced, full_params(accelerator), inference_dtype
     )
     # even: a policy may ask the processes for different numbers of responses (contrastive's kept ones)
-    context = SamplingContext(lambda ex: generate(student, ex, even=True), lambda ex: generate(teacher, ex, even=True))
+    context = SamplingContext(
+        lambda ex: generate(student, ex, even=True),
+        lambda ex: generate(teacher, ex, even=True),
+        lambda ex, alpha: generate.mixed(student, live(teacher), ex, alpha),
+    )
     ends = {
         "teacher": set(generate.stop_ids(teacher)) if teacher is not None else set(),
         "student": set(generate.stop_ids(student)),
@@ -517,7 +523,7 @@ def _generation(cfg: RunConfig, accelerator, models: Models, teacher, student, v
             progress=functools.partial(progress, "teacher answers (validation)"),
         )
         val_set = [bridge.to_student(e, a) for e, a in zip(val_set, answers)]
-    ends["replay"] = ends["student"]
+    ends["replay"] = ends["mixed"] = ends["student"]
     return generate, context, ends, val_set
 
 

@@ -339,7 +339,7 @@ def check_divergence(plugin_cls: type, *, max_examples: int | None = None, **par
 # --- policies
 
 
-MARKS = {"dataset": 11, "student": 12, "teacher": 13}
+MARKS = {"dataset": 11, "student": 12, "teacher": 13, "mixed": 14}
 """The first response token of each origin, so a returned example shows where it came from."""
 EOS = 2
 
@@ -354,7 +354,7 @@ class SimulatedContext(SamplingContext):
     step: int = 0
     calls: list[tuple[int, str, int]] = field(default_factory=list)
     generated: dict[str, set[tuple[tuple[int, ...], tuple[int, ...]]]] = field(
-        default_factory=lambda: {"student": set(), "teacher": set()}
+        default_factory=lambda: {"student": set(), "teacher": set(), "mixed": set()}
     )
 
     @classmethod
@@ -362,6 +362,7 @@ class SimulatedContext(SamplingContext):
         context = cls(
             lambda ex: context.generate("student", ex),
             lambda ex: context.generate("teacher", ex),
+            lambda ex, alpha: context.generate("mixed", ex),
             process_index,
             num_processes,
         )
@@ -369,7 +370,11 @@ class SimulatedContext(SamplingContext):
 
     def generate(self, model: str, examples: list[Example]) -> list[Example]:
         self.calls.append((self.step, model, len(examples)))
-        out = [Example(list(e.prompt_ids), [MARKS[model], 20 + self.step, 20 + i, EOS]) for i, e in enumerate(examples)]
+        rollout = ([-1.0] * 4, [-1.5] * 4, [1.0] * 4) if model == "mixed" else None  # 4 response tokens
+        out = [
+            Example(list(e.prompt_ids), [MARKS[model], 20 + self.step, 20 + i, EOS], rollout=rollout)
+            for i, e in enumerate(examples)
+        ]
         self.generated[model].update((tuple(e.prompt_ids), tuple(e.response_ids)) for e in out)
         return out
 
@@ -523,7 +528,12 @@ def _valid_sources(plugin: _Policy, schedule: _Schedule) -> None:
         fresh = {
             model: {(p, r) for p, r in context.generated[model] if r[1] == 20 + t} for model in ("student", "teacher")
         }
-        origin = {"dataset": dataset, **fresh, "replay": context.generated["student"]}
+        origin = {
+            "dataset": dataset,
+            **fresh,
+            "replay": context.generated["student"],
+            "mixed": context.generated["mixed"],
+        }
         for source, examples in zip(record.sources, record.examples):
             stray = [e for e in examples if e not in origin[source]]
             if stray:
@@ -532,6 +542,7 @@ def _valid_sources(plugin: _Policy, schedule: _Schedule) -> None:
                     "student": "this step's student generations",
                     "teacher": "this step's teacher generations",
                     "replay": "past student generations",
+                    "mixed": "teacher-mixed generations",
                 }[source]
                 plugin.fail(f"step {t}: labelled {source!r} but {stray[0]} is not among {where} ({schedule})")
 

@@ -1,8 +1,9 @@
 """Built-in sampling policies: where each optimizer step's training sequences come from.
 
 ``offpolicy`` (the dataset), ``teacher`` (SeqKD), ``onpolicy`` (fresh student outputs), ``mixed``
-(GKD / ImitKD), ``adaptive_offpolicy`` (DistiLLM's scheduler with replay) and ``contrastive``
-(DistiLLM-2: the teacher's and the student's responses to the same prompts, as two groups).
+(GKD / ImitKD), ``adaptive_offpolicy`` (DistiLLM's scheduler with replay), ``contrastive``
+(DistiLLM-2: the teacher's and the student's responses to the same prompts, as two groups) and
+``teacher_mixed`` (MiniLLM: tokens from the teacher-student mixture, with their rollout).
 Each declares the ``sources`` it may return (``objective.terms`` keys are checked against them).
 """
 
@@ -248,7 +249,57 @@ class Contrastive(RandomPolicy):
         self.responses = {tuple(prompt): (list(response), int(made)) for prompt, response, made in state["responses"]}
 
 
+class TeacherMixed(RandomPolicy):
+    """MiniLLM's sampling: responses drawn token by token from alpha x p + (1 - alpha) x q, the teacher's
+    and the student's next-token distributions in one decode loop, each token recording log p, log q
+    and its importance weight q / p̃ (the ``rollout`` a sequence term reads: ``minillm_pg``).
+
+    A collection (one step's prompts, answered by the student of that step) is trained on for
+    ``inner_epochs`` optimizer steps with the log-probs of the student that sampled it, as the official
+    code's PPO epochs reuse a collection (``minillm/trainer.py:242-391``; ``ppo_epochs`` 4 in
+    ``scripts/gpt2/minillm/train_base_xl.sh:70``). With its 16 processes and 256 rollouts a process
+    holds 16 rollouts, one mini-batch of 16, so each collection gives 4 optimizer steps on the same
+    sequences: the schedule here. The dataset examples of the steps that reuse a collection are not
+    trained on; the data position still advances. alpha 0.2: ``train_base_xl.sh:76``."""
+
+    name = "teacher_mixed"
+    sources = ("mixed",)
+    records_rollouts = True
+
+    class Params(distill.Params):
+        alpha: float = Field(0.2, ge=0, le=1, description="the teacher's share of the sampling mixture")
+        inner_epochs: int = Field(4, ge=1, description="optimizer steps trained on each collection of rollouts")
+
+    def __init__(self, params: "TeacherMixed.Params") -> None:
+        super().__init__(params)
+        self.collection: list[Example] = []
+        self.uses = 0
+
+    def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
+        if not self.collection or self.uses >= self.params.inner_epochs:
+            if context.generate_mixed is None:
+                raise TypeError("policy teacher_mixed: the sampling context cannot sample from the teacher mixture")
+            self.collection, self.uses = context.generate_mixed(examples, self.params.alpha), 0
+        self.uses += 1
+        return self.collection, "mixed"
+
+    def metrics(self) -> dict[str, float]:
+        return {"collection_use": float(self.uses)}
+
+    def state_dict(self) -> dict[str, Any]:
+        kept = [(e.prompt_ids, e.response_ids, [list(x) for x in e.rollout]) for e in self.collection]
+        return {**super().state_dict(), "collection": kept, "uses": self.uses}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.collection = [
+            Example(list(prompt), list(response), rollout=tuple(list(x) for x in rollout))
+            for prompt, response, rollout in state["collection"]
+        ]
+        self.uses = int(state["uses"])
+
+
 @distill.hookimpl
 def register_policies(register) -> None:
-    for policy in (OffPolicy, TeacherPolicy, OnPolicy, Mixed, AdaptiveOffPolicy, Contrastive):
+    for policy in (OffPolicy, TeacherPolicy, OnPolicy, Mixed, AdaptiveOffPolicy, Contrastive, TeacherMixed):
         register(policy)

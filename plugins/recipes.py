@@ -32,14 +32,33 @@ RECIPES = (
         divergence_params={"beta": 0.5},
         policy_params={"prob": 0.5},
     ),
+    # MiniLLM as its authors run it (microsoft/LMOps, minillm/, commit 4f2a9deb5f08e459fd44c2e4792344d78ca89fc3):
+    # - the single-step term: exact token-level KL(q || p) on the sampled prefixes, weight 1, no importance
+    #   weight (losses.py:98-108, 172-173; single_step_reg on in scripts/gpt2/minillm/train_base_xl.sh:75);
+    # - the long-term term: minillm_pg with its defaults (rewards /0.5 and clipped at 100, gamma 0.95,
+    #   length-normalised, whitened returns, PPO ratio x w clipped at 0.2: see plugins/sequence_terms.py);
+    # - teacher-mixed sampling at alpha 0.2 (train_base_xl.sh:76), each collection trained on for 4 optimizer
+    #   steps (ppo_epochs 4, :70); temperature 1, top-k 0, top-p 1 (:81-84: generation's defaults here);
+    # - no cross-entropy on the samples (the RL loss has none, trainer.py:287): the term's ce_weight is 0.
+    # Not here: the pre-training term (lm_coef 1, kd_ratio 0.5 on an LM corpus, losses.py:206-226) and the
+    # learning rate 5e-6 with 16 GPUs' batches (:53-54), which the run's train.lr and data set.
     distill.Recipe(
         "minillm",
+        "MiniLLM: reverse KL of whole responses by policy gradient on teacher-mixed samples",
+        "rkl",
+        "teacher_mixed",
+        policy_params={"alpha": 0.2, "inner_epochs": 4},
+        config={"objective.terms.mixed": {"sequence": {"name": "minillm_pg"}, "ce_weight": 0.0}},
+        note="single-step token-level reverse KL + minillm_pg's long-term term (official code's settings); "
+        "without MiniLLM's pre-training term",
+    ),
+    distill.Recipe(
+        "rkl_onpolicy",
         "reverse KL on student generations",
         "rkl",
         "onpolicy",
-        note="approximation: MiniLLM proper optimises reverse KL by policy gradient with "
-        "teacher-mixed sampling and length normalisation; this trains token-level reverse KL "
-        "on pure student samples",
+        note="the token-level approximation the project shipped as minillm before: reverse KL on pure student "
+        "samples, no long-term term, no teacher-mixed sampling",
     ),
     distill.Recipe(
         "distillm",

@@ -49,6 +49,7 @@ RECIPES = {
     "seqkd": [],
     "imitkd": ["-P", "capacity=8"],
     "gkd": [],
+    "rkl_onpolicy": [],
     "minillm": [],
     "distillm": ["-P", "init_prob=0.5", "-P", "capacity=8"],
     "distillm2": [],
@@ -63,11 +64,7 @@ def cases() -> dict[str, list[str]]:
     """``<recipe>-<fused|full>[-cached]`` -> the ``distill run`` arguments after the models and data."""
     out = {}
     for recipe, extra in RECIPES.items():
-        base = (
-            ["--recipe", recipe]
-            if recipe in ("kd", "sft", "seqkd", "imitkd", "gkd", "minillm", "distillm", "distillm2")
-            else []
-        )
+        base = ["--recipe", recipe] if recipe not in ("tvd", "skew_rkl") else []
         for head in ("fused", "full"):
             args = [*base, *extra, *COMMON, "--set", f"train.fused_head={'true' if head == 'fused' else 'false'}"]
             out[f"{recipe}-{head}"] = args

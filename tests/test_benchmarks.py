@@ -165,7 +165,7 @@ def test_step_cost_counts_the_same_real_tokens_for_the_same_batches_in_every_imp
         assert work[name] == work["kd"] and work[name]["generated_tokens"] == 0
     assert 0 < work["kd"]["logit_rows"] < work["kd"]["trained_tokens"]
     onpolicy = (
-        ["jsd-onpolicy", "minillm"]
+        ["jsd-onpolicy", "rkl_onpolicy"]
         + (["trl-lmbda1"] if HAS_TRL else [])
         + (["trl-distill-onpolicy"] if HAS_DISTILLATION_TRAINER else [])
     )

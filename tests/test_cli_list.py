@@ -236,6 +236,7 @@ def test_piped_output_is_one_line_per_plugin(monkeypatch):
         "offpolicy",
         "onpolicy",
         "teacher",
+        "teacher_mixed",
     ]
     (adaptive,) = [line for line in lines if line.startswith("adaptive_offpolicy ")]
     assert "init_prob=0.0 [>=0, <=1]" in adaptive and adaptive.endswith(f"provider: {BUILTIN_PROVIDER}")

@@ -25,11 +25,12 @@ EXPECTED_SOURCES = {
     "seqkd": {"teacher"},
     "imitkd": {"replay"},
     "gkd": {"dataset", "student"},
-    "minillm": {"student"},
+    "minillm": {"mixed"},
+    "rkl_onpolicy": {"student"},
 }
 
 
-@pytest.mark.parametrize("recipe", ["kd", "seqkd", "imitkd", "gkd", "minillm", "distillm"])
+@pytest.mark.parametrize("recipe", ["kd", "seqkd", "imitkd", "gkd", "minillm", "rkl_onpolicy", "distillm"])
 def test_every_recipe_trains_evaluates_and_saves(padded, tmp_path, recipe):
     # on a pair whose heads are padded differently past the tokenizer (the logits compared: its 300)
     extra = ["-P", "init_prob=1", "-P", "capacity=8"] if recipe == "distillm" else []

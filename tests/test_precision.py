@@ -33,7 +33,7 @@ def test_bf16_student_and_teacher_train_and_save_float32(tmp_path, inference_cop
         "train.batch_size=4", "train.precision=bf16", "teacher.dtype=bfloat16", "generation.max_new_tokens=8"
     )
     result = runner.invoke(
-        app, ["run", "--recipe", "minillm", "--set", copy, *pair_args(paths, out), "--max-steps", "3", *overrides]
+        app, ["run", "--recipe", "rkl_onpolicy", "--set", copy, *pair_args(paths, out), "--max-steps", "3", *overrides]
     )
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
