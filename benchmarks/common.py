@@ -383,15 +383,19 @@ def distill_patches() -> list[tuple[object, str, str | Callable[..., str]]]:
     forward passes that compute the training logits (the teacher's under ``no_grad``). Evaluation
     imports its own reference to ``response_logits``, so it is not counted."""
     import distill.objective
+    import distill.teacher
     from distill.generation import ResponseGenerator
 
+    def forward(*args, **kwargs) -> str:
+        return "student_forward" if torch.is_grad_enabled() else "teacher_forward"
+
+    # the full-logits teacher side (distill.teacher) and the fused heads' capture (through
+    # distill.objective) both call response_logits; teacher-mixed sampling is generation too
     return [
         (ResponseGenerator, "__call__", "generation"),
-        (
-            distill.objective,
-            "response_logits",
-            lambda *a, **k: "student_forward" if torch.is_grad_enabled() else "teacher_forward",
-        ),
+        (ResponseGenerator, "mixed", "generation"),
+        (distill.objective, "response_logits", forward),
+        (distill.teacher, "response_logits", forward),
     ]
 
 

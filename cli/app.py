@@ -69,6 +69,7 @@ def _print_error(error: Exception) -> int:
 class Kind(str, Enum):
     divergences = "divergences"
     policies = "policies"
+    sequence_terms = "sequence-terms"
     recipes = "recipes"
 
 
@@ -255,7 +256,7 @@ def evaluate(
 @app.command("list")
 @user_errors
 def list_plugins(
-    kind: Optional[Kind] = typer.Argument(None, help="Show only divergences, policies or recipes."),
+    kind: Optional[Kind] = typer.Argument(None, help="Show only divergences, policies, sequence-terms or recipes."),
     as_json: bool = typer.Option(
         False, "--json", help="Print JSON: names, aliases, providers, parameters with defaults and ranges."
     ),

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from distill import Registry
 
-_KIND = {"divergences": "divergence", "policies": "policy", "recipes": "recipe"}
+_KIND = {"divergences": "divergence", "policies": "policy", "sequence-terms": "sequence_term", "recipes": "recipe"}
 TABLE_MIN_WIDTH = 100
 """Narrower terminals get one block per plugin: five table columns would leave each a few characters."""
 TEMPERATURE = "temperature=1.0 [>0]: divides both logits (core)"

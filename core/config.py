@@ -258,6 +258,13 @@ class TrainConfig(_Section):
         ),
     )
     lm_weight: float = Field(0.0, ge=0, description="weight of the LM loss on data.lm_path")
+    lm_kd_ratio: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="MiniLLM's kd_ratio: the LM loss is (1 - this) x cross-entropy + this x KL(teacher || student) "
+        "on the corpus's text (the teacher is run on it; MiniLLM's scripts: 0.5)",
+    )
     seed: int = Field(
         0, ge=0, description="seeds the split, the batches, the policy's draws, generation and initialisation"
     )

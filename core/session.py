@@ -49,12 +49,12 @@ from distill.models import (
     share_vocabulary,
     vocab_size,
 )
-from distill.loss import token_cross_entropy
+from distill.loss import LogitRows, TokenTerms, counted, token_cross_entropy, token_loss
 from distill.objective import Objective, micro_loss
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
 from distill.interfaces import SamplingPolicy
 from distill.policy import SamplingContext, policy_generates
-from distill.registry import Registry
+from distill.registry import Registry, default_registry
 from distill.resolve import RunPlan
 from distill.teacher import TeacherSide, live, teacher_side
 from distill.teacher_cache import TeacherCache
@@ -136,8 +136,18 @@ class Session:
         """``lm_loss(n)``: the auxiliary LM loss share of one of ``n`` micro-batches (None: no LM loss)."""
         if self.lm_blocks is None:
             return None
+        teacher = self.teacher if self.cfg.train.lm_kd_ratio > 0 else None
         return lambda n: (
-            _lm_loss(self.student, self.lm_blocks, self.lm_rng, self.cfg.train.batch_size, self.accelerator) / n
+            _lm_loss(
+                self.student,
+                self.lm_blocks,
+                self.lm_rng,
+                self.cfg.train.batch_size,
+                self.accelerator,
+                teacher,
+                self.cfg.train.lm_kd_ratio,
+            )
+            / n
         )
 
     def save(self, step: int, run: RunState) -> Path:
@@ -448,7 +458,9 @@ def _load_models(cfg: RunConfig, checkpoint, policy, cache: TeacherCache | None,
     (from the checkpoint when resuming) and its tokenizer; whether the two tokenizers differ, and
     the number of logits the two heads share."""
     teacher = (
-        load_model(cfg.teacher, "teacher") if cache is None or policy_generates(policy) else None
+        load_model(cfg.teacher, "teacher")
+        if cache is None or policy_generates(policy) or (cfg.train.lm_weight > 0 and cfg.train.lm_kd_ratio > 0)
+        else None
     )  # first: a wrong --teacher is named as such
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher)  # the teacher's
     # a prune:K student is cut from the teacher: loaded for that alone when the run needs no teacher
@@ -570,12 +582,31 @@ def _tracker_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def _lm_loss(student, blocks: list[list[int]], rng: random.Random, batch_size: int, accelerator) -> torch.Tensor:
-    """Student cross-entropy on a batch of plain-text blocks (the auxiliary LM loss)."""
+def _lm_loss(
+    student, blocks: list[list[int]], rng: random.Random, batch_size: int, accelerator, teacher=None, kd_ratio=0.0
+) -> torch.Tensor:
+    """The auxiliary LM loss on a batch of plain-text blocks: the student's cross-entropy, or with a
+    teacher (``train.lm_kd_ratio``, MiniLLM's pre-training term, ``minillm/losses.py:206-226``)
+    ``(1 - kd_ratio) x`` cross-entropy ``+ kd_ratio x`` KL(teacher ‖ student) per token. The official
+    code's distillation part is the cross-entropy to the teacher's distribution, which differs from
+    the KL by the teacher's entropy: the same gradient, a true divergence as value."""
     ids = torch.tensor([blocks[rng.randrange(len(blocks))] for _ in range(batch_size)], device=accelerator.device)
     logits = student(input_ids=ids, use_cache=False).logits[:, :-1]
     mask = torch.ones(ids[:, 1:].shape, dtype=torch.bool, device=ids.device)
-    return token_cross_entropy(logits, ids[:, 1:], mask)
+    if teacher is None or kd_ratio == 0:
+        return token_cross_entropy(logits, ids[:, 1:], mask)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
+    n = min(logits.shape[-1], teacher_logits.shape[-1])  # heads padded past the tokenizer
+    index = counted(mask, mask.shape, mask.device)
+    loss, _ = token_loss(
+        LogitRows(logits[..., :n], index),
+        LogitRows(teacher_logits[..., :n], index),
+        TokenTerms(default_registry().get_divergence("kl"), kd_ratio, 1.0 - kd_ratio),
+        index,
+        labels=ids[:, 1:][index],
+    )
+    return loss
 
 
 __all__ = ["Session", "eval_schedule", "open_session"]

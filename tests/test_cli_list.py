@@ -110,13 +110,13 @@ def test_list_divergences_shows_names_aliases_ranges_and_provider(builtins_only)
     assert "policies" not in out and "recipes" not in out
 
 
-def test_list_everything_shows_three_tables(builtins_only):
+def test_list_everything_shows_four_tables(builtins_only):
     result = runner.invoke(cli_app.app, ["list"])
     assert result.exit_code == 0, result.output
-    titles = [
-        line.strip() for line in result.output.splitlines() if line.strip() in ("divergences", "policies", "recipes")
-    ]
-    assert titles == ["divergences", "policies", "recipes"]
+    kinds = ("divergences", "policies", "sequence-terms", "recipes")
+    titles = [line.strip() for line in result.output.splitlines() if line.strip() in kinds]
+    assert titles == list(kinds)
+    assert "minillm_pg" in result.output
     assert "skew_rkl" in result.output
 
 
@@ -247,7 +247,12 @@ def test_piped_output_is_one_line_per_plugin(monkeypatch):
         and long.endswith("provider: acme_long")
     )
     everything = runner.invoke(cli_app.app, ["list"]).output.splitlines()
-    assert [line for line in everything if line.startswith("#")] == ["# divergences", "# policies", "# recipes"]
+    assert [line for line in everything if line.startswith("#")] == [
+        "# divergences",
+        "# policies",
+        "# sequence-terms",
+        "# recipes",
+    ]
     assert any(
         line.startswith("bracket_kd  divergence: bracketed (floor=0.5)  policy: always (schedule=constant)")
         for line in everything
@@ -258,7 +263,7 @@ def test_json_lists_names_parameters_ranges_aliases_and_providers(with_fake_plug
     result = runner.invoke(cli_app.app, ["list", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert list(data) == ["divergences", "policies", "recipes"]
+    assert list(data) == ["divergences", "policies", "sequence-terms", "recipes"]
     divergences = {item["name"]: item for item in data["divergences"]}
     bracketed = divergences["bracketed"]
     assert set(bracketed) == {"name", "aliases", "provider", "description", "parameters"}

@@ -102,3 +102,32 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, args, words):
     assert result.exit_code == 2, result.output
     assert words in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_the_pre_training_term_mixes_cross_entropy_and_the_teachers_distribution(models):
+    # MiniLLM's pt_loss: (1 - kd_ratio) x LM cross-entropy + kd_ratio x distillation on the corpus text
+    import random
+
+    import distill
+    from distill.session import _lm_loss
+
+    tokenizer, student, teacher, _ = models
+    blocks = [list(range(5, 25)), list(range(30, 50))]
+    accelerator = type("Accelerator", (), {"device": torch.device("cpu")})()
+    ce = _lm_loss(student, blocks, random.Random(0), 2, accelerator)
+    mixed = _lm_loss(student, blocks, random.Random(0), 2, accelerator, teacher, 0.5)
+    ids = torch.tensor([blocks[random.Random(0).randrange(2)] for _ in range(2)])  # the same draws
+    with torch.no_grad():
+        s_logits = student(input_ids=ids).logits[:, :-1]
+        t_logits = teacher(input_ids=ids).logits[:, :-1]
+    kl = distill.divergence_loss(distill.get_divergence("kl"), s_logits, t_logits)
+    assert float(mixed) == pytest.approx(0.5 * float(ce) + 0.5 * float(kl), rel=1e-5)
+
+
+def test_minillm_with_its_pre_training_term_runs(tiny, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one two three four five six seven eight nine ten. " * 40)
+    lm = sets(f"data.lm_path={corpus}", "train.lm_weight=1.0", "train.lm_kd_ratio=0.5", "data.max_prompt_tokens=24")
+    result = run_cli(tiny, tmp_path / "run", "--recipe", "minillm", "--max-steps", "2", *SMALL, *lm)
+    assert result.exit_code == 0, result.output
+    assert all(math.isfinite(m["loss"]) for m in read_jsonl(tmp_path / "run" / "metrics.jsonl"))
