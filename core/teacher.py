@@ -8,7 +8,7 @@ choice is one of these implementations of ``TeacherSide``, made by ``teacher_sid
 - ``LiveTeacher``: full logits of a loaded teacher (and of the student);
 - ``FusedTeacher``: the hidden states entering both models' heads and the heads' weights
   (``train.fused_head``): logits a block at a time, never whole;
-- ``CachedTeacher``: a teacher cache's top-K log-probs (``distill teacher-cache``), against the
+- ``CachedTeacher``: a teacher cache's top-K log-probs (``distill cache-teacher``), against the
   student's rows as the live side computes them, through ``CoarseDivergence``;
 - ``CacheOrLive``: a run with a cache whose policy may generate: each step's micro-batches read the
   cache where it holds every sequence on every process, the live teacher elsewhere (``prepare``).
