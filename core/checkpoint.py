@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from distill.config import RunConfig, read_config_file
-from distill.errors import ConfigError
+from distill.errors import ConfigError, RunStopped
 from distill.outputs import MARKER, RUN, RunFiles, file_sha256, folder_kind
 
 STATE_FILE = "trainer_state.pt"
@@ -349,10 +349,26 @@ def save_checkpoint(
         torch.save({"step": step, **shared, "ranks": ranks}, folder / STATE_FILE)
         write_complete(folder)
 
-    path = files.write_folder(f"checkpoints/step-{step}", fill)
-    if files.main:
+    failed: OSError | None = None
+    try:
+        path = files.write_folder(f"checkpoints/step-{step}", fill)
+    except OSError as error:  # a full disk, a lost mount: the older checkpoints are as they were
+        failed, path = error, files.out / "checkpoints" / f"step-{step}"
+    if failed is None and files.main:
         prune_checkpoints(files.out, keep)
-    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:  # every process stops together if the main process could not write
+        flag = torch.tensor([float(failed is not None)], device=accelerator.device)
+        failed = failed or (OSError("on the main process") if float(accelerator.reduce(flag, "sum")) else None)
+    else:
+        accelerator.wait_for_everyone()
+    if failed is not None:
+        last = latest_checkpoint(files.out)
+        raise RunStopped(
+            f"step {step}: the checkpoint could not be written ({failed.strerror or failed}); "
+            f"{f'the last complete one, {last.path}, is as it was' if last else 'no checkpoint was written yet'}; "
+            f"free the space and continue with: distill run --resume --output-dir {files.out}",
+            1,
+        )
     size = folder_bytes(path) if files.main else 0
     return path, size
 

@@ -191,7 +191,10 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint_as_it_wa
 
     monkeypatch.setattr(distill.checkpoint.torch, "save", full_disk)
     result = run_cli(tiny, out, "--max-steps", "4", "--set", "checkpoint.every=2")
-    assert result.exit_code != 0
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("stopped: step 4: the checkpoint could not be written (No space left on device)"), line
+    assert "step-2" in line and "--resume" in line
     assert [c.step for c in checkpoints(out)] == [2] and checkpoints(out)[0].damage() is None
     monkeypatch.setattr(distill.checkpoint.torch, "save", original)
     result = run_cli(tiny, out, "--max-steps", "4", "--set", "checkpoint.every=2", "--resume")
