@@ -209,7 +209,7 @@ def micro_loss(
     index = counted(mask, mask.shape, mask.device)
     weights = sequence_weights(mask)[index] if normalize == "sequence" else None
     student_rows = side.student_rows(student, batch, index)
-    if side.teacher is None and prepared is None:
+    if not side.logit_level:
         terms, teacher_rows = TokenTerms(ce_weight=1.0), None  # no logits in common: cross-entropy alone
     elif kd_weight == 0:
         terms, teacher_rows = TokenTerms(ce_weight=ce_weight), None

@@ -131,7 +131,7 @@ def remove_owned(folder: Path, kind: FolderKind) -> None:
     """Remove what ``kind`` owns in ``folder``; in its shared folders only the matching entries."""
     for entry in kind.owned(folder):
         pattern = kind.shared.get(entry.name)
-        if pattern is not None and entry.is_dir():
+        if pattern is not None and entry.is_dir() and not entry.is_symlink():  # never reach through a link
             for inner in entry.iterdir():
                 if pattern.fullmatch(inner.name):
                     _remove(inner)

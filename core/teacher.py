@@ -38,6 +38,9 @@ class TeacherSide(Protocol):
 
     teacher: Any
     """The loaded teacher, or None (across tokenizers, or when a cache serves every sequence)."""
+    logit_level: bool
+    """Whether the side gives teacher rows at all: false only for a live side without a teacher
+    (sequence-level KD across tokenizers), where the loss is the student's cross-entropy alone."""
 
     def prepare(self, batches: list[MicroBatch]) -> list[Any]:
         """Once a step, before any micro-batch: what each one's teacher rows are read from (passed back
@@ -58,6 +61,7 @@ class LiveTeacher:
 
     def __init__(self, teacher, unwrap=lambda m: m) -> None:
         self.teacher, self.unwrap = teacher, unwrap
+        self.logit_level = teacher is not None
 
     def prepare(self, batches: list[MicroBatch]) -> list[Any]:
         return [None] * len(batches)
@@ -78,6 +82,7 @@ class FusedTeacher:
 
     def __init__(self, heads: FusedHeads, teacher) -> None:
         self.heads, self.teacher = heads, teacher
+        self.logit_level = teacher is not None
         self.block = fused_sizes(heads.student.n)[0]
 
     def prepare(self, batches: list[MicroBatch]) -> list[Any]:
@@ -102,6 +107,7 @@ class CachedTeacher:
 
     def __init__(self, cache, student_side) -> None:
         self.cache, self.student_side, self.teacher = cache, student_side, student_side.teacher
+        self.logit_level = True
 
     def prepare(self, batches: list[MicroBatch]) -> list[Any]:
         return [
@@ -134,6 +140,7 @@ class CacheOrLive:
     def __init__(self, cache, live_side, accelerator) -> None:
         self.cached = CachedTeacher(cache, live_side)
         self.live_side, self.accelerator, self.teacher = live_side, accelerator, live_side.teacher
+        self.logit_level = True  # a micro-batch the cache lacks needs the live teacher (``live`` says so)
 
     def prepare(self, batches: list[MicroBatch]) -> list[Any]:
         """The cache's targets of each micro-batch, or None where the live teacher answers. A source's

@@ -344,8 +344,6 @@ def test_val_kl_with_a_cache_is_at_the_caches_temperature_and_says_so(tiny, tmp_
     live = run_cli(tiny, tmp_path / "live", *common, "--set", "divergence.name=rkl")
     assert live.exit_code == 0, live.output
     # the live run's val_kl is at temperature 1; the cached one at 2 (K = V: nothing merged)
-    from distill.evaluation import Evaluator  # noqa: F401  (the numbers below are Evaluator's)
-
     cached_kl = read_jsonl(tmp_path / "cached" / "eval.jsonl")[0]["val_kl"]
     live_kl = read_jsonl(tmp_path / "live" / "eval.jsonl")[0]["val_kl"]
     assert math.isfinite(cached_kl) and cached_kl != pytest.approx(live_kl, rel=1e-2)
