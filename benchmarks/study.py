@@ -14,8 +14,10 @@ Setting (the defaults; flags change them):
   answers) for ``--epochs`` passes, evaluated once per epoch (``eval.every: epoch``, the official
   code's cadence): several passes over few prompts let the validation loss stall and turn, so the
   adaptive scheduler gets its signal. Validation: the first ``--val-prompts`` of the 80 built-in validation prompts.
-- Every recipe trains with the same learning rate and schedule (``--lr``, cosine, ``--warmup``);
-  no per-recipe tuning (the grid is the one value). The divergence term alone (``train.ce_weight``
+- Every recipe trains with the same learning rate and schedule (``--lr``, cosine, ``--warmup``). The
+  first runs used one rate for all (5e-4, not tuned; their records keep their names); a run at
+  another rate is named ``<recipe>@lr<rate>`` (``kd@lr0.0001``), so a grid is several calls with
+  ``--lr``, each record keeping its ``lr``. The divergence term alone (``train.ce_weight``
   0), except ``sft``, which is the cross-entropy alone.
 
 Recipes: kd, sft, skew_kl and skew_rkl (off-policy), rkl (off-policy reverse KL, the control that
@@ -39,7 +41,8 @@ Metrics on the validation prompts, at the end: ROUGE-L of greedy answers and of 
 teacher, val CE; and the seconds per step, the student share, φ after each step.
 
 Resumable: each finished run writes ``<root>/records/<budget>-<recipe>-s<seed>.json`` and is skipped
-afterwards; an interrupted run of the same config goes on from its last checkpoint (a stopped
+afterwards (a new machine's root first gets the records of ``--output``, the committed results);
+an interrupted run of the same config goes on from its last checkpoint (a stopped
 session sends SIGTERM, and the run saves one at the end of the step it is in), its record saying
 ``resumed``; any other interrupted run starts over. ``benchmarks/results/study.json`` (one record per run, the
 settings, the environment) and the plots are rewritten after every run. Several processes may share a
@@ -89,6 +92,21 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rkl_onpolicy": ("rkl_onpolicy", {}),  # the token-level approximation the study's first runs called minillm
     "distillm2": ("distillm2", {}),
 }
+
+
+UNTUNED_LR = 5e-4
+"""The one rate of the first runs (every recipe, not tuned): their records keep their names."""
+
+
+def run_name(args, name: str) -> str:
+    """A run's name in records and claims: the variant, with its rate when that is not ``UNTUNED_LR``
+    (``kd@lr0.0001``), so runs of a learning-rate grid never collide with each other or the first runs."""
+    return name if math.isclose(args.lr, UNTUNED_LR) else f"{name}@lr{args.lr:g}"
+
+
+def variant_of(name: str) -> str:
+    """The variant of a run name (``kd@lr0.0001`` -> ``kd``)."""
+    return name.split("@", 1)[0]
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -196,14 +214,14 @@ def seconds_budget(args, name: str) -> tuple[float, float] | None:
         paths = sorted((args.root / "records").glob("steps-*.json"))
         return [json.loads(p.read_text()) for p in paths if pattern.fullmatch(p.stem)]
 
-    reference, own = finished("distillm"), finished(name)
+    reference, own = finished(run_name(args, "distillm")), finished(run_name(args, name))
     if not reference or not own:
         return None
     return min(r["train_seconds"] for r in reference), min(r["seconds_per_step"] for r in own)
 
 
 def claim_path(args, budget: str, name: str, seed: int) -> Path:
-    return args.root / "claims" / f"{budget}-{name}-s{seed}"
+    return args.root / "claims" / f"{budget}-{run_name(args, name)}-s{seed}"
 
 
 def claim(args, budget: str, name: str, seed: int):
@@ -243,11 +261,31 @@ def release(file) -> None:
 def complete(args, records: list[dict[str, Any]], names: list[str]) -> bool:
     """Whether every run this call selects (budgets x recipes x seeds) has a record."""
     done = {(r["budget"], r["recipe"], r["seed"]) for r in records}
-    return {(b, n, s) for b in args.budgets for n in names for s in args.seeds} <= done
+    return {(b, run_name(args, n), s) for b in args.budgets for n in names for s in args.seeds} <= done
 
 
 def record_path(args, budget: str, name: str, seed: int) -> Path:
-    return args.root / "records" / f"{budget}-{name}-s{seed}.json"
+    return args.root / "records" / f"{budget}-{run_name(args, name)}-s{seed}.json"
+
+
+def restore_records(args) -> list[str]:
+    """Write the records of ``--output`` (the committed results) that ``<root>/records`` lacks, so a
+    study goes on where the last machine stopped: a new machine has no root, and without the finished
+    runs' records it would run them again and could not size the equal-seconds budget. A restored
+    record lacks the per-step lists the results file leaves out; the summary and the budget do not
+    use them. Returns the names restored."""
+    if not args.output.is_file():
+        return []
+    restored = []
+    results = json.loads(args.output.read_text())
+    for run in results.get("runs", []):
+        path = args.root / "records" / f"{run['budget']}-{run['recipe']}-s{run['seed']}.json"
+        if not path.exists():
+            # the first runs' records predate the lr field: they ran at the settings' one rate
+            lr = run.get("lr", results.get("settings", {}).get("lr"))
+            write_json(path, {**run, "lr": lr, "restored_from": args.output.name})
+            restored.append(path.stem)
+    return restored
 
 
 def run_one(
@@ -257,7 +295,7 @@ def run_one(
     from distill.resolve import resolve_config
 
     recipe, overrides = VARIANTS[name]
-    out = args.root / "runs" / f"{budget}-{name}-s{seed}"
+    out = args.root / "runs" / f"{budget}-{run_name(args, name)}-s{seed}"
     layer = merge(merge(base_config(args), overrides), {"output_dir": str(out), "train": {"seed": seed}})
     if budget == "seconds":
         # the budget in steps at the recipe's own pace at equal steps (its whole schedule fits); the
@@ -265,7 +303,8 @@ def run_one(
         layer = merge(layer, {"train": {"max_steps": max(1, math.ceil(seconds / seconds_per_step))}})
     cfg = resolve_config(layer, recipe=recipe, embedded=False, registry=registry)
     print(
-        f"{budget} {name} seed {seed}: {cfg.train.max_steps} steps" + (f", {seconds:.0f} s" if seconds else ""),
+        f"{budget} {run_name(args, name)} seed {seed}: {cfg.train.max_steps} steps"
+        + (f", {seconds:.0f} s" if seconds else ""),
         flush=True,
     )
     state = _run_state(out, cfg)
@@ -308,7 +347,9 @@ def run_one(
             sources[source] = sources.get(source, 0) + 1
     final = evals[-1]
     record = {
-        "recipe": name,
+        "recipe": run_name(args, name),
+        "variant": name,
+        "lr": args.lr,
         "distill_recipe": recipe,
         "seed": seed,
         "budget": budget,
@@ -400,7 +441,12 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     order = list(VARIANTS)
     for (budget, name), runs in sorted(
-        groups.items(), key=lambda kv: (kv[0][0] != "steps", order.index(kv[0][1]) if kv[0][1] in order else 99)
+        groups.items(),
+        key=lambda kv: (
+            kv[0][0] != "steps",
+            order.index(variant_of(kv[0][1])) if variant_of(kv[0][1]) in order else 99,
+            kv[0][1],
+        ),
     ):
         row = {"budget": budget, "recipe": name, "seeds": sorted(r["seed"] for r in runs)}
         for key in (
@@ -497,7 +543,8 @@ def plot(records: list[dict[str, Any]], folder: Path) -> list[Path]:
             xs = list(range(1, len(r["sgo_prob"]) + 1))
             ax.step(xs, r["sgo_prob"], where="post", color="black", label="φ")
             for source, level in levels.items():
-                picked = [x for x, s in zip(xs, r["step_sources"]) if s == source]
+                # a record restored from the results file before they kept step_sources: φ alone
+                picked = [x for x, s in zip(xs, r.get("step_sources") or []) if s == source]
                 ax.scatter(picked, [0.05 + 0.1 * level] * len(picked), s=8, label=source)
             ax.set_ylim(-0.05, 1.05)
             ax.set_ylabel(f"{r['budget']}, seed {r['seed']}", fontsize=8)
@@ -512,7 +559,7 @@ def plot(records: list[dict[str, Any]], folder: Path) -> list[Path]:
 def write_report(args, records: list[dict[str, Any]], settings: dict[str, Any], complete: bool) -> dict[str, Any]:
     rows = summarise(records)
     plots = plot(records, args.output.parent) if records else []
-    slim = [{k: v for k, v in r.items() if k not in ("step_sources", "step_seconds")} for r in records]
+    slim = [{k: v for k, v in r.items() if k != "step_seconds"} for r in records]
     report = {
         "benchmark": "study",
         "complete": complete,
@@ -591,8 +638,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_subset(args)
     if skipped:
         print(f"not registered, left out: {', '.join(skipped)}", flush=True)
-    make_init(args, registry)
     (args.root / "records").mkdir(parents=True, exist_ok=True)
+    restored = restore_records(args)
+    if restored:
+        print(f"restored {len(restored)} records from {args.output}", flush=True)
+    make_init(args, registry)
     for budget in ("steps", "seconds"):
         if budget not in args.budgets:
             continue

@@ -338,7 +338,7 @@ def test_study_seconds_budget_takes_the_quickest_seed(tmp_path):
     from argparse import Namespace
 
     study = load_script("study")
-    args = Namespace(root=tmp_path, seeds=[0, 1])
+    args = Namespace(root=tmp_path, seeds=[0, 1], lr=study.UNTUNED_LR)
     (tmp_path / "records").mkdir()
     assert study.seconds_budget(args, "kd") is None
     for recipe, seed, seconds, pace in (
@@ -353,10 +353,40 @@ def test_study_seconds_budget_takes_the_quickest_seed(tmp_path):
     assert study.seconds_budget(args, "kd") == (500.0, 6.0)
     assert study.seconds_budget(args, "distillm") == (500.0, 8.0)
     # a process running seed 1 alone takes seed 0's records into account too
-    assert study.seconds_budget(Namespace(root=tmp_path, seeds=[1]), "kd") == (500.0, 6.0)
+    seed_1 = Namespace(root=tmp_path, seeds=[1], lr=study.UNTUNED_LR)
+    assert study.seconds_budget(seed_1, "kd") == (500.0, 6.0)
     for other in ("kd-sft", "kd_other"):  # other recipes whose names start with kd's
         study.write_json(study.record_path(args, "steps", other, 0), {"train_seconds": 1.0, "seconds_per_step": 0.1})
-    assert study.seconds_budget(Namespace(root=tmp_path, seeds=[1]), "kd") == (500.0, 6.0)
+    assert study.seconds_budget(seed_1, "kd") == (500.0, 6.0)
+    # a run at another rate is named with it and sized by distillm's runs at that rate
+    grid = Namespace(root=tmp_path, seeds=[0], lr=1e-4)
+    assert study.record_path(grid, "steps", "kd", 0).name == "steps-kd@lr0.0001-s0.json"
+    assert study.seconds_budget(grid, "kd") is None
+    for recipe, seconds, pace in (("distillm", 700.0, 9.0), ("kd", 400.0, 7.0)):
+        study.write_json(
+            study.record_path(grid, "steps", recipe, 0), {"train_seconds": seconds, "seconds_per_step": pace}
+        )
+    assert study.seconds_budget(grid, "kd") == (700.0, 7.0) and study.seconds_budget(args, "kd") == (500.0, 6.0)
+
+
+def test_study_restores_the_committed_records_on_a_new_machine(tmp_path):
+    """A new machine has no study root: the records of the results file are written there first (the
+    first runs' with their rate), so finished runs are not run again and the budgets can be sized."""
+    from argparse import Namespace
+
+    study = load_script("study")
+    output = tmp_path / "study.json"
+    runs = [
+        {"budget": "steps", "recipe": "kd", "seed": 0, "train_seconds": 1.0},
+        {"budget": "steps", "recipe": "kd@lr0.0001", "seed": 0, "lr": 1e-4, "train_seconds": 2.0},
+    ]
+    study.write_json(output, {"settings": {"lr": 5e-4}, "runs": runs})
+    args = Namespace(root=tmp_path / "root", output=output, lr=1e-4)
+    assert study.restore_records(args) == ["steps-kd-s0", "steps-kd@lr0.0001-s0"]
+    assert study.load_records(args) == [{**runs[0], "lr": 5e-4, "restored_from": "study.json"}] + [
+        {**runs[1], "restored_from": "study.json"}
+    ]
+    assert study.restore_records(args) == []  # a record already there is kept as it is
 
 
 def test_study_processes_sharing_a_root_claim_runs(tmp_path):
@@ -369,7 +399,7 @@ def test_study_processes_sharing_a_root_claim_runs(tmp_path):
     from argparse import Namespace
 
     study = load_script("study")
-    args = Namespace(root=tmp_path)
+    args = Namespace(root=tmp_path, lr=5e-4)
     held = study.claim(args, "steps", "kd", 0)
     assert held is not None and study.claim_path(args, "steps", "kd", 0).read_text() == str(os.getpid())
     assert study.claim(args, "steps", "kd", 0) is None  # a second claim, even from the same process, is refused
