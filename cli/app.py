@@ -218,6 +218,67 @@ def cache_teacher(
         console.print(manifest_table(manifest, output_dir, time.perf_counter() - started))
 
 
+@app.command("prepare-pairs")
+@user_errors
+def prepare_pairs_command(
+    output_dir: str = typer.Option(..., "--output-dir", "-o", help="Folder for the pairs (manifest.json and parts/)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="The run's YAML, TOML or JSON config."),
+    recipe: Optional[str] = typer.Option(
+        None, "--recipe", "-r", help="The run's recipe (its generation.train settings sample the pairs)."
+    ),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model directory or hub id."),
+    student: Optional[str] = typer.Option(None, "--student", help="The initial student: directory or hub id."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Training data (JSON Lines with prompt/response or messages)."
+    ),
+    seed: Optional[int] = typer.Option(None, "--seed", help="The run's seed: its split and the samples' seeds."),
+    settings: list[str] = typer.Option([], "--set", help="Any config key: dotted.key=value (repeatable)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per generation batch."),
+    part_prompts: int = typer.Option(
+        64, "--part-prompts", min=1, help="Prompts per part file (an interrupted command loses at most one part)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace pairs in --output-dir (their own files only; nothing else is removed)."
+    ),
+) -> None:
+    """Sample, once, the teacher's and the initial student's response to every training prompt, for
+    distill run --recipe distillm2 -P pairs=DIR (DistiLLM-2's official schedule). Takes the run's
+    flags; interrupted, the same command continues it."""
+    from transformers.utils import logging as hf_logging
+
+    from distill.cli.run_cmd import make_reporter
+    from distill.pairs import prepare_pairs
+    from distill.resolve import flag_layer, resolve_run
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    started = time.perf_counter()
+    flags = flag_layer(recipe=recipe, teacher=teacher, student=student, data=data, seed=seed, settings=settings)
+    resolved = resolve_run(config, flags)
+    reporter = make_reporter(console, 0)
+    try:
+        manifest = prepare_pairs(
+            resolved,
+            output_dir,
+            batch_size=batch_size,
+            part_prompts=part_prompts,
+            overwrite=overwrite,
+            progress=lambda phase, done, total: reporter("progress", {"phase": phase, "done": done, "total": total}),
+            report=lambda message: console.print(message, soft_wrap=True, highlight=False),
+        )
+    finally:
+        reporter.close()
+    if manifest is not None:
+        tokens = manifest["response_tokens"]
+        sampling = ", ".join(f"{k} {v}" for k, v in manifest["sampling"].items())
+        console.print(
+            f"{manifest['pairs']:,} pairs ({tokens['teacher']:,} teacher and {tokens['student']:,} student response "
+            f"tokens; {sampling}) in {time.perf_counter() - started:.1f} s: {output_dir}",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
 @app.command("eval")
 @user_errors
 def evaluate(

@@ -289,11 +289,37 @@ class TrainConfig(_Section):
         return self
 
 
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p")
+
+
+class SamplingSettings(_Section):
+    """One purpose's sampling settings: each one left unset takes ``generation``'s own."""
+
+    max_new_tokens: int | None = Field(None, gt=0, description="response length cap, in tokens")
+    temperature: float | None = Field(None, ge=0, description="0 = greedy")
+    top_k: int | None = Field(None, ge=0, description="0 = off")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
+
+
 class GenerationConfig(_Section):
+    """How responses are sampled. ``train`` and ``eval`` override these settings for one purpose each:
+    the training samples (the policies' student, teacher and mixed responses, ``distill prepare-pairs``)
+    and evaluation's answers (the sampled ROUGE-L draws; greedy answers use only ``max_new_tokens``).
+    DistiLLM-2 samples its training responses at temperature 0.8, top-p 0.95 while DistiLLM's
+    evaluation samples at 1.0: ``generation.train.temperature=0.8`` keeps the second."""
+
     max_new_tokens: int = Field(64, gt=0, description="generated response length cap, in tokens")
     temperature: float = Field(1.0, ge=0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens with this mass")
+    train: SamplingSettings = Field(
+        default_factory=SamplingSettings,
+        description="the training samples' settings (policies' responses, prepare-pairs); unset: the ones above",
+    )
+    eval: SamplingSettings = Field(
+        default_factory=SamplingSettings,
+        description="evaluation's settings (sampled ROUGE-L draws; greedy answers' length cap); unset: the ones above",
+    )
     inference_copy: bool = Field(
         True,
         description=(
@@ -301,6 +327,11 @@ class GenerationConfig(_Section):
             "in that dtype, refreshed at every call (faster; one more copy of the weights in memory)"
         ),
     )
+
+    def purpose(self, purpose: Literal["train", "eval"]) -> GenerationConfig:
+        """These settings with ``train``'s or ``eval``'s overrides applied (and both emptied)."""
+        chosen = getattr(self, purpose).model_dump(exclude_none=True)
+        return self.model_copy(update={**chosen, "train": SamplingSettings(), "eval": SamplingSettings()})
 
 
 class EvalConfig(_Section):
@@ -335,7 +366,7 @@ class EvalConfig(_Section):
         ge=0,
         description=(
             "at the final evaluation, also answer each ROUGE-L prompt this many times "
-            "by sampling (generation.temperature, top_k, top_p) and report their mean "
+            "by sampling (generation's settings, with generation.eval's overrides) and report their mean "
             "as rouge_l_sampled (DistiLLM's evaluation: 5 draws at temperature 1)"
         ),
     )

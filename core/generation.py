@@ -11,6 +11,7 @@ and models ``decode`` cannot drive (encoder-decoders, non-transformers modules, 
 
 from __future__ import annotations
 
+import copy
 import inspect
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
@@ -89,6 +90,13 @@ class ResponseGenerator:
             contiguous_head_input(model)  # generation's last-position logits are a strided slice too
             return self._generate(model, examples, greedy, max_new_tokens, batch_size, stops, progress, even)
 
+    def using(self, generation_cfg) -> ResponseGenerator:
+        """This generator with other sampling settings (``GenerationConfig.purpose``), sharing its
+        inference copies: training and evaluation sample with their own settings, one copy of the weights."""
+        other = copy.copy(self)
+        other.cfg = generation_cfg
+        return other
+
     def mixed(self, student, teacher, examples: list[Example], alpha: float) -> list[Example]:
         """Teacher-mixed sampling (``decode_mixed``) for the examples' prompts, in batches: each response
         ends at the student's stop ids and carries its ``rollout`` (log p, log q and q / p̃ per token)."""
@@ -98,7 +106,9 @@ class ResponseGenerator:
                 "(FSDP, ZeRO-3) cannot enter; run it with DDP"
             )
         if not self.cfg.temperature > 0:
-            raise ConfigError("teacher-mixed sampling samples: generation.temperature must be > 0")
+            raise ConfigError(
+                "teacher-mixed sampling samples: generation.temperature (or generation.train.temperature) must be > 0"
+            )
         with self.full_params(student), self.full_params(teacher):
             student, teacher = self.unwrap(student), self.unwrap(teacher)
             stops = self.stop_ids(student)
@@ -209,13 +219,17 @@ class ResponseGenerator:
         return model.generate(input_ids=ids, attention_mask=attention, **options)[:, ids.shape[1] :]
 
     def _cut(self, tokens: list[int], stops: list[int] | None = None) -> list[int]:
-        """Up to and including the first stop id (default: the tokenizer's EOS); without one, all
-        tokens (the cap was reached)."""
-        stops = set([self.eos_id] if stops is None else stops)
-        end = next((i for i, token in enumerate(tokens) if token in stops), None)
-        if end is not None:
-            return tokens[: end + 1]
-        return tokens or [self.eos_id]
+        return cut_response(tokens, [self.eos_id] if stops is None else stops, self.eos_id)
+
+
+def cut_response(tokens: list[int], stops: list[int], eos_id: int | None) -> list[int]:
+    """A generated row up to and including its first stop id; without one, all tokens (the cap was
+    reached); an empty row is ``[eos_id]``."""
+    stops = set(stops)
+    end = next((i for i, token in enumerate(tokens) if token in stops), None)
+    if end is not None:
+        return tokens[: end + 1]
+    return tokens or [eos_id]
 
 
 # --- choosing the next token
@@ -234,8 +248,18 @@ class TokenPicker:
     """
 
     def __init__(
-        self, temperature: float, top_k: int, top_p: float, n_tokens: int | None = None, *, sample: bool = True
+        self,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        n_tokens: int | None = None,
+        *,
+        sample: bool = True,
+        generators: list[torch.Generator] | None = None,
     ) -> None:
+        """``generators``: one per row of the batch, each drawing its row's uniforms (the ``rows`` the
+        decode loop passes say which rows are still going), so a row's sample depends on its own seed,
+        not on the global generator or on which rows share its batch (``distill prepare-pairs``)."""
         self.temperature, self.top_k, self.top_p, self.n_tokens, self.sample = (
             temperature,
             top_k,
@@ -243,19 +267,29 @@ class TokenPicker:
             n_tokens,
             sample,
         )
+        self.generators = generators
 
     @classmethod
     def greedy(cls, n_tokens: int | None = None) -> TokenPicker:
         return cls(1.0, 0, 1.0, n_tokens, sample=False)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[B, V]`` -> ``[B]`` token ids (int64)."""
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, V]`` -> ``[B]`` token ids (int64). ``rows``: the batch rows these logits are (with
+        per-row ``generators``; default: all)."""
         if self.n_tokens is not None and logits.shape[-1] > self.n_tokens:
             logits = logits[:, : self.n_tokens]
         logits = logits.float()
         if not self.sample:
             return logits.argmax(-1)
-        return self._draw(self._filtered(logits / self.temperature).softmax(-1))
+        return self.draw(self._filtered(logits / self.temperature).softmax(-1), rows)
+
+    def draw(self, probs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One id per row of ``[B, V]`` probabilities (rows of the batch as ``__call__``'s)."""
+        if self.generators is None:
+            return self._draw(probs)
+        picked = range(probs.shape[0]) if rows is None else rows.tolist()
+        u = torch.stack([torch.rand((), dtype=torch.float64, generator=self.generators[r]) for r in picked])
+        return self._draw(probs, u[:, None].to(probs.device))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B, V]`` logits -> the ``[B, V']`` float32 distribution ``__call__`` samples from (V' = ``n_tokens``)."""
@@ -277,8 +311,9 @@ class TokenPicker:
         return logits
 
     @staticmethod
-    def _draw(probs: torch.Tensor) -> torch.Tensor:
-        """One id per row of ``[B, V]`` probabilities: the first whose cumulative sum reaches u in (0, total]."""
+    def _draw(probs: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """One id per row of ``[B, V]`` probabilities: the first whose cumulative sum reaches u in (0, total]
+        (``uniform``: the ``[B, 1]`` float64 draws in [0, 1); default: ``torch.rand``)."""
         cdf = probs.cumsum(
             -1, dtype=torch.float64
         )  # float32 running sums over 1e5 ids drift by ~1e-7; float64 costs little more
@@ -286,7 +321,9 @@ class TokenPicker:
         if not torch.isfinite(total).all():
             raise RuntimeError("generation: the model's next-token probabilities are not finite (NaN or inf weights?)")
         # 1 - U[0, 1) lies in (0, 1]: u is never 0, so an id of probability 0 (filtered) is never drawn
-        u = (1.0 - torch.rand(total.shape, dtype=torch.float64, device=probs.device)) * total
+        if uniform is None:
+            uniform = torch.rand(total.shape, dtype=torch.float64, device=probs.device)
+        u = (1.0 - uniform) * total
         return torch.searchsorted(cdf, u).squeeze(1)
 
 
@@ -388,7 +425,7 @@ class _Stepper:
 def _decode(model, input_ids, attention_mask, pick, max_new_tokens, stops, pad_id) -> torch.Tensor:
     tokens_out, _ = _decode_loop(
         [_Stepper(model, input_ids, attention_mask, max_new_tokens)],
-        lambda logits: (pick(logits[0]), None),
+        lambda logits, rows: (pick(logits[0], rows), None),
         max_new_tokens,
         stops,
         pad_id,
@@ -397,9 +434,10 @@ def _decode(model, input_ids, attention_mask, pick, max_new_tokens, stops, pad_i
 
 
 def _decode_loop(steppers: list[_Stepper], choose, max_new_tokens: int, stops, pad_id: int):
-    """The loop of ``decode``: ``choose([logits of each stepper])`` gives the next token of every row
-    going and, optionally, ``[k, rows]`` numbers to record per token; returns the ``[B, N]`` tokens
-    and the ``[k, B, N]`` records (0 past a row's end; None when ``choose`` records nothing)."""
+    """The loop of ``decode``: ``choose([logits of each stepper], rows)`` (``rows``: the batch rows still
+    going) gives the next token of every row going and, optionally, ``[k, rows]`` numbers to record
+    per token; returns the ``[B, N]`` tokens and the ``[k, B, N]`` records (0 past a row's end; None
+    when ``choose`` records nothing)."""
     first = steppers[0].logits
     batch, device = first.shape[0], first.device
     responses = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -408,7 +446,7 @@ def _decode_loop(steppers: list[_Stepper], choose, max_new_tokens: int, stops, p
     stop = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
     rows = torch.arange(batch, device=device)  # the row of `responses` each live row writes to
     for step in range(max_new_tokens):
-        tokens, recorded = choose([stepper.logits for stepper in steppers])
+        tokens, recorded = choose([stepper.logits for stepper in steppers], rows)
         responses[rows, step] = tokens
         if recorded is not None:
             if records is None:
@@ -447,10 +485,10 @@ def decode_mixed(
     models. Returns the ``[B, N]`` tokens (as ``decode``) and ``[3, B, N]`` per token: log p(y_t),
     log q(y_t) and the importance weight q(y_t) / p̃(y_t) (0, 0, 0 past a row's end)."""
 
-    def choose(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose(logits: list[torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, p = (pick.probabilities(x) for x in logits)
         mixed = alpha * p + (1 - alpha) * q
-        tokens = TokenPicker._draw(mixed)
+        tokens = pick.draw(mixed, rows)
         at = tokens[:, None]
         q_y, p_y, mixed_y = (x.gather(-1, at).squeeze(-1) for x in (q, p, mixed))
         return tokens, torch.stack([p_y.log(), q_y.log(), q_y / mixed_y])

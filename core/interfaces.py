@@ -54,6 +54,11 @@ class SamplingPolicy(Protocol):
     ``distill.policy.RandomPolicy`` is the base class: it gives ``reseed``, ``metrics`` (none),
     ``observe_eval`` (nothing) and the generator's state.
 
+    ``bind(run)`` (optional, not a member the protocol checks): called once with a
+    ``distill.policy.PolicyRun`` (the resolved config, the tokenizer, the training examples) after the
+    data is loaded and before the run's folder is touched; a policy that reads files of its own
+    (``contrastive`` with prepared pairs) checks them here and raises ``distill.ConfigError``.
+
     ``generates`` (an optional class attribute, not a member the protocol checks): whether the policy
     may train on generated sequences (student or teacher outputs, replayed ones included). Those need
     the live teacher: with a teacher cache, a policy whose ``generates`` is false (``offpolicy``;

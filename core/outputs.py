@@ -89,7 +89,10 @@ RUN = FolderKind(
 TEACHER_CACHE = FolderKind(
     "teacher-cache", ("manifest.json", "settings.json", "parts"), _legacy_cache, "a teacher cache"
 )
-KINDS = {kind.name: kind for kind in (RUN, TEACHER_CACHE)}
+PAIRS = FolderKind(
+    "pairs", ("manifest.json", "settings.json", "parts"), lambda folder: False, "prepared response pairs"
+)
+KINDS = {kind.name: kind for kind in (RUN, TEACHER_CACHE, PAIRS)}
 RUN_FILES = RUN.owns
 
 

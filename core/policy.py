@@ -30,6 +30,18 @@ class SamplingContext:
     generate_mixed: Callable[[list[Example], float], list[Example]] | None = None
 
 
+@dataclass(frozen=True)
+class PolicyRun:
+    """What a policy's optional ``bind(run)`` sees, once, before the run's folder is touched: the
+    resolved config, the tokenizer of the training sequences, the training examples, and whether the
+    teacher's and the student's tokenizers differ (``apart``)."""
+
+    cfg: Any
+    tokenizer: Any
+    train_set: list[Example]
+    apart: bool
+
+
 def policy_generates(policy) -> bool:
     """Whether a sampling policy may train on generated sequences, which need the live teacher (the
     ``generates`` attribute of ``distill.interfaces.SamplingPolicy``; a policy that does not say is

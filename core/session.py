@@ -53,7 +53,7 @@ from distill.loss import LogitRows, TokenTerms, counted, token_cross_entropy, to
 from distill.objective import Objective, micro_loss
 from distill.outputs import RunFiles, prepare_output_dir, reopen_output_dir
 from distill.interfaces import SamplingPolicy
-from distill.policy import SamplingContext, policy_generates
+from distill.policy import PolicyRun, SamplingContext, policy_generates
 from distill.registry import Registry, default_registry
 from distill.resolve import RunPlan
 from distill.teacher import TeacherSide, live, teacher_side
@@ -237,6 +237,9 @@ def open_session(
     checkpoint = point.checkpoint if point else None
     models = _load_models(cfg, checkpoint, policy, cache, report)
     data = _load_data(cfg, models, cache)
+    bind = getattr(policy, "bind", None)
+    if bind is not None:  # a policy that reads files (prepared pairs) checks them against the run, before the folder
+        bind(PolicyRun(cfg, models.data_tokenizer, data.train_set, models.apart))
     sampler = _batch_sampler(cfg, data.train_set, accelerator)
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
@@ -436,7 +439,7 @@ def _evaluation(
         val_set,
         models.data_tokenizer,
         objective.default,
-        generate,
+        generate.using(cfg.generation.purpose("eval")),
         cfg.eval.batch_size,
         cfg.eval.rouge_samples,
         accelerator,
@@ -504,8 +507,10 @@ def _generation(cfg: RunConfig, accelerator, models: Models, teacher, student, v
     )
     # generation has no backward to hold memory for: it answers a step's examples (all micro-batches) together
     batch = cfg.train.batch_size * cfg.train.grad_accum
+    # training samples at generation.train's settings; evaluation (``_evaluation``) at generation.eval's
+    settings = cfg.generation.purpose("train")
     generate = ResponseGenerator(
-        data_tokenizer, cfg.generation, batch, unwrap, synced, full_params(accelerator), inference_dtype
+        data_tokenizer, settings, batch, unwrap, synced, full_params(accelerator), inference_dtype
     )
     # even: a policy may ask the processes for different numbers of responses (contrastive's kept ones)
     context = SamplingContext(
@@ -519,7 +524,7 @@ def _generation(cfg: RunConfig, accelerator, models: Models, teacher, student, v
     }
     if models.apart:  # the teacher answers in its own tokens; the student trains on that text in its own
         generate_teacher = ResponseGenerator(
-            tokenizer, cfg.generation, batch, unwrap, synced, full_params(accelerator), inference_dtype
+            tokenizer, settings, batch, unwrap, synced, full_params(accelerator), inference_dtype
         )
         bridge = TextBridge(tokenizer, student_tokenizer, cfg.data, generate_teacher.stop_ids(teacher))
         context = SamplingContext(
@@ -528,7 +533,7 @@ def _generation(cfg: RunConfig, accelerator, models: Models, teacher, student, v
         )
         ends["teacher"] = {student_tokenizer.eos_token_id}
         # validation: the teacher's greedy answers are the references (val CE and ROUGE-L against them)
-        answers = generate_teacher(
+        answers = generate_teacher.using(cfg.generation.purpose("eval"))(
             teacher,
             bridge.teacher_prompts(val_set),
             greedy=True,

@@ -181,21 +181,33 @@ class AdaptiveOffPolicy(RandomPolicy):
 
 
 class Contrastive(RandomPolicy):
-    """DistiLLM-2: for the step's prompts, two groups: the teacher's responses (``teacher: dataset``,
-    the dataset's, source ``dataset``; ``generate``: sampled from the teacher, source ``teacher``) and
-    the student's own (source ``student``). Each group gets its own term (``objective.terms``).
+    """DistiLLM-2: for the step's prompts, two groups, each with its own term (``objective.terms``):
+    the teacher's responses and the student's own (source ``student``).
 
-    ``refresh_every`` k > 1: a prompt's student response is generated once and reused whenever the
-    prompt comes back within k steps (the official code generates once per epoch: k = the steps of an
-    epoch). The responses kept for reuse are part of the checkpoint. Every process calls generation
-    at every step, with whatever its prompts need (possibly none): generation under sharding is
-    entered together.
+    ``pairs`` (a folder from ``distill prepare-pairs``): both responses come from it (sources
+    ``teacher`` and ``student``), sampled once before training from the teacher and the initial
+    student, as the official code does (``generate/generate_vllm.py``, then one epoch on the fixed
+    pairs); nothing is generated during training, and the run is refused when the folder was made
+    for other models or other training prompts. Without it, the responses are generated: the
+    teacher side is the dataset's responses (``teacher: dataset``, source ``dataset``) or sampled
+    from the teacher at every step (``generate``, source ``teacher``), the student side sampled from
+    the current student, fresh at every step, or with ``refresh_every`` k > 1 generated once and
+    reused whenever the prompt comes back within k steps (the kept responses are part of the
+    checkpoint). Every process calls generation at every step, with whatever its prompts need
+    (possibly none): generation under sharding is entered together.
     """
 
     name = "contrastive"
     sources = ("dataset", "teacher", "student")
 
     class Params(distill.Params):
+        pairs: str | None = Field(
+            None,
+            description=(
+                "a folder from distill prepare-pairs: both sides' responses from it (the official schedule); "
+                "teacher and refresh_every then unused"
+            ),
+        )
         teacher: Literal["dataset", "generate"] = Field(
             "dataset",
             description="the teacher-side group: the dataset's responses, or responses sampled from the teacher",
@@ -213,8 +225,27 @@ class Contrastive(RandomPolicy):
         self.responses: dict[
             tuple[int, ...], tuple[list[int], int]
         ] = {}  # prompt ids -> (student response ids, step generated)
+        self.prepared = None
+
+    def bind(self, run) -> None:
+        """With ``pairs``: read the folder and refuse a run it was not made for (``distill.pairs``)."""
+        if self.params.pairs is None:
+            return
+        from distill.pairs import PreparedPairs
+
+        if run.apart:
+            raise distill.ConfigError(
+                "policy.params.pairs: the teacher's and the student's tokenizers differ; prepared pairs hold one "
+                "tokenization"
+            )
+        self.prepared = PreparedPairs(self.params.pairs)
+        self.prepared.check_run(run.cfg, run.tokenizer, run.train_set)
 
     def sample(self, step: int, total_steps: int, examples: list[Example], context: SamplingContext):
+        if self.params.pairs is not None:
+            if self.prepared is None:
+                raise TypeError("policy contrastive: pairs set but never bound to the run (the engine calls bind)")
+            return self.prepared.sides(examples)
         if self.params.teacher == "generate":
             teacher_side, teacher_source = context.generate_teacher(examples), "teacher"
         else:

@@ -67,29 +67,51 @@ RECIPES = (
         "adaptive_offpolicy",
         divergence_params={"alpha": 0.1},
     ),
+    # DistiLLM-2 as its authors run it (jongwooko/distillm-2, commit fe4cf9bfbb4f83219dd1d69219800164b59685fa):
+    # - teacher responses: skew KL, KL(p || 0.1 p + 0.9 q), the mixture's q not detached
+    #   (src/distillm_trainer.py:506, 1160-1165); student responses: skew reverse KL, KL(q || 0.9 p + 0.1 sg(q))
+    #   (:1194-1199); each response's token mean, then the mean over responses (:1233, 1298, 1347);
+    # - weights 1 and 1: the curriculum (1/1 -> 0.5/1.5 over the first half, :1074-1078) is off as shipped
+    #   (gradual_beta False, :508); --set objective.curriculum=true turns it on; the adaptive alpha is off too
+    #   (update_alpha False, :507) and is not implemented here;
+    # - no cross-entropy in either term (the distillm_v2 loss has none; NLL only in seqkd, :1092): each term's
+    #   ce_weight is 0, whatever train.ce_weight says;
+    # - training samples at temperature 0.8, top-p 0.95, no top-k (generate/generate_vllm.py:23, 25, 83-85):
+    #   generation.train, so evaluation keeps its own settings;
+    # - the teacher side is the teacher's samples (generate_vllm.py run with the teacher; reformat.py:21-24,
+    #   chosen = the teacher's): policy teacher=generate.
+    # The official schedule samples both sides once, before training, the student side from the initial student,
+    # and trains one epoch on the fixed pairs: distill prepare-pairs, then -P pairs=DIR. Without pairs the
+    # student side is sampled from the current student at every step. Not here: max_tokens 1024
+    # (generate_vllm.py:29; generation.max_new_tokens is the run's), the learning rate 5e-5 with LoRA r 16,
+    # cosine, warmup 0.1, one epoch (training_configs/qwen2.5-1.5b-distillm2.yaml:8-19, 38, 41, 44, 55): the run's.
     distill.Recipe(
         "distillm2",
         "DistiLLM-2: skew KL on the teacher's responses, skew reverse KL on the student's",
         "skew_kl",
         "contrastive",
         divergence_params={"alpha": 0.1},
+        policy_params={"teacher": "generate"},
         config={
-            # the teacher side (dataset's responses, or the teacher's with -P teacher=generate): the run's skew KL
-            "objective.terms.dataset": dict(_TEACHER_SIDE),
-            "objective.terms.teacher": dict(_TEACHER_SIDE),
+            # the teacher side (the teacher's samples; the dataset's with -P teacher=dataset): the run's skew KL
+            "objective.terms.dataset": {**_TEACHER_SIDE, "ce_weight": 0.0},
+            "objective.terms.teacher": {**_TEACHER_SIDE, "ce_weight": 0.0},
             "objective.terms.student": {
                 "divergence": "skew_rkl",
                 "params": {"alpha": 0.1, "detach_mixture": True},
                 "weight": 1.0,
                 "weight_end": 1.5,
                 "ramp": 0.5,
+                "ce_weight": 0.0,
             },
             # --set objective.curriculum=true: weights 1/1 -> 0.5/1.5 over the first half
             "objective.curriculum": False,
             "train.normalize": "sequence",  # each response's token mean, then the mean over responses
+            "generation.train": {"temperature": 0.8, "top_p": 0.95, "top_k": 0},
         },
-        note="the official code's curriculum (weights 1/1 -> 0.5/1.5 over the first half of training) is "
-        "--set objective.curriculum=true; its adaptive alpha (off by default there) is not implemented",
+        note="the official schedule (both sides sampled once before training) is distill prepare-pairs, then "
+        "-P pairs=DIR; without it the student side is sampled at every step. No cross-entropy in either term. "
+        "Its adaptive alpha (off as shipped) is not implemented",
     ),
 )
 

@@ -53,6 +53,22 @@ RECIPES = {
     "minillm": [],
     "distillm": ["-P", "init_prob=0.5", "-P", "capacity=8"],
     "distillm2": [],
+    # the recipe before it followed the official code (2026-12-04): the dataset's responses on the teacher
+    # side, samples at generation's settings, train.ce_weight in both terms; its pins are the old distillm2's
+    "distillm2_dataset": [
+        "--recipe",
+        "distillm2",
+        "-P",
+        "teacher=dataset",
+        "--set",
+        "generation.train.temperature=1.0",
+        "--set",
+        "generation.train.top_p=1.0",
+        "--set",
+        "objective.terms.dataset.ce_weight=0.5",
+        "--set",
+        "objective.terms.student.ce_weight=0.5",
+    ],
     "tvd": ["--divergence", "tvd", "--policy", "offpolicy"],
     "skew_rkl": ["--divergence", "skew_rkl", "--policy", "offpolicy", "--set", "train.normalize=sequence"],
 }
@@ -64,7 +80,7 @@ def cases() -> dict[str, list[str]]:
     """``<recipe>-<fused|full>[-cached]`` -> the ``distill run`` arguments after the models and data."""
     out = {}
     for recipe, extra in RECIPES.items():
-        base = ["--recipe", recipe] if recipe not in ("tvd", "skew_rkl") else []
+        base = ["--recipe", recipe] if recipe not in ("tvd", "skew_rkl", "distillm2_dataset") else []
         for head in ("fused", "full"):
             args = [*base, *extra, *COMMON, "--set", f"train.fused_head={'true' if head == 'fused' else 'false'}"]
             out[f"{recipe}-{head}"] = args

@@ -266,12 +266,12 @@ def test_distillm2_run_logs_joined_sources_terms_and_the_configs_divergence(tiny
     )
     assert result.exit_code == 0, result.output
     metrics = read_jsonl(out / "metrics.jsonl")
-    assert [m["source"] for m in metrics] == ["dataset+student"] * 3
+    assert [m["source"] for m in metrics] == ["teacher+student"] * 3  # the recipe samples the teacher side
     for m in metrics:
-        assert set(m["terms"]) == {"dataset", "student"} and all(v > 0 for v in m["terms"].values())
+        assert set(m["terms"]) == {"teacher", "student"} and all(v > 0 for v in m["terms"].values())
         weights = m["term_weights"]
         assert m["loss"] == pytest.approx(
-            weights["dataset"] * m["terms"]["dataset"] + weights["student"] * m["terms"]["student"], rel=1e-5
+            weights["teacher"] * m["terms"]["teacher"] + weights["student"] * m["terms"]["student"], rel=1e-5
         )
     assert [m["term_weights"]["student"] for m in metrics] == pytest.approx(
         [1.0, 1.0 + 0.5 / 1.5, 1.5]
