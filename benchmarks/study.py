@@ -24,7 +24,12 @@ Recipes: kd, sft, skew_kl and skew_rkl (off-policy), rkl (off-policy reverse KL,
 "skew KL >= KL and RKL" needs beside kd), distillm, distillm with skew_rkl, gkd with TRL's
 settings (β 0.5, λ 0.5), gkd as the DistiLLM paper ran it (jsd β 0.1, λ 0.5, replay buffer),
 imitkd, minillm (as its authors run it), rkl_onpolicy (the approximation earlier runs called
-minillm) and distillm2 where that recipe is registered.
+minillm), and DistiLLM-2: ``distillm2_pairs`` (the official schedule: both sides sampled once before
+training by ``distill prepare-pairs``, its seconds counted in the budget), ``distillm2`` (as shipped
+without pairs: both sides sampled at every step), the ablations ``distillm2_dataset`` (the dataset's
+responses on the teacher side) and ``distillm2_pairs_teacher_only`` (the student term's weight 0),
+and ``distillm2_dataset_t1`` (the first runs' distillm2: the dataset's responses, fresh student
+samples at temperature 1).
 
 Budgets: ``steps``: every recipe runs epochs x steps-per-epoch optimizer steps. ``seconds``: every
 recipe gets the training seconds (optimizer steps only) that ``distillm`` took at equal steps,
@@ -90,8 +95,31 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "imitkd": ("imitkd", {}),
     "minillm": ("minillm", {}),  # MiniLLM as its authors run it (before 2026-12-04: the approximation below)
     "rkl_onpolicy": ("rkl_onpolicy", {}),  # the token-level approximation the study's first runs called minillm
+    # DistiLLM-2 (#29): the recipe as its authors run it, with the official schedule (PAIRS: both sides
+    # sampled once before training by distill prepare-pairs, from the initial student), and as shipped
+    # without pairs (teacher samples and fresh student samples at every step, at 0.8 / 0.95)
+    "distillm2_pairs": ("distillm2", {"policy": {"params": {"pairs": "{pairs}"}}}),
     "distillm2": ("distillm2", {}),
+    # ablations: the dataset's responses on the teacher side; the student term's weight 0 (skew KL on the
+    # teacher's samples alone)
+    "distillm2_dataset": ("distillm2", {"policy": {"params": {"teacher": "dataset"}}}),
+    "distillm2_pairs_teacher_only": (
+        "distillm2",
+        {
+            "policy": {"params": {"pairs": "{pairs}"}},
+            "objective": {"terms": {"student": {"weight": 0.0, "weight_end": 0.0}}},
+        },
+    ),
+    # the first runs' distillm2 (before 2026-12-04 the recipe's defaults): the dataset's responses on the
+    # teacher side, fresh student samples at temperature 1 (the study's train.ce_weight 0 in both terms)
+    "distillm2_dataset_t1": (
+        "distillm2",
+        {"policy": {"params": {"teacher": "dataset"}}, "generation": {"train": {"temperature": 1.0, "top_p": 1.0}}},
+    ),
 }
+PAIRS = "{pairs}"
+"""In a variant's policy params: the prepared pairs of the run's seed (``<root>/pairs/s<seed>``), made
+by ``distill.pairs.prepare_pairs`` before the run when missing; their seconds count in its budget."""
 
 
 UNTUNED_LR = 5e-4
@@ -296,11 +324,21 @@ def run_one(
 
     recipe, overrides = VARIANTS[name]
     out = args.root / "runs" / f"{budget}-{run_name(args, name)}-s{seed}"
+    pairs = (
+        args.root / "pairs" / f"s{seed}"
+        if overrides.get("policy", {}).get("params", {}).get("pairs") == PAIRS
+        else None
+    )
+    if pairs is not None:
+        overrides = merge(overrides, {"policy": {"params": {"pairs": str(pairs)}}})
     layer = merge(merge(base_config(args), overrides), {"output_dir": str(out), "train": {"seed": seed}})
+    prepared = prepare_seconds(args, registry, layer, recipe, pairs) if pairs is not None else 0.0
     if budget == "seconds":
-        # the budget in steps at the recipe's own pace at equal steps (its whole schedule fits); the
-        # run's own clock does not stop it: on a shared machine the load, not the recipe, would decide
-        layer = merge(layer, {"train": {"max_steps": max(1, math.ceil(seconds / seconds_per_step))}})
+        # the budget in steps at the recipe's own pace at equal steps (its whole schedule fits), less the
+        # seconds its pairs took to prepare; the run's own clock does not stop it: on a shared machine
+        # the load, not the recipe, would decide
+        steps = max(1, math.ceil((seconds - prepared) / seconds_per_step))
+        layer = merge(layer, {"train": {"max_steps": steps}})
     cfg = resolve_config(layer, recipe=recipe, embedded=False, registry=registry)
     print(
         f"{budget} {run_name(args, name)} seed {seed}: {cfg.train.max_steps} steps"
@@ -358,6 +396,7 @@ def run_one(
         "policy": cfg.policy.name,
         "policy_params": cfg.policy.params,
         "budget_seconds": seconds,
+        "prepare_seconds": prepared,  # prepared pairs (distill prepare-pairs), counted in the seconds budget
         "pace_seconds_per_step": seconds_per_step,
         "steps": len(metrics),
         "steps_planned": cfg.train.max_steps,
@@ -397,6 +436,21 @@ def run_one(
     if not args.keep_runs:
         shutil.rmtree(out, ignore_errors=True)
     return record
+
+
+def prepare_seconds(args, registry, layer: dict[str, Any], recipe: str, pairs: Path) -> float:
+    """The seconds the pairs at ``pairs`` took to prepare (from their manifest), made first when missing
+    (a fixed set for a seed: one preparation serves both budgets, and each counts its seconds)."""
+    from distill.pairs import MANIFEST, prepare_pairs
+    from distill.resolve import resolve_config
+
+    if not (pairs / MANIFEST).is_file():
+        cfg = resolve_config(layer, recipe=recipe, embedded=False, registry=registry)
+        print(f"  preparing pairs in {pairs}", flush=True)
+        prepare_pairs(cfg, pairs, overwrite=True)
+    seconds = json.loads((pairs / MANIFEST).read_text())["seconds"]
+    print(f"  pairs in {pairs}: {seconds:.0f} s to prepare", flush=True)
+    return float(seconds)
 
 
 def _run_state(out: Path, cfg) -> str:

@@ -460,12 +460,13 @@ def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path,
     argv = ["--root", str(tmp_path / "root"), "--output", str(tmp_path / "study.json")]
     argv += ["--teacher", str(tiny["teacher"]), "--student", str(tiny["student"])]
     argv += ["--train-prompts", "16", "--epochs", "2", "--init-steps", "1", "--rouge-samples", "2", "--draws", "2"]
-    argv += ["--seeds", "0", "--only", "kd", "sft", "distillm"]
+    argv += ["--seeds", "0", "--only", "kd", "sft", "distillm", "distillm2_pairs"]
     argv += sets("eval.batch_size=8", "generation.max_new_tokens=4", "data.val_max=4")
     report_ = study.main(argv)
     assert report_["complete"]
     runs = {(r["budget"], r["recipe"]): r for r in report_["runs"]}
-    assert set(runs) == {(b, n) for b in ("steps", "seconds") for n in ("kd", "sft", "distillm")}
+    names = ("kd", "sft", "distillm", "distillm2_pairs")
+    assert set(runs) == {(b, n) for b in ("steps", "seconds") for n in names}
     for key, run in runs.items():
         for field in (
             "recipe",
@@ -483,18 +484,29 @@ def test_study_runs_both_budgets_from_a_shared_start_resumes_and_plots(tmp_path,
             assert run[field] is not None, (key, field)
         assert [c["step"] for c in run["curve"]][0] == 0
         # each source's mean step time, from the run's own steps
-        assert set(run["seconds_by_source"]) == {s for s in run["sources"]} and "step_seconds" not in run
-        assert sum(run["seconds_by_source"][s] * n for s, n in run["sources"].items()) == pytest.approx(
-            run["train_seconds"], abs=0.01 * len(run["sources"]) * run["steps"]
-        )
+        # (a step of several groups, "teacher+student", counts once for each of its sources)
+        assert {s for k in run["seconds_by_source"] for s in k.split("+")} == set(run["sources"])
+        assert "step_seconds" not in run
+        if all("+" not in k for k in run["seconds_by_source"]):
+            assert sum(run["seconds_by_source"][s] * n for s, n in run["sources"].items()) == pytest.approx(
+                run["train_seconds"], abs=0.01 * len(run["sources"]) * run["steps"]
+            )
     assert all(runs["steps", n]["steps"] == 4 for n in ("kd", "sft", "distillm"))  # 2 epochs of 16 prompts, 8 a step
     assert [c["step"] for c in runs["steps", "kd"]["curve"]] == [0, 2, 4]  # once per epoch
     assert runs["steps", "sft"]["distill_recipe"] == "sft" and runs["steps", "distillm"]["sgo_prob"] is not None
     assert all(r["train_seconds"] > 0 and r["curve"][-1]["train_seconds"] == r["train_seconds"] for r in runs.values())
     # equal seconds: each run's schedule is sized from its own pace, and the budget is distillm's time at equal steps
-    for name in ("kd", "sft", "distillm"):
-        pace = runs["steps", name]["seconds_per_step"]
-        assert runs["seconds", name]["steps"] == max(1, math.ceil(runs["steps", "distillm"]["train_seconds"] / pace))
+    for name in names:
+        pace, prepared = runs["steps", name]["seconds_per_step"], runs["seconds", name]["prepare_seconds"]
+        budget = runs["steps", "distillm"]["train_seconds"] - prepared  # the pairs' preparation counts
+        assert runs["seconds", name]["steps"] == max(1, math.ceil(budget / pace))
+    # the official schedule: pairs prepared once for the seed (both budgets count their seconds), no generation
+    pairs = json.loads((tmp_path / "root" / "pairs" / "s0" / "manifest.json").read_text())
+    for budget in ("steps", "seconds"):
+        assert runs[budget, "distillm2_pairs"]["prepare_seconds"] == pairs["seconds"] > 0
+        run = runs[budget, "distillm2_pairs"]
+        assert run["sources"] == {"teacher": run["steps"], "student": run["steps"]}
+    assert all(runs[budget, n]["prepare_seconds"] == 0 for budget in ("steps", "seconds") for n in names[:3])
     for name in ("study_quality.png", "study_distillm.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG)
     section = "\n".join(report.study_section(report_, tmp_path, tmp_path))
