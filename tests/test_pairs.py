@@ -193,3 +193,22 @@ def test_training_samples_and_evaluation_draws_use_their_own_settings(tiny, tmp_
     assert len(train_calls) + len(eval_calls) == len(seen)
     (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert record["source"] == "student"
+
+
+def test_the_recipe_under_the_embedded_default_takes_no_cross_entropy_and_samples_at_the_official_settings():
+    """The embedded default sets train.ce_weight 1; distillm2's terms pin theirs to 0, and its training
+    samples take the official 0.8 / 0.95 while evaluation keeps generation's own settings."""
+    from cli_runs import flags
+    from distill.resolve import resolve_run
+
+    cfg = resolve_run(None, flags(recipe="distillm2"))
+    assert cfg.train.ce_weight == 1.0 and cfg.teacher.ref  # the embedded default's layer is in
+    assert {source: term.ce_weight for source, term in cfg.objective.terms.items()} == {
+        "dataset": 0.0,
+        "teacher": 0.0,
+        "student": 0.0,
+    }
+    train, evaluation = cfg.generation.purpose("train"), cfg.generation.purpose("eval")
+    assert (train.temperature, train.top_p, train.top_k) == (0.8, 0.95, 0)
+    assert (evaluation.temperature, evaluation.top_p) == (1.0, 1.0)
+    assert cfg.policy.params["teacher"] == "generate"
