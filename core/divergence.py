@@ -23,8 +23,16 @@ def prepare_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tens
     return x.clamp_min(NEG_LOGIT)
 
 
-def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
-    """Raise a one-line error unless both logits have the same shape (and so the same vocabulary)."""
+def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, cross: bool = False) -> None:
+    """Raise a one-line error unless both logits have the same shape (and so the same vocabulary);
+    ``cross`` (a divergence across vocabularies): the same rows, any two widths."""
+    if cross:
+        if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+            raise ConfigError(
+                f"student logits {tuple(student_logits.shape)} and teacher logits "
+                f"{tuple(teacher_logits.shape)} must have the same rows"
+            )
+        return
     if student_logits.shape[-1:] != teacher_logits.shape[-1:]:
         raise ConfigError(
             f"student and teacher vocabularies differ: student logits have {student_logits.shape[-1]} "
@@ -51,6 +59,8 @@ class ConfiguredDivergence:
         self.temperature = float(temperature)
         self.name: str = type(plugin).name
         self.Params: type[Params] = type(plugin).Params
+        self.cross_vocabulary: bool = bool(getattr(type(plugin), "cross_vocabulary", False))
+        """The plugin compares distributions over two vocabularies (``[N, Vs]`` and ``[N, Vt]``)."""
 
     @classmethod
     def create(cls, plugin_cls: type, values: Mapping[str, Any], *, temperature: float = 1.0) -> "ConfiguredDivergence":
@@ -78,7 +88,7 @@ class ConfiguredDivergence:
         return cls(divergence, getattr(divergence, "params", None), 1.0)
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        check_logits(student_logits, teacher_logits)
+        check_logits(student_logits, teacher_logits, cross=self.cross_vocabulary)
         if student_logits.dim() != 2:
             raise ValueError(f"expected [N, V] logits, got shape {tuple(student_logits.shape)}")
         values = self.plugin(

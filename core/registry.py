@@ -31,6 +31,7 @@ AUTOLOAD_ENV = "DISTILL_DISABLE_PLUGIN_AUTOLOAD"
 
 BUILTIN_PLUGINS = (
     "distill.plugins.divergences",
+    "distill.plugins.cross_divergences",
     "distill.plugins.policies",
     "distill.plugins.sequence_terms",
     "distill.plugins.recipes",

@@ -23,7 +23,7 @@ from distill import registry as registry_module
 from distill.registry import AUTOLOAD_ENV, BUILTIN_PLUGINS, BUILTIN_PROVIDER, KINDS, Registry
 
 REPO = Path(__file__).resolve().parents[1]
-BUILTIN_DIVERGENCES = {"kl", "rkl", "jsd", "tvd", "skew_kl", "skew_rkl"}
+BUILTIN_DIVERGENCES = {"kl", "rkl", "jsd", "tvd", "skew_kl", "skew_rkl", "uld", "uld_hybrid"}
 ALIASES = {"fkl": "kl", "skl": "skew_kl", "sfkl": "skew_kl", "srkl": "skew_rkl"}
 
 
