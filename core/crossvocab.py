@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distill.data import Example
 from distill.errors import ConfigError
 
 BYTE_LEVEL_SPACE, SENTENCEPIECE_SPACE = "\u0120", "\u2581"  # Ġ and ▁
@@ -105,6 +106,26 @@ def align(text: str, student_tokenizer, teacher_tokenizer) -> tuple[list[int], l
     return student_ids, teacher_ids, align_ends(student_ends, teacher_ends, len(text))
 
 
+def decoded_ends(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
+    """The text ``ids`` decode to and the character where each token ends in it: the length of the
+    decoded prefix through that token (any token sequence, a model's samples too, which need not be
+    the tokenizer's own cut of their text). A token that ends inside a character (one byte of several)
+    ends where its predecessor does; a prefix that does not decode to a prefix of the text (a decoder
+    that rewrites across tokens) ends no earlier than its predecessor and no later than the text."""
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    ends, last = [], 0
+    for k in range(1, len(ids) + 1):
+        prefix = tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if prefix.endswith("\ufffd") and not text.startswith(prefix):
+            prefix = prefix[:-1]  # a character still incomplete: it ends with a later token
+        if text.startswith(prefix):
+            last = max(last, len(prefix))
+        else:
+            last = min(max(last, len(prefix)), len(text))
+        ends.append(last)
+    return text, ends
+
+
 def check_round_trip(tokenizer, ids: list[int], role: str) -> str:
     """The text ``ids`` decode to, refused when encoding it again gives other ids (a text the two
     sides could not both hold)."""
@@ -116,6 +137,71 @@ def check_round_trip(tokenizer, ids: list[int], role: str) -> str:
             "encodes to other ids): alignment by text needs a tokenizer whose decoding encodes back to the same ids"
         )
     return text
+
+
+# --- a training sequence in the teacher's tokens
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    """A student sequence as the teacher reads it: its prompt in the teacher's chat template, its
+    response text in the teacher's tokens (ending with the teacher's EOS where the student's ended),
+    and for each aligned group the first response position on each side (``starts``: pairs
+    ``(student position, teacher position)``; the student's final stop token pairs with the
+    teacher's EOS)."""
+
+    example: Example
+    starts: tuple[tuple[int, int], ...]
+
+
+class CrossBridge:
+    """Student sequences seen by a teacher with another tokenizer (logit-level KD across vocabularies).
+
+    The teacher's prompt is the example's chat messages in the teacher's chat template, looked up by
+    the student's prompt ids (``prompts``: every training and validation example, whose messages the
+    data gave; generated responses keep their example's prompt ids). The response is decoded from the
+    student's ids (``decoded_ends``: sampled ids need not be the tokenizer's own cut) and encoded by
+    the teacher's tokenizer with its offsets (``token_ends``); ``align_ends`` pairs their groups."""
+
+    def __init__(self, student_tokenizer, teacher_tokenizer, examples: list[Example], data_cfg, student_stops) -> None:
+        from distill.data import PromptFormatter
+
+        self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
+        self.student_stops = set(student_stops)
+        self.teacher_eos = teacher_tokenizer.eos_token_id
+        self.max_response_tokens = data_cfg.max_response_tokens
+        format_teacher = PromptFormatter(teacher_tokenizer, data_cfg.prompt_template)
+        self.prompts: dict[tuple[int, ...], list[int]] = {}
+        for example in examples:
+            key = tuple(example.prompt_ids)
+            if key not in self.prompts and example.messages is not None:
+                self.prompts[key] = list(format_teacher(example.messages))
+
+    def view(self, example: Example) -> TeacherView:
+        prompt = self.prompts.get(tuple(example.prompt_ids))
+        if prompt is None:
+            raise RuntimeError("a training sequence's prompt is not one of the data's (CrossBridge.prompts)")
+        ids = list(example.response_ids)
+        ended = bool(ids) and ids[-1] in self.student_stops
+        body = ids[:-1] if ended else ids
+        text, student_ends = decoded_ends(self.student_tokenizer, body)
+        teacher_ids, teacher_ends = token_ends(self.teacher_tokenizer, text, "teacher's tokenizer")
+        cap = self.max_response_tokens - (1 if ended else 0)
+        length, cut = len(text), len(teacher_ids) > cap
+        if cut:  # the teacher's cut of the text is longer than a response may be: its first tokens only
+            teacher_ids, teacher_ends = teacher_ids[:cap], teacher_ends[:cap]
+            length = teacher_ends[-1] if teacher_ends else 0
+            student_ends = [e for e in student_ends if e <= length]
+        starts = [
+            (g.student_start, g.teacher_start)
+            for g in align_ends(student_ends, teacher_ends, length)
+            if g.student_end > g.student_start and g.teacher_end > g.teacher_start
+        ]
+        if ended and not cut and self.teacher_eos is not None:
+            starts.append((len(body), len(teacher_ids)))
+            teacher_ids = teacher_ids + [self.teacher_eos]
+        response = teacher_ids or [self.teacher_eos]
+        return TeacherView(Example(prompt, response, reference=text), tuple(starts))
 
 
 # --- the tokens both vocabularies hold
@@ -246,11 +332,14 @@ def merge_groups(
 
 
 __all__ = [
+    "CrossBridge",
     "Group",
+    "TeacherView",
     "VocabularyMap",
     "align",
     "align_ends",
     "check_round_trip",
+    "decoded_ends",
     "gold_jsd",
     "merge_groups",
     "normalise",

@@ -86,6 +86,20 @@ class Objective:
         return self.terms.get(source, self.fallback)
 
     @property
+    def across_vocabularies(self) -> bool:
+        """Whether every divergence of the run compares distributions over two vocabularies (``uld``,
+        ``uld_hybrid``): the condition for logit-level KD between different tokenizers."""
+        divergences = [self.default, *(t.divergence for t in self.terms.values())]
+        return all(getattr(d, "cross_vocabulary", False) for d in divergences)
+
+    def bind_vocabularies(self, vocabulary_map) -> None:
+        """Give each divergence that matches tokens across vocabularies (``bind``) the run's map."""
+        for divergence in [self.default, *(t.divergence for t in self.terms.values())]:
+            bind = getattr(getattr(divergence, "plugin", divergence), "bind", None)
+            if bind is not None:
+                bind(vocabulary_map)
+
+    @property
     def scheduled(self) -> bool:
         """Whether some term's weight changes during the run."""
         return self.curriculum and any(t.scheduled for t in self.terms.values())

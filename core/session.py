@@ -56,7 +56,7 @@ from distill.interfaces import SamplingPolicy
 from distill.policy import PolicyRun, SamplingContext, policy_generates
 from distill.registry import Registry, default_registry
 from distill.resolve import RunPlan
-from distill.teacher import TeacherSide, live, teacher_side
+from distill.teacher import CrossVocabTeacher, TeacherSide, live, teacher_side
 from distill.teacher_cache import TeacherCache
 from distill.vocabulary import TextBridge, check_data_ids, cross_tokenizer_error, mismatch, student_tokenizer_ref
 
@@ -66,6 +66,11 @@ if TYPE_CHECKING:
 
 Reporter = Callable[[str, dict[str, Any]], None]
 
+CROSS_VOCABULARY_NOTE = (
+    "teacher and student tokenizers differ: logit-level KD across vocabularies; each sequence is read by the "
+    "teacher in its own chat template and tokens, aligned with the student's by character spans, the divergence "
+    "compared at each aligned group's first position; validation: CE and ROUGE-L against the teacher's answers"
+)
 CROSS_TOKENIZER_NOTE = (
     "teacher and student tokenizers differ: sequence-level KD; the teacher answers in its own chat template, "
     "the student trains with token cross-entropy on that text in its own tokens (no logit-level term); "
@@ -235,8 +240,9 @@ def open_session(
     set_seed(cfg.train.seed)
     policy.reseed(cfg.train.seed)  # the same seed on every rank: every rank draws the same branch
     checkpoint = point.checkpoint if point else None
-    models = _load_models(cfg, checkpoint, policy, cache, report)
+    models = _load_models(cfg, checkpoint, policy, cache, report, across=plan.objective.across_vocabularies)
     data = _load_data(cfg, models, cache)
+    bridge = _cross_vocabulary(cfg, plan.objective, models, data) if models.apart and models.logit_level else None
     bind = getattr(policy, "bind", None)
     if bind is not None:  # a policy that reads files (prepared pairs) checks them against the run, before the folder
         bind(PolicyRun(cfg, models.data_tokenizer, data.train_set, models.apart))
@@ -248,11 +254,21 @@ def open_session(
     student, teacher, optimizer, scheduler = _prepare_training(cfg, accelerator, models)
     progress = lambda phase, done, total: report("progress", {"phase": phase, "done": done, "total": total})  # noqa: E731 (long passes)
     generate, context, ends, val_set = _generation(cfg, accelerator, models, teacher, student, data.val_set, progress)
-    fused, head_line = _fused_heads(cfg, accelerator, models, student, teacher, data.train_set)
+    fused, head_line = (
+        (None, "fused head: off (teacher and student vocabularies differ): full logits")
+        if bridge is not None
+        else _fused_heads(cfg, accelerator, models, student, teacher, data.train_set)
+    )
     evaluate = _evaluation(
         cfg, accelerator, registry, plan.objective, models, cache, generate, fused, val_set, progress
     )
-    mode = CROSS_TOKENIZER_NOTE if models.apart else cache.note(loaded=teacher is not None) if cache else None
+    mode = (
+        (CROSS_VOCABULARY_NOTE if bridge is not None else CROSS_TOKENIZER_NOTE)
+        if models.apart
+        else cache.note(loaded=teacher is not None)
+        if cache
+        else None
+    )
     report(
         "start",
         {
@@ -286,7 +302,9 @@ def open_session(
         evaluate=evaluate,
         context=context,
         ends=ends,
-        teacher_side=teacher_side(
+        teacher_side=CrossVocabTeacher(teacher, bridge, models.tokenizer.pad_token_id, accelerator.unwrap_model)
+        if bridge is not None
+        else teacher_side(
             None if models.apart else teacher,
             fused=fused,
             cache=cache,
@@ -319,6 +337,9 @@ class Models:
     """Teacher and student tokenizers differ: sequence-level KD, no logit-level term."""
     n_logits: int
     """The logits the two heads share (the tokenizer's size)."""
+    logit_level: bool = False
+    """Across tokenizers (``apart``): whether a logit-level loss runs anyway (divergences across
+    vocabularies); else the student's cross-entropy on the teacher's text alone."""
 
     @property
     def data_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -456,10 +477,13 @@ def _evaluation(
     return functools.partial(evaluator, with_teacher=not models.apart)
 
 
-def _load_models(cfg: RunConfig, checkpoint, policy, cache: TeacherCache | None, report: Reporter) -> Models:
+def _load_models(
+    cfg: RunConfig, checkpoint, policy, cache: TeacherCache | None, report: Reporter, *, across: bool = False
+) -> Models:
     """The teacher (None when a cache serves every sequence), the teacher's tokenizer, the student
     (from the checkpoint when resuming) and its tokenizer; whether the two tokenizers differ, and
-    the number of logits the two heads share."""
+    the number of logits the two heads share. ``across``: every divergence of the run compares two
+    vocabularies, so tokenizers that differ keep a logit-level loss (``CrossVocabTeacher``)."""
     teacher = (
         load_model(cfg.teacher, "teacher")
         if cache is None or policy_generates(policy) or (cfg.train.lm_weight > 0 and cfg.train.lm_kd_ratio > 0)
@@ -476,8 +500,13 @@ def _load_models(cfg: RunConfig, checkpoint, policy, cache: TeacherCache | None,
     # one vocabulary (logit-level), or text in between (sequence-level KD across tokenizers)
     difference = mismatch(tokenizer, student_tokenizer) if student_tokenizer is not tokenizer else None
     apart = difference is not None
-    if apart and getattr(policy, "name", None) != "teacher":
+    if apart and not across and getattr(policy, "name", None) != "teacher":
         raise cross_tokenizer_error(difference, cfg.policy.name)
+    if apart and across and getattr(policy, "records_rollouts", False):
+        raise ConfigError(
+            f"teacher and student tokenizers differ: {difference}; policy {cfg.policy.name} samples from a mixture "
+            "of the two models' next-token distributions, which needs one vocabulary"
+        )
     heads = (vocab_size(teacher) if teacher is not None else len(tokenizer), vocab_size(student))
     n_logits = share_vocabulary(teacher, student, tokenizer, student_tokenizer, shared=not apart)
     if own is None and not str(cfg.student.ref or "").startswith("prune:") and heads[0] != heads[1]:
@@ -492,7 +521,25 @@ def _load_models(cfg: RunConfig, checkpoint, policy, cache: TeacherCache | None,
     stop_warning = check_stop_ids(teacher, student, tokenizer, n_logits, student_tokenizer if apart else None)
     if stop_warning:
         report("warning", {"message": stop_warning})
-    return Models(teacher, tokenizer, student, student_tokenizer, apart, n_logits)
+    return Models(teacher, tokenizer, student, student_tokenizer, apart, n_logits, logit_level=across)
+
+
+def _cross_vocabulary(cfg: RunConfig, objective: Objective, models: Models, data: Data):
+    """Across tokenizers with a divergence across vocabularies: the map of the tokens both hold (for the
+    divergences that match tokens), checked before anything is written, and the bridge that shows the
+    teacher each sequence in its own tokens."""
+    from distill.crossvocab import CrossBridge, VocabularyMap, check_round_trip, token_ends
+    from distill.models import stop_ids
+
+    tokenizer, student_tokenizer = models.tokenizer, models.student_tokenizer
+    token_ends(student_tokenizer, "a", "student's tokenizer")  # a slow tokenizer (no offsets) is refused here
+    token_ends(tokenizer, "a", "teacher's tokenizer")
+    stops = set(stop_ids(models.student, student_tokenizer))
+    for example in data.train_set[:64]:  # texts whose decoding does not encode back are refused before training
+        body = example.response_ids[:-1] if example.response_ids[-1:] and example.response_ids[-1] in stops else None
+        check_round_trip(student_tokenizer, list(body if body is not None else example.response_ids), "student")
+    objective.bind_vocabularies(VocabularyMap.cached(student_tokenizer, tokenizer))
+    return CrossBridge(student_tokenizer, tokenizer, data.train_set + data.val_set, cfg.data, stops)
 
 
 def _generation(cfg: RunConfig, accelerator, models: Models, teacher, student, val_set: list[Example], progress):

@@ -11,7 +11,9 @@ choice is one of these implementations of ``TeacherSide``, made by ``teacher_sid
 - ``CachedTeacher``: a teacher cache's top-K log-probs (``distill cache-teacher``), against the
   student's rows as the live side computes them, through ``CoarseDivergence``;
 - ``CacheOrLive``: a run with a cache whose policy may generate: each step's micro-batches read the
-  cache where it holds every sequence on every process, the live teacher elsewhere (``prepare``).
+  cache where it holds every sequence on every process, the live teacher elsewhere (``prepare``);
+- ``CrossVocabTeacher``: a teacher with another tokenizer, read through the alignment of its tokens
+  with the student's (``distill.crossvocab``), for a divergence across vocabularies.
 
 A side's ``teacher`` may be None: sequence-level KD across tokenizers, where the loss is the
 student's cross-entropy alone.
@@ -184,6 +186,56 @@ class CacheOrLive:
         return side.wrap(divergence, prepared)
 
 
+class GroupStarts:
+    """A divergence across vocabularies at the aligned groups' first positions: the teacher's rows carry
+    one more column, 1 at a group's first student position (its teacher row there) and 0 elsewhere."""
+
+    def __init__(self, divergence) -> None:
+        self.divergence = ConfiguredDivergence.wrap(divergence)
+        self.name = self.divergence.name
+
+    def __call__(self, student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> torch.Tensor:
+        return self.divergence(student_rows, teacher_rows[:, :-1]) * teacher_rows[:, -1]
+
+
+class CrossVocabTeacher:
+    """A teacher with another tokenizer (``distill.crossvocab``): each micro-batch's sequences are read
+    by the teacher in its own tokens (``CrossBridge.view``: its chat template, the response text in its
+    tokens), and its logits at each aligned group's first position become the teacher's row at the
+    group's first student position; the divergence (one across vocabularies) counts there only
+    (``GroupStarts``), the student's cross-entropy at every response token. Full logits of both models."""
+
+    logit_level = True
+
+    def __init__(self, teacher, bridge, pad_id: int, unwrap=lambda m: m) -> None:
+        self.teacher, self.bridge, self.pad_id, self.unwrap = teacher, bridge, pad_id, unwrap
+
+    def prepare(self, batches: list[MicroBatch]) -> list[Any]:
+        return [examples for _, _, examples in batches]
+
+    def student_rows(self, student, batch, index):
+        return LogitRows(response_logits(student, batch, self.unwrap), index)
+
+    def teacher_rows(self, batch, index, prepared):
+        from distill.data import collate
+
+        views = [self.bridge.view(example) for example in prepared]
+        teacher_batch = collate([v.example for v in views], self.pad_id).to(batch.input_ids.device)
+        with torch.no_grad():
+            logits = response_logits(live(self.teacher), teacher_batch, self.unwrap)
+        rows, width = batch.response_mask.shape, logits.shape[-1]
+        aligned = logits.new_zeros((*rows, width + 1))
+        for b, view in enumerate(views):
+            if view.starts:
+                s, t = (torch.tensor(x, device=logits.device) for x in zip(*view.starts))
+                aligned[b, s, :width] = logits[b, t]
+                aligned[b, s, width] = 1.0
+        return LogitRows(aligned, index)
+
+    def wrap(self, divergence, prepared):
+        return GroupStarts(divergence)
+
+
 def live(teacher):
     """The loaded teacher, for sequences a cache does not hold."""
     if teacher is None:
@@ -202,4 +254,14 @@ def teacher_side(
     return CacheOrLive(cache, side, accelerator) if cache is not None else side
 
 
-__all__ = ["CacheOrLive", "CachedTeacher", "FusedTeacher", "LiveTeacher", "MicroBatch", "TeacherSide", "teacher_side"]
+__all__ = [
+    "CacheOrLive",
+    "CachedTeacher",
+    "CrossVocabTeacher",
+    "FusedTeacher",
+    "GroupStarts",
+    "LiveTeacher",
+    "MicroBatch",
+    "TeacherSide",
+    "teacher_side",
+]

@@ -49,9 +49,10 @@ def mismatch(teacher_tokenizer, student_tokenizer) -> str | None:
 
 def cross_tokenizer_error(difference: str, policy: str) -> ConfigError:
     return ConfigError(
-        f"teacher and student tokenizers differ: {difference}; the {policy} policy's logit-level divergence needs one "
-        "vocabulary: across tokenizers use --recipe seqkd (the student learns the teacher's generated text), "
-        "or give both models one tokenizer (tokenizer=DIR, student.tokenizer=DIR)"
+        f"teacher and student tokenizers differ: {difference}; the {policy} policy's divergence needs one "
+        "vocabulary: across tokenizers use --divergence uld or uld_hybrid (logit-level, the tokens aligned by "
+        "text), or --recipe seqkd (the student learns the teacher's generated text), or give both models one "
+        "tokenizer (tokenizer=DIR, student.tokenizer=DIR)"
     )
 
 

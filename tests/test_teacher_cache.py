@@ -264,7 +264,17 @@ def test_distillm2_with_a_cache_reads_it_for_the_dataset_group_and_runs_the_teac
     # at K = V, with per-sequence means (train.normalize: sequence), the losses are the live run's
     assert cache_cli(tiny, tmp_path / "k300", "--top-k", "300").exit_code == 0
     calls = count_teacher_rows(monkeypatch)
-    common = ["--recipe", "distillm2", "--max-steps", "2", "--set", "generation.temperature=0"]
+    # the dataset's responses on the teacher side; greedy training samples (the recipe samples at 0.8 otherwise)
+    common = [
+        "--recipe",
+        "distillm2",
+        "-P",
+        "teacher=dataset",
+        "--max-steps",
+        "2",
+        "--set",
+        "generation.train.temperature=0",
+    ]
     assert run_cli(tiny, tmp_path / "cached", *common, "--teacher-cache", str(tmp_path / "k300")).exit_code == 0
     assert calls["cached"] == calls["live"] == 2  # one micro-batch of each group a step (train.batch_size 4, 4 prompts)
     assert run_cli(tiny, tmp_path / "live", *common).exit_code == 0

@@ -51,14 +51,14 @@ def test_the_same_tokenizer_twice_matches_and_another_is_named_by_its_first_diff
 
 
 @pytest.mark.parametrize("recipe", ["kd", "distillm"])
-def test_a_logit_level_recipe_across_tokenizers_is_one_line_that_points_to_seqkd(pairs, tmp_path, recipe):
+def test_a_logit_level_recipe_across_tokenizers_is_one_line_that_names_the_options(pairs, tmp_path, recipe):
     result = run(pairs, tmp_path / "run", "--recipe", recipe)
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: teacher and student tokenizers differ: id 0 is"), (
         result.output
     )
-    assert "use --recipe seqkd" in lines[0]
+    assert "use --divergence uld or uld_hybrid" in lines[0] and "or --recipe seqkd" in lines[0]
     assert not (tmp_path / "run").exists()
 
 
