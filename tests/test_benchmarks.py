@@ -885,3 +885,33 @@ def test_default_quality_runs_each_seed_once_and_says_which_failed(tmp_path, mon
     with pytest.raises(SystemExit, match="lr-s7 failed"):
         script.main(argv)
     assert [r["name"] for r in json.loads(out.read_text())["runs"]] == ["lr-s0"]
+
+
+def test_the_cross_tokenizer_student_and_the_benchmarks_map_and_memory_parts(tmp_path):
+    """scripts/make_cross_student.py: another tokenizer (its own specials and template) trained on the
+    built-in data, the teacher's layers, each new embedding the mean of the teacher's embeddings of its
+    text's teacher tokens; benchmarks/cross_tokenizer.py's vocabulary map and loss memory on it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.models import load_model, load_tokenizer
+
+    bench = load_script("cross_tokenizer")
+    output = tmp_path / "cross.json"
+    args = ["--root", str(tmp_path), "--output", str(output), "--parts", "map", "memory"]
+    report_ = bench.main(
+        [*args, "--vocab", "600", "--layers", "2", "--batch", "1", "--positions", "4", "--threads", "1"]
+    )
+    student_dir = tmp_path / "student"
+    tokenizer, model = AutoTokenizer.from_pretrained(student_dir), AutoModelForCausalLM.from_pretrained(student_dir)
+    assert len(tokenizer) == 600 and tokenizer.eos_token == "</s>" and model.config.num_hidden_layers == 2
+    assert model.config.eos_token_id == tokenizer.eos_token_id and model.get_output_embeddings().weight.shape[0] == 600
+    teacher_tok, teacher = load_tokenizer("smollm2-135m-instruct"), load_model("smollm2-135m-instruct", "teacher")
+    specials = set(tokenizer.all_special_ids)  # these start as the teacher's <|im_start|> and <|im_end|>
+    word = next(i for i in range(len(tokenizer)) if i not in specials and len(tokenizer.decode([i]).strip()) >= 4)
+    teacher_ids = teacher_tok(tokenizer.decode([word]), add_special_tokens=False).input_ids
+    expected = teacher.get_input_embeddings().weight[teacher_ids].mean(0)
+    torch.testing.assert_close(model.get_input_embeddings().weight[word], expected)
+    assert report_["map"]["student_vocab"] == 600 and 0 < report_["map"]["matched_exact"] <= 600
+    assert report_["memory"]["positions"] == 4 and report_["memory"]["ratio"] > 0
+    assert json.loads(output.read_text())["memory"] == report_["memory"]
