@@ -12,8 +12,9 @@ Parts (``--parts``):
 - ``memory``: the loss alone at the same response positions (``--batch`` x ``--positions``),
   forward and backward, peak bytes of tensors alive at once (the torch profiler's allocation
   events): the same-tokenizer loss (``skew_kl`` over V = 49,152, both sides) against the
-  cross-vocabulary one (``uld_hybrid`` with ``skew_kl``: the teacher's aligned rows built from its
-  logits, the student's 8,192-wide rows). Target: the cross-vocabulary peak <= 2x the other.
+  cross-vocabulary one (``uld_hybrid`` with ``skew_kl``: the teacher's rows read from its logits a
+  block at a time, ``AlignedRows``; the student's 8,192-wide rows). Target: the cross-vocabulary
+  peak <= 2x the other.
 - ``cost``: seconds per optimizer step (``--warmup`` steps left out, then ``--steps``), from the runs'
   ``metrics.jsonl``: ``kd`` of the embedded pair (the teacher into ``prune:15``, one tokenizer)
   against ``kd`` across tokenizers with ``uld`` and ``uld_hybrid`` (alignment and re-encoding
@@ -92,7 +93,7 @@ def part_memory(args) -> dict[str, Any]:
     from distill.crossvocab import VocabularyMap
     from distill.loss import LogitRows, TokenTerms, token_loss
     from distill.models import load_tokenizer
-    from distill.teacher import GroupStarts
+    from distill.teacher import AlignedRows, GroupStarts
 
     teacher_tok, student_tok = load_tokenizer("smollm2-135m-instruct"), load_tokenizer(str(student_folder(args)))
     vt, vs, b, r = len(teacher_tok), len(student_tok), args.batch, args.positions
@@ -114,13 +115,9 @@ def part_memory(args) -> dict[str, Any]:
     def cross() -> torch.Tensor:
         student = torch.randn(b, r, vs, generator=generator, requires_grad=True)
         teacher_logits = torch.randn(b, r, vt, generator=generator)  # the teacher's response logits (its cut)
-        aligned = teacher_logits.new_zeros((b, r, vt + 1))  # as CrossVocabTeacher.teacher_rows builds them
-        aligned[:, :, :vt] = teacher_logits
-        aligned[:, :, vt] = 1.0
-        del teacher_logits
-        loss, _ = token_loss(
-            LogitRows(student, index), LogitRows(aligned, index), TokenTerms(GroupStarts(hybrid)), index
-        )
+        first = torch.ones(b * r, dtype=torch.bool)  # every position begins a group: the most rows counted
+        teacher = AlignedRows(teacher_logits, index[0], index[1], first)  # as CrossVocabTeacher reads them
+        loss, _ = token_loss(LogitRows(student, index), teacher, TokenTerms(GroupStarts(hybrid)), index)
         return loss
 
     same_peak, cross_peak = peak_bytes(same), peak_bytes(cross)

@@ -198,6 +198,36 @@ class GroupStarts:
         return self.divergence(student_rows, teacher_rows[:, :-1]) * teacher_rows[:, -1]
 
 
+class AlignedRows:
+    """The teacher's rows across vocabularies, read a block at a time from its own logits ``[B, Rt, Vt]``
+    (never copied whole): counted row k is the teacher's row at ``(batch_rows[k], positions[k])`` with
+    one more column, 1 where the student's position begins an aligned group (``GroupStarts`` counts
+    the divergence there) and 0 elsewhere (its row then is any of the sequence's, unused)."""
+
+    block_rows = None
+
+    def __init__(self, logits: torch.Tensor, batch_rows: torch.Tensor, positions: torch.Tensor, first: torch.Tensor):
+        self.logits, self.batch_rows, self.positions, self.first = logits, batch_rows, positions, first
+        self.width = logits.shape[-1] + 1
+        self.inputs = ()  # no gradient to the teacher
+
+    def want(self, flags: tuple[bool, ...]) -> None:
+        pass
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        rows = self.logits[self.batch_rows[start:stop], self.positions[start:stop]].float()
+        return torch.cat([rows, self.first[start:stop, None].to(rows.dtype)], dim=-1)
+
+    def transform(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def add_grad(self, start: int, stop: int, grad: torch.Tensor) -> None:
+        pass
+
+    def grads(self) -> list[torch.Tensor | None]:
+        return []
+
+
 class CrossVocabTeacher:
     """A teacher with another tokenizer (``distill.crossvocab``): each micro-batch's sequences are read
     by the teacher in its own tokens (``CrossBridge.view``: its chat template, the response text in its
@@ -223,14 +253,14 @@ class CrossVocabTeacher:
         teacher_batch = collate([v.example for v in views], self.pad_id).to(batch.input_ids.device)
         with torch.no_grad():
             logits = response_logits(live(self.teacher), teacher_batch, self.unwrap)
-        rows, width = batch.response_mask.shape, logits.shape[-1]
-        aligned = logits.new_zeros((*rows, width + 1))
+        # each student position's teacher position (a group's first), and whether it is a group's first
+        position = torch.zeros(batch.response_mask.shape, dtype=torch.long)
+        first = torch.zeros(batch.response_mask.shape, dtype=torch.bool)
         for b, view in enumerate(views):
-            if view.starts:
-                s, t = (torch.tensor(x, device=logits.device) for x in zip(*view.starts))
-                aligned[b, s, :width] = logits[b, t]
-                aligned[b, s, width] = 1.0
-        return LogitRows(aligned, index)
+            for s, t in view.starts:
+                position[b, s], first[b, s] = t, True
+        rows = tuple(i.cpu() for i in index)
+        return AlignedRows(logits, index[0], position[rows].to(logits.device), first[rows].to(logits.device))
 
     def wrap(self, divergence, prepared):
         return GroupStarts(divergence)
@@ -255,6 +285,7 @@ def teacher_side(
 
 
 __all__ = [
+    "AlignedRows",
     "CacheOrLive",
     "CachedTeacher",
     "CrossVocabTeacher",
