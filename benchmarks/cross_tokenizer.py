@@ -23,7 +23,8 @@ Parts (``--parts``):
   and with ``uld_hybrid`` (skew KL on the shared tokens), ``distillm`` with each; ROUGE-L of greedy
   answers against the teacher's (tokenizer-free) and the student's CE on the teacher's answers, on
   the first ``--val-prompts`` validation prompts. Resumable: each finished run's record is kept
-  under ``<root>/records`` and skipped afterwards.
+  under ``<root>/records`` (a new machine's root first gets those of ``--output``) and skipped
+  afterwards.
 
 Results: ``benchmarks/results/cross_tokenizer.json`` (rewritten after every part and run).
 
@@ -186,6 +187,10 @@ def part_quality(args, report: dict[str, Any]) -> dict[str, Any]:
     cross = str(student_folder(args))
     records = args.root / "records"
     records.mkdir(parents=True, exist_ok=True)
+    for run_ in (report.get("quality") or {}).get("runs", []):  # a new machine goes on from the committed results
+        kept = records / f"{run_['case']}-s{run_['seed']}.json"
+        if not kept.exists():
+            write_json(kept, run_)
     settings = ["--set", f"data.val_max={args.val_prompts}", "--set", f"eval.rouge_samples={args.val_prompts}"]
     settings += ["--set", "eval.every=0", "--set", "eval.rouge_before=0"]
     for seed in args.seeds:
