@@ -46,6 +46,10 @@ class Batch:
     rollout: torch.Tensor | None = None
     """``[3, B, R]``: the examples' ``rollout`` (teacher log-probs, old log-probs, weights; 0, 0, 1 past
     each response), when every example has one."""
+    encoder_ids: torch.Tensor | None = None
+    """Encoder-decoder models: the prompts, right-padded, ``[B, P]`` (``input_ids`` is then the decoder's
+    sequence, its start id and the response: ``[B, 1 + R]``); None for decoder-only models."""
+    encoder_mask: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -59,12 +63,13 @@ class Batch:
     @property
     def n_positions(self) -> int:
         """Positions the forward pass computes, padding included (``B x (P + R)``)."""
-        return self.input_ids.numel()
+        return self.input_ids.numel() + (self.encoder_ids.numel() if self.encoder_ids is not None else 0)
 
     @property
     def n_real(self) -> int:
         """Positions holding a prompt or response token."""
-        return int(self.attention_mask.sum())
+        encoder = int(self.encoder_mask.sum()) if self.encoder_mask is not None else 0
+        return int(self.attention_mask.sum()) + encoder
 
     @property
     def labels(self) -> torch.Tensor:
@@ -73,12 +78,16 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(
             *(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.response_mask)),
-            None if self.rollout is None else self.rollout.to(device),
+            *(None if t is None else t.to(device) for t in (self.rollout, self.encoder_ids, self.encoder_mask)),
         )
 
 
-def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Examples -> a Batch with aligned responses (see module docstring)."""
+def collate(examples: list[Example], pad_id: int, decoder_start: int | None = None) -> Batch:
+    """Examples -> a Batch with aligned responses (see module docstring). ``decoder_start`` (an
+    encoder-decoder's ``decoder_start_token_id``): the prompts go to the encoder, right-padded, and
+    the decoder reads the start id then the response (``Batch.encoder_ids``)."""
+    if decoder_start is not None:
+        return _collate_seq2seq(examples, pad_id, decoder_start)
     p = max(len(e.prompt_ids) for e in examples)
     r = max(max(len(e.response_ids) for e in examples), 1)
     ids = torch.full((len(examples), p + r), pad_id, dtype=torch.long)
@@ -99,14 +108,41 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     return Batch(ids, attention, position_ids, response_mask, rollout)
 
 
-def collate_prompts(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts ``[B, P]`` and their attention mask, for ``generate``."""
+def _collate_seq2seq(examples: list[Example], pad_id: int, decoder_start: int) -> Batch:
+    p = max(max(len(e.prompt_ids) for e in examples), 1)
+    r = max(max(len(e.response_ids) for e in examples), 1)
+    encoder = torch.full((len(examples), p), pad_id, dtype=torch.long)
+    encoder_mask = torch.zeros_like(encoder)
+    decoder = torch.full((len(examples), 1 + r), pad_id, dtype=torch.long)
+    decoder[:, 0] = decoder_start
+    decoder_mask = torch.zeros_like(decoder)
+    response_mask = torch.zeros((len(examples), r), dtype=torch.bool)
+    for row, e in enumerate(examples):
+        encoder[row, : len(e.prompt_ids)] = torch.tensor(e.prompt_ids, dtype=torch.long)
+        encoder_mask[row, : len(e.prompt_ids)] = 1
+        decoder[row, 1 : 1 + len(e.response_ids)] = torch.tensor(e.response_ids, dtype=torch.long)
+        decoder_mask[row, : 1 + len(e.response_ids)] = 1
+        response_mask[row, : len(e.response_ids)] = True
+    positions = (decoder_mask.cumsum(-1) - 1).clamp_min(0)
+    rollout = None
+    if all(e.rollout is not None for e in examples):
+        rollout = torch.zeros((3, len(examples), r), dtype=torch.float32)
+        rollout[2] = 1.0
+        for row, e in enumerate(examples):
+            rollout[:, row, : len(e.response_ids)] = torch.tensor(e.rollout, dtype=torch.float32)
+    return Batch(decoder, decoder_mask, positions, response_mask, rollout, encoder, encoder_mask)
+
+
+def collate_prompts(examples: list[Example], pad_id: int, *, right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts ``[B, P]`` and their attention mask, for ``generate`` (``right``: right-padded,
+    an encoder's input)."""
     p = max(len(e.prompt_ids) for e in examples)
     ids = torch.full((len(examples), p), pad_id, dtype=torch.long)
     attention = torch.zeros_like(ids)
     for row, e in enumerate(examples):
-        ids[row, p - len(e.prompt_ids) :] = torch.tensor(e.prompt_ids, dtype=torch.long)
-        attention[row, p - len(e.prompt_ids) :] = 1
+        span = slice(0, len(e.prompt_ids)) if right else slice(p - len(e.prompt_ids), p)
+        ids[row, span] = torch.tensor(e.prompt_ids, dtype=torch.long)
+        attention[row, span] = 1
     return ids, attention
 
 

@@ -107,7 +107,10 @@ def _run(
                 source: [group[i : i + size] for i in range(0, len(group), size)] for source, group in groups.items()
             }
             micro = {
-                source: [collate(part, s.data_tokenizer.pad_token_id).to(accelerator.device) for part in parts]
+                source: [
+                    collate(part, s.data_tokenizer.pad_token_id, s.decoder_start).to(accelerator.device)
+                    for part in parts
+                ]
                 for source, parts in examples_of.items()
             }
             # --- forward and backward; each group's term is normalised once, by its global token (or sequence) count

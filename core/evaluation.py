@@ -12,7 +12,7 @@ from distill.builtin import SMOLLM2
 from distill.config import DataConfig, GenerationConfig
 from distill.data import Example, collate, encode_records, read_records
 from distill.generation import ResponseGenerator
-from distill.models import load_model, load_tokenizer, share_vocabulary
+from distill.models import decoder_start, load_model, load_tokenizer, share_vocabulary
 from distill.loss import TokenTerms, counted, token_loss
 from distill.progress import Progress
 from distill.registry import default_registry
@@ -112,7 +112,7 @@ class Evaluator:
             self.progress("validation examples", 0, len(self.examples))
         for i in range(self.n_batches):
             chunk = self.examples[i * self.batch_size : (i + 1) * self.batch_size]
-            batch = collate(chunk or self.stand_in, self.tokenizer.pad_token_id)
+            batch = collate(chunk or self.stand_in, self.tokenizer.pad_token_id, decoder_start(self.unwrap(student)))
             batch = batch.to(next(self.unwrap(student).parameters()).device)
             sums = self._batch_sums(student, teacher if with_teacher else None, chunk or self.stand_in, batch)
             if not chunk:

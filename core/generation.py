@@ -22,7 +22,7 @@ from distill.errors import ConfigError
 
 from distill.data import Example, collate_prompts
 from distill.fused import head_of
-from distill.models import contiguous_head_input, stop_ids, vocab_size
+from distill.models import contiguous_head_input, is_encoder_decoder, stop_ids, vocab_size
 
 
 class ResponseGenerator:
@@ -165,6 +165,7 @@ class ResponseGenerator:
         )
         max_new_tokens = max_new_tokens or self.cfg.max_new_tokens
         lean = not (self.synced or self.always_generate) and decodable(model)
+        right = is_encoder_decoder(model)  # an encoder's input is right-padded (BART's positions count from 0)
         device = next(model.parameters()).device
         out: list[Example] = []
         if progress:
@@ -177,11 +178,11 @@ class ResponseGenerator:
                 chunk = examples[call * step : (call + 1) * step]
                 if not chunk:  # a stand-in call (see ``even``): its answer is dropped
                     stand_in = examples[:1] or [Example([self.eos_id if self.eos_id is not None else 0], [])]
-                    ids, attention = collate_prompts(stand_in, self.pad_id)
+                    ids, attention = collate_prompts(stand_in, self.pad_id, right=right)
                     with torch.no_grad():
                         self._transformers_generate(model, ids.to(device), attention.to(device), sample, 1, stops)
                     continue
-                ids, attention = collate_prompts(chunk, self.pad_id)
+                ids, attention = collate_prompts(chunk, self.pad_id, right=right)
                 ids, attention = ids.to(device), attention.to(device)
                 with torch.no_grad():
                     if lean:
@@ -216,7 +217,9 @@ class ResponseGenerator:
             options["suppress_tokens"] = list(range(self.n_tokens, head_rows))
         if self.synced:
             options["synced_gpus"] = True
-        return model.generate(input_ids=ids, attention_mask=attention, **options)[:, ids.shape[1] :]
+        out = model.generate(input_ids=ids, attention_mask=attention, **options)
+        # an encoder-decoder returns the decoder's sequence (its start id first); a decoder-only model the prompt too
+        return out[:, 1:] if is_encoder_decoder(model) else out[:, ids.shape[1] :]
 
     def _cut(self, tokens: list[int], stops: list[int] | None = None) -> list[int]:
         return cut_response(tokens, [self.eos_id] if stops is None else stops, self.eos_id)

@@ -61,7 +61,7 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
     builtin = load_builtin_model(ref, dtype)
     if builtin is not None:
         return builtin
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = Path(ref).expanduser()
     if _looks_local(ref):
@@ -69,12 +69,36 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
             raise ConfigError(f"--{role} {ref}: no such directory")
         if not (path / "config.json").is_file():
             raise ConfigError(f"--{role} {ref}: not a model directory (no config.json)")
+    where, seq2seq = str(path) if path.exists() else ref, False
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else ref, dtype=dtype)
+        # an encoder-decoder (T5, BART, Marian) is loaded whole: a causal-LM class would keep its decoder alone
+        seq2seq = bool(getattr(AutoConfig.from_pretrained(where), "is_encoder_decoder", False))
+        kind = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        return kind.from_pretrained(where, dtype=dtype)
     except (OSError, ValueError) as error:
-        raise ConfigError(
-            f"--{role} {ref}: cannot load a causal language model ({str(error).splitlines()[0]})"
-        ) from None
+        what = "a sequence-to-sequence" if seq2seq else "a causal"
+        raise ConfigError(f"--{role} {ref}: cannot load {what} language model ({str(error).splitlines()[0]})") from None
+
+
+def is_encoder_decoder(model) -> bool:
+    """Whether ``model`` (wrapped or not) is an encoder-decoder: the prompt is its encoder's input."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "module", base)
+    return bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
+
+
+def decoder_start(model) -> int | None:
+    """The id an encoder-decoder's decoder starts from (None for a decoder-only model)."""
+    if not is_encoder_decoder(model):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "module", base).config
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(getattr(base, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        raise ConfigError("the encoder-decoder model's config has no decoder_start_token_id; set it in config.json")
+    return int(start)
 
 
 def _concrete_dtype(dtype: str, role: str) -> str:

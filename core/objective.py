@@ -181,6 +181,16 @@ def response_logits(model, batch: Batch, unwrap=lambda m: m) -> torch.Tensor:
     onto the vocabulary where the model supports ``logits_to_keep``.
     """
     r = batch.response_mask.shape[1]
+    if batch.encoder_ids is not None:
+        # an encoder-decoder: the prompt is the encoder's input, the decoder reads its start id then the response
+        out = model(
+            input_ids=batch.encoder_ids,
+            attention_mask=batch.encoder_mask,
+            decoder_input_ids=batch.input_ids,
+            decoder_attention_mask=batch.attention_mask,
+            use_cache=False,
+        )
+        return out.logits[:, -(r + 1) : -1]
     inner = unwrap(model)
     contiguous_head_input(inner)
     inner = type(inner.get_base_model() if hasattr(inner, "get_base_model") else inner)  # peft passes the argument on

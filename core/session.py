@@ -42,6 +42,8 @@ from distill.models import (
     derives_from_teacher,
     add_lora,
     check_stop_ids,
+    decoder_start,
+    is_encoder_decoder,
     freeze,
     load_model,
     load_tokenizer,
@@ -117,6 +119,8 @@ class Session:
     lm_blocks: list[list[int]] | None
     lm_rng: random.Random
     rank_log: Callable[[dict[str, Any]], None]
+    decoder_start: int | None = None
+    """Encoder-decoder models: the decoder's start id (batches put the prompt in the encoder)."""
 
     def micro_loss(self, batch, term, denominator: float, weight: float, prepared: Any):
         """One micro-batch's loss and its parts, the teacher's side as the run's ``teacher_side`` reads
@@ -257,6 +261,8 @@ def open_session(
     fused, head_line = (
         (None, "fused head: off (teacher and student vocabularies differ): full logits")
         if bridge is not None
+        else (None, "fused head: off (encoder-decoder models): full logits")
+        if is_encoder_decoder(models.student)
         else _fused_heads(cfg, accelerator, models, student, teacher, data.train_set)
     )
     evaluate = _evaluation(
@@ -320,6 +326,7 @@ def open_session(
         lm_blocks=data.lm_blocks,
         lm_rng=random.Random(cfg.train.seed + accelerator.process_index),
         rank_log=rank_log(accelerator),
+        decoder_start=decoder_start(models.student),
     )
 
 
@@ -495,6 +502,7 @@ def _load_models(
         teacher if teacher is not None or not derives_from_teacher(cfg.student) else load_model(cfg.teacher, "teacher")
     )
     student = _load_student(cfg.student, checkpoint, base)
+    _check_kinds(cfg, teacher if teacher is not None else base, student, policy)
     own = student_tokenizer_ref(cfg.student, cfg.student.tokenizer)
     student_tokenizer = load_tokenizer(own) if own else tokenizer
     # one vocabulary (logit-level), or text in between (sequence-level KD across tokenizers)
@@ -522,6 +530,23 @@ def _load_models(
     if stop_warning:
         report("warning", {"message": stop_warning})
     return Models(teacher, tokenizer, student, student_tokenizer, apart, n_logits, logit_level=across)
+
+
+def _check_kinds(cfg: RunConfig, teacher, student, policy) -> None:
+    """Teacher and student both decoder-only or both encoder-decoders; an encoder-decoder pair with a
+    policy that needs a decoder-only decode loop (teacher-mixed sampling) is refused."""
+    kinds = {role: is_encoder_decoder(m) for role, m in (("teacher", teacher), ("student", student)) if m is not None}
+    if len(set(kinds.values())) > 1:
+        name = {True: "an encoder-decoder", False: "a decoder-only model"}
+        raise ConfigError(
+            f"the teacher is {name[kinds['teacher']]} and the student {name[kinds['student']]}: logits of one "
+            "kind do not line up with the other's; distil between models of one kind"
+        )
+    if any(kinds.values()) and getattr(policy, "records_rollouts", False):
+        raise ConfigError(
+            f"policy {cfg.policy.name}: teacher-mixed sampling runs its own decode loop over decoder-only "
+            "models; encoder-decoder models sample through transformers' generate (another policy)"
+        )
 
 
 def _cross_vocabulary(cfg: RunConfig, objective: Objective, models: Models, data: Data):

@@ -225,12 +225,13 @@ def write_part(
 ) -> int:
     """Run ``teacher`` over ``examples`` (batches of ``batch_size``) and write one part folder,
     atomically (a temporary name renamed into place). Returns the bytes written."""
+    from distill.models import decoder_start
     from distill.objective import response_logits
 
     keys, log_probs, ids, rest = [], [], [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        batch = collate(chunk, pad_id).to(device)
+        batch = collate(chunk, pad_id, decoder_start(teacher)).to(device)
         logits = response_logits(teacher, batch)[..., :n_logits]
         for row, example in enumerate(chunk):
             n = len(example.response_ids)

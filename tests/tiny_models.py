@@ -208,3 +208,48 @@ def greedy_generate(model, ids, attention, max_new_tokens: int, eos_token_id, pa
             top_k=None,
             top_p=None,
         )[:, ids.shape[1] :]
+
+
+def make_seq2seq_model(folder: Path, vocab_size: int, layers: int, kind: str, seed: int = 0, hidden: int = 32):
+    """A random encoder-decoder of ``kind`` (``t5``: tied head, relative positions; ``bart``: learned
+    positions, untied ``final_logits_bias``) saved in ``folder``, decoder start id 0, EOS 1, pad 1
+    (the tiny tokenizer's ``<|im_start|>`` and ``<|im_end|>``)."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, BartConfig, T5Config
+
+    torch.manual_seed(seed)
+    ids = dict(decoder_start_token_id=0, eos_token_id=1, pad_token_id=1)
+    if kind == "t5":
+        config = T5Config(
+            vocab_size=vocab_size, d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=layers, num_heads=2, **ids
+        )
+    else:
+        config = BartConfig(
+            vocab_size=vocab_size,
+            d_model=hidden,
+            encoder_layers=layers,
+            decoder_layers=layers,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=2 * hidden,
+            decoder_ffn_dim=2 * hidden,
+            max_position_embeddings=512,
+            bos_token_id=0,
+            forced_eos_token_id=None,
+            **ids,
+        )
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    model.generation_config.decoder_start_token_id = 0
+    model.save_pretrained(folder)
+    return model
+
+
+def make_seq2seq_pair(root: Path, kind: str = "t5") -> dict[str, Path]:
+    """teacher/ (2 layers a stack) and student/ (1) encoder-decoders of ``kind`` with the tiny tokenizer,
+    and data.jsonl."""
+    teacher, student = root / "teacher", root / "student"
+    tokenizer = make_tokenizer(teacher)
+    tokenizer.save_pretrained(student)
+    make_seq2seq_model(teacher, len(tokenizer), 2, kind, seed=1)
+    make_seq2seq_model(student, len(tokenizer), 1, kind, seed=2)
+    return {"teacher": teacher, "student": student, "data": write_data(root / "data.jsonl")}

@@ -1,0 +1,140 @@
+"""Encoder-decoder models (#31): T5 and BART pairs through the same plugins. The prompt is the
+encoder's input, the response the decoder's labels; generation runs through transformers' generate."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from cli_runs import cache_cli, pair_args, read_jsonl, run_cli, sets
+from distill import default_registry
+from distill.config import DataConfig
+from distill.data import collate, load_examples
+from distill.models import decoder_start, load_model, load_tokenizer
+from distill.objective import micro_batch_loss
+from test_multiprocess import launch
+from tiny_models import make_seq2seq_pair
+
+SMALL = sets("train.batch_size=4", "eval.batch_size=8", "generation.max_new_tokens=6", "eval.rouge_samples=2")
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory):
+    return make_seq2seq_pair(tmp_path_factory.mktemp("t5"), "t5")
+
+
+@pytest.fixture(scope="module")
+def bart(tmp_path_factory):
+    return make_seq2seq_pair(tmp_path_factory.mktemp("bart"), "bart")
+
+
+def test_an_encoder_decoder_folder_loads_whole(bart):
+    """BART would load as BartForCausalLM (its decoder alone) through the causal-LM class."""
+    model = load_model(str(bart["teacher"]), "teacher")
+    assert type(model).__name__ == "BartForConditionalGeneration" and decoder_start(model) == 0
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_the_loss_of_one_batch_equals_a_float64_computation_from_both_models_full_logits(t5, bart, kind):
+    pair = {"t5": t5, "bart": bart}[kind]
+    tokenizer = load_tokenizer(str(pair["teacher"]))
+    teacher, student = (load_model(str(pair[r]), r).eval() for r in ("teacher", "student"))
+    train, _, _ = load_examples(DataConfig(path=str(pair["data"])), tokenizer, 0)
+    examples = train[:5]
+    batch = collate(examples, tokenizer.pad_token_id, decoder_start(student))
+    assert batch.encoder_ids.shape[0] == 5 and bool((batch.input_ids[:, 0] == 0).all())
+    divergence = default_registry().get_divergence("skew_kl", alpha=0.1)
+    loss, _ = micro_batch_loss(student, teacher, batch, divergence, batch.n_tokens, 0.5)
+
+    with torch.no_grad():  # the same from the models' own forward, in float64, token by token
+        total, count = 0.0, 0
+        for e in examples:
+            enc = torch.tensor([e.prompt_ids])
+            dec = torch.tensor([[0, *e.response_ids[:-1]]])
+            q = student.double()(input_ids=enc, decoder_input_ids=dec).logits[0].log_softmax(-1)
+            p = teacher.double()(input_ids=enc, decoder_input_ids=dec).logits[0].log_softmax(-1)
+            mix = torch.logaddexp(p + math.log(0.1), q + math.log(0.9))
+            kl = (p.exp() * (p - mix)).sum(-1)
+            ce = -q.gather(-1, torch.tensor(e.response_ids)[:, None])[:, 0]
+            total += float((kl + 0.5 * ce).sum())
+            count += len(e.response_ids)
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind, recipe",
+    [("t5", r) for r in ("kd", "seqkd", "imitkd", "gkd", "distillm", "distillm2", "rkl_onpolicy")]
+    + [("bart", r) for r in ("kd", "gkd", "distillm")],
+)
+def test_every_recipe_runs_on_an_encoder_decoder_pair(t5, bart, tmp_path, kind, recipe):
+    from transformers import AutoModelForSeq2SeqLM
+
+    pair = {"t5": t5, "bart": bart}[kind]
+    extra = ["-P", "init_prob=0.5"] if recipe == "distillm" else []
+    result = run_cli(pair, tmp_path / "run", "--recipe", recipe, *extra, "--max-steps", "3", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "fused head: off (encoder-decoder models)" in result.output
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
+    if recipe in ("gkd", "rkl_onpolicy", "seqkd"):
+        assert any(m["source"] in ("student", "teacher") for m in metrics)
+    evals = read_jsonl(tmp_path / "run" / "eval.jsonl")
+    assert "rouge_l" in evals[-1] and "val_kl" in evals[-1]
+    model, info = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run" / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_an_encoder_decoder_run_resumes_exactly(t5, tmp_path):
+    common = ["--recipe", "gkd", "--max-steps", "6", *SMALL, *sets("checkpoint.every=3", "eval.every=0")]
+    assert run_cli(t5, tmp_path / "straight", *common).exit_code == 0
+    out = tmp_path / "resumed"
+    assert run_cli(t5, out, *common).exit_code == 0
+    for later in ("checkpoints/step-6", "final"):
+        shutil.rmtree(out / later)
+    again = run_cli(t5, out, *common, "--resume")
+    assert again.exit_code == 0, again.output
+    ours, theirs = read_jsonl(out / "metrics.jsonl"), read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    assert [m["source"] for m in ours] == [m["source"] for m in theirs]
+    assert [m["loss"] for m in ours] == pytest.approx([m["loss"] for m in theirs], rel=0, abs=1e-6)
+
+
+def test_an_encoder_decoder_run_on_two_processes(t5, tmp_path):
+    out = tmp_path / "run"
+    launch(["-m", "distill", "run", *pair_args(t5, out), "--recipe", "gkd", "--max-steps", "3", *SMALL])
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_a_teacher_cache_of_an_encoder_decoder_gives_the_live_losses(t5, tmp_path):
+    assert cache_cli(t5, tmp_path / "cache", "--top-k", "300").exit_code == 0
+    common = ["--recipe", "kd", "--max-steps", "3", *SMALL, *sets("eval.every=0", "eval.rouge_samples=0")]
+    cached = run_cli(t5, tmp_path / "cached", *common, "--teacher-cache", str(tmp_path / "cache"))
+    assert cached.exit_code == 0, cached.output
+    assert run_cli(t5, tmp_path / "live", *common).exit_code == 0
+    ours, theirs = read_jsonl(tmp_path / "cached" / "metrics.jsonl"), read_jsonl(tmp_path / "live" / "metrics.jsonl")
+    assert [m["loss"] for m in ours] == pytest.approx([m["loss"] for m in theirs], rel=1e-3)  # float16 storage
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (
+            ["--recipe", "kd", "--student", "{decoder}"],
+            "the teacher is an encoder-decoder and the student a decoder-only",
+        ),
+        (["--recipe", "minillm"], "teacher-mixed sampling runs its own decode loop over decoder-only models"),
+    ],
+)
+def test_bad_input_with_encoder_decoders_is_one_line_and_writes_nothing(t5, tiny, tmp_path, args, words):
+    args = [str(tiny["student"]) if a == "{decoder}" else a for a in args]
+    student = args[args.index("--student") + 1] if "--student" in args else None
+    if student:
+        args = args[: args.index("--student")] + args[args.index("--student") + 2 :]
+    result = run_cli(t5, tmp_path / "run", *args, "--max-steps", "1", *SMALL, student=student)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.output
+    assert not (tmp_path / "run").exists()
