@@ -70,6 +70,11 @@ class ModelSpec(_Section):
             "and output embeddings) or glob patterns over parameter names"
         ),
     )
+    encoder_layers: int | None = Field(
+        None,
+        gt=0,
+        description="student only, prune:K of an encoder-decoder: its encoder's layers kept (default: K)",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -21,11 +21,12 @@ def _looks_local(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or Path(ref).exists() or ref.count("/") > 1
 
 
-def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=None):
+def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=None, encoder_layers: int | None = None):
     """The causal LM for ``ref`` (a string or a ``ModelSpec`` with ``ref``, ``dtype`` and an optional
     ``adapter`` merged at load); ``role`` ("teacher"/"student") names the flag in errors.
 
-    ``prune:K`` derives the model from ``teacher`` (already loaded) by keeping K of its layers.
+    ``prune:K`` derives the model from ``teacher`` (already loaded) by keeping K of its layers (of an
+    encoder-decoder's: K of its decoder's and ``encoder_layers``, default K, of its encoder's).
     """
     if hasattr(ref, "ref"):
         spec = ref
@@ -46,7 +47,15 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
             )
         if spec.lora is not None and spec.freeze:
             raise ConfigError("student.freeze: with student.lora only the adapters train already; drop one of the two")
-        model = load_model(spec.ref, role, getattr(torch, _concrete_dtype(spec.dtype, role)), teacher=teacher)
+        if spec.encoder_layers is not None and not str(spec.ref or "").startswith("prune:"):
+            raise ConfigError(f"{role}.encoder_layers: only with {role}=prune:K (the layers a pruned copy keeps)")
+        model = load_model(
+            spec.ref,
+            role,
+            getattr(torch, _concrete_dtype(spec.dtype, role)),
+            teacher=teacher,
+            encoder_layers=spec.encoder_layers,
+        )
         return merge_adapter(model, spec.adapter, role) if spec.adapter else model
     if not ref:
         raise ConfigError(f"{role}: required; pass --{role} DIR (a Hugging Face model directory or hub id)")
@@ -57,7 +66,7 @@ def load_model(ref, role: str, dtype: torch.dtype = torch.float32, *, teacher=No
         source = load_model(base[0], role, dtype) if base else teacher
         if source is None:
             raise ConfigError(f"--{role} {ref}: prune:K needs a teacher to derive from")
-        return prune_layers(source, int(count)).to(dtype)
+        return prune_layers(source, int(count), encoder_layers).to(dtype)
     builtin = load_builtin_model(ref, dtype)
     if builtin is not None:
         return builtin

@@ -64,8 +64,41 @@ def decoder_layers(model) -> str:
     )
 
 
-def prune_layers(teacher, keep: int):
-    """A new model of the teacher's class with ``keep`` of its decoder layers (weights copied)."""
+STACK_COUNTS = {"encoder": ("encoder_layers", "num_layers"), "decoder": ("decoder_layers", "num_decoder_layers")}
+"""The config keys of an encoder-decoder's layer counts: BART / Marian's, then T5's."""
+
+
+def stack_layers(model) -> dict[str, tuple[str, str, int]]:
+    """An encoder-decoder's two layer lists: ``{stack: (module name, config key, layers)}`` (T5's
+    ``encoder.block`` and ``decoder.block``, BART's ``model.encoder.layers`` and ``model.decoder.layers``)."""
+    found = {}
+    for stack, keys in STACK_COUNTS.items():
+        key = next((k for k in keys if isinstance(getattr(model.config, k, None), int)), None)
+        total = getattr(model.config, key, None) if key else None
+        names = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.ModuleList)
+            and len(module) == total
+            and stack in name.split(".")
+            and name.split(".").index(stack) == len(name.split(".")) - 2  # <...>.encoder.<list>
+        ]
+        if key is None or len(names) != 1:
+            raise ConfigError(
+                f"cannot prune {type(model).__name__} ({model.config.model_type}): its {stack}'s layer list is "
+                "not found; pass a student directory instead of prune:K"
+            )
+        found[stack] = (names[0], key, total)
+    return found
+
+
+def prune_layers(teacher, keep: int, encoder_keep: int | None = None):
+    """A new model of the teacher's class with ``keep`` of its decoder layers (weights copied); an
+    encoder-decoder keeps ``keep`` of its decoder's and ``encoder_keep`` (default ``keep``) of its encoder's."""
+    if getattr(teacher.config, "is_encoder_decoder", False):
+        return _prune_stacks(teacher, {"decoder": keep, "encoder": encoder_keep or keep})
+    if encoder_keep is not None:
+        raise ConfigError("student.encoder_layers: the teacher is decoder-only (it has no encoder to prune)")
     from transformers import AutoModelForCausalLM
 
     state = teacher.state_dict()
@@ -103,3 +136,38 @@ def prune_layers(teacher, keep: int):
     if getattr(config, "tie_word_embeddings", False):
         student.tie_weights()
     return student.eval()  # like from_pretrained; the engine switches to train mode
+
+
+def _prune_stacks(teacher, keep: dict[str, int]):
+    """An encoder-decoder with ``keep[stack]`` of each stack's layers, evenly spaced (first and last kept)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    stacks = stack_layers(teacher)
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    renames: list[tuple[re.Pattern, dict[int, int], str]] = []
+    for stack, (name, key, total) in stacks.items():
+        try:
+            layers = kept_layers(total, keep[stack])
+        except ConfigError as error:
+            raise ConfigError(f"{stack} layers: {str(error).split(': ', 1)[1]}") from None
+        setattr(config, key, len(layers))
+        renames.append((re.compile(re.escape(name + ".") + r"(\d+)\.(.*)"), {o: n for n, o in enumerate(layers)}, name))
+    pruned_state = {}
+    for key, value in teacher.state_dict().items():
+        for pattern, new_index, name in renames:
+            match = pattern.match(key)
+            if match is not None:
+                if int(match.group(1)) in new_index:
+                    pruned_state[f"{name}.{new_index[int(match.group(1))]}.{match.group(2)}"] = value.clone()
+                break
+        else:
+            pruned_state[key] = value.clone()
+    with _no_init_weights():
+        student = AutoModelForSeq2SeqLM.from_config(config, dtype=next(teacher.parameters()).dtype)
+    missing, unexpected = student.load_state_dict(pruned_state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"pruning left missing={missing[:3]} unexpected={unexpected[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        student.tie_weights()
+    student.generation_config = teacher.generation_config
+    return student.eval()

@@ -138,3 +138,33 @@ def test_bad_input_with_encoder_decoders_is_one_line_and_writes_nothing(t5, tiny
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_prune_keeps_evenly_spaced_layers_of_each_stack(tmp_path, kind):
+    """A 3-layer teacher: prune:2 keeps decoder layers 0 and 2 (renumbered 0 and 1), encoder_layers 1
+    keeps encoder layer 0; every other weight is the teacher's."""
+    from distill.config import ModelSpec
+    from tiny_models import make_seq2seq_model
+
+    teacher = make_seq2seq_model(tmp_path / "teacher", 300, 3, kind, seed=4)
+    student = load_model(ModelSpec(ref="prune:2", encoder_layers=1), "student", teacher=teacher)
+    assert type(student) is type(teacher)
+    enc, dec = {"t5": ("encoder.block", "decoder.block"), "bart": ("model.encoder.layers", "model.decoder.layers")}[
+        kind
+    ]
+    assert len(student.get_submodule(enc)) == 1 and len(student.get_submodule(dec)) == 2
+    theirs = dict(teacher.named_parameters())
+    for name, weight in student.named_parameters():
+        source = name.replace(f"{dec}.1.", f"{dec}.2.")  # the kept layers 0 and 2 are the student's 0 and 1
+        assert torch.equal(weight, theirs[source]), name
+    with pytest.raises(Exception, match="keep must be between 1 and 3"):
+        load_model(ModelSpec(ref="prune:4"), "student", teacher=teacher)
+
+
+def test_prune_above_a_stacks_depth_is_one_line_and_writes_nothing(t5, tmp_path):
+    result = run_cli(t5, tmp_path / "run", "--recipe", "kd", "--max-steps", "1", *SMALL, student="prune:3")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "keep must be between 1 and 2" in lines[0], result.output
+    assert not (tmp_path / "run").exists()
