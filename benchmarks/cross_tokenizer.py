@@ -48,11 +48,11 @@ from common import RESULTS, environment, set_threads, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 QUALITY = {
-    "seqkd": ["--recipe", "seqkd"],
-    "kd-uld": ["--recipe", "kd", "--divergence", "uld"],
-    "kd-hybrid": ["--recipe", "kd", "--divergence", "uld_hybrid"],
-    "distillm-uld": ["--recipe", "distillm", "--divergence", "uld"],
-    "distillm-hybrid": ["--recipe", "distillm", "--divergence", "uld_hybrid"],
+    "seqkd": {"recipe": "seqkd"},
+    "kd-uld": {"recipe": "kd", "divergence": "uld"},
+    "kd-hybrid": {"recipe": "kd", "divergence": "uld_hybrid"},
+    "distillm-uld": {"recipe": "distillm", "divergence": "uld"},
+    "distillm-hybrid": {"recipe": "distillm", "divergence": "uld_hybrid"},
 }
 
 
@@ -132,44 +132,33 @@ def part_memory(args) -> dict[str, Any]:
     }
 
 
-def run(args, out: Path, student: str, extra: list[str], steps: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``distill run`` on the embedded default's data and teacher with ``student``; its metrics."""
-    from typer.testing import CliRunner
+def run(args, out: Path, student: str, case: dict[str, str], settings: list[str], steps: int, seed: int = 0):
+    """``distill run`` (through the library) on the embedded default's data and teacher with
+    ``student`` and ``case``'s recipe and divergence; its metrics and evaluations."""
+    from distill.engine import train
+    from distill.resolve import flag_layer, plan_run, resolve_run
 
-    from distill.cli import app
-
-    argv = ["run", "--student", student, "-o", str(out), "--overwrite", "--max-steps", str(steps), "--seed", str(seed)]
-    argv += [*extra, *sum((["--set", s] for s in args.settings), [])]
-    result = CliRunner().invoke(app, argv)
-    if result.exit_code != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {result.output[-2000:]}")
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = (
-        [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()] if (out / "eval.jsonl").is_file() else []
+    flags = flag_layer(
+        **case, student=student, output_dir=str(out), max_steps=steps, seed=seed, settings=[*settings, *args.settings]
     )
+    train(plan_run(resolve_run(None, flags)), overwrite=True)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals_file = out / "eval.jsonl"
+    evals = [json.loads(x) for x in evals_file.read_text().splitlines()] if evals_file.is_file() else []
     return metrics, evals
 
 
 def part_cost(args) -> dict[str, Any]:
     cross = str(student_folder(args))
-    quiet = [
-        "--set",
-        "eval.every=0",
-        "--set",
-        "eval.rouge_samples=0",
-        "--set",
-        "eval.rouge_draws=0",
-        "--set",
-        "data.val_max=8",
-    ]
+    quiet = ["eval.every=0", "eval.rouge_samples=0", "eval.rouge_draws=0", "data.val_max=8"]
     cases = {
-        "kd (one tokenizer: prune:15)": ("prune:15", ["--recipe", "kd"]),
-        "kd uld (across)": (cross, ["--recipe", "kd", "--divergence", "uld"]),
-        "kd uld_hybrid (across)": (cross, ["--recipe", "kd", "--divergence", "uld_hybrid"]),
+        "kd (one tokenizer: prune:15)": ("prune:15", {"recipe": "kd"}),
+        "kd uld (across)": (cross, {"recipe": "kd", "divergence": "uld"}),
+        "kd uld_hybrid (across)": (cross, {"recipe": "kd", "divergence": "uld_hybrid"}),
     }
     rows = {}
-    for name, (student, extra) in cases.items():
-        metrics, _ = run(args, args.root / "cost", student, [*extra, *quiet], args.warmup + args.steps)
+    for name, (student, case) in cases.items():
+        metrics, _ = run(args, args.root / "cost", student, case, quiet, args.warmup + args.steps)
         timed = [m["seconds"] for m in metrics[args.warmup :]]
         rows[name] = {
             "seconds_per_step": statistics.fmean(timed),
@@ -191,17 +180,17 @@ def part_quality(args, report: dict[str, Any]) -> dict[str, Any]:
         kept = records / f"{run_['case']}-s{run_['seed']}.json"
         if not kept.exists():
             write_json(kept, run_)
-    settings = ["--set", f"data.val_max={args.val_prompts}", "--set", f"eval.rouge_samples={args.val_prompts}"]
-    settings += ["--set", "eval.every=0", "--set", "eval.rouge_before=0"]
+    settings = [f"data.val_max={args.val_prompts}", f"eval.rouge_samples={args.val_prompts}"]
+    settings += ["eval.every=0", "eval.rouge_before=0"]
     for seed in args.seeds:
-        for name, extra in QUALITY.items():
+        for name, case in QUALITY.items():
             path = records / f"{name}-s{seed}.json"
             if path.exists():
                 continue
             started = time.perf_counter()
             print(f"quality {name} seed {seed}: {args.quality_steps} steps", flush=True)
             metrics, evals = run(
-                args, args.root / "runs" / f"{name}-s{seed}", cross, [*extra, *settings], args.quality_steps, seed
+                args, args.root / "runs" / f"{name}-s{seed}", cross, case, settings, args.quality_steps, seed
             )
             final = evals[-1]
             record = {

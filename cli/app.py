@@ -282,20 +282,39 @@ def prepare_pairs_command(
 @app.command("eval")
 @user_errors
 def evaluate(
-    model: str = typer.Option(..., "--model", help="Model directory (e.g. a run's final/) or reference."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model directory (e.g. a run's final/) or reference."),
     teacher: str = typer.Option("smollm2-135m-instruct", "--teacher", help="Teacher reference."),
     data: str = typer.Option("builtin:val", "--data", help="Prompts with reference responses (JSON Lines)."),
     rouge_samples: int = typer.Option(64, "--rouge-samples", help="Prompts answered greedily for ROUGE-L (0 = none)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Answer length cap for ROUGE-L."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+    metrics: list[str] = typer.Option(
+        ["rouge_l"], "--metric", help="Scores of the answers: rouge_l, bleu (corpus BLEU, sacrebleu); repeatable."
+    ),
+    hypotheses: Optional[str] = typer.Option(
+        None, "--hypotheses", help="Score this text file's lines against --references instead of a model's answers."
+    ),
+    references: Optional[str] = typer.Option(None, "--references", help="With --hypotheses: one reference a line."),
 ) -> None:
-    """Validation CE, token-level KL to the teacher and ROUGE-L of greedy answers."""
+    """Validation CE, token-level KL to the teacher and ROUGE-L of greedy answers (and BLEU with
+    --metric bleu); or, with --hypotheses and --references, the scores of two text files."""
     from transformers.utils import logging as hf_logging
 
-    from distill.cli.eval_cmd import result_table, write_json
+    from distill.cli.eval_cmd import result_table, score_files, write_json
     from distill.cli.run_cmd import make_reporter
-    from distill.evaluation import evaluate_model
+    from distill.evaluation import METRICS, evaluate_model
 
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise distill.ConfigError(f"--metric {unknown[0]}: one of {', '.join(METRICS)}")
+    if (hypotheses is None) != (references is None):
+        raise distill.ConfigError("--hypotheses and --references go together (one line of text each)")
+    if hypotheses is not None:
+        result = score_files(hypotheses, references, metrics)
+        console.print(write_json(json_path, {"hypotheses": hypotheses, "references": references, **result}))
+        return
+    if model is None:
+        raise distill.ConfigError("eval needs --model DIR (or --hypotheses FILE --references FILE to score two files)")
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     reporter = make_reporter(console, 0)  # validation and ROUGE-L passes: a bar, or plain lines off a terminal
@@ -307,6 +326,7 @@ def evaluate(
             rouge_samples=rouge_samples,
             max_new_tokens=max_new_tokens,
             progress=lambda phase, done, total: reporter("progress", {"phase": phase, "done": done, "total": total}),
+            metrics=tuple(metrics),
         )
     finally:
         reporter.close()

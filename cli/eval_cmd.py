@@ -16,6 +16,7 @@ def result_table(model: str, result: dict[str, float]) -> Table:
         "val_loss": "validation CE (nats/token)",
         "val_kl": "KL(teacher || student) (nats/token)",
         "rouge_l": "ROUGE-L vs references",
+        "bleu": "BLEU vs references (sacrebleu)",
         "examples": "examples",
     }
     for key, value in result.items():
@@ -30,3 +31,28 @@ def write_json(path: str | None, payload: dict) -> str:
     if path:
         Path(path).write_text(text + "\n")
     return text
+
+
+def score_files(hypotheses: str, references: str, metrics: list[str]) -> dict[str, float]:
+    """The scores of a text file's lines against another's, line by line (``distill eval --hypotheses``):
+    mean ROUGE-L and corpus BLEU, as a run's evaluation computes them."""
+    from distill.errors import ConfigError
+    from distill.evaluation import check_metrics, corpus_bleu, rouge_l
+
+    check_metrics(metrics)
+    texts = []
+    for flag, path in (("--hypotheses", hypotheses), ("--references", references)):
+        try:
+            texts.append(Path(path).read_text(encoding="utf-8").splitlines())
+        except OSError as error:
+            raise ConfigError(f"{flag} {path}: {error.strerror or error}") from None
+    hyps, refs = texts
+    if len(hyps) != len(refs):
+        raise ConfigError(f"--hypotheses has {len(hyps)} lines and --references {len(refs)}: one reference a line")
+    result: dict[str, float] = {"lines": len(hyps)}
+    if "rouge_l" in metrics:
+        scores = rouge_l(hyps, refs)
+        result["rouge_l"] = sum(scores) / max(len(scores), 1)
+    if "bleu" in metrics:
+        result["bleu"] = corpus_bleu(hyps, refs)
+    return result

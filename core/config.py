@@ -352,6 +352,10 @@ class EvalConfig(_Section):
     rouge_samples: int = Field(
         0, ge=0, description="validation prompts answered greedily for ROUGE-L (0 = no generation eval)"
     )
+    metrics: list[Literal["rouge_l", "bleu"]] = Field(
+        default_factory=lambda: ["rouge_l"],
+        description="scores of the greedy answers: rouge_l, and bleu (corpus BLEU through sacrebleu)",
+    )
 
     @field_validator("every", mode="before")
     @classmethod

@@ -11,12 +11,37 @@ import torch
 from distill.builtin import SMOLLM2
 from distill.config import DataConfig, GenerationConfig
 from distill.data import Example, collate, encode_records, read_records
+from distill.errors import ConfigError
 from distill.generation import ResponseGenerator
 from distill.models import decoder_start, load_model, load_tokenizer, share_vocabulary
 from distill.loss import TokenTerms, counted, token_loss
 from distill.progress import Progress
 from distill.registry import default_registry
 from distill.teacher_cache import TeacherCache
+
+
+METRICS = ("rouge_l", "bleu")
+"""What ``eval.metrics`` may ask for: ROUGE-L (always reported with answers) and corpus BLEU."""
+
+
+def check_metrics(metrics) -> None:
+    """BLEU needs sacrebleu: its absence is one line before anything is written."""
+    if "bleu" in metrics:
+        try:
+            import sacrebleu  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "eval.metrics: bleu is scored by sacrebleu, which is not installed: pip install 'distill[seq2seq]' "
+                "(or sacrebleu), or drop bleu"
+            ) from None
+
+
+def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus BLEU of ``hypotheses`` against one reference each, as sacrebleu computes it by default
+    (its 13a tokenizer, exponential smoothing): the score ``sacrebleu REFERENCES < HYPOTHESES`` prints."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
@@ -50,6 +75,7 @@ class Evaluator:
         fused=None,
         rouge_draws: int = 0,
         seed: int = 0,
+        metrics: tuple[str, ...] = ("rouge_l",),
     ) -> None:
         """``kl``: forward KL (``get_divergence("kl")``), reported as ``val_kl`` beside the run's divergence.
         ``rouge_before``: answer only the first this many of the ``rouge_samples`` prompts in a
@@ -84,6 +110,8 @@ class Evaluator:
         self.progress = progress
         self.fused = fused
         self.rouge_draws, self.seed, self.rank = rouge_draws, seed, rank
+        self.bleu = "bleu" in metrics
+        self._answers: list[tuple[int, str, str]] = []  # the greedy pass's (prompt index, answer, reference)
 
     def _largest_shard_batches(self, n_items: int) -> int:
         """Batches of the largest shard when ``n_items`` are dealt round-robin to the processes."""
@@ -177,7 +205,9 @@ class Evaluator:
             for i, e in zip(self.rouge_indices, self.rouge_examples)
             if rouge != "before" or i < self.rouge_subset
         ]
+        self._answers = []
         scores = self._answer_and_score(student, chosen, rouge, "ROUGE-L answers", greedy=True)
+        answers, self._answers = self._answers, []
         subset = [score for (i, _), score in zip(chosen, scores) if i < self.rouge_subset]
         sampled = []
         if rouge == "all":
@@ -196,6 +226,13 @@ class Evaluator:
             result["rouge_l_subset"] = subset_sum / max(subset_n, 1.0)
         if sampled_n > 0:
             result["rouge_l_sampled"] = sampled_sum / sampled_n
+        if self.bleu:  # corpus-level: every process's answers, in prompt order
+            if self.accelerator is not None and self.accelerator.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                answers = gather_object(answers)
+            answers = sorted(answers)
+            result["bleu"] = corpus_bleu([a for _, a, _ in answers], [r for _, _, r in answers]) if answers else 0.0
         return result
 
     def _answer_and_score(self, student, chosen: list, rouge: str, phase: str, greedy: bool) -> list[float]:
@@ -206,6 +243,8 @@ class Evaluator:
             answers = self.generate(student, [e for _, e in chosen], greedy=greedy, batch_size=self.batch_size, **shown)
             texts = [self.tokenizer.decode(a.response_ids, skip_special_tokens=True) for a in answers]
             scores = rouge_l(texts, [e.reference for _, e in chosen])
+            if greedy:
+                self._answers += [(i, text, e.reference) for (i, e), text in zip(chosen, texts)]
         # as many generation calls as the process with the most prompts makes (one per batch): under
         # sharding each is a collective; one token is enough, synced generation steps on with the others
         calls = -(-len(chosen) // self.batch_size)
@@ -227,6 +266,7 @@ def evaluate_model(
     max_prompt_tokens: int = 256,
     max_response_tokens: int = 256,
     progress: Progress | None = None,
+    metrics: tuple[str, ...] = ("rouge_l",),
 ) -> dict[str, float]:
     """A saved model's ``val_loss``, ``val_divergence`` and ``val_kl`` (forward KL to ``teacher``) per
     response token of ``data``, ``rouge_l`` of its greedy answers to the first ``rouge_samples`` prompts
@@ -240,6 +280,9 @@ def evaluate_model(
     examples, _ = encode_records(read_records(data), tokenizer, data_cfg, data)
     generate = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=max_new_tokens), batch_size)
     kl = default_registry().get_divergence("kl")
-    evaluator = Evaluator(examples, tokenizer, kl, generate, batch_size, rouge_samples, progress=progress)
+    check_metrics(metrics)
+    evaluator = Evaluator(
+        examples, tokenizer, kl, generate, batch_size, rouge_samples, progress=progress, metrics=tuple(metrics)
+    )
     result = evaluator(student, teacher_model)
     return {"examples": len(examples), **result}

@@ -34,7 +34,7 @@ from distill.config import ModelSpec, RunConfig, dump_config
 from distill.data import BatchSampler, Example, collate, load_examples, load_lm_corpus
 from distill.distributed import full_params, make_accelerator, prepare_teacher, rank_log, synced_generation
 from distill.errors import ConfigError
-from distill.evaluation import Evaluator
+from distill.evaluation import Evaluator, check_metrics
 from distill.fused import FusedHeads, plan_fused_head
 from distill.generation import ResponseGenerator
 from distill.hardware import resolve_precision
@@ -244,6 +244,7 @@ def open_session(
     set_seed(cfg.train.seed)
     policy.reseed(cfg.train.seed)  # the same seed on every rank: every rank draws the same branch
     checkpoint = point.checkpoint if point else None
+    check_metrics(cfg.eval.metrics)  # bleu without sacrebleu: one line, nothing loaded or written
     models = _load_models(cfg, checkpoint, policy, cache, report, across=plan.objective.across_vocabularies)
     data = _load_data(cfg, models, cache)
     bridge = _cross_vocabulary(cfg, plan.objective, models, data) if models.apart and models.logit_level else None
@@ -478,6 +479,7 @@ def _evaluation(
         fused=fused,
         rouge_draws=cfg.eval.rouge_draws,
         seed=cfg.train.seed,
+        metrics=tuple(cfg.eval.metrics),
     )
     if cache is not None:
         return lambda student, _teacher, **options: evaluator(student, cache, with_teacher=True, **options)

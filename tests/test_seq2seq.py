@@ -168,3 +168,70 @@ def test_prune_above_a_stacks_depth_is_one_line_and_writes_nothing(t5, tmp_path)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "keep must be between 1 and 2" in lines[0], result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_bleu_of_two_files_is_what_sacrebleus_command_line_prints(tmp_path):
+    """Corpus-level BLEU, sacrebleu's default tokenizer, one reference a line, in order."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cli_runs import runner
+    from distill.cli import app
+
+    hyps = ["the cat sat on the mat", "hello there general kenobi", "a b c d e f", "summarize: nothing here"]
+    refs = ["the cat is on the mat", "hello there", "a b c d e g", "nothing is here at all"]
+    (tmp_path / "hyp.txt").write_text("\n".join(hyps) + "\n")
+    (tmp_path / "ref.txt").write_text("\n".join(refs) + "\n")
+    args = ["eval", "--hypotheses", str(tmp_path / "hyp.txt"), "--references", str(tmp_path / "ref.txt")]
+    result = runner.invoke(app, [*args, "--metric", "bleu", "--json", str(tmp_path / "out.json")])
+    assert result.exit_code == 0, result.output
+    ours = json.loads((tmp_path / "out.json").read_text())["bleu"]
+    tool = Path(sys.executable).with_name("sacrebleu")
+    printed = subprocess.run(
+        [str(tool), str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"), "-b", "-w", "4"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert round(ours, 4) == float(printed)
+    swapped = runner.invoke(
+        app,
+        [
+            "eval",
+            "--hypotheses",
+            str(tmp_path / "ref.txt"),
+            "--references",
+            str(tmp_path / "hyp.txt"),
+            "--metric",
+            "bleu",
+        ],
+    )
+    assert json.loads(swapped.output)["bleu"] != pytest.approx(ours)  # the order of hypotheses and references counts
+
+
+def test_a_run_reports_bleu_when_asked_and_refuses_it_without_sacrebleu(t5, tmp_path, monkeypatch):
+    result = run_cli(
+        t5, tmp_path / "run", "--recipe", "kd", "--max-steps", "1", *SMALL, *sets("eval.metrics=[rouge_l, bleu]")
+    )
+    assert result.exit_code == 0, result.output
+    evals = read_jsonl(tmp_path / "run" / "eval.jsonl")
+    assert all("bleu" in e and 0.0 <= e["bleu"] <= 100.0 for e in evals)
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_sacrebleu(name, *args, **kwargs):
+        if name == "sacrebleu":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_sacrebleu)
+    refused = run_cli(
+        t5, tmp_path / "refused", "--recipe", "kd", "--max-steps", "1", *SMALL, *sets("eval.metrics=[bleu]")
+    )
+    assert refused.exit_code == 2, refused.output
+    lines = refused.output.strip().splitlines()
+    assert len(lines) == 1 and "sacrebleu, which is not installed" in lines[0]
+    assert not (tmp_path / "refused").exists()
