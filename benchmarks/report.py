@@ -446,8 +446,9 @@ def study_section(study: dict, results: Path, out_dir: Path) -> list[str]:
         (
             f"Student `{s.get('student')}` after {s.get('init_steps')} steps of sft; {s.get('train_prompts')} "
             f"training prompts x {s.get('epochs')} epochs ({s.get('steps')} steps of 8), evaluated once per epoch on "
-            f"{s.get('val_prompts')} validation prompts; lr {s.get('lr')} (cosine, warmup {s.get('warmup')}) for "
-            f"every recipe, not tuned (grid: {s.get('lr_grid')}); ROUGE-L on {s.get('rouge_samples')} prompts, greedy "
+            f"{s.get('val_prompts')} validation prompts; the first runs at lr 5e-4 (cosine, warmup {s.get('warmup')}) "
+            f"for every recipe, not tuned; rows named `<recipe>@lr<rate>` at other rates (all rates run: "
+            f"{s.get('lr_grid')}); ROUGE-L on {s.get('rouge_samples')} prompts, greedy "
             f"and sampled ({s.get('draws')} draws at temperature 1); {s.get('threads') or 'default'} torch thread(s)."
         ),
         "",
@@ -468,6 +469,74 @@ def study_section(study: dict, results: Path, out_dir: Path) -> list[str]:
     lines += image(results, out_dir, "study_distillm.png", "distillm: φ and step sources")
     if STUDY_NOTES.is_file():
         lines += [STUDY_NOTES.read_text().strip(), ""]
+    return lines
+
+
+CROSS_NOTES = HERE / "cross_tokenizer_notes.md"
+"""The reading of cross_tokenizer.py's results, written by hand; appended to its section."""
+
+
+def cross_tokenizer_section(cross: dict) -> list[str]:
+    """``cross_tokenizer.py``: the shared tokens, the loss's memory, the step cost and the quality runs."""
+    lines = ["## Teachers with another tokenizer (`cross_tokenizer.py`)", ""]
+    if cross.get("environment"):
+        lines += [f"{environment_line(cross['environment'])}.", ""]
+    vocab = cross.get("map")
+    if vocab:
+        lines += [
+            f"The pair: the teacher's {vocab['teacher_vocab']:,} tokens against the student's "
+            f"{vocab['student_vocab']:,}; "
+            f"{vocab['matched_exact']:,} token strings in both (GOLD's exact match), "
+            f"{vocab['more_when_normalised']:,} more with the space markers written alike.",
+            "",
+        ]
+    memory = cross.get("memory")
+    if memory and memory.get("ratio") is not None:
+        lines += [
+            f"Loss memory at {memory['positions']:,} response positions (forward and backward, tensors alive at "
+            f"once): {memory['cross_vocabulary_peak_mib']:.0f} MiB across vocabularies (`uld_hybrid`) against "
+            f"{memory['same_tokenizer_peak_mib']:.0f} MiB for `skew_kl` over the larger vocabulary on both sides: "
+            f"{memory['ratio']:.2f}x (target <= {memory['target']}x): {verdict(memory['ratio'] <= memory['target'])}.",
+            "",
+        ]
+    cost = cross.get("cost")
+    if cost:
+        rows = [["case", "s/step", "x one-tokenizer kd", "tokens/step"]]
+        for name, row in cost["cases"].items():
+            rows.append(
+                [
+                    name,
+                    f"{row['seconds_per_step']:.2f}",
+                    f"{row['x_kd_one_tokenizer']:.2f}",
+                    f"{row['tokens_per_step']:.0f}",
+                ]
+            )
+        lines += [
+            f"Step cost ({cost['steps']} steps after {cost['warmup']}; target <= {cost['target']}x the one-tokenizer "
+            "`kd` step, the teacher into `prune:15`):",
+            "",
+            markdown_table(rows),
+            "",
+        ]
+    quality = (cross.get("quality") or {}).get("summary") or {}
+    if quality:
+        rows = [["case", "seeds", "ROUGE-L", "CE on the teacher's answers", "s/step"]]
+        for name, row in quality.items():
+            cells = []
+            for key, fmt in (("rouge_l", "{:.1f}"), ("val_ce", "{:.3f}"), ("seconds_per_step", "{:.1f}")):
+                value = row.get(key)
+                if value is None:
+                    cells.append("-")
+                    continue
+                lo, hi = value["range"]
+                cells.append(
+                    fmt.format(value["mean"])
+                    + (f" ({fmt.format(lo)}-{fmt.format(hi)})" if len(row["seeds"]) > 1 else "")
+                )
+            rows.append([name, ",".join(map(str, row["seeds"])), *cells])
+        lines += ["Quality at equal steps (mean over seeds, min-max):", "", markdown_table(rows), ""]
+    if CROSS_NOTES.is_file():
+        lines += [CROSS_NOTES.read_text().strip(), ""]
     return lines
 
 
@@ -559,6 +628,7 @@ def render(
     study: dict | None = None,
     cache: tuple[dict[str, dict], dict[str, dict]] = ({}, {}),
     default_quality: dict | None = None,
+    cross: dict | None = None,
 ) -> str:
     """``steps``: step_cost results by label ("" for ``step_cost.json``, ", AVX2 path" for
     ``step_cost-avx2.json``: the same benchmark without native bf16)."""
@@ -595,6 +665,8 @@ def render(
         lines += default_quality_section(default_quality)
     if study:
         lines += study_section(study, results, out_dir)
+    if cross:
+        lines += cross_tokenizer_section(cross)
     return "\n".join(lines)
 
 
@@ -639,8 +711,9 @@ def main(argv: list[str] | None = None) -> Path:
         for kind in ("steps", "quality")
     )
     default_quality = load(args.results / "default_quality.json")
+    cross = load(args.results / "cross_tokenizer.json")
     args.output.write_text(
-        render(steps, quality, memory, args.results, args.output.resolve().parent, study, cache, default_quality)
+        render(steps, quality, memory, args.results, args.output.resolve().parent, study, cache, default_quality, cross)
     )
     print(f"wrote {args.output}")
     embedded_default = load(args.results / EMBEDDED_DEFAULT)

@@ -614,6 +614,7 @@ def write_report(args, records: list[dict[str, Any]], settings: dict[str, Any], 
     rows = summarise(records)
     plots = plot(records, args.output.parent) if records else []
     slim = [{k: v for k, v in r.items() if k != "step_seconds"} for r in records]
+    settings = {**settings, "lr_grid": sorted({r["lr"] for r in records if r.get("lr")})}  # every rate run so far
     report = {
         "benchmark": "study",
         "complete": complete,

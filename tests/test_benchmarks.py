@@ -915,3 +915,35 @@ def test_the_cross_tokenizer_student_and_the_benchmarks_map_and_memory_parts(tmp
     assert report_["map"]["student_vocab"] == 600 and 0 < report_["map"]["matched_exact"] <= 600
     assert report_["memory"]["positions"] == 4 and report_["memory"]["ratio"] > 0
     assert json.loads(output.read_text())["memory"] == report_["memory"]
+
+
+def test_the_cross_tokenizer_section_reads_every_part_of_its_results():
+    cross = {
+        "map": {"teacher_vocab": 49152, "student_vocab": 8192, "matched_exact": 6721, "more_when_normalised": 0},
+        "memory": {
+            "positions": 1024,
+            "cross_vocabulary_peak_mib": 362.0,
+            "same_tokenizer_peak_mib": 602.0,
+            "ratio": 0.6,
+            "target": 2.0,
+        },
+        "cost": {
+            "steps": 6,
+            "warmup": 2,
+            "target": 1.5,
+            "cases": {"kd one": {"seconds_per_step": 9.5, "x_kd_one_tokenizer": 1.0, "tokens_per_step": 718.0}},
+        },
+        "quality": {
+            "summary": {
+                "kd-uld": {
+                    "seeds": [0, 1],
+                    "rouge_l": {"mean": 12.5, "range": [11.0, 14.0]},
+                    "val_ce": {"mean": 3.25, "range": [3.2, 3.3]},
+                }
+            }
+        },
+    }
+    text = "\n".join(report.cross_tokenizer_section(cross))
+    assert "6,721 token strings in both" in text and "0.60x (target <= 2.0x): **pass**" in text
+    assert "| kd one | 9.50 | 1.00 | 718 |" in text
+    assert "| kd-uld | 0,1 | 12.5 (11.0-14.0) | 3.250 (3.200-3.300) | - |" in text
