@@ -262,8 +262,6 @@ def open_session(
     fused, head_line = (
         (None, "fused head: off (teacher and student vocabularies differ): full logits")
         if bridge is not None
-        else (None, "fused head: off (encoder-decoder models): full logits")
-        if is_encoder_decoder(models.student)
         else _fused_heads(cfg, accelerator, models, student, teacher, data.train_set)
     )
     evaluate = _evaluation(
@@ -444,7 +442,7 @@ def _prepare_training(cfg: RunConfig, accelerator, models: Models):
 
 def _fused_heads(cfg: RunConfig, accelerator, models: Models, student, teacher, train_set: list[Example]):
     """The heads fused into the loss, or None, and the start line saying which (checked on one real example)."""
-    probe = collate(train_set[:1], models.data_tokenizer.pad_token_id).to(accelerator.device)
+    probe = collate(train_set[:1], models.data_tokenizer.pad_token_id, decoder_start(student)).to(accelerator.device)
     return plan_fused_head(
         cfg.train.fused_head, student, None if models.apart else teacher, probe, accelerator.unwrap_model, accelerator
     )

@@ -76,7 +76,6 @@ def test_every_recipe_runs_on_an_encoder_decoder_pair(t5, bart, tmp_path, kind, 
     extra = ["-P", "init_prob=0.5"] if recipe == "distillm" else []
     result = run_cli(pair, tmp_path / "run", "--recipe", recipe, *extra, "--max-steps", "3", *SMALL)
     assert result.exit_code == 0, result.output
-    assert "fused head: off (encoder-decoder models)" in result.output
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
     if recipe in ("gkd", "rkl_onpolicy", "seqkd"):
@@ -235,3 +234,20 @@ def test_a_run_reports_bleu_when_asked_and_refuses_it_without_sacrebleu(t5, tmp_
     lines = refused.output.strip().splitlines()
     assert len(lines) == 1 and "sacrebleu, which is not installed" in lines[0]
     assert not (tmp_path / "refused").exists()
+
+
+def test_the_fused_head_serves_t5_and_bart_falls_back_with_its_line(t5, bart, tmp_path):
+    """T5's head input is the decoder's output after its rescaling (captured at the head): the fused
+    loss equals the full-logits one. BART adds final_logits_bias after its head: auto falls back."""
+    common = ["--recipe", "gkd", "--max-steps", "3", "--seed", "3", *SMALL, *sets("eval.rouge_samples=0")]
+    common += sets("train.precision=fp32")
+    losses = {}
+    for fused in ("true", "false"):
+        result = run_cli(t5, tmp_path / f"t5-{fused}", *common, *sets(f"train.fused_head={fused}"))
+        assert result.exit_code == 0, result.output
+        assert ("fused head: on" in result.output) == (fused == "true")
+        losses[fused] = [m["loss"] for m in read_jsonl(tmp_path / f"t5-{fused}" / "metrics.jsonl")]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+    result = run_cli(bart, tmp_path / "bart", *common, *sets("train.fused_head=auto"))
+    assert result.exit_code == 0, result.output
+    assert "fused head: off (the student's logits are not its head's linear output" in result.output
