@@ -74,8 +74,8 @@ CROSS_VOCABULARY_NOTE = (
     "compared at each aligned group's first position; validation: CE and ROUGE-L against the teacher's answers"
 )
 CROSS_TOKENIZER_NOTE = (
-    "teacher and student tokenizers differ: sequence-level KD; the teacher answers in its own chat template, "
-    "the student trains with token cross-entropy on that text in its own tokens (no logit-level term); "
+    "teacher and student tokenizers (or model kinds) differ: sequence-level KD; the teacher answers in its own "
+    "chat template, the student trains with token cross-entropy on that text in its own tokens (no logit-level term); "
     "validation: CE and ROUGE-L against the teacher's answers, no KL"
 )
 
@@ -502,12 +502,12 @@ def _load_models(
         teacher if teacher is not None or not derives_from_teacher(cfg.student) else load_model(cfg.teacher, "teacher")
     )
     student = _load_student(cfg.student, checkpoint, base)
-    _check_kinds(cfg, teacher if teacher is not None else base, student, policy)
+    kinds = _check_kinds(cfg, teacher if teacher is not None else base, student, policy, across)
     own = student_tokenizer_ref(cfg.student, cfg.student.tokenizer)
     student_tokenizer = load_tokenizer(own) if own else tokenizer
-    # one vocabulary (logit-level), or text in between (sequence-level KD across tokenizers)
+    # one vocabulary (logit-level), or text in between (sequence-level KD across tokenizers or model kinds)
     difference = mismatch(tokenizer, student_tokenizer) if student_tokenizer is not tokenizer else None
-    apart = difference is not None
+    apart = difference is not None or kinds is not None
     if apart and not across and getattr(policy, "name", None) != "teacher":
         raise cross_tokenizer_error(difference, cfg.policy.name)
     if apart and across and getattr(policy, "records_rollouts", False):
@@ -532,21 +532,27 @@ def _load_models(
     return Models(teacher, tokenizer, student, student_tokenizer, apart, n_logits, logit_level=across)
 
 
-def _check_kinds(cfg: RunConfig, teacher, student, policy) -> None:
-    """Teacher and student both decoder-only or both encoder-decoders; an encoder-decoder pair with a
-    policy that needs a decoder-only decode loop (teacher-mixed sampling) is refused."""
+def _check_kinds(cfg: RunConfig, teacher, student, policy, across: bool = False) -> str | None:
+    """Teacher and student both decoder-only or both encoder-decoders for a logit-level loss; models of
+    two kinds train sequence-level (``seqkd``: the teacher's text as the student's target), and the
+    difference is returned (None when they are one kind). An encoder-decoder with a policy that needs a
+    decoder-only decode loop (teacher-mixed sampling) is refused."""
     kinds = {role: is_encoder_decoder(m) for role, m in (("teacher", teacher), ("student", student)) if m is not None}
+    mixed = None
     if len(set(kinds.values())) > 1:
         name = {True: "an encoder-decoder", False: "a decoder-only model"}
-        raise ConfigError(
-            f"the teacher is {name[kinds['teacher']]} and the student {name[kinds['student']]}: logits of one "
-            "kind do not line up with the other's; distil between models of one kind"
-        )
+        mixed = f"the teacher is {name[kinds['teacher']]} and the student {name[kinds['student']]}"
+        if across or getattr(policy, "name", None) != "teacher":
+            raise ConfigError(
+                f"{mixed}: logits of one kind do not line up with the other's; distil between models of one kind, "
+                "or use --recipe seqkd (the student learns the teacher's generated text)"
+            )
     if any(kinds.values()) and getattr(policy, "records_rollouts", False):
         raise ConfigError(
             f"policy {cfg.policy.name}: teacher-mixed sampling runs its own decode loop over decoder-only "
             "models; encoder-decoder models sample through transformers' generate (another policy)"
         )
+    return mixed
 
 
 def _cross_vocabulary(cfg: RunConfig, objective: Objective, models: Models, data: Data):

@@ -251,3 +251,21 @@ def test_the_fused_head_serves_t5_and_bart_falls_back_with_its_line(t5, bart, tm
     result = run_cli(bart, tmp_path / "bart", *common, *sets("train.fused_head=auto"))
     assert result.exit_code == 0, result.output
     assert "fused head: off (the student's logits are not its head's linear output" in result.output
+
+
+@pytest.mark.parametrize("teacher_kind", ["encoder-decoder", "decoder-only"])
+def test_models_of_two_kinds_train_sequence_level_under_seqkd(t5, tiny, tmp_path, teacher_kind):
+    """The teacher's generated text as the student's target, as across tokenizers."""
+    from transformers import AutoConfig
+
+    teacher, student = (
+        (t5["teacher"], tiny["student"]) if teacher_kind == "encoder-decoder" else (tiny["teacher"], t5["student"])
+    )
+    result = run_cli(
+        t5, tmp_path / "run", "--recipe", "seqkd", "--max-steps", "2", *SMALL, teacher=teacher, student=student
+    )
+    assert result.exit_code == 0, result.output
+    assert "(or model kinds) differ: sequence-level KD" in result.output
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["source"] for m in metrics] == ["teacher", "teacher"] and all(math.isfinite(m["loss"]) for m in metrics)
+    assert AutoConfig.from_pretrained(tmp_path / "run" / "final").is_encoder_decoder == (teacher_kind == "decoder-only")
