@@ -24,6 +24,10 @@ Three measurements:
   inputs, for the fused head, the full logits under autocast, and the float32 full logits (the
   reference). The weights give the vocabulary a language model's prior (the rarest token e^-12
   below the commonest), where float16 once flushed rare tokens' gradients to zero.
+- ``seq2seq``: encoder-decoder runs (``SEQ2SEQ_CASES``) on a random T5 pair built from configs
+  (``make_t5_pair``: d_model 256, 4 and 2 layers a stack, the embedded default's tokenizer), the
+  ``gkd`` recipe on the built-in data, fused head on (auto) and off: seconds per step, tokens per
+  second, peak memory, and the lines the run resolved. Wiring and speed only: random weights.
 
     .venv/bin/python benchmarks/gpu_check.py                    # on a machine with a CUDA GPU
     .venv/bin/python benchmarks/gpu_check.py --max-steps 50 --skip-run
@@ -92,7 +96,9 @@ def synchronize() -> None:
     torch.cuda.synchronize()
 
 
-def measure_run(max_steps: int, warmup: int, extra: list[str] = (), cuda: bool = True) -> dict:
+def measure_run(
+    max_steps: int, warmup: int, extra: list[str] = (), cuda: bool = True, recipe: str | None = None
+) -> dict:
     """A short distillation of the embedded default (``extra``: ``--set`` items on top) on the GPU;
     ``cuda=False`` measures no GPU memory (the tests run it on CPU with tiny models)."""
     from transformers.utils import logging as hf_logging
@@ -105,7 +111,7 @@ def measure_run(max_steps: int, warmup: int, extra: list[str] = (), cuda: bool =
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as folder:
-        flags = flag_layer(output_dir=str(Path(folder) / "run"), max_steps=max_steps, settings=settings)
+        flags = flag_layer(recipe=recipe, output_dir=str(Path(folder) / "run"), max_steps=max_steps, settings=settings)
         config = resolve_run(None, flags)  # as `distill run --output-dir ... --max-steps ... --set ...`
         if cuda:
             reset_peak()
@@ -143,6 +149,52 @@ def measure_run(max_steps: int, warmup: int, extra: list[str] = (), cuda: bool =
             "fused_head": resolved["train"]["fused_head"],
         },
     }
+
+
+SEQ2SEQ_CASES = {
+    "t5 gkd": [],
+    "t5 gkd full-logits": ["train.fused_head=false"],
+}
+"""Encoder-decoder cases: a T5 pair built from configs (no weights can be downloaded where this was
+written), the ``gkd`` recipe (half its steps generate through transformers' generate)."""
+
+
+def make_t5_pair(folder: Path, tokenizer_ref: str = "smollm2-135m-instruct", d_model: int = 256, layers=(4, 2)):
+    """Random T5 teacher (``layers[0]`` a stack) and student (``layers[1]``) with the tokenizer of
+    ``tokenizer_ref`` (its EOS ends answers, its first id starts the decoder); ``--set`` items naming them."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from distill.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_ref)
+    ids = dict(decoder_start_token_id=0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    for role, count, seed in (("teacher", layers[0], 1), ("student", layers[1], 2)):
+        torch.manual_seed(seed)
+        config = T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=max(8, d_model // 8),
+            d_ff=4 * d_model,
+            num_layers=count,
+            num_heads=max(2, d_model // 64),
+            **ids,
+        )
+        model = T5ForConditionalGeneration(config)
+        model.generation_config.decoder_start_token_id = 0
+        model.save_pretrained(folder / role)
+        tokenizer.save_pretrained(folder / role)
+    return [f"teacher.ref={folder / 'teacher'}", f"student.ref={folder / 'student'}", "student.freeze=[]"]
+
+
+def measure_seq2seq(max_steps: int, warmup: int, extra: list[str] = (), cuda: bool = True, **pair) -> dict[str, dict]:
+    """``SEQ2SEQ_CASES`` on a T5 pair (``make_t5_pair(**pair)``) and the embedded default's data."""
+    with tempfile.TemporaryDirectory() as folder:
+        models = make_t5_pair(Path(folder), **pair)
+        return {
+            name: measure_run(max_steps, warmup, [*models, *extra, *settings], cuda=cuda, recipe="gkd")
+            for name, settings in SEQ2SEQ_CASES.items()
+        }
 
 
 def print_runs(runs: dict[str, dict]) -> None:
@@ -318,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-run", action="store_true", help="only the synthetic loss measurement")
+    parser.add_argument("--skip-seq2seq", action="store_true", help="leave out the encoder-decoder (T5) cases")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -342,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_run:
         result["runs"] = {name: measure_run(args.max_steps, args.warmup, extra) for name, extra in RUN_CASES.items()}
         print_runs(result["runs"])
+    if not args.skip_run and not args.skip_seq2seq:
+        result["seq2seq"] = measure_seq2seq(args.max_steps, args.warmup)
+        print_runs(result["seq2seq"])
 
     losses = [measure_loss(name, params, args.vocab, args.tokens, args.repeats) for name, params in DIVERGENCES.items()]
     result["loss"] = {

@@ -138,3 +138,25 @@ def test_gpu_check_run_cases_work_and_record_what_the_run_resolved(tmp_path, cap
     assert all(r["steps"] == 3 and r["timed_steps"] == 2 and r["seconds_per_step"] > 0 for r in runs.values())
     gpu_check.print_runs(runs)
     assert "full-logits" in capsys.readouterr().out
+
+
+def test_gpu_check_seq2seq_cases_work_on_cpu(tmp_path):
+    """Its encoder-decoder cases (a T5 pair built from configs), on CPU with a tiny T5 and tokenizer."""
+    import importlib.util
+
+    from tiny_models import make_pair
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
+    )
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    tiny = make_pair(tmp_path)
+    small = ["train.batch_size=4", "eval.batch_size=8", "generation.max_new_tokens=6", f"data.path={tiny['data']}"]
+    runs = gpu_check.measure_seq2seq(
+        3, 1, small, cuda=False, tokenizer_ref=str(tiny["teacher"]), d_model=32, layers=(2, 1)
+    )
+    assert set(runs) == set(gpu_check.SEQ2SEQ_CASES)
+    assert runs["t5 gkd"]["head_line"].startswith("fused head: on")
+    assert runs["t5 gkd full-logits"]["config"]["fused_head"] is False
+    assert all(r["steps"] == 3 and r["seconds_per_step"] > 0 and r["config"]["recipe"] == "gkd" for r in runs.values())
