@@ -67,7 +67,7 @@ def test_the_loss_of_one_batch_equals_a_float64_computation_from_both_models_ful
 @pytest.mark.parametrize(
     "kind, recipe",
     [("t5", r) for r in ("kd", "seqkd", "imitkd", "gkd", "distillm", "distillm2", "rkl_onpolicy")]
-    + [("bart", r) for r in ("kd", "gkd", "distillm")],
+    + [("bart", r) for r in ("kd", "seqkd", "imitkd", "gkd", "distillm", "distillm2", "rkl_onpolicy")],
 )
 def test_every_recipe_runs_on_an_encoder_decoder_pair(t5, bart, tmp_path, kind, recipe):
     from transformers import AutoModelForSeq2SeqLM
