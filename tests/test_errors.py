@@ -280,7 +280,7 @@ def test_a_tokenizer_without_pad_token_trains(tiny, tmp_path):
     [
         (["run", "--max-steps", "abc"], "error: Invalid value for '--max-steps'"),
         (["run", "--bogus"], "error: No such option: --bogus (see distill run --help)"),
-        (["eval"], "error: Missing option '--model'"),
+        (["eval"], "error: eval needs --model DIR"),
         (["list", "nope"], "error: Invalid value for 'kind'"),
     ],
 )
