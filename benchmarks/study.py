@@ -309,8 +309,9 @@ def restore_records(args) -> list[str]:
     for run in results.get("runs", []):
         path = args.root / "records" / f"{run['budget']}-{run['recipe']}-s{run['seed']}.json"
         if not path.exists():
-            # the first runs' records predate the lr field: they ran at the settings' one rate
-            lr = run.get("lr", results.get("settings", {}).get("lr"))
+            # the first runs' records predate the lr field: they ran at UNTUNED_LR (a grid run's name says its rate)
+            name = run["recipe"]
+            lr = run.get("lr") or (float(name.split("@lr", 1)[1]) if "@lr" in name else UNTUNED_LR)
             write_json(path, {**run, "lr": lr, "restored_from": args.output.name})
             restored.append(path.stem)
     return restored
@@ -444,10 +445,15 @@ def prepare_seconds(args, registry, layer: dict[str, Any], recipe: str, pairs: P
     from distill.pairs import MANIFEST, prepare_pairs
     from distill.resolve import resolve_config
 
-    if not (pairs / MANIFEST).is_file():
-        cfg = resolve_config(layer, recipe=recipe, embedded=False, registry=registry)
-        print(f"  preparing pairs in {pairs}", flush=True)
-        prepare_pairs(cfg, pairs, overwrite=True)
+    import fcntl
+
+    pairs.parent.mkdir(parents=True, exist_ok=True)
+    with open(pairs.parent / f".{pairs.name}.lock", "a") as lock:  # study processes sharing a root: one prepares
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (pairs / MANIFEST).is_file():
+            cfg = resolve_config(layer, recipe=recipe, embedded=False, registry=registry)
+            print(f"  preparing pairs in {pairs}", flush=True)
+            prepare_pairs(cfg, pairs)  # an interrupted preparation goes on from its finished parts
     seconds = json.loads((pairs / MANIFEST).read_text())["seconds"]
     print(f"  pairs in {pairs}: {seconds:.0f} s to prepare", flush=True)
     return float(seconds)

@@ -46,7 +46,11 @@ def score_files(hypotheses: str, references: str, metrics: list[str]) -> dict[st
             texts.append(Path(path).read_text(encoding="utf-8").splitlines())
         except OSError as error:
             raise ConfigError(f"{flag} {path}: {error.strerror or error}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{flag} {path}: not UTF-8 text; give one line of UTF-8 text per sentence") from None
     hyps, refs = texts
+    if not hyps:
+        raise ConfigError(f"--hypotheses {hypotheses}: no lines to score")
     if len(hyps) != len(refs):
         raise ConfigError(f"--hypotheses has {len(hyps)} lines and --references {len(refs)}: one reference a line")
     result: dict[str, float] = {"lines": len(hyps)}

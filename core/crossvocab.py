@@ -236,10 +236,12 @@ class VocabularyMap:
         for token, i in sorted(student_tokenizer.get_vocab().items(), key=lambda item: item[1]):
             student.setdefault(key(token), i)
         pairs: dict[int, int] = {}
+        used: set[int] = set()
         for token, i in sorted(teacher_tokenizer.get_vocab().items(), key=lambda item: item[1]):
             s = student.get(key(token))
-            if s is not None and i not in pairs and s not in pairs.values():
+            if s is not None and i not in pairs and s not in used:
                 pairs[i] = s
+                used.add(s)
         teacher_ids = tuple(sorted(pairs))
         return cls(
             tuple(pairs[t] for t in teacher_ids),

@@ -207,6 +207,13 @@ class ResponseGenerator:
             pad_token_id=self.pad_id,
             eos_token_id=stops or None,
             use_cache=True,
+            # a checkpoint's generation_config may ask for beams, length floors or penalties (BART-cnn,
+            # Marian): "greedy" and "sampled" here mean one token at a time from the distribution, as decode
+            num_beams=1,
+            min_length=0,
+            min_new_tokens=0,
+            no_repeat_ngram_size=0,
+            repetition_penalty=1.0,
         )
         if sample:
             options.update(temperature=self.cfg.temperature, top_k=self.cfg.top_k, top_p=self.cfg.top_p)

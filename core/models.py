@@ -204,7 +204,7 @@ def add_lora(model, lora, adapter_dir: str | Path | None = None):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_2_SEQ_LM" if is_encoder_decoder(model) else "CAUSAL_LM",
     )
     try:
         return peft.get_peft_model(model, config)

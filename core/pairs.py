@@ -76,13 +76,21 @@ def sample_seed(seed: int, side: str, key: str) -> int:
 def model_facts(cfg, tokenizer) -> dict[str, Any]:
     """The models a run (or a pairs folder) is made of, by content: what must agree between them."""
     from distill.fingerprint import model_fingerprint
+    from distill.models import derives_from_teacher
     from distill.teacher_cache import tokenizer_fingerprint
 
+    teacher = model_fingerprint(cfg.teacher)
+    if derives_from_teacher(cfg.student):  # prune:K: K of the teacher's layers, so the teacher's files and K
+        student = f"{cfg.student.ref}:{teacher}" + (
+            f":encoder_layers={cfg.student.encoder_layers}" if cfg.student.encoder_layers else ""
+        )
+    else:
+        student = model_fingerprint(cfg.student)
     return {
         "teacher": cfg.teacher.ref,
-        "teacher_fingerprint": model_fingerprint(cfg.teacher),
+        "teacher_fingerprint": teacher,
         "student": cfg.student.ref,
-        "student_fingerprint": model_fingerprint(cfg.student),
+        "student_fingerprint": student,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
     }
 

@@ -197,7 +197,8 @@ class Session:
         return run
 
     def write_final(self) -> None:
-        """``final/``: the student, loadable with ``AutoModelForCausalLM.from_pretrained`` (with LoRA:
+        """``final/``: the student, loadable with ``AutoModelForCausalLM.from_pretrained`` (an encoder-decoder:
+        ``AutoModelForSeq2SeqLM``; with LoRA:
         the adapters, and ``merged/`` on request), and its tokenizer."""
         cfg, unwrap = self.cfg, self.accelerator.unwrap_model
         state = self.accelerator.get_state_dict(self.student)  # a collective call under FSDP / ZeRO-3
@@ -510,6 +511,21 @@ def _load_models(
     apart = difference is not None or kinds is not None
     if apart and not across and getattr(policy, "name", None) != "teacher":
         raise cross_tokenizer_error(difference, cfg.policy.name)
+    if apart and across and is_encoder_decoder(student):
+        raise ConfigError(
+            "teacher and student tokenizers differ: logit-level KD across vocabularies reads decoder-only models; "
+            "with encoder-decoders use --recipe seqkd (the student learns the teacher's generated text)"
+        )
+    if cfg.train.lm_weight > 0 and cfg.data.lm_path and is_encoder_decoder(student):
+        raise ConfigError(
+            "train.lm_weight: the auxiliary LM loss is next-token prediction on plain text, for decoder-only "
+            "students; set train.lm_weight=0 for an encoder-decoder"
+        )
+    if cfg.train.lm_weight > 0 and cfg.train.lm_kd_ratio > 0 and cfg.data.lm_path and apart:
+        raise ConfigError(
+            "train.lm_kd_ratio: the teacher's soft targets on the LM text need one vocabulary (and one model kind); "
+            "set train.lm_kd_ratio=0 (cross-entropy alone) when they differ"
+        )
     if apart and across and getattr(policy, "records_rollouts", False):
         raise ConfigError(
             f"teacher and student tokenizers differ: {difference}; policy {cfg.policy.name} samples from a mixture "
@@ -547,6 +563,11 @@ def _check_kinds(cfg: RunConfig, teacher, student, policy, across: bool = False)
                 f"{mixed}: logits of one kind do not line up with the other's; distil between models of one kind, "
                 "or use --recipe seqkd (the student learns the teacher's generated text)"
             )
+    if mixed is None and all(kinds.values()) and len(kinds) == 2 and decoder_start(teacher) != decoder_start(student):
+        raise ConfigError(
+            f"the teacher's decoder starts from id {decoder_start(teacher)} and the student's from "
+            f"{decoder_start(student)}: their responses would not line up; give both one decoder_start_token_id"
+        )
     if any(kinds.values()) and getattr(policy, "records_rollouts", False):
         raise ConfigError(
             f"policy {cfg.policy.name}: teacher-mixed sampling runs its own decode loop over decoder-only "
@@ -567,8 +588,9 @@ def _cross_vocabulary(cfg: RunConfig, objective: Objective, models: Models, data
     token_ends(tokenizer, "a", "teacher's tokenizer")
     stops = set(stop_ids(models.student, student_tokenizer))
     for example in data.train_set[:64]:  # texts whose decoding does not encode back are refused before training
-        body = example.response_ids[:-1] if example.response_ids[-1:] and example.response_ids[-1] in stops else None
-        check_round_trip(student_tokenizer, list(body if body is not None else example.response_ids), "student")
+        ended = bool(example.response_ids) and example.response_ids[-1] in stops
+        if ended:  # a response cut at max_response_tokens may end inside a character: not the tokenizer's fault
+            check_round_trip(student_tokenizer, list(example.response_ids[:-1]), "student")
     objective.bind_vocabularies(VocabularyMap.cached(student_tokenizer, tokenizer))
     return CrossBridge(student_tokenizer, tokenizer, data.train_set + data.val_set, cfg.data, stops)
 

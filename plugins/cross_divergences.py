@@ -84,8 +84,8 @@ class ULDHybrid:
         """The ids the two vocabularies share; refused (one line) when they share none."""
         if vocabulary_map.matched == 0:
             raise distill.ConfigError(
-                "uld_hybrid: the student's and the teacher's vocabularies share no token string; use uld (no "
-                "vocabulary map), or try the space-marker normalisation of the vocabulary map"
+                "uld_hybrid: the student's and the teacher's vocabularies share no token string; use uld (it needs "
+                "no shared tokens)"
             )
         self.map = vocabulary_map
         self._indices.clear()

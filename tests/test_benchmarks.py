@@ -380,7 +380,7 @@ def test_study_restores_the_committed_records_on_a_new_machine(tmp_path):
         {"budget": "steps", "recipe": "kd", "seed": 0, "train_seconds": 1.0},
         {"budget": "steps", "recipe": "kd@lr0.0001", "seed": 0, "lr": 1e-4, "train_seconds": 2.0},
     ]
-    study.write_json(output, {"settings": {"lr": 5e-4}, "runs": runs})
+    study.write_json(output, {"settings": {"lr": 2.5e-4}, "runs": runs})  # the last call's rate, not the first runs'
     args = Namespace(root=tmp_path / "root", output=output, lr=1e-4)
     assert study.restore_records(args) == ["steps-kd-s0", "steps-kd@lr0.0001-s0"]
     assert study.load_records(args) == [{**runs[0], "lr": 5e-4, "restored_from": "study.json"}] + [

@@ -212,3 +212,16 @@ def test_the_recipe_under_the_embedded_default_takes_no_cross_entropy_and_sample
     assert (train.temperature, train.top_p, train.top_k) == (0.8, 0.95, 0)
     assert (evaluation.temperature, evaluation.top_p) == (1.0, 1.0)
     assert cfg.policy.params["teacher"] == "generate"
+
+
+def test_pairs_for_a_student_cut_from_the_teacher(tiny, tmp_path):
+    """prune:K has no files of its own: the pairs name it by K and the teacher's files."""
+    out = tmp_path / "pairs"
+    args = ["prepare-pairs", "--teacher", str(tiny["teacher"]), "--student", "prune:1", "--data", str(tiny["data"])]
+    result = runner.invoke(app, [*args, "-o", str(out), "--recipe", "distillm2", "--seed", "1", *SMALL])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["student_fingerprint"].startswith("prune:1:")
+    run = run_cli(tiny, tmp_path / "run", *RUN, "--max-steps", "1", "-P", f"pairs={out}", student="prune:1")
+    assert run.exit_code == 0, run.output
+    other = run_cli(tiny, tmp_path / "other", *RUN, "--max-steps", "1", "-P", f"pairs={out}", student="prune:2")
+    assert other.exit_code == 2 and "made with another student" in other.output

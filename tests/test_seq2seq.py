@@ -269,3 +269,64 @@ def test_models_of_two_kinds_train_sequence_level_under_seqkd(t5, tiny, tmp_path
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [m["source"] for m in metrics] == ["teacher", "teacher"] and all(math.isfinite(m["loss"]) for m in metrics)
     assert AutoConfig.from_pretrained(tmp_path / "run" / "final").is_encoder_decoder == (teacher_kind == "decoder-only")
+
+
+def test_generation_ignores_a_checkpoints_beam_and_penalty_settings(bart):
+    """BART-cnn and Marian checkpoints ask for beams and n-gram blocking: greedy stays greedy."""
+    from distill.config import GenerationConfig
+    from distill.generation import ResponseGenerator
+
+    tokenizer = load_tokenizer(str(bart["teacher"]))
+    model = load_model(str(bart["teacher"]), "teacher").eval()
+    train, _, _ = load_examples(DataConfig(path=str(bart["data"])), tokenizer, 0)
+    generate = ResponseGenerator(tokenizer, GenerationConfig(max_new_tokens=8), 4)
+    plain = generate(model, train[:4], greedy=True)
+    model.generation_config.num_beams, model.generation_config.no_repeat_ngram_size = 4, 2
+    model.generation_config.repetition_penalty = 2.0
+    assert [e.response_ids for e in generate(model, train[:4], greedy=True)] == [e.response_ids for e in plain]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (sets("train.lm_weight=0.5", "data.lm_path={corpus}"), "for decoder-only students"),
+        (["--divergence", "uld", "--student", "{other}"], "with encoder-decoders use --recipe seqkd"),
+    ],
+)
+def test_more_bad_input_with_encoder_decoders(t5, tmp_path, args, words):
+    from tiny_models import make_other_tokenizer, make_seq2seq_model
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some plain text to model. " * 50)
+    other = tmp_path / "other"
+    tokenizer = make_other_tokenizer(other)
+    make_seq2seq_model(other, len(tokenizer), 1, "t5")
+    args = [a.replace("{corpus}", str(corpus)) for a in args]
+    student = str(other) if "{other}" in args else None
+    args = [a for a in args if a not in ("--student", "{other}")]
+    result = run_cli(t5, tmp_path / "run", "--recipe", "kd", *args, "--max-steps", "1", *SMALL, student=student)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_scoring_files_refuses_empty_and_non_utf8_files_in_one_line(tmp_path):
+    from cli_runs import runner
+    from distill.cli import app
+
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "ref.txt").write_text("cafe\n")
+    for hyps, words in (("empty.txt", "no lines to score"), ("latin.txt", "not UTF-8 text")):
+        args = [
+            "eval",
+            "--hypotheses",
+            str(tmp_path / hyps),
+            "--references",
+            str(tmp_path / "ref.txt"),
+            "--metric",
+            "bleu",
+        ]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and words in result.output, result.output
