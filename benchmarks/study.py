@@ -406,8 +406,8 @@ def run_one(
         "resumed": state != "new",
         "seconds_per_step": clock / max(len(metrics), 1),
         "sources": sources,
-        "student_share": sum(
-            m["source"] in ("student", "replay") or "student" in m["source"].split("+") for m in metrics
+        "student_share": sum(  # student outputs: fresh, replayed, or drawn from the teacher-student mixture
+            m["source"] in ("student", "replay", "mixed") or "student" in m["source"].split("+") for m in metrics
         )
         / max(len(metrics), 1),
         "max_sgo_prob": max((m.get("sgo_prob", 0.0) for m in metrics), default=0.0),
