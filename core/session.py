@@ -341,7 +341,8 @@ class Models:
     student: PreTrainedModel
     student_tokenizer: PreTrainedTokenizerBase
     apart: bool
-    """Teacher and student tokenizers differ: sequence-level KD, no logit-level term."""
+    """Teacher and student tokenizers (or model kinds) differ: text in between (sequence-level KD, or with
+    divergences across vocabularies the teacher's own reading of each sequence, ``logit_level``)."""
     n_logits: int
     """The logits the two heads share (the tokenizer's size)."""
     logit_level: bool = False
