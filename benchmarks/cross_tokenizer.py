@@ -19,8 +19,9 @@ Parts (``--parts``):
   ``metrics.jsonl``: ``kd`` of the embedded pair (the teacher into ``prune:15``, one tokenizer)
   against ``kd`` across tokenizers with ``uld`` and ``uld_hybrid`` (alignment and re-encoding
   included), the same batch, data and response length. Target: <= 1.5x.
-- ``quality``: at equal steps (``--quality-steps``), seeds ``--seeds``: ``seqkd``, ``kd`` with ``uld``
-  and with ``uld_hybrid`` (skew KL on the shared tokens), ``distillm`` with each; ROUGE-L of greedy
+- ``quality``: at equal steps (``--quality-steps``, evaluated every quarter so that DistiLLM's
+  scheduler gets its signal), seeds ``--seeds``: ``seqkd``, ``kd`` with ``uld`` and with
+  ``uld_hybrid`` (skew KL on the shared tokens), ``distillm`` with each; ROUGE-L of greedy
   answers against the teacher's (tokenizer-free) and the student's CE on the teacher's answers, on
   the first ``--val-prompts`` validation prompts. Resumable: each finished run's record is kept
   under ``<root>/records`` (a new machine's root first gets those of ``--output``) and skipped
@@ -181,7 +182,9 @@ def part_quality(args, report: dict[str, Any]) -> dict[str, Any]:
         if not kept.exists():
             write_json(kept, run_)
     settings = [f"data.val_max={args.val_prompts}", f"eval.rouge_samples={args.val_prompts}"]
-    settings += ["eval.every=0", "eval.rouge_before=0"]
+    # evaluated every quarter of the run: DistiLLM's scheduler raises φ only at an evaluation (with none,
+    # distillm is kd); ROUGE-L is answered at the end only
+    settings += [f"eval.every={max(1, args.quality_steps // 4)}", "eval.rouge_before=0"]
     for seed in args.seeds:
         for name, case in QUALITY.items():
             path = records / f"{name}-s{seed}.json"
