@@ -32,8 +32,9 @@ and ``distillm2_dataset_t1`` (the first runs' distillm2: the dataset's responses
 samples at temperature 1).
 
 Budgets: ``steps``: every recipe runs epochs x steps-per-epoch optimizer steps. ``seconds``: every
-recipe gets the training seconds (optimizer steps only) that ``distillm`` took at equal steps,
-turned into steps at the recipe's own pace at equal steps (its seconds per step):
+recipe gets the training seconds (optimizer steps only) that ``distillm`` took at equal steps (at
+the first runs' rate, whatever ``--lr``: one budget for every row), turned into steps at the
+recipe's own pace at equal steps at its rate (its seconds per step):
 ``train.max_steps`` = budget / pace, so its learning-rate schedule fits. Both are the least over
 the seeds: a shared machine's load only ever slows a run down, so the quickest run of a recipe is
 the best measure of its own cost (seed runs measured at loads 2 and 5 differed 2x). The run's own
@@ -235,14 +236,19 @@ def seconds_budget(args, name: str) -> tuple[float, float] | None:
     """The equal-seconds budget of ``name``: distillm's training seconds at equal steps and ``name``'s
     seconds per step there, each the least over the seeds with a record so far (a shared machine's
     load only ever slows a run down), whichever ``--seeds`` this call runs. None until both have an
-    equal-steps run."""
+    equal-steps run.
+
+    The budget is always distillm's at ``UNTUNED_LR`` (532 s in the committed results), whatever
+    ``--lr`` this call runs, so every equal-seconds row shares one budget: a recipe at its best rate
+    gets the same seconds as the first runs. The pace is the recipe's own at ``--lr``."""
 
     def finished(recipe: str) -> list[dict[str, Any]]:
         pattern = re.compile(rf"steps-{re.escape(recipe)}-s\d+")
         paths = sorted((args.root / "records").glob("steps-*.json"))
         return [json.loads(p.read_text()) for p in paths if pattern.fullmatch(p.stem)]
 
-    reference, own = finished(run_name(args, "distillm")), finished(run_name(args, name))
+    reference = finished(run_name(argparse.Namespace(lr=UNTUNED_LR), "distillm"))
+    own = finished(run_name(args, name))
     if not reference or not own:
         return None
     return min(r["train_seconds"] for r in reference), min(r["seconds_per_step"] for r in own)

@@ -358,7 +358,8 @@ def test_study_seconds_budget_takes_the_quickest_seed(tmp_path):
     for other in ("kd-sft", "kd_other"):  # other recipes whose names start with kd's
         study.write_json(study.record_path(args, "steps", other, 0), {"train_seconds": 1.0, "seconds_per_step": 0.1})
     assert study.seconds_budget(seed_1, "kd") == (500.0, 6.0)
-    # a run at another rate is named with it and sized by distillm's runs at that rate
+    # a run at another rate is named with it, paced by its own runs at that rate, and gets the one
+    # budget of every equal-seconds row: distillm's at the first runs' rate, not distillm's at its rate
     grid = Namespace(root=tmp_path, seeds=[0], lr=1e-4)
     assert study.record_path(grid, "steps", "kd", 0).name == "steps-kd@lr0.0001-s0.json"
     assert study.seconds_budget(grid, "kd") is None
@@ -366,7 +367,8 @@ def test_study_seconds_budget_takes_the_quickest_seed(tmp_path):
         study.write_json(
             study.record_path(grid, "steps", recipe, 0), {"train_seconds": seconds, "seconds_per_step": pace}
         )
-    assert study.seconds_budget(grid, "kd") == (700.0, 7.0) and study.seconds_budget(args, "kd") == (500.0, 6.0)
+    assert study.seconds_budget(grid, "kd") == (500.0, 7.0) and study.seconds_budget(args, "kd") == (500.0, 6.0)
+    assert study.seconds_budget(grid, "distillm") == (500.0, 9.0)
 
 
 def test_study_restores_the_committed_records_on_a_new_machine(tmp_path):
