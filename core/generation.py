@@ -22,7 +22,7 @@ from distill.errors import ConfigError
 
 from distill.data import Example, collate_prompts
 from distill.fused import head_of
-from distill.models import contiguous_head_input, is_encoder_decoder, stop_ids, vocab_size
+from distill.models import contiguous_head_input, decoder_start, is_encoder_decoder, stop_ids, vocab_size
 
 
 class ResponseGenerator:
@@ -115,9 +115,15 @@ class ResponseGenerator:
             if self.copies is not None:
                 student = self.copies.get(student)
             for role, model in (("student", student), ("teacher", teacher)):
-                if not decodable(model):
-                    raise ConfigError(f"teacher-mixed sampling needs a decoder-only transformers {role}")
+                if not mixable(model):
+                    raise ConfigError(
+                        f"teacher-mixed sampling needs a transformers {role} that takes a cache object "
+                        "(decoder-only or encoder-decoder)"
+                    )
                 contiguous_head_input(model)
+            if is_encoder_decoder(student) != is_encoder_decoder(teacher):
+                raise ConfigError("teacher-mixed sampling needs a teacher and a student of one kind")
+            right = is_encoder_decoder(student)  # an encoder's input is right-padded
             pick = TokenPicker(self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.n_tokens)
             modes = student.training, teacher.training
             student.eval(), teacher.eval()
@@ -126,7 +132,7 @@ class ResponseGenerator:
             try:
                 for start in range(0, len(examples), self.batch_size):
                     chunk = examples[start : start + self.batch_size]
-                    ids, attention = (x.to(device) for x in collate_prompts(chunk, self.pad_id))
+                    ids, attention = (x.to(device) for x in collate_prompts(chunk, self.pad_id, right=right))
                     with torch.no_grad():
                         tokens, records = decode_mixed(
                             student, teacher, ids, attention, alpha, pick, self.cfg.max_new_tokens, stops, self.pad_id
@@ -366,6 +372,28 @@ def decodable(model) -> bool:
     return {"position_ids", "use_cache"} <= keywords and _cache_keyword(keywords) is not None
 
 
+def mixable(model) -> bool:
+    """Whether ``decode_mixed`` can drive ``model``: a model ``decode`` drives, or a transformers
+    encoder-decoder (or a LoRA-style PEFT model around one) whose forward takes the encoder's output,
+    the decoder's ids and a cache object (``_Seq2SeqStepper``)."""
+    from transformers import PreTrainedModel
+
+    if decodable(model):
+        return True
+    base = _transformers_model(model)
+    if not isinstance(base, PreTrainedModel) or not base.config.is_encoder_decoder:
+        return False
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return False
+    keywords = _forward_keywords(base)
+    return (
+        {"encoder_outputs", "decoder_input_ids", "use_cache"} <= keywords
+        and _cache_keyword(keywords) is not None
+        and callable(getattr(base, "get_encoder", None))
+    )
+
+
 def decode(
     model,
     input_ids: torch.Tensor,
@@ -432,6 +460,49 @@ class _Stepper:
         return self.logits
 
 
+class _Seq2SeqStepper:
+    """An encoder-decoder's side of a decode loop (``_Stepper``'s interface): the encoder runs once on
+    the right-padded prompts; the decoder starts from its ``decoder_start_token_id`` and reads one new
+    token per step with its self-attention and cross-attention cache (``EncoderDecoderCache``), as
+    transformers' ``generate`` does. Every row's decoder is at the same position, so it needs no mask
+    of its own; the encoder's mask goes with every forward."""
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        base = _transformers_model(model)
+        self.model, self.cache_keyword = model, _cache_keyword(_forward_keywords(base))
+        # no config: T5's num_hidden_layers is its encoder's depth, which a pruned decoder need not share;
+        # the layers are made as the decoder's forward first reaches them (full attention throughout)
+        self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        self.attention = attention_mask
+        self.encoded = base.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        start = torch.full((input_ids.shape[0], 1), decoder_start(base), dtype=torch.long, device=input_ids.device)
+        self.logits = self._forward(start)
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(
+            encoder_outputs=self.encoded,
+            attention_mask=self.attention,
+            decoder_input_ids=tokens,
+            use_cache=True,
+            **{self.cache_keyword: self.cache},
+        ).logits[:, -1]
+
+    def keep(self, kept: torch.Tensor) -> None:
+        """Only the rows ``kept`` go on (the others ended)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        self.attention = self.attention[kept]
+        self.encoded = BaseModelOutput(last_hidden_state=self.encoded.last_hidden_state[kept])
+        self.cache.batch_select_indices(kept)
+
+    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """Feed ``tokens`` (the step-th new token of each row going); the next position's logits."""
+        self.logits = self._forward(tokens[:, None])
+        return self.logits
+
+
 def _decode(model, input_ids, attention_mask, pick, max_new_tokens, stops, pad_id) -> torch.Tensor:
     tokens_out, _ = _decode_loop(
         [_Stepper(model, input_ids, attention_mask, max_new_tokens)],
@@ -493,7 +564,10 @@ def decode_mixed(
     the teacher's and the student's next-token distributions after ``pick``'s temperature and top-k /
     top-p (mixed in probability space, as the official code's generation does), in one loop over both
     models. Returns the ``[B, N]`` tokens (as ``decode``) and ``[3, B, N]`` per token: log p(y_t),
-    log q(y_t) and the importance weight q(y_t) / p̃(y_t) (0, 0, 0 past a row's end)."""
+    log q(y_t) and the importance weight q(y_t) / p̃(y_t) (0, 0, 0 past a row's end).
+
+    Two decoder-only models read left-padded prompts; two encoder-decoders read right-padded ones
+    (their encoder's input) and decode from their start id (``_Seq2SeqStepper``)."""
 
     def choose(logits: list[torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, p = (pick.probabilities(x) for x in logits)
@@ -504,7 +578,8 @@ def decode_mixed(
         return tokens, torch.stack([p_y.log(), q_y.log(), q_y / mixed_y])
 
     with few_row_head(student), few_row_head(teacher):
-        steppers = [_Stepper(m, input_ids, attention_mask, max_new_tokens) for m in (student, teacher)]
+        kind = _Seq2SeqStepper if is_encoder_decoder(student) else _Stepper
+        steppers = [kind(m, input_ids, attention_mask, max_new_tokens) for m in (student, teacher)]
         return _decode_loop(steppers, choose, max_new_tokens, stops, pad_id)
 
 

@@ -552,8 +552,7 @@ def _load_models(
 def _check_kinds(cfg: RunConfig, teacher, student, policy, across: bool = False) -> str | None:
     """Teacher and student both decoder-only or both encoder-decoders for a logit-level loss; models of
     two kinds train sequence-level (``seqkd``: the teacher's text as the student's target), and the
-    difference is returned (None when they are one kind). An encoder-decoder with a policy that needs a
-    decoder-only decode loop (teacher-mixed sampling) is refused."""
+    difference is returned (None when they are one kind)."""
     kinds = {role: is_encoder_decoder(m) for role, m in (("teacher", teacher), ("student", student)) if m is not None}
     mixed = None
     if len(set(kinds.values())) > 1:
@@ -568,11 +567,6 @@ def _check_kinds(cfg: RunConfig, teacher, student, policy, across: bool = False)
         raise ConfigError(
             f"the teacher's decoder starts from id {decoder_start(teacher)} and the student's from "
             f"{decoder_start(student)}: their responses would not line up; give both one decoder_start_token_id"
-        )
-    if any(kinds.values()) and getattr(policy, "records_rollouts", False):
-        raise ConfigError(
-            f"policy {cfg.policy.name}: teacher-mixed sampling runs its own decode loop over decoder-only "
-            "models; encoder-decoder models sample through transformers' generate (another policy)"
         )
     return mixed
 

@@ -42,6 +42,9 @@ RECIPES = (
     # - no cross-entropy on the samples (the RL loss has none, trainer.py:287): the term's ce_weight is 0.
     # Not here: the pre-training term (lm_coef 1, kd_ratio 0.5 on an LM corpus, losses.py:206-226) and the
     # learning rate 5e-6 with 16 GPUs' batches (:53-54), which the run's train.lr and data set.
+    # The official code samples from decoder-only models (GPT-2, OPT, LLaMA); two encoder-decoders run the
+    # same mixture with the encoder once and each decoder from its start id (generation._Seq2SeqStepper):
+    # an extension of the method to that kind, which its authors did not run.
     distill.Recipe(
         "minillm",
         "MiniLLM: reverse KL of whole responses by policy gradient on teacher-mixed samples",

@@ -66,8 +66,8 @@ def test_the_loss_of_one_batch_equals_a_float64_computation_from_both_models_ful
 
 @pytest.mark.parametrize(
     "kind, recipe",
-    [("t5", r) for r in ("kd", "seqkd", "imitkd", "gkd", "distillm", "distillm2", "rkl_onpolicy")]
-    + [("bart", r) for r in ("kd", "seqkd", "imitkd", "gkd", "distillm", "distillm2", "rkl_onpolicy")],
+    [("t5", r) for r in ("kd", "seqkd", "imitkd", "gkd", "distillm", "distillm2", "rkl_onpolicy", "minillm")]
+    + [("bart", r) for r in ("kd", "seqkd", "imitkd", "gkd", "distillm", "distillm2", "rkl_onpolicy", "minillm")],
 )
 def test_every_recipe_runs_on_an_encoder_decoder_pair(t5, bart, tmp_path, kind, recipe):
     from transformers import AutoModelForSeq2SeqLM
@@ -80,10 +80,57 @@ def test_every_recipe_runs_on_an_encoder_decoder_pair(t5, bart, tmp_path, kind, 
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
     if recipe in ("gkd", "rkl_onpolicy", "seqkd"):
         assert any(m["source"] in ("student", "teacher") for m in metrics)
+    if recipe == "minillm":  # one collection of teacher-mixed samples, trained on for each of the 3 steps
+        assert [m["source"] for m in metrics] == ["mixed"] * 3 and [m["collection_use"] for m in metrics] == [1, 2, 3]
     evals = read_jsonl(tmp_path / "run" / "eval.jsonl")
     assert "rouge_l" in evals[-1] and "val_kl" in evals[-1]
     model, info = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run" / "final", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+def test_teacher_mixed_decoding_of_encoder_decoders_records_the_models_own_log_probs(t5, bart, kind, alpha):
+    """MiniLLM's decode loop over two encoder-decoders (the encoder once, the decoder from its start id
+    with its cache): every recorded log p and log q is the model's own at the sampled token, as a
+    forward of the whole decoded sequence gives it, also for rows that ended early (their cache and
+    encoder rows dropped from the batch)."""
+    from distill.data import collate_prompts
+    from distill.generation import TokenPicker, decode_mixed
+
+    pair = {"t5": t5, "bart": bart}[kind]
+    tokenizer = load_tokenizer(str(pair["teacher"]))
+    teacher, student = (load_model(str(pair[r]), r).eval() for r in ("teacher", "student"))
+    train, _, _ = load_examples(DataConfig(path=str(pair["data"])), tokenizer, 0)
+    examples = train[:4]
+    ids, attention = collate_prompts(examples, tokenizer.pad_token_id, right=True)
+    assert not bool(attention.all())  # prompts of different lengths: the encoder's padding is exercised
+    pick = TokenPicker(1.0, 0, 1.0, len(tokenizer))
+    common = [t for t in range(len(tokenizer)) if t != tokenizer.pad_token_id]
+    for seed in range(20):  # until some row stops before another (a stop id among frequent tokens)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            tokens, records = decode_mixed(student, teacher, ids, attention, alpha, pick, 8, common[:20], -1)
+        ended = [(row == -1).any().item() for row in tokens]
+        if any(ended) and not all(ended):
+            break
+    assert any(ended) and not all(ended)
+    log_p, log_q, w = records
+    live = tokens != -1
+    mixture = alpha * log_p.exp() + (1 - alpha) * log_q.exp()
+    assert torch.allclose(w[live], (log_q.exp() / mixture)[live], rtol=1e-5) and bool((w[~live] == 0).all())
+    start = decoder_start(student)
+    for row in range(tokens.shape[0]):
+        response = tokens[row][tokens[row] != -1]
+        n = len(response)
+        enc, mask = ids[row : row + 1], attention[row : row + 1]
+        decoder = torch.tensor([[start, *response[:-1].tolist()]])
+        for model, recorded in ((student, log_q), (teacher, log_p)):
+            with torch.no_grad():
+                logits = model(input_ids=enc, attention_mask=mask, decoder_input_ids=decoder).logits[0]
+            own = logits[:, : len(tokenizer)].float().log_softmax(-1).gather(-1, response[:, None])[:, 0]
+            assert torch.allclose(own, recorded[row, :n], atol=1e-4)
+            assert bool((recorded[row, n:] == 0).all())
 
 
 def test_an_encoder_decoder_run_resumes_exactly(t5, tmp_path):
@@ -124,7 +171,6 @@ def test_a_teacher_cache_of_an_encoder_decoder_gives_the_live_losses(t5, tmp_pat
             ["--recipe", "kd", "--student", "{decoder}"],
             "the teacher is an encoder-decoder and the student a decoder-only",
         ),
-        (["--recipe", "minillm"], "teacher-mixed sampling runs its own decode loop over decoder-only models"),
     ],
 )
 def test_bad_input_with_encoder_decoders_is_one_line_and_writes_nothing(t5, tiny, tmp_path, args, words):
