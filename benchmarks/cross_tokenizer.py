@@ -56,6 +56,9 @@ QUALITY = {
     "distillm-hybrid": {"recipe": "distillm", "divergence": "uld_hybrid"},
 }
 
+FIXED_SOURCE = {"seqkd": "teacher", "kd-uld": "dataset", "kd-hybrid": "dataset"}
+"""The one source of the cases whose policy never changes it (seqkd: teacher; kd: dataset)."""
+
 
 def student_folder(args) -> Path:
     folder = args.root / "student"
@@ -181,6 +184,15 @@ def part_quality(args, report: dict[str, Any]) -> dict[str, Any]:
         kept = records / f"{run_['case']}-s{run_['seed']}.json"
         if not kept.exists():
             write_json(kept, run_)
+    for kept in sorted(records.glob("*.json")):  # records written before they kept their steps' sources
+        record, folder = json.loads(kept.read_text()), args.root / "runs" / kept.stem
+        if "sources" in record:
+            continue
+        if (folder / "metrics.jsonl").is_file():
+            write_json(kept, record | step_sources([json.loads(x) for x in (folder / "metrics.jsonl").open()]))
+        elif record["case"] in FIXED_SOURCE:  # a policy with one source: its steps need no log to be counted
+            fixed = {"sources": {FIXED_SOURCE[record["case"]]: record["steps"]}, "sgo_prob_final": None}
+            write_json(kept, record | fixed)
     settings = [f"data.val_max={args.val_prompts}", f"eval.rouge_samples={args.val_prompts}"]
     # evaluated every quarter of the run: DistiLLM's scheduler raises φ only at an evaluation (with none,
     # distillm is kd); ROUGE-L is answered at the end only
@@ -205,11 +217,21 @@ def part_quality(args, report: dict[str, Any]) -> dict[str, Any]:
                 "val_ce": final.get("val_loss"),
                 "before": {k: v for k, v in evals[0].items() if k != "step"},
                 "wall_seconds": time.perf_counter() - started,
+                **step_sources(metrics),
             }
             write_json(path, record)
             report["quality"] = summarise(records)
             write_json(args.output, report)
     return summarise(records)
+
+
+def step_sources(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many of a run's steps trained on each source (distillm: student outputs only once its
+    scheduler has raised φ at an evaluation), and φ after the last step."""
+    sources: dict[str, int] = {}
+    for m in metrics:
+        sources[m["source"]] = sources.get(m["source"], 0) + 1
+    return {"sources": sources, "sgo_prob_final": metrics[-1].get("sgo_prob") if metrics else None}
 
 
 def summarise(records: Path) -> dict[str, Any]:
@@ -225,7 +247,14 @@ def summarise(records: Path) -> dict[str, Any]:
                 }
                 for key in ("rouge_l", "val_ce", "seconds_per_step")
                 if all(r.get(key) is not None for r in mine)
-            } | {"seeds": sorted(r["seed"] for r in mine)}
+            } | {
+                "seeds": sorted(r["seed"] for r in mine),
+                # per seed, in seed order: steps on the student's own outputs (fresh or replayed); None unknown
+                "student_output_steps": [
+                    (r["sources"].get("student", 0) + r["sources"].get("replay", 0)) if "sources" in r else None
+                    for r in sorted(mine, key=lambda r: r["seed"])
+                ],
+            }
     return out
 
 

@@ -520,7 +520,7 @@ def cross_tokenizer_section(cross: dict) -> list[str]:
         ]
     quality = (cross.get("quality") or {}).get("summary") or {}
     if quality:
-        rows = [["case", "seeds", "ROUGE-L", "CE on the teacher's answers", "s/step"]]
+        rows = [["case", "seeds", "ROUGE-L", "CE on the teacher's answers", "s/step", "steps on student outputs"]]
         for name, row in quality.items():
             cells = []
             for key, fmt in (("rouge_l", "{:.1f}"), ("val_ce", "{:.3f}"), ("seconds_per_step", "{:.1f}")):
@@ -533,8 +533,16 @@ def cross_tokenizer_section(cross: dict) -> list[str]:
                     fmt.format(value["mean"])
                     + (f" ({fmt.format(lo)}-{fmt.format(hi)})" if len(row["seeds"]) > 1 else "")
                 )
-            rows.append([name, ",".join(map(str, row["seeds"])), *cells])
-        lines += ["Quality at equal steps (mean over seeds, min-max):", "", markdown_table(rows), ""]
+            own = row.get("student_output_steps")
+            own_cell = ", ".join("?" if n is None else str(n) for n in own) if own else "-"
+            rows.append([name, ",".join(map(str, row["seeds"])), *cells, own_cell])
+        lines += [
+            "Quality at equal steps (mean over seeds, min-max; steps on student outputs: each seed's, fresh or "
+            "replayed):",
+            "",
+            markdown_table(rows),
+            "",
+        ]
     if CROSS_NOTES.is_file():
         lines += [CROSS_NOTES.read_text().strip(), ""]
     return lines

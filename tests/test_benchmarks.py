@@ -941,11 +941,17 @@ def test_the_cross_tokenizer_section_reads_every_part_of_its_results():
                     "seeds": [0, 1],
                     "rouge_l": {"mean": 12.5, "range": [11.0, 14.0]},
                     "val_ce": {"mean": 3.25, "range": [3.2, 3.3]},
-                }
+                },
+                "distillm-uld": {
+                    "seeds": [0, 1],
+                    "rouge_l": {"mean": 12.5, "range": [11.0, 14.0]},
+                    "student_output_steps": [0, 6],
+                },
             }
         },
     }
     text = "\n".join(report.cross_tokenizer_section(cross))
     assert "6,721 token strings in both" in text and "0.60x (target <= 2.0x): **pass**" in text
     assert "| kd one | 9.50 | 1.00 | 718 |" in text
-    assert "| kd-uld | 0,1 | 12.5 (11.0-14.0) | 3.250 (3.200-3.300) | - |" in text
+    assert "| kd-uld | 0,1 | 12.5 (11.0-14.0) | 3.250 (3.200-3.300) | - | - |" in text
+    assert "| distillm-uld | 0,1 | 12.5 (11.0-14.0) | - | - | 0, 6 |" in text
