@@ -30,6 +30,11 @@ Parts (``--parts``):
 Results: ``benchmarks/results/cross_tokenizer.json`` (rewritten after every part and run).
 
     nohup .venv/bin/python benchmarks/cross_tokenizer.py --threads 1 > cross.log 2>&1 &
+
+The step cost on the AVX2 path (float32; ``report.py`` shows every ``cross_tokenizer-*.json``'s cost)::
+
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 DISTILL_NATIVE_BF16=0 .venv/bin/python \
+        benchmarks/cross_tokenizer.py --parts cost --output benchmarks/results/cross_tokenizer-avx2.json
 """
 
 from __future__ import annotations

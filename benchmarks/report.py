@@ -476,8 +476,31 @@ CROSS_NOTES = HERE / "cross_tokenizer_notes.md"
 """The reading of cross_tokenizer.py's results, written by hand; appended to its section."""
 
 
-def cross_tokenizer_section(cross: dict) -> list[str]:
-    """``cross_tokenizer.py``: the shared tokens, the loss's memory, the step cost and the quality runs."""
+def cross_cost_table(cost: dict) -> list[str]:
+    """The step-cost part of a ``cross_tokenizer.py`` results file, as lines of markdown."""
+    rows = [["case", "s/step", "x one-tokenizer kd", "tokens/step"]]
+    for name, row in cost["cases"].items():
+        rows.append(
+            [
+                name,
+                f"{row['seconds_per_step']:.2f}",
+                f"{row['x_kd_one_tokenizer']:.2f}",
+                f"{row['tokens_per_step']:.0f}",
+            ]
+        )
+    return [
+        f"Step cost ({cost['steps']} steps after {cost['warmup']}; target <= {cost['target']}x the one-tokenizer "
+        "`kd` step, the teacher into `prune:15`):",
+        "",
+        markdown_table(rows),
+        "",
+    ]
+
+
+def cross_tokenizer_section(cross: dict, others: dict[str, dict] | None = None) -> list[str]:
+    """``cross_tokenizer.py``: the shared tokens, the loss's memory, the step cost and the quality runs;
+    ``others``: more results files of it by name (``cross_tokenizer-avx2.json``: the cost on the AVX2
+    path), whose step cost follows with their own machine line."""
     lines = ["## Teachers with another tokenizer (`cross_tokenizer.py`)", ""]
     if cross.get("environment"):
         lines += [f"{environment_line(cross['environment'])}.", ""]
@@ -501,23 +524,11 @@ def cross_tokenizer_section(cross: dict) -> list[str]:
         ]
     cost = cross.get("cost")
     if cost:
-        rows = [["case", "s/step", "x one-tokenizer kd", "tokens/step"]]
-        for name, row in cost["cases"].items():
-            rows.append(
-                [
-                    name,
-                    f"{row['seconds_per_step']:.2f}",
-                    f"{row['x_kd_one_tokenizer']:.2f}",
-                    f"{row['tokens_per_step']:.0f}",
-                ]
-            )
-        lines += [
-            f"Step cost ({cost['steps']} steps after {cost['warmup']}; target <= {cost['target']}x the one-tokenizer "
-            "`kd` step, the teacher into `prune:15`):",
-            "",
-            markdown_table(rows),
-            "",
-        ]
+        lines += cross_cost_table(cost)
+    for name, other in (others or {}).items():
+        if other.get("cost"):
+            where = f": {environment_line(other['environment'])}" if other.get("environment") else ""
+            lines += [f"`results/{name}`{where}.", "", *cross_cost_table(other["cost"])]
     quality = (cross.get("quality") or {}).get("summary") or {}
     if quality:
         rows = [["case", "seeds", "ROUGE-L", "CE on the teacher's answers", "s/step", "steps on student outputs"]]
@@ -637,6 +648,7 @@ def render(
     cache: tuple[dict[str, dict], dict[str, dict]] = ({}, {}),
     default_quality: dict | None = None,
     cross: dict | None = None,
+    cross_others: dict[str, dict] | None = None,
 ) -> str:
     """``steps``: step_cost results by label ("" for ``step_cost.json``, ", AVX2 path" for
     ``step_cost-avx2.json``: the same benchmark without native bf16)."""
@@ -674,7 +686,7 @@ def render(
     if study:
         lines += study_section(study, results, out_dir)
     if cross:
-        lines += cross_tokenizer_section(cross)
+        lines += cross_tokenizer_section(cross, cross_others)
     return "\n".join(lines)
 
 
@@ -720,8 +732,24 @@ def main(argv: list[str] | None = None) -> Path:
     )
     default_quality = load(args.results / "default_quality.json")
     cross = load(args.results / "cross_tokenizer.json")
+    cross_others = {
+        path.name: found
+        for path in sorted(args.results.glob("cross_tokenizer-*.json"))
+        if (found := load(path)) is not None
+    }
     args.output.write_text(
-        render(steps, quality, memory, args.results, args.output.resolve().parent, study, cache, default_quality, cross)
+        render(
+            steps,
+            quality,
+            memory,
+            args.results,
+            args.output.resolve().parent,
+            study,
+            cache,
+            default_quality,
+            cross,
+            cross_others,
+        )
     )
     print(f"wrote {args.output}")
     embedded_default = load(args.results / EMBEDDED_DEFAULT)

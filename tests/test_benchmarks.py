@@ -950,7 +950,10 @@ def test_the_cross_tokenizer_section_reads_every_part_of_its_results():
             }
         },
     }
-    text = "\n".join(report.cross_tokenizer_section(cross))
+    slower = {**cross["cost"]["cases"]["kd one"], "seconds_per_step": 20.0}
+    avx2 = {"cost": {**cross["cost"], "cases": {"kd one": slower}}}
+    text = "\n".join(report.cross_tokenizer_section(cross, {"cross_tokenizer-avx2.json": avx2}))
+    assert "`results/cross_tokenizer-avx2.json`." in text and "| kd one | 20.00 | 1.00 | 718 |" in text
     assert "6,721 token strings in both" in text and "0.60x (target <= 2.0x): **pass**" in text
     assert "| kd one | 9.50 | 1.00 | 718 |" in text
     assert "| kd-uld | 0,1 | 12.5 (11.0-14.0) | 3.250 (3.200-3.300) | - | - |" in text
