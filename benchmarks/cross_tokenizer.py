@@ -21,7 +21,8 @@ Parts (``--parts``):
   included), the same batch, data and response length. Target: <= 1.5x.
 - ``quality``: at equal steps (``--quality-steps``, evaluated every quarter so that DistiLLM's
   scheduler gets its signal), seeds ``--seeds``: ``seqkd``, ``kd`` with ``uld`` and with
-  ``uld_hybrid`` (skew KL on the shared tokens), ``distillm`` with each; ROUGE-L of greedy
+  ``uld_hybrid`` (skew KL on the shared tokens), ``distillm`` with each, and (``phi0.5-*``, not
+  DistiLLM's setting) its policy with φ from 0.5 instead of 0, with each; ROUGE-L of greedy
   answers against the teacher's (tokenizer-free) and the student's CE on the teacher's answers, on
   the first ``--val-prompts`` validation prompts. Resumable: each finished run's record is kept
   under ``<root>/records`` (a new machine's root first gets those of ``--output``) and skipped
@@ -59,6 +60,11 @@ QUALITY = {
     "kd-hybrid": {"recipe": "kd", "divergence": "uld_hybrid"},
     "distillm-uld": {"recipe": "distillm", "divergence": "uld"},
     "distillm-hybrid": {"recipe": "distillm", "divergence": "uld_hybrid"},
+    # not DistiLLM's setting (its φ starts at 0 and rises only when the validation loss does, which it
+    # never did in these runs): its policy with φ from 0.5, so that student outputs, decoded and
+    # re-encoded for the teacher, are trained on across tokenizers from the start
+    "phi0.5-uld": {"recipe": "distillm", "divergence": "uld", "policy_params": ["init_prob=0.5"]},
+    "phi0.5-hybrid": {"recipe": "distillm", "divergence": "uld_hybrid", "policy_params": ["init_prob=0.5"]},
 }
 
 FIXED_SOURCE = {"seqkd": "teacher", "kd-uld": "dataset", "kd-hybrid": "dataset"}
@@ -141,7 +147,7 @@ def part_memory(args) -> dict[str, Any]:
     }
 
 
-def run(args, out: Path, student: str, case: dict[str, str], settings: list[str], steps: int, seed: int = 0):
+def run(args, out: Path, student: str, case: dict[str, Any], settings: list[str], steps: int, seed: int = 0):
     """``distill run`` (through the library) on the embedded default's data and teacher with
     ``student`` and ``case``'s recipe and divergence; its metrics and evaluations."""
     from distill.engine import train
