@@ -33,6 +33,16 @@ RESULTS = REPO / "benchmarks" / "results"
 # --- the settings every case starts from
 
 
+def count_sources(metrics: list[dict[str, Any]]) -> dict[str, int]:
+    """How many of a run's steps (``metrics.jsonl`` rows) trained on each source; a step of several
+    sources (``teacher+student``) counts for each."""
+    sources: dict[str, int] = {}
+    for m in metrics:
+        for source in m["source"].split("+"):
+            sources[source] = sources.get(source, 0) + 1
+    return sources
+
+
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """Flags for the models, data and shared settings (default: the embedded default's)."""
     group = parser.add_argument_group("settings (default: the embedded default, distill.builtin.DEFAULT_RUN)")

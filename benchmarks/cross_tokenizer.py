@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, set_threads, write_json
+from common import RESULTS, count_sources, environment, set_threads, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 QUALITY = {
@@ -66,9 +66,6 @@ QUALITY = {
     "phi0.5-uld": {"recipe": "distillm", "divergence": "uld", "policy_params": ["init_prob=0.5"]},
     "phi0.5-hybrid": {"recipe": "distillm", "divergence": "uld_hybrid", "policy_params": ["init_prob=0.5"]},
 }
-
-FIXED_SOURCE = {"seqkd": "teacher", "kd-uld": "dataset", "kd-hybrid": "dataset"}
-"""The one source of the cases whose policy never changes it (seqkd: teacher; kd: dataset)."""
 
 
 def student_folder(args) -> Path:
@@ -195,15 +192,6 @@ def part_quality(args, report: dict[str, Any]) -> dict[str, Any]:
         kept = records / f"{run_['case']}-s{run_['seed']}.json"
         if not kept.exists():
             write_json(kept, run_)
-    for kept in sorted(records.glob("*.json")):  # records written before they kept their steps' sources
-        record, folder = json.loads(kept.read_text()), args.root / "runs" / kept.stem
-        if "sources" in record:
-            continue
-        if (folder / "metrics.jsonl").is_file():
-            write_json(kept, record | step_sources([json.loads(x) for x in (folder / "metrics.jsonl").open()]))
-        elif record["case"] in FIXED_SOURCE:  # a policy with one source: its steps need no log to be counted
-            fixed = {"sources": {FIXED_SOURCE[record["case"]]: record["steps"]}, "sgo_prob_final": None}
-            write_json(kept, record | fixed)
     settings = [f"data.val_max={args.val_prompts}", f"eval.rouge_samples={args.val_prompts}"]
     # evaluated every quarter of the run: DistiLLM's scheduler raises φ only at an evaluation (with none,
     # distillm is kd); ROUGE-L is answered at the end only
@@ -228,21 +216,14 @@ def part_quality(args, report: dict[str, Any]) -> dict[str, Any]:
                 "val_ce": final.get("val_loss"),
                 "before": {k: v for k, v in evals[0].items() if k != "step"},
                 "wall_seconds": time.perf_counter() - started,
-                **step_sources(metrics),
+                # distillm trains on student outputs only once its scheduler has raised φ at an evaluation
+                "sources": count_sources(metrics),
+                "sgo_prob_final": metrics[-1].get("sgo_prob") if metrics else None,
             }
             write_json(path, record)
             report["quality"] = summarise(records)
             write_json(args.output, report)
     return summarise(records)
-
-
-def step_sources(metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """How many of a run's steps trained on each source (distillm: student outputs only once its
-    scheduler has raised φ at an evaluation), and φ after the last step."""
-    sources: dict[str, int] = {}
-    for m in metrics:
-        sources[m["source"]] = sources.get(m["source"], 0) + 1
-    return {"sources": sources, "sgo_prob_final": metrics[-1].get("sgo_prob") if metrics else None}
 
 
 def summarise(records: Path) -> dict[str, Any]:

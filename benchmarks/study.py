@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, save_figure, set_threads, write_json
+from common import RESULTS, count_sources, environment, save_figure, set_threads, write_json
 
 SOURCES = ("dataset", "teacher", "student", "replay")
 
@@ -247,8 +247,7 @@ def seconds_budget(args, name: str) -> tuple[float, float] | None:
         paths = sorted((args.root / "records").glob("steps-*.json"))
         return [json.loads(p.read_text()) for p in paths if pattern.fullmatch(p.stem)]
 
-    reference = finished(run_name(argparse.Namespace(lr=UNTUNED_LR), "distillm"))
-    own = finished(run_name(args, name))
+    reference, own = finished("distillm"), finished(run_name(args, name))  # "distillm": its run at UNTUNED_LR
     if not reference or not own:
         return None
     return min(r["train_seconds"] for r in reference), min(r["seconds_per_step"] for r in own)
@@ -386,10 +385,7 @@ def run_one(
     for m in metrics:
         clock += m["seconds"]
         elapsed[m["step"]] = clock
-    sources: dict[str, int] = {}
-    for m in metrics:
-        for source in m["source"].split("+"):
-            sources[source] = sources.get(source, 0) + 1
+    sources = count_sources(metrics)
     final = evals[-1]
     record = {
         "recipe": run_name(args, name),

@@ -360,31 +360,34 @@ def _largest_batches(local: int, device) -> int:
 def decodable(model) -> bool:
     """Whether ``decode`` can drive ``model``: a decoder-only transformers model (or a LoRA-style PEFT
     model around one) whose forward takes position ids and a cache object."""
+    base = _loop_base(model)
+    if base is None or base.config.is_encoder_decoder:
+        return False
+    keywords = _forward_keywords(base)
+    return {"position_ids", "use_cache"} <= keywords and _cache_keyword(keywords) is not None
+
+
+def _loop_base(model):
+    """The transformers model inside ``model`` that a decode loop of distill's calls into (a LoRA-style
+    PEFT model's base), or None: not a transformers model, or PEFT prompt learning (prefix/prompt
+    tuning rewrites the inputs and the cache inside PEFT's own generate)."""
     from transformers import PreTrainedModel
 
     base = _transformers_model(model)
-    if not isinstance(base, PreTrainedModel) or base.config.is_encoder_decoder:
-        return False
     peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
-        return False  # prefix/prompt tuning rewrites the inputs and the cache inside PEFT's own generate
-    keywords = _forward_keywords(base)
-    return {"position_ids", "use_cache"} <= keywords and _cache_keyword(keywords) is not None
+    if not isinstance(base, PreTrainedModel) or (peft_config is not None and peft_config.is_prompt_learning):
+        return None
+    return base
 
 
 def mixable(model) -> bool:
     """Whether ``decode_mixed`` can drive ``model``: a model ``decode`` drives, or a transformers
     encoder-decoder (or a LoRA-style PEFT model around one) whose forward takes the encoder's output,
     the decoder's ids and a cache object (``_Seq2SeqStepper``)."""
-    from transformers import PreTrainedModel
-
     if decodable(model):
         return True
-    base = _transformers_model(model)
-    if not isinstance(base, PreTrainedModel) or not base.config.is_encoder_decoder:
-        return False
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
+    base = _loop_base(model)
+    if base is None or not base.config.is_encoder_decoder:
         return False
     keywords = _forward_keywords(base)
     return (
