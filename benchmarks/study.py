@@ -441,9 +441,17 @@ def run_one(
     return record
 
 
+# a manifest's fields that differ between preparations of the same work (another seed, another clock)
+_PREPARATION_RUN_FIELDS = {"seed", "parts", "seconds", "created", "response_tokens"}
+
+
 def prepare_seconds(args, registry, layer: dict[str, Any], recipe: str, pairs: Path) -> float:
-    """The seconds the pairs at ``pairs`` took to prepare (from their manifest), made first when missing
-    (a fixed set for a seed: one preparation serves both budgets, and each counts its seconds)."""
+    """The seconds that preparing the pairs at ``pairs`` costs (made first when missing: a fixed set for a
+    seed, one preparation serves both budgets, and each counts its seconds): the least over the
+    study's preparations of the same work, the same models, settings and prompts with another seed
+    (``<root>/pairs/s*``), as the pace of a run is its recipe's least over the seeds. A shared machine's
+    load only slows a preparation down: seed 0's took 456 s beside two study processes, seed 1's the
+    same work, 204 s, and one seed's budget must not pay for the load of the hour it was made in."""
     from distill.pairs import MANIFEST, prepare_pairs
     from distill.resolve import resolve_config
 
@@ -456,8 +464,14 @@ def prepare_seconds(args, registry, layer: dict[str, Any], recipe: str, pairs: P
             cfg = resolve_config(layer, recipe=recipe, embedded=False, registry=registry)
             print(f"  preparing pairs in {pairs}", flush=True)
             prepare_pairs(cfg, pairs)  # an interrupted preparation goes on from its finished parts
-    seconds = json.loads((pairs / MANIFEST).read_text())["seconds"]
-    print(f"  pairs in {pairs}: {seconds:.0f} s to prepare", flush=True)
+    own = json.loads((pairs / MANIFEST).read_text())
+
+    def work(manifest: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in manifest.items() if k not in _PREPARATION_RUN_FIELDS}
+
+    same = [json.loads(m.read_text()) for m in sorted(pairs.parent.glob(f"s*/{MANIFEST}"))]
+    seconds = min(m["seconds"] for m in same if work(m) == work(own))
+    print(f"  pairs in {pairs}: {own['seconds']:.0f} s to prepare, {seconds:.0f} s counted", flush=True)
     return float(seconds)
 
 

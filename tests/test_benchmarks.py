@@ -371,6 +371,26 @@ def test_study_seconds_budget_takes_the_quickest_seed(tmp_path):
     assert study.seconds_budget(grid, "distillm") == (500.0, 9.0)
 
 
+def test_study_counts_the_quickest_preparation_of_the_same_pairs(tmp_path):
+    """Load only slows a preparation down: a seed's pairs cost the least seconds over the preparations
+    of the same models, settings and prompts (other seeds), never those of other work."""
+    from argparse import Namespace
+
+    from distill.pairs import MANIFEST
+
+    study = load_script("study")
+    work = {"teacher": "t", "student": "s", "sampling": {"temperature": 0.8}, "prompts_fingerprint": "p"}
+    for seed, seconds, extra in ((0, 456.3, {}), (1, 204.3, {}), (2, 50.0, {"prompts_fingerprint": "other"})):
+        folder = tmp_path / "pairs" / f"s{seed}"
+        folder.mkdir(parents=True)
+        manifest = {**work, **extra, "seed": seed, "seconds": seconds, "created": f"day {seed}"}
+        manifest["response_tokens"] = {"teacher": 7000 + seed, "student": 5000 - seed}
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+    args = Namespace(root=tmp_path)
+    counted = [study.prepare_seconds(args, None, {}, "distillm2", tmp_path / "pairs" / f"s{s}") for s in (0, 1, 2)]
+    assert counted == [204.3, 204.3, 50.0]
+
+
 def test_study_restores_the_committed_records_on_a_new_machine(tmp_path):
     """A new machine has no study root: the records of the results file are written there first (the
     first runs' with their rate), so finished runs are not run again and the budgets can be sized."""
